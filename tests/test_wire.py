@@ -1,0 +1,243 @@
+"""Wire protocol: envelope, chunking, EIP-712 update signatures, Merkle proofs."""
+
+from __future__ import annotations
+
+import os
+
+import cbor2
+import pytest
+from eth_account import Account
+
+from truscl.errors import ProtocolError, SignatureError
+from truscl.wire import Domain, Reassembler, Update, envelope, split
+from truscl.wire.merkle import EMPTY_ROOT, merkle_proof, merkle_root, verify_proof
+
+DOMAIN = Domain(chain_id=31337, contract="0x" + "ab" * 20)
+
+
+def make_update(account, **overrides) -> Update:
+    fields = dict(
+        task=b"\x01" * 32,
+        round=3,
+        device=bytes.fromhex(account.address[2:]),
+        ciphertext=os.urandom(300),
+        context=b"\x02" * 32,
+        samples=864,
+        epsilon_micros=1_234_567,
+        data_root=b"\x03" * 32,
+    )
+    fields.update(overrides)
+    return Update(**fields)
+
+
+# -- envelope ------------------------------------------------------------------------------
+
+
+def test_envelope_round_trip() -> None:
+    payload = envelope.encode("receipt", round=2, blob=b"id", status="accepted", reason="")
+
+    fields = envelope.decode(payload, "receipt", 1024)
+
+    assert fields == {"round": 2, "blob": b"id", "status": "accepted", "reason": ""}
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (b"\xff\xff\x00garbage", "undecodable"),
+        (cbor2.dumps([1, 2, 3]), "not a CBOR map"),
+        (cbor2.dumps({"v": 2, "type": "receipt"}), "version"),
+        (cbor2.dumps({"v": 1, "type": "model"}), "expected a receipt"),
+        (cbor2.dumps({"v": 1, "type": "receipt", "round": 1}), "missing"),
+        (
+            cbor2.dumps(
+                {"v": 1, "type": "receipt", "round": "1", "blob": b"", "status": "", "reason": ""}
+            ),
+            "must be int",
+        ),
+        (
+            cbor2.dumps(
+                {"v": 1, "type": "receipt", "round": -1, "blob": b"", "status": "", "reason": ""}
+            ),
+            "negative",
+        ),
+        (
+            cbor2.dumps(
+                {"v": 1, "type": "receipt", "round": True, "blob": b"", "status": "", "reason": ""}
+            ),
+            "must be int",
+        ),
+    ],
+)
+def test_envelope_rejects_malformed_messages(payload: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        envelope.decode(payload, "receipt", 1024)
+
+
+def test_envelope_rejects_oversized_before_parsing() -> None:
+    payload = envelope.encode("receipt", round=1, blob=b"x" * 2000, status="", reason="")
+
+    with pytest.raises(ProtocolError, match="exceeds"):
+        envelope.decode(payload, "receipt", 1024)
+
+
+# -- chunking ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 871, 872, 873, 10_000])
+def test_chunks_respect_the_limit_and_reassemble_in_any_order(size: int) -> None:
+    blob = os.urandom(size)
+    chunks = split(blob, max_message=1000)
+    reassembler = Reassembler(max_message=1000)
+
+    results = [reassembler.add("dev", c) for c in reversed(chunks)]
+
+    assert all(len(c) <= 1000 for c in chunks)
+    assert results[-1] == blob
+    assert all(r is None for r in results[:-1])
+    assert reassembler.pending == 0
+
+
+def test_duplicate_chunks_are_harmless() -> None:
+    blob = os.urandom(5000)
+    chunks = split(blob, max_message=1000)
+    reassembler = Reassembler(max_message=1000)
+
+    results = [reassembler.add("dev", c) for c in [chunks[0], *chunks]]
+
+    assert results[-1] == blob
+
+
+def test_a_tampered_chunk_is_detected() -> None:
+    chunks = split(os.urandom(3000), max_message=1000)
+    fields = envelope.decode(chunks[1], "chunk", 1000)
+    fields["data"] = bytes(b ^ 1 for b in fields["data"])
+    reassembler = Reassembler(max_message=1000)
+    reassembler.add("dev", chunks[0])
+    reassembler.add("dev", envelope.encode("chunk", **fields))
+
+    with pytest.raises(ProtocolError, match="does not match its id"):
+        for chunk in chunks[2:]:
+            reassembler.add("dev", chunk)
+
+
+def test_reassembler_bounds_what_a_sender_can_make_it_hold() -> None:
+    reassembler = Reassembler(max_message=1000, max_blob=4000, max_partial_per_sender=2)
+    too_big = split(os.urandom(20_000), max_message=1000)
+
+    with pytest.raises(ProtocolError, match="exceeds"):
+        reassembler.add("dev", too_big[0])
+    for _ in range(2):
+        reassembler.add("dev", split(os.urandom(3000), max_message=1000)[0])
+    with pytest.raises(ProtocolError, match="in flight"):
+        reassembler.add("dev", split(os.urandom(3000), max_message=1000)[0])
+    reassembler.add("other", split(os.urandom(3000), max_message=1000)[0])  # others unaffected
+
+
+def test_partial_blobs_expire() -> None:
+    now = [0.0]
+    reassembler = Reassembler(max_message=1000, ttl=10, clock=lambda: now[0])
+    reassembler.add("dev", split(os.urandom(3000), max_message=1000)[0])
+
+    now[0] = 11.0
+
+    assert reassembler.expire() == 1
+    assert reassembler.pending == 0
+
+
+# -- signed updates ------------------------------------------------------------------------
+
+
+def test_signed_update_survives_the_wire_and_verifies() -> None:
+    account = Account.create()
+    update = make_update(account).signed(account, DOMAIN)
+
+    decoded = Update.decode(update.encode(), 10_000)
+
+    decoded.verify(DOMAIN)
+    assert decoded == update
+    assert decoded.leaf() == update.leaf()
+
+
+def test_a_tampered_update_no_longer_verifies() -> None:
+    account = Account.create()
+    update = make_update(account).signed(account, DOMAIN)
+    tampered = Update.decode(update.encode(), 10_000)
+    tampered = make_update(account, ciphertext=b"other", signature=tampered.signature)
+
+    with pytest.raises(SignatureError):
+        tampered.verify(DOMAIN)
+
+
+def test_a_signature_is_bound_to_chain_and_contract() -> None:
+    account = Account.create()
+    update = make_update(account).signed(account, DOMAIN)
+
+    with pytest.raises(SignatureError):
+        update.verify(Domain(chain_id=1, contract=DOMAIN.contract))
+    with pytest.raises(SignatureError):
+        update.verify(Domain(chain_id=DOMAIN.chain_id, contract="0x" + "cd" * 20))
+
+
+def test_a_device_cannot_sign_for_another() -> None:
+    device, forger = Account.create(), Account.create()
+
+    with pytest.raises(SignatureError):
+        make_update(device).signed(forger, DOMAIN)
+
+
+def test_leaf_changes_with_every_signed_field() -> None:
+    account = Account.create()
+    base = make_update(account, ciphertext=b"c")
+    variants = [
+        make_update(account, ciphertext=b"c", round=4),
+        make_update(account, ciphertext=b"c", samples=1),
+        make_update(account, ciphertext=b"c", epsilon_micros=1),
+        make_update(account, ciphertext=b"c", data_root=b"\x09" * 32),
+        make_update(account, ciphertext=b"c", context=b"\x09" * 32),
+        make_update(account, ciphertext=b"d"),
+    ]
+
+    assert len({base.leaf(), *(v.leaf() for v in variants)}) == len(variants) + 1
+
+
+@pytest.mark.parametrize(
+    "field, value", [("task", b"\x01" * 31), ("signature", b"\x00" * 64), ("device", b"\x00")]
+)
+def test_update_decode_checks_field_sizes(field: str, value: bytes) -> None:
+    account = Account.create()
+    update = make_update(account, signature=b"\x00" * 65)
+    fields = envelope.decode(update.encode(), "update", 10_000)
+    fields[field] = value
+
+    with pytest.raises(ProtocolError, match=field):
+        Update.decode(envelope.encode("update", **fields), 10_000)
+
+
+# -- Merkle --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 13])
+def test_every_leaf_proves_and_a_stranger_does_not(n: int) -> None:
+    leaves = [os.urandom(32) for _ in range(n)]
+    root = merkle_root(leaves)
+
+    assert all(verify_proof(leaf, merkle_proof(leaves, leaf), root) for leaf in leaves)
+    assert not verify_proof(os.urandom(32), merkle_proof(leaves, leaves[0]), root)
+
+
+def test_root_does_not_depend_on_arrival_order() -> None:
+    leaves = [os.urandom(32) for _ in range(6)]
+
+    assert merkle_root(leaves) == merkle_root(list(reversed(leaves)))
+
+
+def test_merkle_rejects_bad_leaves() -> None:
+    leaf = os.urandom(32)
+    assert merkle_root([]) == EMPTY_ROOT
+    with pytest.raises(ProtocolError):
+        merkle_root([leaf, leaf])
+    with pytest.raises(ProtocolError):
+        merkle_root([b"short"])
+    with pytest.raises(ProtocolError):
+        merkle_proof([leaf], os.urandom(32))
