@@ -1,0 +1,96 @@
+"""RDP accounting against the published reference, and the device's persistent ledger."""
+
+import pytest
+
+from truscl.errors import ConfigError
+from truscl.privacy import PrivacyLedger, rdp_epsilon
+
+DELTA = 1e-5
+
+
+def test_reference_value_from_dp_sgd_on_mnist() -> None:
+    # q = 256/60000, sigma = 1.1, 14063 steps (60 epochs), delta = 1e-5
+    assert rdp_epsilon(256 / 60000, 1.1, 14063, DELTA) == pytest.approx(2.597, rel=1e-3)
+
+
+def test_no_noise_means_no_privacy() -> None:
+    assert rdp_epsilon(0.1, 0.0, 1, DELTA) == float("inf")
+
+
+def test_empty_ledger_has_spent_nothing() -> None:
+    assert PrivacyLedger().epsilon(DELTA) == 0.0
+
+
+def test_repeated_rounds_compose_like_one_long_run() -> None:
+    # Prepare
+    ledger = PrivacyLedger()
+
+    # Execute
+    for _ in range(3):
+        ledger.record(0.01, 1.2, 100)
+
+    # Assert
+    assert ledger.epsilon(DELTA) == pytest.approx(rdp_epsilon(0.01, 1.2, 300, DELTA), rel=1e-12)
+    assert len(ledger.rounds) == 3
+
+
+def test_epsilon_if_predicts_the_next_round_without_recording_it() -> None:
+    # Prepare
+    ledger = PrivacyLedger()
+    ledger.record(0.02, 1.0, 50)
+    before = ledger.epsilon(DELTA)
+
+    # Execute
+    predicted = ledger.epsilon_if(0.05, 0.8, 40, DELTA)
+    ledger_unchanged = ledger.epsilon(DELTA)
+    ledger.record(0.05, 0.8, 40)
+
+    # Assert
+    assert ledger_unchanged == before
+    assert predicted == ledger.epsilon(DELTA)
+    assert predicted > max(before, rdp_epsilon(0.05, 0.8, 40, DELTA))
+
+
+def test_ledger_survives_json() -> None:
+    # Prepare
+    ledger = PrivacyLedger()
+    ledger.record(0.02, 1.0, 50)
+    ledger.record(0.05, 0.8, 40)
+
+    # Execute
+    restored = PrivacyLedger.from_json(ledger.to_json())
+
+    # Assert
+    assert restored.rounds == ledger.rounds
+    assert restored.epsilon(DELTA) == ledger.epsilon(DELTA)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "[]",
+        '{"version": 2, "rounds": []}',
+        '{"version": 1}',
+        '{"version": 1, "rounds": [[0.1, 1.0]]}',
+        '{"version": 1, "rounds": [[0.1, 1.0, 2.5]]}',
+        '{"version": 1, "rounds": [[0.0, 1.0, 3]]}',
+    ],
+)
+def test_damaged_ledger_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError):
+        PrivacyLedger.from_json(text)
+
+
+@pytest.mark.parametrize(
+    ("q", "sigma", "steps"), [(0.0, 1.0, 1), (1.1, 1.0, 1), (0.1, -1.0, 1), (0.1, 1.0, 0)]
+)
+def test_invalid_rounds_are_refused(q: float, sigma: float, steps: int) -> None:
+    with pytest.raises(ConfigError):
+        PrivacyLedger().record(q, sigma, steps)
+
+
+@pytest.mark.parametrize("delta", [0.0, 1.0])
+def test_invalid_delta_is_refused(delta: float) -> None:
+    with pytest.raises(ConfigError):
+        rdp_epsilon(0.1, 1.0, 1, delta)

@@ -1,0 +1,278 @@
+"""CKKS key roles, ciphertext validation, reproducible sums and key custody."""
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tenseal as ts
+from eth_utils import keccak
+
+from truscl.errors import HeError
+from truscl.privacy import (
+    DEFAULT_PROFILE,
+    PROFILES,
+    CkksProfile,
+    OwnerKeys,
+    context_hash,
+    decrypt,
+    encrypt,
+    load_ciphertext,
+    load_context,
+    sum_ciphertexts,
+)
+
+SIZE = 100
+# Measured: max error 7e-9 for the sum of five fresh encryptions of N(0, 1) values under
+# ckks-4096-60-49; 1e-6 leaves two orders of magnitude of margin.
+SUM_TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def owner() -> OwnerKeys:
+    return OwnerKeys.generate(DEFAULT_PROFILE)
+
+
+@pytest.fixture(scope="module")
+def device_context(owner: OwnerKeys) -> ts.Context:
+    return load_context(owner.public_context_bytes())
+
+
+@pytest.fixture(scope="module")
+def aggregator_context(owner: OwnerKeys) -> ts.Context:
+    return load_context(owner.aggregator_context_bytes())
+
+
+@pytest.fixture(scope="module")
+def updates() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    return [rng.normal(size=SIZE) for _ in range(5)]
+
+
+@pytest.fixture(scope="module")
+def blobs(device_context: ts.Context, updates: list[np.ndarray]) -> list[bytes]:
+    return [encrypt(device_context, update) for update in updates]
+
+
+def test_sum_of_five_matches_plaintext_sum(
+    owner: OwnerKeys, aggregator_context: ts.Context, updates: list[np.ndarray], blobs: list[bytes]
+) -> None:
+    # Execute
+    total = sum_ciphertexts(aggregator_context, blobs, SIZE)
+
+    # Assert
+    decrypted = decrypt(owner, total, SIZE)
+    np.testing.assert_allclose(decrypted, np.sum(updates, axis=0), rtol=0, atol=SUM_TOLERANCE)
+
+
+def test_sum_bytes_do_not_depend_on_order_or_context(
+    owner: OwnerKeys, aggregator_context: ts.Context, blobs: list[bytes]
+) -> None:
+    # Prepare: the aggregator's own context, and the public one as an auditor reloads it
+    auditor_context = load_context(owner.public_context_bytes())
+    orders = [(0, 1, 2, 3, 4), (4, 3, 2, 1, 0), (2, 0, 4, 1, 3)]
+
+    # Execute
+    sums = {
+        sum_ciphertexts(context, [blobs[i] for i in order], SIZE)
+        for context in (aggregator_context, auditor_context)
+        for order in orders
+    }
+
+    # Assert
+    assert len(sums) == 1
+
+
+def test_aggregator_context_holds_no_key(
+    aggregator_context: ts.Context, blobs: list[bytes]
+) -> None:
+    # Prepare
+    vector = load_ciphertext(aggregator_context, blobs[0], SIZE)
+
+    # Execute / Assert
+    assert not aggregator_context.is_private()
+    assert not aggregator_context.has_public_key()
+    with pytest.raises(ValueError, match="secret_key"):
+        vector.decrypt()
+    with pytest.raises(HeError, match="no public key"):
+        encrypt(aggregator_context, np.ones(3))
+
+
+def test_public_context_cannot_decrypt(device_context: ts.Context, blobs: list[bytes]) -> None:
+    assert not device_context.is_private()
+    with pytest.raises(ValueError, match="secret_key"):
+        load_ciphertext(device_context, blobs[0], SIZE).decrypt()
+
+
+def test_devices_and_aggregators_refuse_a_secret_key(owner: OwnerKeys) -> None:
+    # Prepare
+    secret_bytes = owner.context.serialize(save_secret_key=True)
+
+    # Execute / Assert
+    with pytest.raises(HeError, match="holds a secret key"):
+        load_context(secret_bytes)
+    assert load_context(secret_bytes, expect_private=True).is_private()
+    with pytest.raises(HeError, match="no secret key"):
+        load_context(owner.public_context_bytes(), expect_private=True)
+    with pytest.raises(HeError, match="not a TenSEAL context"):
+        load_context(b"\x00" * 64)
+
+
+def test_roles_get_no_optional_keys(owner: OwnerKeys) -> None:
+    for context in (owner.context, load_context(owner.public_context_bytes())):
+        assert not context.has_galois_keys()
+        assert not context.has_relin_keys()
+
+
+def test_ciphertext_from_another_profile_is_rejected(aggregator_context: ts.Context) -> None:
+    # Prepare
+    other_owner = OwnerKeys.generate(PROFILES["ckks-8192-60-49"])
+    other = encrypt(load_context(other_owner.public_context_bytes()), np.ones(SIZE))
+
+    # Execute / Assert
+    with pytest.raises(HeError, match="not a ciphertext for this context"):
+        load_ciphertext(aggregator_context, other, SIZE)
+
+
+def test_ciphertext_under_another_key_of_the_same_profile_decrypts_to_noise(
+    owner: OwnerKeys,
+) -> None:
+    # SEAL ciphertexts carry no key identifier: this is a documented limit, not a check.
+    stranger = load_context(OwnerKeys.generate(DEFAULT_PROFILE).public_context_bytes())
+    decrypted = decrypt(owner, encrypt(stranger, np.ones(SIZE)), SIZE)
+    assert np.max(np.abs(decrypted - 1.0)) > 1.0
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [lambda b: b"garbage", lambda b: b[: len(b) // 2], lambda b: b""],
+    ids=["garbage", "truncated", "empty"],
+)
+def test_malformed_ciphertext_bytes_are_rejected(
+    aggregator_context: ts.Context, blobs: list[bytes], mangle: Callable[[bytes], bytes]
+) -> None:
+    with pytest.raises(HeError):
+        load_ciphertext(aggregator_context, mangle(blobs[0]), SIZE)
+
+
+def test_wrong_size_is_rejected(aggregator_context: ts.Context, blobs: list[bytes]) -> None:
+    with pytest.raises(HeError, match="holds 100 values, expected 99"):
+        load_ciphertext(aggregator_context, blobs[0], SIZE - 1)
+    with pytest.raises(HeError, match="expected 99"):
+        sum_ciphertexts(aggregator_context, blobs, SIZE - 1)
+
+
+def test_wrong_scale_is_rejected_before_it_breaks_the_sum(
+    device_context: ts.Context, aggregator_context: ts.Context
+) -> None:
+    # Prepare: a well-formed ciphertext at scale 2^30 instead of the profile's 2^40
+    odd = ts.ckks_vector(device_context, [1.0] * SIZE, scale=2.0**30).serialize()
+
+    # Execute / Assert
+    with pytest.raises(HeError, match="scale"):
+        load_ciphertext(aggregator_context, odd, SIZE)
+
+
+def test_nothing_to_sum_and_unencryptable_values_are_errors(
+    aggregator_context: ts.Context, device_context: ts.Context
+) -> None:
+    with pytest.raises(HeError, match="no ciphertexts"):
+        sum_ciphertexts(aggregator_context, [], SIZE)
+    for bad in (np.array([]), np.array([1.0, np.nan]), np.ones((2, 2))):
+        with pytest.raises(HeError):
+            encrypt(device_context, bad)
+
+
+def test_long_vectors_keep_stdout_clean(
+    owner: OwnerKeys, device_context: ts.Context, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: more values than one ciphertext's 2048 slots, which makes TenSEAL print
+    values = np.linspace(-1.0, 1.0, 5000)
+
+    # Execute
+    blob = encrypt(device_context, values)
+    print("still printing")
+
+    # Assert
+    assert capfd.readouterr().out == "still printing\n"
+    np.testing.assert_allclose(decrypt(owner, blob, 5000), values, atol=SUM_TOLERANCE)
+
+
+def test_context_hash_is_keccak_and_stable_across_reload(owner: OwnerKeys, tmp_path: Path) -> None:
+    # Prepare
+    owner.save(tmp_path / "owner.key")
+
+    # Execute
+    reloaded = OwnerKeys.load(tmp_path / "owner.key")
+
+    # Assert: a restarted owner republishes the very context whose hash is on chain
+    published = owner.public_context_bytes()
+    assert context_hash(published) == keccak(published)
+    assert len(context_hash(published)) == 32
+    assert reloaded.public_context_bytes() == published
+    assert context_hash(owner.aggregator_context_bytes()) != context_hash(published)
+
+
+def test_secret_key_file_is_0600_and_round_trips(
+    owner: OwnerKeys, blobs: list[bytes], updates: list[np.ndarray], tmp_path: Path
+) -> None:
+    # Prepare
+    path = tmp_path / "owner.key"
+    old_umask = os.umask(0)  # even a permissive umask must not widen the file
+    try:
+        # Execute
+        owner.save(path)
+    finally:
+        os.umask(old_umask)
+    loaded = OwnerKeys.load(path)
+
+    # Assert
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert list(tmp_path.iterdir()) == [path]
+    np.testing.assert_allclose(decrypt(loaded, blobs[0], SIZE), updates[0], atol=SUM_TOLERANCE)
+
+
+def test_existing_key_is_never_overwritten(owner: OwnerKeys, tmp_path: Path) -> None:
+    path = tmp_path / "owner.key"
+    path.write_bytes(b"precious")
+    with pytest.raises(FileExistsError):
+        owner.save(path)
+    assert path.read_bytes() == b"precious"
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_readable_key_file_is_refused(owner: OwnerKeys, tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "owner.key"
+    owner.save(path)
+    path.chmod(0o644)
+
+    # Execute / Assert
+    with pytest.raises(HeError, match="0644"):
+        OwnerKeys.load(path)
+
+
+@pytest.mark.parametrize(
+    ("degree", "bits", "scale_bits"),
+    [
+        (4096, (60, 60), 40),  # 120 bits > 109: below 128-bit security
+        (8192, (60, 60, 60, 60), 40),  # 240 > 218
+        (3000, (60, 49), 40),  # not a power of two SEAL supports
+        (4096, (60,), 40),  # no special prime
+        (4096, (61, 40), 40),  # prime above 60 bits
+        (4096, (40, 49), 40),  # scale leaves no headroom in the data prime
+    ],
+)
+def test_unsafe_profiles_are_refused(degree: int, bits: tuple[int, ...], scale_bits: int) -> None:
+    with pytest.raises(HeError):
+        CkksProfile("bad", degree, bits, scale_bits)
+
+
+def test_profiles_are_named_by_their_parameters() -> None:
+    assert DEFAULT_PROFILE is PROFILES["ckks-4096-60-49"]
+    assert DEFAULT_PROFILE.poly_modulus_degree == 4096
+    assert DEFAULT_PROFILE.coeff_mod_bit_sizes == (60, 49)
+    assert DEFAULT_PROFILE.global_scale_bits == 40
+    assert DEFAULT_PROFILE.slot_count == 2048

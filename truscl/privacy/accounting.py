@@ -1,0 +1,120 @@
+"""Privacy accounting with dp-accounting's RDP accountant, and a device's per-task ledger.
+
+The accountant is Google's ``dp_accounting`` rather than our own formulas so that the epsilon a
+device reports is the one anyone can recompute. Rounds that share a sampling rate and noise
+multiplier are merged into one self-composed event: the accountant's cost is per distinct
+event (tens of milliseconds each), not per step or per round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import dp_accounting
+from dp_accounting.rdp import RdpAccountant
+
+from truscl.errors import ConfigError
+
+_LEDGER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SpentRound:
+    """One DP-SGD run: ``steps`` Poisson-sampled Gaussian steps at rate ``q`` and ``sigma``."""
+
+    sampling_rate: float
+    noise_multiplier: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sampling_rate <= 1:
+            raise ConfigError(f"sampling_rate must be in (0, 1], got {self.sampling_rate}")
+        if not self.noise_multiplier >= 0 or math.isinf(self.noise_multiplier):
+            raise ConfigError(f"noise_multiplier must be finite, >= 0: {self.noise_multiplier}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"steps must be an integer >= 1, got {self.steps!r}")
+
+
+def _epsilon(rounds: list[SpentRound], delta: float) -> float:
+    """RDP epsilon of all ``rounds`` composed, identical (q, sigma) pairs merged first."""
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}")
+    steps_by_mechanism: Counter[tuple[float, float]] = Counter()
+    for spent in rounds:
+        steps_by_mechanism[(spent.sampling_rate, spent.noise_multiplier)] += spent.steps
+    if not steps_by_mechanism:
+        return 0.0
+    accountant = RdpAccountant()
+    accountant.compose(
+        dp_accounting.ComposedDpEvent(
+            [
+                dp_accounting.SelfComposedDpEvent(
+                    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
+                    steps,
+                )
+                for (q, sigma), steps in sorted(steps_by_mechanism.items())
+            ]
+        )
+    )
+    return float(accountant.get_epsilon(delta))
+
+
+def rdp_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
+    """Epsilon of ``steps`` Poisson-subsampled Gaussian steps, by the RDP accountant."""
+    return _epsilon([SpentRound(sampling_rate, noise_multiplier, steps)], delta)
+
+
+class PrivacyLedger:
+    """The DP events a device has spent on one task, persisted between rounds and reboots.
+
+    Each round is kept as recorded (an audit trail of what the device reported), and epsilon is
+    always recomputed from the whole history rather than summed, because RDP composes tighter
+    than adding epsilons.
+    """
+
+    def __init__(self, rounds: list[SpentRound] | None = None) -> None:
+        self._rounds: list[SpentRound] = list(rounds or [])
+
+    @property
+    def rounds(self) -> tuple[SpentRound, ...]:
+        return tuple(self._rounds)
+
+    def record(self, sampling_rate: float, noise_multiplier: float, steps: int) -> None:
+        """Add a finished DP-SGD run; call it before the update leaves the device."""
+        self._rounds.append(SpentRound(sampling_rate, noise_multiplier, steps))
+
+    def epsilon(self, delta: float) -> float:
+        """Epsilon spent so far on this task at ``delta``."""
+        return _epsilon(self._rounds, delta)
+
+    def epsilon_if(
+        self, sampling_rate: float, noise_multiplier: float, steps: int, delta: float
+    ) -> float:
+        """Epsilon the task would have spent after one more such run, for a budget check."""
+        return _epsilon([*self._rounds, SpentRound(sampling_rate, noise_multiplier, steps)], delta)
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "version": _LEDGER_VERSION,
+                "rounds": [[r.sampling_rate, r.noise_multiplier, r.steps] for r in self._rounds],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PrivacyLedger:
+        """Rebuild a ledger from :meth:`to_json`; a damaged file raises rather than reads as 0."""
+        try:
+            data = json.loads(text)
+            version, rows = data["version"], data["rounds"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"privacy ledger is unreadable: {exc!r}") from exc
+        if version != _LEDGER_VERSION:
+            raise ConfigError(f"unsupported privacy ledger version {version!r}")
+        try:
+            return cls([SpentRound(float(q), float(s), n) for q, s, n in rows])
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"privacy ledger holds an invalid round: {exc}") from exc
