@@ -1,0 +1,205 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+
+/// @title Truscl: the public record of a federated-learning task.
+/// @notice Holds what an auditor needs to check that nobody cheated, and nothing secret: the
+/// device registry, each task's terms (hashes of its spec and HE public context), one anchor per
+/// round (Merkle root of the accepted updates and hash of the aggregate ciphertext) and the hash
+/// of every global model the owner published. One anchor per round keeps gas constant in the
+/// number of devices; a device proves its update was counted with a Merkle proof.
+contract Truscl is AccessControl {
+    /// @notice Role allowed to admit devices into the registry.
+    bytes32 public constant REGISTRAR_ROLE = keccak256("REGISTRAR_ROLE");
+
+    struct Task {
+        address owner;
+        address aggregator;
+        bytes32 specHash;
+        bytes32 contextHash;
+        uint32 rounds;
+        uint32 roundsAnchored;
+    }
+
+    struct RoundAnchor {
+        bytes32 updatesRoot;
+        bytes32 aggregateHash;
+        uint32 updates;
+        uint64 blockNumber;
+    }
+
+    mapping(address device => bool registered) private _devices;
+    mapping(bytes32 taskId => Task) private _tasks;
+    mapping(bytes32 taskId => mapping(uint32 round => RoundAnchor)) private _anchors;
+    mapping(bytes32 taskId => mapping(uint32 round => bytes32 modelHash)) private _models;
+
+    event DeviceRegistered(address indexed device, address indexed registrar);
+    event TaskCreated(
+        bytes32 indexed taskId,
+        address indexed owner,
+        address indexed aggregator,
+        bytes32 specHash,
+        bytes32 contextHash,
+        uint32 rounds
+    );
+    event RoundAnchored(
+        bytes32 indexed taskId,
+        uint32 indexed round,
+        bytes32 updatesRoot,
+        bytes32 aggregateHash,
+        uint32 updates
+    );
+    event ModelPublished(bytes32 indexed taskId, uint32 indexed round, bytes32 modelHash);
+
+    error ZeroAddress();
+    error ZeroHash();
+    error DeviceAlreadyRegistered(address device);
+    error TaskExists(bytes32 taskId);
+    error UnknownTask(bytes32 taskId);
+    error NoRounds();
+    error NotTaskOwner(bytes32 taskId, address caller);
+    error NotAggregator(bytes32 taskId, address caller);
+    error RoundOutOfRange(bytes32 taskId, uint32 round, uint32 rounds);
+    error RoundAlreadyAnchored(bytes32 taskId, uint32 round);
+    error RoundNotNext(bytes32 taskId, uint32 round, uint32 expected);
+    error RoundNotAnchored(bytes32 taskId, uint32 round);
+    error ModelAlreadyPublished(bytes32 taskId, uint32 round);
+
+    /// @dev The deployer administers roles and is the first registrar.
+    constructor() {
+        _grantRole(DEFAULT_ADMIN_ROLE, msg.sender);
+        _grantRole(REGISTRAR_ROLE, msg.sender);
+    }
+
+    /// @notice Admit a device: the aggregator accepts updates only from registered devices.
+    function registerDevice(address device) external onlyRole(REGISTRAR_ROLE) {
+        if (device == address(0)) revert ZeroAddress();
+        if (_devices[device]) revert DeviceAlreadyRegistered(device);
+        _devices[device] = true;
+        emit DeviceRegistered(device, msg.sender);
+    }
+
+    function isDevice(address device) external view returns (bool) {
+        return _devices[device];
+    }
+
+    /// @notice Fix a task's terms; the caller becomes its owner.
+    /// @dev A device refuses a context whose hash differs from `contextHash`.
+    function createTask(
+        bytes32 taskId,
+        bytes32 specHash,
+        bytes32 contextHash,
+        address aggregator,
+        uint32 rounds
+    ) external {
+        if (_tasks[taskId].owner != address(0)) revert TaskExists(taskId);
+        if (aggregator == address(0)) revert ZeroAddress();
+        if (specHash == bytes32(0) || contextHash == bytes32(0)) revert ZeroHash();
+        if (rounds == 0) revert NoRounds();
+        _tasks[taskId] = Task(msg.sender, aggregator, specHash, contextHash, rounds, 0);
+        emit TaskCreated(taskId, msg.sender, aggregator, specHash, contextHash, rounds);
+    }
+
+    function getTask(
+        bytes32 taskId
+    )
+        external
+        view
+        returns (
+            address owner,
+            address aggregator,
+            bytes32 specHash,
+            bytes32 contextHash,
+            uint32 rounds,
+            uint32 roundsAnchored
+        )
+    {
+        Task storage task = _existingTask(taskId);
+        return (
+            task.owner,
+            task.aggregator,
+            task.specHash,
+            task.contextHash,
+            task.rounds,
+            task.roundsAnchored
+        );
+    }
+
+    /// @notice Close a round for good: rounds are anchored once each, in order, by the task's
+    /// aggregator, so a retried anchor can never count a round twice.
+    /// @dev `updatesRoot` may be zero: a round nobody contributed to is still closed.
+    function anchorRound(
+        bytes32 taskId,
+        uint32 round,
+        bytes32 updatesRoot,
+        bytes32 aggregateHash,
+        uint32 updates
+    ) external {
+        Task storage task = _existingTask(taskId);
+        if (msg.sender != task.aggregator) revert NotAggregator(taskId, msg.sender);
+        if (round == 0 || round > task.rounds) revert RoundOutOfRange(taskId, round, task.rounds);
+        if (round <= task.roundsAnchored) revert RoundAlreadyAnchored(taskId, round);
+        if (round != task.roundsAnchored + 1) {
+            revert RoundNotNext(taskId, round, task.roundsAnchored + 1);
+        }
+        task.roundsAnchored = round;
+        _anchors[taskId][round] = RoundAnchor(
+            updatesRoot,
+            aggregateHash,
+            updates,
+            uint64(block.number)
+        );
+        emit RoundAnchored(taskId, round, updatesRoot, aggregateHash, updates);
+    }
+
+    /// @notice All zero when the round is not anchored (`blockNumber` is never zero otherwise).
+    function getRoundAnchor(
+        bytes32 taskId,
+        uint32 round
+    )
+        external
+        view
+        returns (bytes32 updatesRoot, bytes32 aggregateHash, uint32 updates, uint64 blockNumber)
+    {
+        RoundAnchor storage anchor = _anchors[taskId][round];
+        return (anchor.updatesRoot, anchor.aggregateHash, anchor.updates, anchor.blockNumber);
+    }
+
+    /// @notice Record the hash of the global model after `round` (0 = the initial model).
+    /// @dev A model for round r > 0 can only follow the anchor of round r, whose aggregate it
+    /// was computed from; each round has one model, so the record cannot be rewritten.
+    function publishModel(bytes32 taskId, uint32 round, bytes32 modelHash_) external {
+        Task storage task = _existingTask(taskId);
+        if (msg.sender != task.owner) revert NotTaskOwner(taskId, msg.sender);
+        if (modelHash_ == bytes32(0)) revert ZeroHash();
+        if (round > task.rounds) revert RoundOutOfRange(taskId, round, task.rounds);
+        if (round > task.roundsAnchored) revert RoundNotAnchored(taskId, round);
+        if (_models[taskId][round] != bytes32(0)) revert ModelAlreadyPublished(taskId, round);
+        _models[taskId][round] = modelHash_;
+        emit ModelPublished(taskId, round, modelHash_);
+    }
+
+    /// @notice Zero when no model was published for `round`.
+    function modelHash(bytes32 taskId, uint32 round) external view returns (bytes32) {
+        return _models[taskId][round];
+    }
+
+    /// @notice Whether `leaf` is one of the updates counted in an anchored round.
+    function verifyUpdate(
+        bytes32 taskId,
+        uint32 round,
+        bytes32 leaf,
+        bytes32[] calldata proof
+    ) external view returns (bool) {
+        RoundAnchor storage anchor = _anchors[taskId][round];
+        if (anchor.blockNumber == 0) return false;
+        return MerkleProof.verifyCalldata(proof, anchor.updatesRoot, leaf);
+    }
+
+    function _existingTask(bytes32 taskId) private view returns (Task storage task) {
+        task = _tasks[taskId];
+        if (task.owner == address(0)) revert UnknownTask(taskId);
+    }
+}

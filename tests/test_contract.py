@@ -1,0 +1,416 @@
+"""The Truscl contract on the embedded EVM, driven through the real ChainClient.
+
+One chain and one deployment per module keep the file fast; each test opens its own task, so
+tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from eth_account.signers.local import LocalAccount
+from eth_typing import HexStr
+from eth_utils import keccak
+
+from contracts import load_artifact
+from truscl.chain import GAS_LIMITS, ChainClient, EmbeddedChain, RoundAnchor
+from truscl.errors import ChainError
+from truscl.wire.merkle import merkle_proof, merkle_root, verify_proof
+
+CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "contracts"
+SPEC = keccak(text="spec")
+CONTEXT = keccak(text="context")
+
+
+@dataclass(frozen=True)
+class Roles:
+    """One client per role, each signing with its own key, as in a real deployment."""
+
+    admin: ChainClient
+    owner: ChainClient
+    aggregator: ChainClient
+    device: ChainClient
+    auditor: ChainClient
+    owner_account: LocalAccount
+    aggregator_account: LocalAccount
+    device_account: LocalAccount
+
+
+@pytest.fixture(scope="module")
+def chain() -> EmbeddedChain:
+    return EmbeddedChain()
+
+
+@pytest.fixture(scope="module")
+def roles(chain: EmbeddedChain) -> Roles:
+    w3 = chain.web3()
+    admin_account = chain.new_account()
+    owner_account = chain.new_account()
+    aggregator_account = chain.new_account()
+    device_account = chain.new_account()
+    admin = ChainClient.deploy(w3, admin_account, chain.lock)
+    return Roles(
+        admin=admin,
+        owner=ChainClient.at(w3, admin.address, owner_account, chain.lock),
+        aggregator=ChainClient.at(w3, admin.address, aggregator_account, chain.lock),
+        device=ChainClient.at(w3, admin.address, device_account, chain.lock),
+        auditor=ChainClient.at(w3, admin.address, None, chain.lock),
+        owner_account=owner_account,
+        aggregator_account=aggregator_account,
+        device_account=device_account,
+    )
+
+
+def new_task(roles: Roles, name: str, rounds: int = 3) -> bytes:
+    task_id = keccak(text=name)
+    roles.owner.create_task(task_id, SPEC, CONTEXT, roles.aggregator_account.address, rounds)
+    return task_id
+
+
+def leaves(n: int, salt: str) -> list[bytes]:
+    return [keccak(text=f"{salt}-{i}") for i in range(n)]
+
+
+def gas_used(chain: EmbeddedChain, tx_hash: str) -> int:
+    return int(chain.web3().eth.get_transaction_receipt(HexStr(tx_hash))["gasUsed"])
+
+
+# --- device registry -----------------------------------------------------------------------
+
+
+def test_admin_registers_a_device(roles: Roles, chain: EmbeddedChain) -> None:
+    # Prepare
+    device = chain.new_account(0).address
+    assert not roles.auditor.is_device(device)
+
+    # Execute
+    tx_hash = roles.admin.register_device(device)
+
+    # Assert
+    assert tx_hash.startswith("0x") and len(tx_hash) == 66
+    assert roles.auditor.is_device(device)
+
+
+def test_only_a_registrar_registers_devices(roles: Roles, chain: EmbeddedChain) -> None:
+    # Prepare
+    device = chain.new_account(0).address
+
+    # Execute / Assert
+    with pytest.raises(ChainError, match="AccessControlUnauthorizedAccount"):
+        roles.device.register_device(device)
+    assert not roles.auditor.is_device(device)
+
+
+def test_a_device_is_registered_once(roles: Roles, chain: EmbeddedChain) -> None:
+    # Prepare
+    device = chain.new_account(0).address
+    roles.admin.register_device(device)
+
+    # Execute / Assert
+    with pytest.raises(ChainError, match="DeviceAlreadyRegistered"):
+        roles.admin.register_device(device)
+
+
+def test_threads_sharing_the_chain_lock_do_not_clash(roles: Roles, chain: EmbeddedChain) -> None:
+    # Prepare: devices, aggregator and owner run as threads of one process in the simulator
+    devices = [[chain.new_account(0).address for _ in range(3)] for _ in range(4)]
+
+    def register(batch: list[str]) -> None:
+        for device in batch:
+            roles.admin.register_device(device)
+
+    # Execute
+    with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+        list(pool.map(register, devices))
+
+    # Assert: every transaction got its own nonce and none was lost
+    assert all(roles.auditor.is_device(d) for batch in devices for d in batch)
+
+
+def test_a_read_only_client_cannot_transact(roles: Roles) -> None:
+    with pytest.raises(ChainError, match="read-only"):
+        roles.auditor.register_device(roles.device_account.address)
+
+
+# --- tasks ---------------------------------------------------------------------------------
+
+
+def test_create_task_records_the_terms_and_the_owner(roles: Roles) -> None:
+    # Prepare
+    task_id = keccak(text="terms")
+
+    # Execute
+    roles.owner.create_task(task_id, SPEC, CONTEXT, roles.aggregator_account.address, 5)
+
+    # Assert
+    task = roles.auditor.task(task_id)
+    assert task.task_id == task_id
+    assert task.owner == roles.owner_account.address
+    assert task.aggregator == roles.aggregator_account.address
+    assert (task.spec_hash, task.context_hash) == (SPEC, CONTEXT)
+    assert (task.rounds, task.rounds_anchored) == (5, 0)
+
+
+def test_a_task_id_cannot_be_reused(roles: Roles) -> None:
+    # Prepare
+    task_id = new_task(roles, "reused")
+
+    # Execute / Assert: not even by someone else, who would take over the task
+    with pytest.raises(ChainError, match="TaskExists"):
+        roles.device.create_task(task_id, SPEC, CONTEXT, roles.aggregator_account.address, 1)
+    assert roles.auditor.task(task_id).owner == roles.owner_account.address
+
+
+@pytest.mark.parametrize(
+    ("spec", "rounds", "error"),
+    [(SPEC, 0, "NoRounds"), (bytes(32), 1, "ZeroHash")],
+)
+def test_create_task_rejects_empty_terms(
+    roles: Roles, spec: bytes, rounds: int, error: str
+) -> None:
+    with pytest.raises(ChainError, match=error):
+        roles.owner.create_task(
+            keccak(text=f"empty-{error}"), spec, CONTEXT, roles.aggregator_account.address, rounds
+        )
+
+
+def test_an_unknown_task_is_an_error(roles: Roles) -> None:
+    with pytest.raises(ChainError, match="UnknownTask"):
+        roles.auditor.task(keccak(text="never created"))
+
+
+# --- round anchors -------------------------------------------------------------------------
+
+
+def test_the_aggregator_anchors_a_round(roles: Roles) -> None:
+    # Prepare
+    task_id = new_task(roles, "anchor")
+    root, aggregate = keccak(text="root"), keccak(text="aggregate")
+    assert roles.auditor.round_anchor(task_id, 1) is None
+
+    # Execute
+    tx_hash = roles.aggregator.anchor_round(task_id, 1, root, aggregate, 7)
+
+    # Assert
+    anchor = roles.auditor.round_anchor(task_id, 1)
+    assert isinstance(anchor, RoundAnchor)
+    assert (anchor.updates_root, anchor.aggregate_hash, anchor.updates) == (root, aggregate, 7)
+    assert anchor.block_number > 0
+    assert roles.auditor.anchor_tx(task_id, 1) == tx_hash
+    assert roles.auditor.anchor_tx(task_id, 2) is None
+    assert roles.auditor.task(task_id).rounds_anchored == 1
+
+
+@pytest.mark.parametrize("who", ["owner", "device"])
+def test_only_the_aggregator_anchors(roles: Roles, who: str) -> None:
+    # Prepare
+    task_id = new_task(roles, f"anchor-by-{who}")
+
+    # Execute / Assert
+    with pytest.raises(ChainError, match="NotAggregator"):
+        getattr(roles, who).anchor_round(task_id, 1, keccak(b"r"), keccak(b"a"), 1)
+    assert roles.auditor.round_anchor(task_id, 1) is None
+
+
+def test_rounds_are_anchored_in_order(roles: Roles) -> None:
+    # Prepare
+    task_id = new_task(roles, "in order", rounds=3)
+
+    # Execute / Assert
+    with pytest.raises(ChainError, match="RoundNotNext"):
+        roles.aggregator.anchor_round(task_id, 2, keccak(b"r"), keccak(b"a"), 1)
+    roles.aggregator.anchor_round(task_id, 1, keccak(b"r1"), keccak(b"a1"), 1)
+    with pytest.raises(ChainError, match="RoundNotNext"):
+        roles.aggregator.anchor_round(task_id, 3, keccak(b"r"), keccak(b"a"), 1)
+    roles.aggregator.anchor_round(task_id, 2, keccak(b"r2"), keccak(b"a2"), 1)
+    assert roles.auditor.task(task_id).rounds_anchored == 2
+
+
+def test_a_round_is_never_anchored_twice(roles: Roles) -> None:
+    # Prepare
+    task_id = new_task(roles, "twice")
+    roles.aggregator.anchor_round(task_id, 1, keccak(b"first"), keccak(b"a"), 3)
+
+    # Execute / Assert: a retried or forged anchor cannot rewrite the round
+    with pytest.raises(ChainError, match="RoundAlreadyAnchored"):
+        roles.aggregator.anchor_round(task_id, 1, keccak(b"second"), keccak(b"a"), 4)
+    anchor = roles.auditor.round_anchor(task_id, 1)
+    assert anchor is not None and anchor.updates_root == keccak(b"first")
+
+
+@pytest.mark.parametrize("round_", [0, 3])
+def test_rounds_outside_the_task_are_refused(roles: Roles, round_: int) -> None:
+    # Prepare
+    task_id = new_task(roles, f"out of range {round_}", rounds=2)
+    roles.aggregator.anchor_round(task_id, 1, keccak(b"r1"), keccak(b"a1"), 1)
+    roles.aggregator.anchor_round(task_id, 2, keccak(b"r2"), keccak(b"a2"), 1)
+
+    # Execute / Assert
+    with pytest.raises(ChainError, match="RoundOutOfRange"):
+        roles.aggregator.anchor_round(task_id, round_, keccak(b"r"), keccak(b"a"), 1)
+
+
+# --- global model --------------------------------------------------------------------------
+
+
+def test_model_publishing_follows_the_anchors(roles: Roles) -> None:
+    # Prepare
+    task_id = new_task(roles, "models", rounds=2)
+    initial, after_one = keccak(b"model 0"), keccak(b"model 1")
+
+    # Execute / Assert: the initial model right after the task, round 1 only once anchored
+    roles.owner.publish_model(task_id, 0, initial)
+    with pytest.raises(ChainError, match="RoundNotAnchored"):
+        roles.owner.publish_model(task_id, 1, after_one)
+    roles.aggregator.anchor_round(task_id, 1, keccak(b"r1"), keccak(b"a1"), 2)
+    roles.owner.publish_model(task_id, 1, after_one)
+
+    assert roles.auditor.model_hash(task_id, 0) == initial
+    assert roles.auditor.model_hash(task_id, 1) == after_one
+    assert roles.auditor.model_hash(task_id, 2) is None
+
+
+def test_a_model_is_published_once_per_round(roles: Roles) -> None:
+    # Prepare
+    task_id = new_task(roles, "model once")
+    roles.owner.publish_model(task_id, 0, keccak(b"m"))
+
+    # Execute / Assert
+    with pytest.raises(ChainError, match="ModelAlreadyPublished"):
+        roles.owner.publish_model(task_id, 0, keccak(b"other"))
+    assert roles.auditor.model_hash(task_id, 0) == keccak(b"m")
+
+
+@pytest.mark.parametrize("who", ["aggregator", "device"])
+def test_only_the_owner_publishes_models(roles: Roles, who: str) -> None:
+    # Prepare
+    task_id = new_task(roles, f"model by {who}")
+
+    # Execute / Assert
+    with pytest.raises(ChainError, match="NotTaskOwner"):
+        getattr(roles, who).publish_model(task_id, 0, keccak(b"m"))
+    assert roles.auditor.model_hash(task_id, 0) is None
+
+
+# --- Merkle proofs -------------------------------------------------------------------------
+
+TREE_SIZES = [1, 2, 3, 7, 8]
+
+
+@pytest.fixture(scope="module")
+def anchored_trees(roles: Roles) -> tuple[bytes, dict[int, list[bytes]]]:
+    """One task whose round i holds a tree of TREE_SIZES[i-1] leaves."""
+    task_id = new_task(roles, "merkle", rounds=len(TREE_SIZES) + 1)
+    trees: dict[int, list[bytes]] = {}
+    for round_, size in enumerate(TREE_SIZES, start=1):
+        trees[round_] = leaves(size, f"round {round_}")
+        root = merkle_root(trees[round_])
+        roles.aggregator.anchor_round(task_id, round_, root, keccak(b"agg"), size)
+    return task_id, trees
+
+
+@pytest.mark.parametrize("round_", range(1, len(TREE_SIZES) + 1))
+def test_every_leaf_proves_on_chain(
+    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[bytes]]], round_: int
+) -> None:
+    # Prepare
+    task_id, trees = anchored_trees
+    tree = trees[round_]
+    root = merkle_root(tree)
+
+    for leaf in tree:
+        # Execute
+        proof = merkle_proof(tree, leaf)
+
+        # Assert: the Python verifier and the contract agree
+        assert verify_proof(leaf, proof, root)
+        assert roles.auditor.verify_update(task_id, round_, leaf, proof)
+
+
+def test_a_wrong_leaf_or_proof_does_not_verify(
+    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[bytes]]]
+) -> None:
+    # Prepare: round 5 holds 8 leaves
+    task_id, trees = anchored_trees
+    tree = trees[5]
+    leaf = tree[0]
+    proof = merkle_proof(tree, leaf)
+    outsider = keccak(b"not an update")
+
+    # Execute / Assert
+    assert not roles.auditor.verify_update(task_id, 5, outsider, proof)
+    assert not roles.auditor.verify_update(task_id, 5, leaf, [*proof[:-1], keccak(b"x")])
+    assert not roles.auditor.verify_update(task_id, 5, leaf, proof[:-1])
+    assert not roles.auditor.verify_update(task_id, 4, leaf, proof)  # another round's root
+
+
+def test_an_unanchored_round_verifies_nothing(
+    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[bytes]]]
+) -> None:
+    # Prepare: the last round is not anchored; a one-leaf tree's root is the leaf itself,
+    # so an empty proof against a zero root must not pass either
+    task_id, _ = anchored_trees
+    unanchored = len(TREE_SIZES) + 1
+
+    # Execute / Assert
+    assert not roles.auditor.verify_update(task_id, unanchored, bytes(32), [])
+    assert not roles.auditor.verify_update(task_id, unanchored, keccak(b"leaf"), [])
+
+
+# --- gas and the artifact ------------------------------------------------------------------
+
+
+def test_gas_stays_well_within_the_limits(roles: Roles, chain: EmbeddedChain) -> None:
+    # Prepare
+    task_id = keccak(text="gas")
+    aggregator = roles.aggregator_account.address
+    device = chain.new_account(0).address
+
+    # Execute
+    used = {
+        "createTask": gas_used(
+            chain, roles.owner.create_task(task_id, SPEC, CONTEXT, aggregator, 2)
+        ),
+        "registerDevice": gas_used(chain, roles.admin.register_device(device)),
+        "anchorRound": gas_used(
+            chain, roles.aggregator.anchor_round(task_id, 1, keccak(b"r"), keccak(b"a"), 100)
+        ),
+        "publishModel": gas_used(chain, roles.owner.publish_model(task_id, 1, keccak(b"m"))),
+    }
+
+    # Assert: a limit leaves room for a costlier chain, but not for a contract that bloated
+    print(f"gas used: {used}")
+    for name, gas in used.items():
+        assert gas <= GAS_LIMITS[name] // 2, (name, gas)
+
+
+@pytest.mark.slow
+def test_committed_artifact_matches_a_fresh_build(tmp_path: Path) -> None:
+    # Prepare
+    node = shutil.which("node")
+    if node is None or not (CONTRACTS_DIR / "node_modules").is_dir():
+        pytest.skip("needs node and `npm ci` in contracts/")
+
+    # Execute
+    subprocess.run(
+        [node, str(CONTRACTS_DIR / "build.mjs"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+    # Assert: the whole file, so compiler settings cannot drift either
+    fresh = json.loads((tmp_path / "Truscl.json").read_text())
+    committed = load_artifact("Truscl")
+    assert fresh["abi"] == committed["abi"]
+    assert fresh["bytecode"] == committed["bytecode"]
+    assert fresh == committed
+    assert (tmp_path / "Truscl.json").read_bytes() == (
+        CONTRACTS_DIR / "build" / "Truscl.json"
+    ).read_bytes()

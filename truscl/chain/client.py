@@ -1,0 +1,356 @@
+"""Thin typed client for the ``Truscl`` contract.
+
+Each role (owner, aggregator, registrar) holds its own key and signs its transactions locally, so
+no node ever needs an unlocked account and the same code talks to the embedded EVM and to a real
+node over JSON-RPC. Every call is made under a lock shared by all clients of one chain, because
+eth-tester is not thread-safe and a local nonce must not be read twice before it is used.
+"""
+
+from __future__ import annotations
+
+import ast
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
+
+from eth_abi import decode as abi_decode
+from eth_abi.exceptions import DecodingError
+from eth_account.signers.local import LocalAccount
+from eth_tester.exceptions import TransactionFailed
+from eth_typing import ChecksumAddress, HexStr
+from eth_utils import keccak
+from web3 import Web3
+from web3.contract import Contract
+from web3.contract.contract import ContractFunction
+from web3.exceptions import ContractLogicError
+from web3.types import TxParams, TxReceipt
+
+from contracts import load_artifact
+from truscl.errors import ChainError
+
+_T = TypeVar("_T")
+
+# Gas limits passed explicitly, so no transaction waits for an estimate (slow and flaky on
+# eth-tester). About twice what each call was measured to use in the worst case, so a
+# change to the contract that makes a call much dearer fails loudly in the tests.
+GAS_LIMITS: Mapping[str, int] = {
+    "deploy": 2_500_000,
+    "registerDevice": 100_000,
+    "createTask": 300_000,
+    "anchorRound": 250_000,
+    "publishModel": 120_000,
+}
+
+_REVERTED_PREFIX = "execution reverted: "
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A task's terms as the contract holds them."""
+
+    task_id: bytes
+    owner: ChecksumAddress
+    aggregator: ChecksumAddress
+    spec_hash: bytes
+    context_hash: bytes
+    rounds: int
+    rounds_anchored: int
+
+
+@dataclass(frozen=True)
+class RoundAnchor:
+    """What the aggregator committed to when it closed a round."""
+
+    updates_root: bytes
+    aggregate_hash: bytes
+    updates: int
+    block_number: int
+
+
+class ChainClient:
+    """One role's view of a deployed ``Truscl`` contract.
+
+    With ``account=None`` the client is read-only (the auditor's view): any transaction raises
+    ``ChainError`` before touching the chain.
+    """
+
+    def __init__(
+        self,
+        w3: Web3,
+        address: str,
+        account: LocalAccount | None,
+        lock: AbstractContextManager[Any] | None = None,
+    ) -> None:
+        artifact = load_artifact("Truscl")
+        self._w3 = w3
+        self._account = account
+        self._lock: AbstractContextManager[Any] = lock if lock is not None else threading.RLock()
+        self._contract: Contract = w3.eth.contract(
+            address=Web3.to_checksum_address(address), abi=artifact["abi"]
+        )
+        self._errors = _custom_errors(artifact["abi"])
+
+    @classmethod
+    def at(
+        cls,
+        w3: Web3,
+        address: str,
+        account: LocalAccount | None = None,
+        lock: AbstractContextManager[Any] | None = None,
+    ) -> ChainClient:
+        """A client for a contract that is already deployed."""
+        return cls(w3, address, account, lock)
+
+    @classmethod
+    def deploy(
+        cls,
+        w3: Web3,
+        account: LocalAccount,
+        lock: AbstractContextManager[Any] | None = None,
+    ) -> ChainClient:
+        """Deploy a fresh contract; ``account`` becomes its admin and first registrar."""
+        artifact = load_artifact("Truscl")
+        factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+        client_lock: AbstractContextManager[Any] = lock if lock is not None else threading.RLock()
+        with client_lock:
+            tx = factory.constructor().build_transaction(
+                _tx_fields(w3, account, GAS_LIMITS["deploy"])
+            )
+            receipt = _send(w3, account, tx, "deploy")
+        address = receipt["contractAddress"]
+        if address is None:
+            raise ChainError("deploy: the receipt names no contract address")
+        return cls(w3, address, account, client_lock)
+
+    @property
+    def address(self) -> ChecksumAddress:
+        return self._contract.address
+
+    @property
+    def chain_id(self) -> int:
+        return self._read(lambda: self._w3.eth.chain_id)
+
+    # --- device registry ---------------------------------------------------------------------
+
+    def register_device(self, device: str) -> str:
+        return self._transact(
+            "registerDevice", self._contract.functions.registerDevice(_addr(device))
+        )
+
+    def is_device(self, device: str) -> bool:
+        return bool(self._call(self._contract.functions.isDevice(_addr(device))))
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        task_id: bytes,
+        spec_hash: bytes,
+        context_hash: bytes,
+        aggregator: str,
+        rounds: int,
+    ) -> str:
+        fn = self._contract.functions.createTask(
+            _b32(task_id), _b32(spec_hash), _b32(context_hash), _addr(aggregator), rounds
+        )
+        return self._transact("createTask", fn)
+
+    def task(self, task_id: bytes) -> TaskRecord:
+        """The task's terms; ``ChainError`` (UnknownTask) if it was never created."""
+        owner, aggregator, spec_hash, context_hash, rounds, anchored = self._call(
+            self._contract.functions.getTask(_b32(task_id))
+        )
+        return TaskRecord(
+            task_id=task_id,
+            owner=owner,
+            aggregator=aggregator,
+            spec_hash=bytes(spec_hash),
+            context_hash=bytes(context_hash),
+            rounds=rounds,
+            rounds_anchored=anchored,
+        )
+
+    # --- rounds ------------------------------------------------------------------------------
+
+    def anchor_round(
+        self,
+        task_id: bytes,
+        round: int,
+        updates_root: bytes,
+        aggregate_hash: bytes,
+        updates: int,
+    ) -> str:
+        fn = self._contract.functions.anchorRound(
+            _b32(task_id), round, _b32(updates_root), _b32(aggregate_hash), updates
+        )
+        return self._transact("anchorRound", fn)
+
+    def round_anchor(self, task_id: bytes, round: int) -> RoundAnchor | None:
+        """The anchor of ``round``, or ``None`` while it is not anchored."""
+        root, aggregate, updates, block = self._call(
+            self._contract.functions.getRoundAnchor(_b32(task_id), round)
+        )
+        if block == 0:
+            return None
+        return RoundAnchor(bytes(root), bytes(aggregate), updates, block)
+
+    def anchor_tx(self, task_id: bytes, round: int) -> str | None:
+        """Hash of the transaction that anchored ``round``, read from its ``RoundAnchored`` log.
+
+        A device's receipt and the audit cite it; the contract does not store it, because an
+        event log holds the same fact for a fraction of the gas.
+        """
+        event = self._contract.events.RoundAnchored
+        logs = self._read(
+            lambda: list(
+                event.get_logs(
+                    argument_filters={"taskId": _b32(task_id), "round": round}, from_block=0
+                )
+            )
+        )
+        if not logs:
+            return None
+        return _hex(logs[0]["transactionHash"])
+
+    def verify_update(
+        self, task_id: bytes, round: int, leaf: bytes, proof: Sequence[bytes]
+    ) -> bool:
+        """Whether ``leaf`` was counted in ``round``: false too if the round is not anchored."""
+        fn = self._contract.functions.verifyUpdate(
+            _b32(task_id), round, _b32(leaf), [_b32(p) for p in proof]
+        )
+        return bool(self._call(fn))
+
+    # --- global model ------------------------------------------------------------------------
+
+    def publish_model(self, task_id: bytes, round: int, model_hash: bytes) -> str:
+        fn = self._contract.functions.publishModel(_b32(task_id), round, _b32(model_hash))
+        return self._transact("publishModel", fn)
+
+    def model_hash(self, task_id: bytes, round: int) -> bytes | None:
+        """Hash of the model published after ``round`` (0 = initial), ``None`` if none yet."""
+        value = bytes(self._call(self._contract.functions.modelHash(_b32(task_id), round)))
+        return None if value == bytes(32) else value
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    def _read(self, fetch: Callable[[], _T]) -> _T:
+        with self._lock:
+            try:
+                return fetch()
+            except (TransactionFailed, ContractLogicError) as exc:
+                raise ChainError(f"call reverted: {self._reason(exc)}") from exc
+
+    def _call(self, fn: ContractFunction) -> Any:
+        return self._read(fn.call)
+
+    def _transact(self, name: str, fn: ContractFunction) -> str:
+        """Sign locally, send, wait; ``ChainError`` with the contract's reason on a revert.
+
+        The call is simulated first: a revert then costs no gas and its reason is readable on
+        every backend, whereas a mined failed transaction only says ``status 0``.
+        """
+        account = self._account
+        if account is None:
+            raise ChainError(f"{name}: this client is read-only (no account)")
+        with self._lock:
+            try:
+                fn.call({"from": account.address})
+            except (TransactionFailed, ContractLogicError) as exc:
+                raise ChainError(f"{name} reverted: {self._reason(exc)}") from exc
+            tx = fn.build_transaction(_tx_fields(self._w3, account, GAS_LIMITS[name]))
+            receipt = _send(self._w3, account, tx, name)
+        return _hex(receipt["transactionHash"])
+
+    def _reason(self, exc: Exception) -> str:
+        """The custom error's name and arguments when they can be decoded, else the message."""
+        data = _revert_data(exc)
+        if data is not None and data[:4] in self._errors:
+            return self._errors[data[:4]].describe(data[4:])
+        return str(exc).removeprefix(_REVERTED_PREFIX)
+
+
+def _tx_fields(w3: Web3, account: LocalAccount, gas: int) -> TxParams:
+    return {
+        "from": account.address,
+        "nonce": w3.eth.get_transaction_count(account.address, "pending"),
+        "gas": gas,
+        "chainId": w3.eth.chain_id,
+    }
+
+
+def _send(w3: Web3, account: LocalAccount, tx: TxParams, name: str) -> TxReceipt:
+    # TxParams and eth-account's TransactionDictType describe the same dict, typed apart.
+    signed = account.sign_transaction(cast(dict[str, Any], tx))
+    tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+    receipt = w3.eth.wait_for_transaction_receipt(tx_hash)
+    if receipt["status"] != 1:
+        raise ChainError(
+            f"{name} transaction {_hex(tx_hash)} failed "
+            f"(gas used {receipt['gasUsed']} of {tx['gas']})"
+        )
+    return receipt
+
+
+@dataclass(frozen=True)
+class _CustomError:
+    """A custom error of the ABI, to render revert data as ``Name(arg=value, ...)``."""
+
+    name: str
+    arg_names: list[str]
+    arg_types: list[str]
+
+    def describe(self, payload: bytes) -> str:
+        try:
+            values = abi_decode(self.arg_types, payload)
+        except DecodingError:
+            return self.name
+        args = ", ".join(f"{n}={_show(v)}" for n, v in zip(self.arg_names, values, strict=True))
+        return f"{self.name}({args})"
+
+
+def _custom_errors(abi: Sequence[Mapping[str, Any]]) -> dict[bytes, _CustomError]:
+    """Custom errors by 4-byte selector."""
+    errors: dict[bytes, _CustomError] = {}
+    for item in abi:
+        if item["type"] == "error":
+            types = [arg["type"] for arg in item["inputs"]]
+            selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
+            errors[selector] = _CustomError(
+                item["name"], [arg["name"] for arg in item["inputs"]], types
+            )
+    return errors
+
+
+def _revert_data(exc: Exception) -> bytes | None:
+    """Raw revert data: a node puts it in ``data``, eth-tester in the message as a bytes repr."""
+    if isinstance(exc, ContractLogicError) and isinstance(exc.data, str):
+        return Web3.to_bytes(hexstr=HexStr(exc.data))
+    message = str(exc).removeprefix(_REVERTED_PREFIX)
+    if message.startswith(("b'", 'b"')):
+        try:
+            value = ast.literal_eval(message)
+        except (ValueError, SyntaxError):
+            return None
+        return value if isinstance(value, bytes) else None
+    return None
+
+
+def _show(value: Any) -> str:
+    return "0x" + value.hex() if isinstance(value, bytes) else str(value)
+
+
+def _hex(value: bytes) -> str:
+    return "0x" + bytes(value).hex()
+
+
+def _addr(address: str) -> ChecksumAddress:
+    return Web3.to_checksum_address(address)
+
+
+def _b32(value: bytes) -> bytes:
+    if len(value) != 32:
+        raise ChainError(f"expected 32 bytes, got {len(value)}")
+    return bytes(value)
