@@ -1,0 +1,389 @@
+"""Simulated hardware of one device, behind the interfaces the real drivers use.
+
+The agent's ``SensorSuite`` gets a gpiozero pin factory and an smbus2-like bus, exactly as on a
+Pi. Here the factory is a ``MockFactory`` whose PIR pin the simulator drives and whose SPI pins
+are answered bit by bit by an emulated MCP3008; the bus is a BME280 register map whose data
+registers hold the raw ADC values the real part would produce for the room's air.
+
+gpiozero 2.0.1 shares SPI interfaces and software SPI buses in a class-level registry keyed by
+pin names only (``SharedMixin._instances``), and its ``SPISoftwareBus`` falls back to the
+class-level default pin factory. Two simulated devices with the same wiring would then read
+each other's ADC. ``SimulatedBoard`` therefore gives every factory its own SPI interface.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from collections.abc import Callable, Sequence
+from threading import RLock
+
+import numpy as np
+from gpiozero.pins import SPI
+from gpiozero.pins.mock import MockFactory, MockPin, MockSPIDevice
+
+from agent.sensors import (
+    BME280_CHIP_ID,
+    DEFAULT_CALIBRATION,
+    DEFAULT_WIRING,
+    MODE_MASK,
+    MODE_SLEEP,
+    REG_CALIB_H,
+    REG_CALIB_TP,
+    REG_CHIP_ID,
+    REG_CTRL_HUM,
+    REG_CTRL_MEAS,
+    REG_DATA,
+    SKIPPED_16BIT,
+    SKIPPED_20BIT,
+    AnalogCalibration,
+    Bme280Calibration,
+    Wiring,
+)
+from firmware_sim.rooms import Room
+
+TYPICAL_CALIBRATION = Bme280Calibration(
+    # Temperature and pressure: the datasheet's worked example (BMP280 datasheet 3.12).
+    t1=27504, t2=26435, t3=-1000,
+    p1=36477, p2=-10685, p3=3024, p4=2855, p5=140, p6=-7, p7=15500, p8=-14600, p9=6000,
+    # Humidity: the datasheet gives no example; these are a production part's values.
+    h1=75, h2=362, h3=0, h4=324, h5=0, h6=30,
+)  # fmt: skip
+SMBUS_BLOCK_MAX = 32
+REG_STATUS = 0xF3
+MODE_NORMAL = 0b11
+SPI0_PINS = {"clock_pin": 11, "mosi_pin": 10, "miso_pin": 9, "select_pin": 8}
+"""The Pi's hardware SPI0 with chip select CE0, where gpiozero's MCP3008 looks by default."""
+
+
+def _calibration_registers(cal: Bme280Calibration) -> tuple[bytes, bytes]:
+    """The 26 bytes at 0x88 and the 7 bytes at 0xE1 that hold ``cal`` (datasheet table 16)."""
+    tp = struct.pack(
+        "<HhhHhhhhhhhhBB",
+        cal.t1, cal.t2, cal.t3,
+        cal.p1, cal.p2, cal.p3, cal.p4, cal.p5, cal.p6, cal.p7, cal.p8, cal.p9,
+        0, cal.h1,
+    )  # fmt: skip
+    h = struct.pack("<hB", cal.h2, cal.h3) + bytes(
+        (
+            (cal.h4 >> 4) & 0xFF,
+            ((cal.h5 & 0x0F) << 4) | (cal.h4 & 0x0F),
+            (cal.h5 >> 4) & 0xFF,
+            cal.h6 & 0xFF,
+        )
+    )
+    return tp, h
+
+
+def _nearest_code(compensate: Callable[[int], int], target: float, bits: int) -> int:
+    """The ``bits``-wide ADC code whose compensated value is closest to ``target``.
+
+    Compensation is monotonic over the code range, so bisection finds the crossing; the
+    nearer of the two codes around it is what a real part would most likely report.
+    """
+    low, high = 0, (1 << bits) - 1
+    rising = compensate(high) > compensate(low)
+
+    def below(code: int) -> bool:
+        return (compensate(code) < target) == rising
+
+    while low < high:
+        middle = (low + high) // 2
+        if below(middle):
+            low = middle + 1
+        else:
+            high = middle
+    candidates = {max(low - 1, 0), low}
+    return min(candidates, key=lambda code: abs(compensate(code) - target))
+
+
+def _adc_bits(oversampling: int) -> int:
+    """Resolution of a 20-bit data register at an osrs setting: 16 bits at x1, +1 per step."""
+    return 15 + min(oversampling, 5)
+
+
+class FakeBme280Bus:
+    """An I2C bus with one BME280 on it, compatible with the smbus2 calls the driver makes.
+
+    The simulator sets the air with ``set_environment``; the chip converts it when the driver
+    triggers a forced measurement (or at once in normal mode), as the real part samples only
+    then. Oversampling settings choose the resolution of the data registers.
+    """
+
+    def __init__(
+        self, address: int = DEFAULT_WIRING.bme280_address, chip_id: int = BME280_CHIP_ID
+    ) -> None:
+        self.address = address
+        self.calibration = TYPICAL_CALIBRATION
+        self._registers = bytearray(256)
+        self._registers[REG_CHIP_ID] = chip_id
+        tp, h = _calibration_registers(self.calibration)
+        self._registers[REG_CALIB_TP : REG_CALIB_TP + len(tp)] = tp
+        self._registers[REG_CALIB_H : REG_CALIB_H + len(h)] = h
+        self._write_data(SKIPPED_20BIT, SKIPPED_20BIT, SKIPPED_16BIT)
+        self._read_only = set(range(REG_CALIB_TP, REG_CALIB_TP + len(tp)))
+        self._read_only |= set(range(REG_CALIB_H, REG_CALIB_H + len(h)))
+        self._read_only |= {REG_CHIP_ID, REG_STATUS, *range(REG_DATA, REG_DATA + 8)}
+        self._environment = (20.0, 1013.25, 40.0)
+        self._closed = False
+
+    def set_environment(
+        self, temperature_c: float, pressure_hpa: float, humidity_pct: float
+    ) -> None:
+        """The air around the chip from now on."""
+        self._environment = (temperature_c, pressure_hpa, humidity_pct)
+        if self._registers[REG_CTRL_MEAS] & MODE_MASK == MODE_NORMAL:
+            self._convert()
+
+    def _write_data(self, adc_p: int, adc_t: int, adc_h: int) -> None:
+        self._registers[REG_DATA : REG_DATA + 8] = bytes(
+            (
+                adc_p >> 12, (adc_p >> 4) & 0xFF, (adc_p & 0x0F) << 4,
+                adc_t >> 12, (adc_t >> 4) & 0xFF, (adc_t & 0x0F) << 4,
+                adc_h >> 8, adc_h & 0xFF,
+            )
+        )  # fmt: skip
+
+    def _convert(self) -> None:
+        """One measurement: invert the compensation for each quantity the settings enable."""
+        temperature_c, pressure_hpa, humidity_pct = self._environment
+        cal = self.calibration
+        ctrl = self._registers[REG_CTRL_MEAS]
+        osrs_t, osrs_p = ctrl >> 5, (ctrl >> 2) & 0b111
+        osrs_h = self._registers[REG_CTRL_HUM] & 0b111
+        if osrs_t == 0:  # without temperature there is no t_fine: nothing is converted
+            self._write_data(SKIPPED_20BIT, SKIPPED_20BIT, SKIPPED_16BIT)
+            return
+        bits_t = _adc_bits(osrs_t)
+        code_t = _nearest_code(
+            lambda code: cal.t_fine(code << (20 - bits_t)), temperature_c * 5120, bits_t
+        )
+        adc_t = code_t << (20 - bits_t)
+        t_fine = cal.t_fine(adc_t)
+        adc_p = SKIPPED_20BIT
+        if osrs_p:
+            bits_p = _adc_bits(osrs_p)
+            code_p = _nearest_code(
+                lambda code: cal.pressure_q24_8(code << (20 - bits_p), t_fine),
+                pressure_hpa * 100 * 256,
+                bits_p,
+            )
+            adc_p = code_p << (20 - bits_p)
+        adc_h = SKIPPED_16BIT
+        if osrs_h:
+            adc_h = _nearest_code(
+                lambda code: cal.humidity_q22_10(code, t_fine), humidity_pct * 1024, 16
+            )
+        self._write_data(adc_p, adc_t, adc_h)
+
+    def _check(self, i2c_addr: int) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "I2C bus is closed")
+        if i2c_addr != self.address:
+            raise OSError(errno.EREMOTEIO, "Remote I/O error")  # what a Pi says on no ACK
+
+    def read_byte_data(self, i2c_addr: int, register: int, force: bool | None = None) -> int:
+        self._check(i2c_addr)
+        return self._registers[register]
+
+    def read_i2c_block_data(
+        self, i2c_addr: int, register: int, length: int, force: bool | None = None
+    ) -> list[int]:
+        self._check(i2c_addr)
+        if not 0 < length <= SMBUS_BLOCK_MAX:
+            raise ValueError(f"an SMBus block is 1..{SMBUS_BLOCK_MAX} bytes, not {length}")
+        return list(self._registers[register : register + length])
+
+    def write_byte_data(
+        self, i2c_addr: int, register: int, value: int, force: bool | None = None
+    ) -> None:
+        self._check(i2c_addr)
+        if register in self._read_only:
+            return  # the chip ignores writes to read-only registers
+        self._registers[register] = value & 0xFF
+        if register == REG_CTRL_MEAS and value & MODE_MASK != MODE_SLEEP:
+            self._convert()
+            if value & MODE_MASK != MODE_NORMAL:  # a forced measurement ends in sleep mode
+                self._registers[REG_CTRL_MEAS] = (value & ~MODE_MASK) | MODE_SLEEP
+
+    def close(self) -> None:
+        self._closed = True
+
+
+class MockMcp3008(MockSPIDevice):
+    """An MCP3008 10-bit ADC answering the SPI protocol bit by bit (datasheet figure 6-1).
+
+    The master clocks a start bit, the single/differential bit and three channel bits; the
+    chip answers with a null bit and the 10-bit code, MSB first. Input voltages are set by
+    the simulator with ``set_voltage``.
+    """
+
+    rx_buf: list[int]  # bits received since the last reset, kept by MockSPIDevice
+
+    def __init__(self, board: MockFactory, vref: float = DEFAULT_CALIBRATION.adc_vref) -> None:
+        super().__init__(**SPI0_PINS, pin_factory=board)
+        self.vref = vref
+        self.voltages = [0.0] * 8
+        self._phase = "idle"
+
+    def set_voltage(self, channel: int, volts: float) -> None:
+        self.voltages[channel] = volts
+
+    def code(self, volts: float) -> int:
+        """Datasheet transfer function: code = 1024 * Vin / Vref, saturating at 0 and 1023."""
+        return min(max(int(1024 * volts / self.vref), 0), 1023)
+
+    def on_start(self) -> None:
+        super().on_start()
+        self._phase = "idle"
+        # MockPin records every edge for assertions; a long simulation would grow that list
+        # by ~100 entries per conversion, so the emulated chip keeps no history.
+        for pin in (self.clock_pin, self.mosi_pin, self.miso_pin, self.select_pin):
+            if pin is not None:
+                pin.clear_states()
+
+    def on_bit(self) -> None:
+        if self._phase == "idle":
+            if self.rx_buf[-1]:  # start bit
+                self._phase = "mode"
+                self.rx_buf.clear()
+        elif self._phase == "mode":
+            self._phase = "single" if self.rx_buf[-1] else "differential"
+            self.rx_buf.clear()
+        elif self._phase in ("single", "differential") and len(self.rx_buf) == 3:
+            channel = self.rx_word()
+            volts = self.voltages[channel]
+            if self._phase == "differential":  # IN+ is the channel, IN- its pair
+                volts -= self.voltages[channel ^ 1]
+            self.tx_word(self.code(volts), 12)  # a sample bit, the null bit, then 10 bits
+            self._phase = "converted"
+
+
+class BoardSPI(SPI):
+    """Mode-0 bit-banged SPI over the pins of one board only.
+
+    Unlike gpiozero's software SPI it keeps no state outside its factory, so two boards with
+    the same wiring stay apart. It does not reserve the pins: each ADC channel gets its own
+    interface over the same pins, serialised by the board's lock.
+    """
+
+    def __init__(
+        self,
+        clock_pin: int | str,
+        mosi_pin: int | str,
+        miso_pin: int | str,
+        select_pin: int | str,
+        *,
+        pin_factory: SimulatedBoard,
+    ) -> None:
+        super().__init__(pin_factory=pin_factory)
+        self._lock = pin_factory.spi_lock
+        self._clock = self._output(pin_factory.pin(clock_pin), False)
+        self._mosi = self._output(pin_factory.pin(mosi_pin), False)
+        self._select = self._output(pin_factory.pin(select_pin), True)  # active low
+        self._miso = pin_factory.pin(miso_pin)
+        self._open = True
+
+    @staticmethod
+    def _output(pin: MockPin, level: bool) -> MockPin:
+        pin.function = "output"
+        pin.state = level
+        return pin
+
+    def transfer(self, data: Sequence[int]) -> list[int]:
+        received = []
+        with self._lock:
+            self._select.state = False
+            try:
+                for word in data:
+                    read = 0
+                    for bit in range(7, -1, -1):
+                        self._mosi.state = (word >> bit) & 1
+                        self._clock.state = True  # the chip samples MOSI and drives MISO
+                        read = (read << 1) | int(self._miso.state)
+                        self._clock.state = False
+                    received.append(read)
+            finally:
+                self._select.state = True
+        return received
+
+    def _get_clock_mode(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self._open = False
+        super().close()
+
+    @property
+    def closed(self) -> bool:
+        return not self._open
+
+
+class SimulatedBoard(MockFactory):
+    """A MockFactory whose SPI interfaces belong to it alone (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spi_lock = RLock()
+
+    def _get_spi_class(self, shared: bool, hardware: bool) -> type[BoardSPI]:
+        return BoardSPI
+
+
+class SimulatedDevice:
+    """The hardware of one device in one room: what a Pi with its sensors would present.
+
+    ``pin_factory`` and ``i2c_bus`` are what the agent's ``SensorSuite`` takes. ``sync`` puts
+    the room's present state on the wires, adding the sensors' own errors (calibration
+    offsets from the room profile, and measurement noise).
+    """
+
+    def __init__(
+        self,
+        room: Room,
+        seed: int,
+        wiring: Wiring = DEFAULT_WIRING,
+        calibration: AnalogCalibration = DEFAULT_CALIBRATION,
+    ) -> None:
+        self.room = room
+        self.wiring = wiring
+        self._calibration = calibration
+        self._noise = np.random.default_rng(seed)
+        self.pin_factory = SimulatedBoard()
+        self.adc = MockMcp3008(self.pin_factory, calibration.adc_vref)
+        self.pir_pin = self.pin_factory.pin(wiring.pir_pin)
+        self.i2c_bus = FakeBme280Bus(wiring.bme280_address)
+        self.sync()
+
+    @property
+    def name(self) -> str:
+        return self.room.profile.name
+
+    @property
+    def now(self) -> float:
+        """The simulated clock (epoch seconds), for stamping readings."""
+        return self.room.state.time
+
+    def sync(self) -> None:
+        """Drive the pins, the ADC inputs and the BME280's air from the room's state."""
+        state = self.room.state
+        profile = self.room.profile
+        cal = self._calibration
+        self.i2c_bus.set_environment(
+            temperature_c=state.temperature_c + profile.temperature_offset_c,
+            pressure_hpa=state.pressure_hpa,
+            humidity_pct=min(max(state.humidity_pct + profile.humidity_offset_pct, 0.0), 100.0),
+        )
+        lux = state.light_lux * profile.light_factor * (1.0 + self._noise.normal(0.0, 0.03))
+        self.adc.set_voltage(self.wiring.light_channel, cal.volts_for_lux(max(lux, 0.0)))
+        co2 = state.co2_ppm + profile.co2_offset_ppm + self._noise.normal(0.0, 25.0)
+        self.adc.set_voltage(self.wiring.co2_channel, cal.volts_for_co2(max(co2, 0.0)))
+        if state.motion:
+            self.pir_pin.drive_high()
+        else:
+            self.pir_pin.drive_low()
+
+    def step(self, seconds: float) -> None:
+        """Let ``seconds`` of room time pass, then put the new state on the wires."""
+        self.room.advance(seconds)
+        self.sync()
