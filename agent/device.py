@@ -1,0 +1,275 @@
+"""The device agent: sense, train privately, encrypt, sign, publish, and keep it until acked.
+
+Everything the device is told is checked against the chain before it is used: the task spec
+and the HE public context by their on-chain hashes, the global model by the hash the owner
+anchored. The device spends privacy budget only through its :class:`PrivacyLedger`, which is
+written to disk before the update leaves, and refuses to train once the task's budget would be
+exceeded. Updates wait in the :class:`Outbox` until the aggregator's receipt arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tenseal as ts
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+
+from agent.outbox import Outbox
+from agent.sensors import Reading
+from truscl.chain import ChainClient
+from truscl.errors import ConfigError, HeError, ProtocolError
+from truscl.learning import LogisticModel
+from truscl.mqtt import MqttLink
+from truscl.privacy.accounting import PrivacyLedger
+from truscl.privacy.ckks import context_hash, encrypt, load_context
+from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
+from truscl.task import TaskSpec
+from truscl.wire import Domain, Reassembler, TaskTopics, Update, envelope, merkle_root, verify_proof
+from truscl.wire.model import model_from_bytes
+
+log = logging.getLogger(__name__)
+
+SPEC_MAX_BYTES = 64 * 1024
+_EVENT_CONNECTED = ("", b"")
+
+
+class DeviceAgent:
+    def __init__(
+        self,
+        *,
+        account: LocalAccount,
+        task: str,
+        chain: ChainClient,
+        host: str,
+        port: int,
+        workdir: Path,
+        sense: Callable[[], Reading],
+        readings_per_round: int,
+        name: str | None = None,
+    ) -> None:
+        self.account = account
+        self.name = name or account.address[:10]
+        self.topics = TaskTopics(task)
+        self.task_id = bytes.fromhex(task[2:])
+        self.chain = chain
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(self.workdir / "outbox.sqlite")
+        self.ledger_path = self.workdir / "privacy-ledger.json"
+        self.ledger = (
+            PrivacyLedger.from_json(self.ledger_path.read_text())
+            if self.ledger_path.exists()
+            else PrivacyLedger()
+        )
+        self.contributed: set[int] = set()
+        self.included: dict[int, str] = {}  # round -> anchor tx of a verified inclusion proof
+        self.budget_spent = False
+        self._sense = sense
+        self._readings_per_round = readings_per_round
+        self._readings: deque[Reading] = deque()
+        self._rng = secure_generator()
+        self._domain = Domain(chain.chain_id, chain.address)
+        self._spec: TaskSpec | None = None
+        self._context: ts.Context | None = None
+        self._context_chunks = Reassembler()
+        self._models: dict[int, bytes] = {}  # round -> parameters, checked against the chain
+        self._announced: tuple[int, bytes] | None = None
+        self._lock = threading.Lock()
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name=f"device-{self.name}", daemon=True)
+        me = account.address
+        self._link = MqttLink(
+            f"truscl-device-{me.lower()}",
+            host,
+            port,
+            on_message=lambda topic, payload: self._inbox.put((topic, payload)),
+            subscriptions=[
+                self.topics.spec,
+                f"{self.topics.context}/+",
+                self.topics.model,
+                self.topics.round,
+                self.topics.receipts(me),
+            ],
+            on_connected=lambda: self._inbox.put(_EVENT_CONNECTED),
+        )
+
+    def epsilon(self) -> float:
+        if self._spec is None:
+            return 0.0
+        with self._lock:
+            return self.ledger.epsilon(self._spec.dp.delta)
+
+    def start(self) -> DeviceAgent:
+        self._worker.start()
+        self._link.start()
+        return self
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._worker.join(10)
+        self._link.close()
+        self.outbox.close()
+
+    # -- worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (item := self._inbox.get()) is not None:
+            topic, payload = item
+            try:
+                self._dispatch(topic, payload)
+            except (ProtocolError, HeError, ConfigError) as exc:
+                log.warning("device %s: rejected a message on %s: %s", self.name, topic, exc)
+            except Exception:
+                log.exception("device %s: unexpected failure on %s", self.name, topic)
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        if (topic, payload) == _EVENT_CONNECTED:
+            self._republish()
+        elif topic == self.topics.spec:
+            self._on_spec(payload)
+        elif topic.startswith(self.topics.context + "/"):
+            self._on_context_chunk(payload)
+        elif topic == self.topics.model:
+            self._on_model(payload)
+        elif topic == self.topics.round:
+            self._on_round(payload)
+        elif topic == self.topics.receipts(self.account.address):
+            self._on_receipt(payload)
+        self._maybe_contribute()
+
+    def _republish(self) -> None:
+        for pending in self.outbox.pending():
+            self._link.publish_blob(pending.topic, pending.blob)
+            log.info("device %s: republished its round %d update", self.name, pending.round)
+
+    def _on_spec(self, payload: bytes) -> None:
+        spec = TaskSpec.from_dict(envelope.decode(payload, "spec", SPEC_MAX_BYTES)["spec"])
+        if spec.hash() != self.chain.task(self.task_id).spec_hash:
+            raise ProtocolError("task spec does not match its on-chain hash")
+        self._spec = spec
+
+    def _on_context_chunk(self, payload: bytes) -> None:
+        blob = self._context_chunks.add("owner", payload)
+        if blob is None:
+            return
+        if context_hash(blob) != self.chain.task(self.task_id).context_hash:
+            raise HeError("HE context does not match its on-chain hash")
+        self._context = load_context(blob)  # refuses a context carrying a secret key
+
+    def _on_model(self, payload: bytes) -> None:
+        model = envelope.decode(payload, "model", SPEC_MAX_BYTES)
+        round_no, model_hash = model["round"], model["model_hash"]
+        if keccak(model["params"]) != model_hash:
+            raise ProtocolError(f"model {round_no} does not match its hash")
+        if self.chain.model_hash(self.task_id, round_no) != model_hash:
+            raise ProtocolError(f"model {round_no} is not the one anchored on chain")
+        self._models[round_no] = model["params"]
+
+    def _on_round(self, payload: bytes) -> None:
+        announced = envelope.decode(payload, "round", 1024)
+        self._announced = (announced["round"], announced["model_hash"])
+
+    def _on_receipt(self, payload: bytes) -> None:
+        kind, message = envelope.decode_any(payload, ("receipt", "inclusion"), 64 * 1024)
+        if kind == "receipt":
+            self.outbox.remove(message["blob"])
+            if message["status"] == "rejected":
+                log.warning(
+                    "device %s: round %d update rejected: %s",
+                    self.name,
+                    message["round"],
+                    message["reason"],
+                )
+            return
+        round_no, leaf, proof = message["round"], message["leaf"], message["proof"]
+        if not verify_proof(leaf, proof, message["root"]):
+            raise ProtocolError(f"inclusion proof for round {round_no} does not verify")
+        if not self.chain.verify_update(self.task_id, round_no, leaf, proof):
+            raise ProtocolError(f"round {round_no} root on chain does not include our update")
+        self.included[round_no] = message["anchor_tx"]
+        log.info("device %s: round %d update included on chain", self.name, round_no)
+
+    def _maybe_contribute(self) -> None:
+        if self._announced is None or self._spec is None or self._context is None:
+            return
+        round_no, model_hash = self._announced
+        if round_no in self.contributed or self.budget_spent:
+            return
+        params = self._models.get(round_no - 1)
+        if params is None or keccak(params) != model_hash:
+            return  # the model for this round has not arrived (or is not the announced one)
+        self.contributed.add(round_no)
+        self._contribute(round_no, model_from_bytes(params, self._spec.n_params))
+
+    def _contribute(self, round_no: int, params: np.ndarray) -> None:
+        spec, context = self._spec, self._context
+        assert spec is not None and context is not None
+        dp = spec.dp
+        q = spec.sampling_rate
+        with self._lock:
+            projected = self.ledger.epsilon_if(q, dp.noise_multiplier, dp.local_steps, dp.delta)
+        if projected > dp.epsilon_budget:
+            self.budget_spent = True
+            log.warning(
+                "device %s: privacy budget spent (epsilon would reach %.2f > %.2f); "
+                "not contributing from round %d on",
+                self.name,
+                projected,
+                dp.epsilon_budget,
+                round_no,
+            )
+            return
+        window = self._collect(spec.window)
+        model = LogisticModel(len(spec.features))
+        X = spec.scaler.apply(np.array([r.features() for r in window]))
+        y = np.array([r.label() for r in window], dtype=np.float64)
+        config = DpSgdConfig(
+            clip_norm=dp.clip_norm,
+            noise_multiplier=dp.noise_multiplier,
+            sampling_rate=q,
+            steps=dp.local_steps,
+            learning_rate=dp.learning_rate,
+        )
+        trained = dp_sgd(model, params, X, y, config, self._rng)
+        with self._lock:
+            self.ledger.record(q, dp.noise_multiplier, dp.local_steps)
+            self.ledger_path.write_text(self.ledger.to_json())
+            spent = self.ledger.epsilon(dp.delta)
+        delta = clip_by_l2(trained - params, dp.update_clip)
+        update = Update(
+            task=self.task_id,
+            round=round_no,
+            device=bytes.fromhex(self.account.address[2:]),
+            ciphertext=encrypt(context, delta),
+            context=bytes.fromhex(spec.context_hash[2:]),
+            samples=len(window),
+            epsilon_micros=round(spent * 1e6),
+            data_root=merkle_root([keccak(r.encode()) for r in window]),
+        ).signed(self.account, self._domain)
+        blob = update.encode()
+        topic = self.topics.updates(self.account.address)
+        self.outbox.put(round_no, topic, blob)
+        sent = self._link.publish_blob(topic, blob)
+        log.info(
+            "device %s: round %d update sent (%d bytes, epsilon %.3f)",
+            self.name,
+            round_no,
+            sent,
+            spent,
+        )
+
+    def _collect(self, window: int) -> list[Reading]:
+        """Read this round's new readings (or enough to fill the window) and keep the newest."""
+        fresh = max(self._readings_per_round, window - len(self._readings))
+        for _ in range(fresh):
+            self._readings.append(self._sense())
+        while len(self._readings) > window:
+            self._readings.popleft()
+        return list(self._readings)

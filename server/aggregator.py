@@ -1,0 +1,325 @@
+"""The aggregator service: MQTT, archive and chain wrapped around :mod:`server.rounds`.
+
+Messages arrive on paho's network thread and are queued; one worker thread does the work in
+order, so the round state needs no locks. An update is archived (fsynced) before its receipt
+is sent, a round is anchored before its aggregate goes to the owner, and anchoring checks the
+chain first, so a retry after a failure never anchors a round twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from eth_utils import keccak
+
+from server.archive import Archive, RoundManifest
+from server.rounds import (
+    Accepted,
+    ClosedRound,
+    OpenRound,
+    Rejected,
+    RejectReason,
+    RoundTerms,
+)
+from truscl.chain import ChainClient
+from truscl.errors import ChainError, ProtocolError
+from truscl.mqtt import MqttLink
+from truscl.privacy.ckks import load_context
+from truscl.task import TaskSpec
+from truscl.wire import Domain, Reassembler, TaskTopics, blob_id, envelope
+
+log = logging.getLogger(__name__)
+
+ANCHOR_RETRY_S = 2.0
+MAX_UPDATE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class RoundStats:
+    """What the aggregator saw of one round, for reports and the demo."""
+
+    round: int
+    participants: int = 0
+    rejected: int = 0
+    bytes_in: int = 0
+    epsilon: float = 0.0  # the most any accepted device says it has spent, this round included
+    anchor_tx: str = ""
+    closed_at: float = 0.0
+    rejections: list[str] = field(default_factory=list)
+
+
+class Aggregator:
+    def __init__(
+        self,
+        *,
+        spec: TaskSpec,
+        public_context: bytes,
+        chain: ChainClient,
+        archive: Archive,
+        host: str,
+        port: int,
+        expected: int,
+        clock: Callable[[], float] = time.time,
+        on_closed: Callable[[RoundStats], None] | None = None,
+    ) -> None:
+        if keccak(public_context).hex() != spec.context_hash.removeprefix("0x"):
+            raise ProtocolError("public context does not match the task's context hash")
+        self.spec = spec
+        self.topics = TaskTopics(spec.task)
+        self.chain = chain
+        self.archive = archive
+        self.expected = expected
+        self.stats: dict[int, RoundStats] = {}
+        self._clock = clock
+        self._on_closed = on_closed
+        self._context = load_context(public_context)
+        self._domain = Domain(chain.chain_id, chain.address)
+        self._registered: set[str] = set()
+        self._reassembler = Reassembler(max_message=spec.max_message, max_blob=MAX_UPDATE_BYTES)
+        self._open: OpenRound | None = None
+        self._unanchored: ClosedRound | None = None
+        self._next_anchor_try = 0.0
+        self._last_closed = 0
+        self._deadline_logged = False
+        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
+        self._link = MqttLink(
+            f"truscl-aggregator-{spec.task[2:10]}",
+            host,
+            port,
+            on_message=lambda topic, payload: self._inbox.put((topic, payload)),
+            subscriptions=[self.topics.all_updates, self.topics.model],
+            max_message=spec.max_message,
+        )
+        archive.put_task(spec.task, spec.encode(), public_context)
+
+    def start(self) -> Aggregator:
+        self._worker.start()
+        self._link.start()
+        return self
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._worker.join(10)
+        self._link.close()
+
+    # -- worker thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                item = self._inbox.get(timeout=0.1)
+            except queue.Empty:
+                item = ("", b"")
+            if item is None:
+                return
+            topic, payload = item
+            try:
+                if topic == self.topics.model:
+                    self._on_model(payload)
+                elif topic:
+                    self._on_update_chunk(topic, payload)
+                self._tick()
+            except Exception:  # the service outlives any one message
+                log.exception("aggregator: unexpected failure on %s", topic or "tick")
+
+    def _on_model(self, payload: bytes) -> None:
+        try:
+            model = envelope.decode(payload, "model", self.spec.max_message)
+        except ProtocolError as exc:
+            log.warning("aggregator: ignoring a malformed model message: %s", exc)
+            return
+        released = model["round"]
+        if keccak(model["params"]) != model["model_hash"]:
+            log.warning("aggregator: model %d does not match its hash; ignored", released)
+            return
+        if self.chain.model_hash(self.spec.task_id, released) != model["model_hash"]:
+            log.warning("aggregator: model %d is not the one anchored on chain", released)
+            return
+        following = released + 1
+        if following > self.spec.rounds or following <= self._last_closed or self._open:
+            return
+        self._open_round(following, model["model_hash"])
+
+    def _open_round(self, round_no: int, model_hash: bytes) -> None:
+        deadline = self._clock() + self.spec.round_seconds
+        terms = RoundTerms(
+            task=self.spec.task_id,
+            round=round_no,
+            context_hash=bytes.fromhex(self.spec.context_hash[2:]),
+            n_params=self.spec.n_params,
+            quorum=self.spec.quorum,
+            expected=self.expected,
+            deadline=deadline,
+            max_update_bytes=MAX_UPDATE_BYTES,
+        )
+        self._open = OpenRound(terms, self._domain, self._context, self._is_registered)
+        self.stats[round_no] = RoundStats(round_no)
+        self._deadline_logged = False
+        self._link.publish(
+            self.topics.round,
+            envelope.encode("round", round=round_no, model_hash=model_hash, deadline=deadline),
+            retain=True,
+        )
+        log.info("aggregator: round %d open until %.0f", round_no, deadline)
+
+    def _on_update_chunk(self, topic: str, payload: bytes) -> None:
+        sender = TaskTopics.last_segment(topic)
+        if self._open is not None:
+            self.stats[self._open.terms.round].bytes_in += len(payload)
+        try:
+            blob = self._reassembler.add(sender, payload)
+        except ProtocolError as exc:
+            self._reject_chunk(sender, exc)
+            return
+        if blob is None:
+            return
+        if self._open is None:
+            decision: Accepted | Rejected = Rejected(
+                RejectReason.CLOSED, "no round is open", blob_id(blob), None
+            )
+        else:
+            decision = self._open.offer(blob)
+        if isinstance(decision, Rejected):
+            self._reject(sender, decision)
+            return
+        if not decision.repeat:
+            self.archive.put(blob)
+            stats = self.stats[decision.update.round]
+            stats.participants += 1
+            stats.epsilon = max(stats.epsilon, decision.update.epsilon)
+            log.info(
+                "aggregator: round %d accepted %s (%d/%d)",
+                decision.update.round,
+                decision.update.device_address,
+                self._open.participants,  # type: ignore[union-attr]
+                self.expected,
+            )
+        self._receipt(sender, decision.update.round, decision.blob_id, "accepted", "")
+
+    def _reject_chunk(self, sender: str, exc: ProtocolError) -> None:
+        log.warning("aggregator: rejected a chunk from %s: %s", sender, exc)
+        if self._open is not None:
+            self.stats[self._open.terms.round].rejected += 1
+
+    def _reject(self, sender: str, rejected: Rejected) -> None:
+        who = rejected.device or sender
+        log.warning(
+            "aggregator: rejected update from %s: %s: %s", who, rejected.reason, rejected.detail
+        )
+        if self._open is not None:
+            stats = self.stats[self._open.terms.round]
+            stats.rejected += 1
+            stats.rejections.append(f"{who}: {rejected.reason}")
+        round_no = self._open.terms.round if self._open else self._last_closed
+        self._receipt(sender, round_no, rejected.blob_id, "rejected", str(rejected.reason))
+
+    def _receipt(self, sender: str, round_no: int, ident: bytes, status: str, reason: str) -> None:
+        message = envelope.encode(
+            "receipt", round=round_no, blob=ident, status=status, reason=reason
+        )
+        self._link.publish(self.topics.receipts(sender), message)
+
+    def _tick(self) -> None:
+        now = self._clock()
+        if self._unanchored is not None and now >= self._next_anchor_try:
+            self._finish(self._unanchored)
+        if self._open is None:
+            return
+        if self._open.ready(now):
+            closed = self._open.close()
+            self._open = None
+            self._last_closed = closed.round
+            self._finish(closed)
+        elif now >= self._open.terms.deadline and not self._deadline_logged:
+            self._deadline_logged = True
+            log.warning(
+                "aggregator: round %d deadline passed with %d updates, quorum is %d; waiting",
+                self._open.terms.round,
+                self._open.participants,
+                self.spec.quorum,
+            )
+
+    def _finish(self, closed: ClosedRound) -> None:
+        """Archive, anchor (once), then release the aggregate and the inclusion proofs."""
+        aggregate_id = self.archive.put(closed.aggregate)
+        try:
+            tx = self._anchor(closed)
+        except ChainError as exc:
+            self._unanchored = closed
+            self._next_anchor_try = self._clock() + ANCHOR_RETRY_S
+            log.error("aggregator: anchoring round %d failed, will retry: %s", closed.round, exc)
+            return
+        self._unanchored = None
+        self.archive.put_round(
+            RoundManifest(
+                task=self.spec.task,
+                round=closed.round,
+                updates=tuple(a.blob_id.hex() for a in closed.accepted),
+                root=closed.root.hex(),
+                aggregate=aggregate_id,
+                aggregate_hash=closed.aggregate_hash.hex(),
+                anchor_tx=tx,
+            )
+        )
+        self._link.publish_blob(
+            self.topics.aggregate,
+            envelope.encode(
+                "aggregate",
+                round=closed.round,
+                ciphertext=closed.aggregate,
+                updates=len(closed.accepted),
+                samples=closed.samples,
+                root=closed.root,
+                anchor_tx=tx,
+            ),
+        )
+        for accepted in closed.accepted:
+            inclusion = envelope.encode(
+                "inclusion",
+                round=closed.round,
+                leaf=accepted.leaf,
+                proof=closed.proof(accepted.leaf),
+                root=closed.root,
+                anchor_tx=tx,
+            )
+            self._link.publish(self.topics.receipts(accepted.update.device_address), inclusion)
+        stats = self.stats[closed.round]
+        stats.anchor_tx = tx
+        stats.closed_at = self._clock()
+        log.info(
+            "aggregator: round %d closed with %d updates, root %s, anchored in %s",
+            closed.round,
+            len(closed.accepted),
+            closed.root.hex()[:16],
+            tx,
+        )
+        if self._on_closed is not None:
+            self._on_closed(stats)
+
+    def _anchor(self, closed: ClosedRound) -> str:
+        task_id = self.spec.task_id
+        existing = self.chain.round_anchor(task_id, closed.round)
+        if existing is not None:
+            if existing.updates_root != closed.root:
+                raise ChainError(f"round {closed.round} is anchored with a different root")
+            tx = self.chain.anchor_tx(task_id, closed.round)
+            if tx is None:
+                raise ChainError(f"round {closed.round} is anchored but its event is missing")
+            return tx
+        return self.chain.anchor_round(
+            task_id, closed.round, closed.root, closed.aggregate_hash, len(closed.accepted)
+        )
+
+    def _is_registered(self, device: str) -> bool:
+        if device in self._registered:
+            return True
+        if self.chain.is_device(device):
+            self._registered.add(device)
+            return True
+        return False

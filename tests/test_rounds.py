@@ -1,0 +1,213 @@
+"""The aggregator's pure round logic: every decision, and what a closed round holds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import tenseal as ts
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+
+from server.rounds import Accepted, OpenRound, Rejected, RejectReason, RoundTerms
+from truscl.errors import HeError
+from truscl.privacy.ckks import CkksProfile, OwnerKeys, context_hash, decrypt, encrypt
+from truscl.wire import Domain, Update, verify_proof
+
+DOMAIN = Domain(chain_id=31337, contract="0x" + "ab" * 20)
+TASK = b"\x07" * 32
+N_PARAMS = 5
+
+
+@pytest.fixture()
+def devices() -> list[LocalAccount]:
+    return [Account.create() for _ in range(4)]
+
+
+@pytest.fixture()
+def terms(owner_keys: OwnerKeys) -> RoundTerms:
+    return RoundTerms(
+        task=TASK,
+        round=2,
+        context_hash=context_hash(owner_keys.public_context_bytes()),
+        n_params=N_PARAMS,
+        quorum=2,
+        expected=3,
+        deadline=100.0,
+        max_update_bytes=1 << 22,
+    )
+
+
+def open_round(terms: RoundTerms, context: ts.Context, registered: list[LocalAccount]):
+    addresses = {a.address for a in registered}
+    return OpenRound(terms, DOMAIN, context, addresses.__contains__)
+
+
+def update_blob(
+    account: LocalAccount,
+    terms: RoundTerms,
+    he: ts.Context,
+    values: np.ndarray,
+    **overrides: object,
+) -> bytes:
+    fields: dict[str, object] = dict(
+        task=terms.task,
+        round=terms.round,
+        device=bytes.fromhex(account.address[2:]),
+        ciphertext=encrypt(he, values),
+        context=terms.context_hash,
+        samples=100,
+        epsilon_micros=2_000_000,
+        data_root=b"\x05" * 32,
+    )
+    fields.update(overrides)
+    return Update(**fields).signed(account, DOMAIN).encode()  # type: ignore[arg-type]
+
+
+def test_the_encrypted_sum_equals_the_plaintext_sum(
+    terms, public_context, owner_keys, devices
+) -> None:
+    # Prepare
+    rng = np.random.default_rng(1)
+    deltas = [rng.normal(0, 1, N_PARAMS) for _ in devices[:3]]
+    round_ = open_round(terms, public_context, devices)
+    # Execute
+    decisions = [
+        round_.offer(update_blob(d, terms, public_context, v))
+        for d, v in zip(devices, deltas, strict=False)
+    ]
+    closed = round_.close()
+    # Assert: CKKS at 2^40 scale keeps the sum within 1e-6 of the exact one
+    assert all(isinstance(d, Accepted) for d in decisions)
+    total = decrypt(owner_keys, closed.aggregate, N_PARAMS)
+    np.testing.assert_allclose(total, np.sum(deltas, axis=0), atol=1e-6)
+    assert closed.aggregate_hash == keccak(closed.aggregate)
+    assert closed.samples == 300
+
+
+def test_closed_round_proves_every_accepted_update(terms, public_context, devices) -> None:
+    round_ = open_round(terms, public_context, devices)
+    for d in devices[:3]:
+        round_.offer(update_blob(d, terms, public_context, np.ones(N_PARAMS)))
+
+    closed = round_.close()
+
+    assert len(closed.leaves) == 3
+    for accepted in closed.accepted:
+        assert verify_proof(accepted.leaf, closed.proof(accepted.leaf), closed.root)
+
+
+def rejection(decision: object) -> RejectReason:
+    assert isinstance(decision, Rejected), decision
+    assert decision.detail
+    return decision.reason
+
+
+def test_rejections_name_their_reason(terms, public_context, devices) -> None:
+    registered, stranger = devices[:3], devices[3]
+    round_ = open_round(terms, public_context, registered)
+    honest = update_blob(registered[0], terms, public_context, np.ones(N_PARAMS))
+    ones = np.ones(N_PARAMS)
+
+    def decoded(account: LocalAccount) -> Update:
+        return Update.decode(update_blob(account, terms, public_context, ones), 1 << 22)
+
+    # forged: device 2's update carrying device 1's signature
+    forgery = replace(decoded(registered[2]), signature=decoded(registered[1]).signature)
+    # tampered: a valid update whose ciphertext was swapped in transit
+    tampered = replace(decoded(registered[1]), ciphertext=encrypt(public_context, ones * 9))
+
+    assert rejection(round_.offer(b"\x00garbage")) == RejectReason.MALFORMED
+    assert rejection(round_.offer(forgery.encode())) == RejectReason.BAD_SIGNATURE
+    assert rejection(round_.offer(tampered.encode())) == RejectReason.BAD_SIGNATURE
+    assert (
+        rejection(round_.offer(update_blob(stranger, terms, public_context, ones)))
+        == RejectReason.UNKNOWN_DEVICE
+    )
+    assert (
+        rejection(round_.offer(update_blob(registered[1], terms, public_context, ones, round=1)))
+        == RejectReason.WRONG_ROUND
+    )
+    assert (
+        rejection(
+            round_.offer(update_blob(registered[1], terms, public_context, ones, task=b"\x08" * 32))
+        )
+        == RejectReason.WRONG_TASK
+    )
+    assert (
+        rejection(
+            round_.offer(
+                update_blob(registered[1], terms, public_context, ones, context=b"\x00" * 32)
+            )
+        )
+        == RejectReason.WRONG_CONTEXT
+    )
+    assert (
+        rejection(round_.offer(update_blob(registered[1], terms, public_context, np.ones(3))))
+        == RejectReason.BAD_CIPHERTEXT
+    )
+    assert (
+        rejection(
+            round_.offer(update_blob(registered[1], terms, public_context, ones, ciphertext=b"xx"))
+        )
+        == RejectReason.BAD_CIPHERTEXT
+    )
+    # none of that changed the round
+    assert isinstance(round_.offer(honest), Accepted)
+    assert round_.participants == 1
+
+
+def test_a_replay_is_acknowledged_once_and_a_second_update_rejected(
+    terms, public_context, owner_keys, devices
+) -> None:
+    round_ = open_round(terms, public_context, devices)
+    blob = update_blob(devices[0], terms, public_context, np.ones(N_PARAMS))
+
+    first, again = round_.offer(blob), round_.offer(blob)
+    other = round_.offer(update_blob(devices[0], terms, public_context, np.ones(N_PARAMS) * 2))
+
+    assert isinstance(first, Accepted) and not first.repeat
+    assert isinstance(again, Accepted) and again.repeat
+    assert rejection(other) == RejectReason.DUPLICATE
+    closed = round_.close()
+    np.testing.assert_allclose(decrypt(owner_keys, closed.aggregate, N_PARAMS), 1.0, atol=1e-6)
+
+
+def test_a_ciphertext_under_other_parameters_is_rejected(terms, public_context, devices) -> None:
+    foreign = OwnerKeys.generate(CkksProfile("other", 8192, (60, 40, 60), 40))
+    round_ = open_round(terms, public_context, devices)
+
+    decision = round_.offer(update_blob(devices[0], terms, foreign.context, np.ones(N_PARAMS)))
+
+    assert rejection(decision) == RejectReason.BAD_CIPHERTEXT
+
+
+def test_round_closes_when_all_are_in_or_at_the_deadline_with_quorum(
+    terms, public_context, devices
+) -> None:
+    round_ = open_round(terms, public_context, devices)
+    assert not round_.ready(now=0.0)
+    round_.offer(update_blob(devices[0], terms, public_context, np.ones(N_PARAMS)))
+    assert not round_.ready(now=terms.deadline + 1)  # below quorum even after the deadline
+    round_.offer(update_blob(devices[1], terms, public_context, np.ones(N_PARAMS)))
+    assert not round_.ready(now=terms.deadline - 1)  # quorum, but others may still come
+    assert round_.ready(now=terms.deadline)  # a device dropped out: close at quorum
+    round_.offer(update_blob(devices[2], terms, public_context, np.ones(N_PARAMS)))
+    assert round_.ready(now=0.0)  # everyone is in
+
+
+def test_a_closed_round_accepts_nothing(terms, public_context, devices) -> None:
+    round_ = open_round(terms, public_context, devices)
+    round_.offer(update_blob(devices[0], terms, public_context, np.ones(N_PARAMS)))
+    round_.close()
+
+    late = round_.offer(update_blob(devices[1], terms, public_context, np.ones(N_PARAMS)))
+
+    assert rejection(late) == RejectReason.CLOSED
+
+
+def test_the_aggregator_refuses_a_secret_key(terms, owner_keys, devices) -> None:
+    with pytest.raises(HeError):
+        open_round(terms, owner_keys.context, devices)

@@ -1,0 +1,153 @@
+"""A thin MQTT 5 link over paho-mqtt 2.x, shared by every role.
+
+It subscribes in ``on_connect`` so subscriptions come back after a reconnect, keeps the MQTT
+session across reconnects (QoS 1 messages queued at the broker are not lost while a role is
+away), chunks large blobs, and hands each message to the role's callback from paho's network
+thread. Roles must return quickly from that callback: they queue work for their own thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from truscl.errors import TrusclError
+from truscl.wire import chunking
+
+log = logging.getLogger(__name__)
+
+QOS = 1
+SESSION_EXPIRY_S = 3600
+
+
+class BrokerUnavailable(TrusclError, ConnectionError):
+    """The broker did not accept a connection in time."""
+
+
+MessageHandler = Callable[[str, bytes], None]
+
+
+class MqttLink:
+    """One role's connection to the broker."""
+
+    def __init__(
+        self,
+        client_id: str,
+        host: str,
+        port: int,
+        on_message: MessageHandler,
+        subscriptions: Iterable[str],
+        max_message: int = chunking.DEFAULT_MAX_MESSAGE,
+        on_connected: Callable[[], None] | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self.host = host
+        self.port = port
+        self.max_message = max_message
+        self.bytes_sent = 0
+        self._subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._connected = threading.Event()
+        self._client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+        )
+        # Backoff between reconnection attempts, doubling from 1 s to at most 30 s.
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.max_inflight_messages_set(100)
+        self._client.max_queued_messages_set(0)  # 0 = unbounded: nothing is dropped locally
+        self._client.on_connect = self._handle_connect
+        self._client.on_disconnect = self._handle_disconnect
+        self._client.on_message = self._handle_message
+
+    def start(self, timeout: float = 10.0) -> MqttLink:
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        self._client.connect_async(
+            self.host,
+            self.port,
+            keepalive=30,
+            clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+        self._client.loop_start()
+        if not self._connected.wait(timeout):
+            self.close()
+            raise BrokerUnavailable(f"no broker at {self.host}:{self.port} after {timeout}s")
+        return self
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> paho.MQTTMessageInfo:
+        if len(payload) > self.max_message:
+            raise ValueError(f"{len(payload)} bytes exceed the {self.max_message}-byte limit")
+        info = self._client.publish(topic, payload, qos=QOS, retain=retain)
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            log.warning("%s: publish to %s failed: %s", self.client_id, topic, info.rc)
+        self.bytes_sent += len(payload)
+        return info
+
+    def publish_blob(self, topic: str, blob: bytes) -> int:
+        """Publish ``blob`` as chunks on one topic; returns the bytes put on the wire."""
+        chunks = chunking.split(blob, self.max_message)
+        for chunk in chunks:
+            self.publish(topic, chunk)
+        return sum(len(c) for c in chunks)
+
+    def publish_retained_blob(self, topic: str, blob: bytes) -> int:
+        """Publish ``blob`` retained, one sub-topic per chunk so every chunk stays retained."""
+        chunks = chunking.split(blob, self.max_message)
+        for index, chunk in enumerate(chunks):
+            self.publish(f"{topic}/{index}", chunk, retain=True)
+        return sum(len(c) for c in chunks)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> MqttLink:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _handle_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason_code: object,
+        properties: Properties | None,
+    ) -> None:
+        if getattr(reason_code, "is_failure", False):
+            log.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
+            return
+        for topic in self._subscriptions:
+            client.subscribe(topic, qos=QOS)
+        log.debug("%s: connected to %s:%s", self.client_id, self.host, self.port)
+        self._connected.set()
+        if self._on_connected is not None:
+            self._on_connected()
+
+    def _handle_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason_code: object,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        log.debug("%s: disconnected (%s)", self.client_id, reason_code)
+
+    def _handle_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        try:
+            self._on_message(msg.topic, bytes(msg.payload))
+        except Exception:  # a bad message must never kill the network thread
+            log.exception("%s: handler failed on a message from %s", self.client_id, msg.topic)

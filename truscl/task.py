@@ -1,0 +1,122 @@
+"""The task spec: everything a device must agree to before it contributes.
+
+The owner publishes the spec (retained, over MQTT) and anchors its keccak hash on chain with
+``createTask``; a device accepts a spec only if its hash matches the chain, so a broker or
+aggregator cannot quietly change the model, the privacy terms or the HE profile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cbor2
+from eth_utils import keccak
+
+from truscl.errors import ConfigError
+from truscl.learning import FeatureScaler
+from truscl.wire.chunking import DEFAULT_MAX_MESSAGE
+
+FEATURES = ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
+
+
+@dataclass(frozen=True)
+class DpTerms:
+    """Record-level DP-SGD on each device, accounted with RDP."""
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    batch_size: int = 32  # expected Poisson batch; q = batch_size / window
+    local_steps: int = 20
+    learning_rate: float = 2.0
+    delta: float = 1e-5
+    epsilon_budget: float = 8.0
+    update_clip: float = 5.0  # L2 bound on the model delta a device sends
+
+    def __post_init__(self) -> None:
+        checks = {
+            "clip_norm": self.clip_norm > 0,
+            "noise_multiplier": self.noise_multiplier >= 0,
+            "batch_size": self.batch_size >= 1,
+            "local_steps": self.local_steps >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "delta": 0 < self.delta < 1,
+            "epsilon_budget": self.epsilon_budget > 0,
+            "update_clip": self.update_clip > 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid DP terms: {', '.join(bad)}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    task: str  # 0x-prefixed bytes32
+    rounds: int
+    quorum: int
+    he_profile: str
+    context_hash: str
+    feature_offsets: tuple[float, ...]
+    feature_scales: tuple[float, ...]
+    features: tuple[str, ...] = FEATURES
+    model: str = "logistic"
+    window: int = 864  # readings a device trains on (its most recent ones)
+    round_seconds: float = 30.0
+    max_message: int = DEFAULT_MAX_MESSAGE
+    dp: DpTerms = field(default_factory=DpTerms)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1 or self.quorum < 1:
+            raise ConfigError("rounds and quorum must be at least 1")
+        if not (len(self.features) == len(self.feature_offsets) == len(self.feature_scales)):
+            raise ConfigError("one offset and one scale per feature")
+        self.scaler  # noqa: B018 - validates offsets and scales
+        if self.window < self.dp.batch_size:
+            raise ConfigError("the window must hold at least one expected batch")
+
+    @property
+    def task_id(self) -> bytes:
+        return bytes.fromhex(self.task[2:])
+
+    @property
+    def scaler(self) -> FeatureScaler:
+        return FeatureScaler(self.feature_offsets, self.feature_scales)
+
+    @property
+    def n_params(self) -> int:
+        """Weights and bias of the logistic model."""
+        return len(self.features) + 1
+
+    @property
+    def sampling_rate(self) -> float:
+        return self.dp.batch_size / self.window
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskSpec:
+        try:
+            fields = dict(data)
+            fields["dp"] = DpTerms(**fields["dp"])
+            for name in ("feature_offsets", "feature_scales", "features"):
+                fields[name] = tuple(fields[name])
+            return cls(**fields)
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"malformed task spec: {exc}") from None
+
+    def encode(self) -> bytes:
+        return cbor2.dumps(self.to_dict(), canonical=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> TaskSpec:
+        try:
+            fields = cbor2.loads(data)
+        except Exception as exc:  # cbor2 raises several types for garbage
+            raise ConfigError(f"undecodable task spec: {exc}") from None
+        if not isinstance(fields, dict):
+            raise ConfigError("task spec is not a map")
+        return cls.from_dict(fields)
+
+    def hash(self) -> bytes:
+        return keccak(self.encode())
