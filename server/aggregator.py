@@ -103,6 +103,10 @@ class Aggregator:
         self._link.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
+
     def stop(self) -> None:
         self._inbox.put(None)
         self._worker.join(10)

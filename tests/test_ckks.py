@@ -10,7 +10,7 @@ import pytest
 import tenseal as ts
 from eth_utils import keccak
 
-from truscl.errors import HeError
+from truscl.errors import ConfigError, HeError
 from truscl.privacy import (
     DEFAULT_PROFILE,
     PROFILES,
@@ -250,7 +250,7 @@ def test_readable_key_file_is_refused(owner: OwnerKeys, tmp_path: Path) -> None:
     path.chmod(0o644)
 
     # Execute / Assert
-    with pytest.raises(HeError, match="0644"):
+    with pytest.raises(ConfigError, match="0644"):
         OwnerKeys.load(path)
 
 

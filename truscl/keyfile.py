@@ -1,8 +1,10 @@
 """Secret files (device keys, the owner's CKKS secret context) with mode 0600.
 
-The file is created with 0600 from the first byte (``os.open`` with a mode, not ``chmod``
-afterwards), written to a temporary name and renamed, so it is never readable by others and
-never half-written. Reading refuses a file that group or others can access, as ssh does.
+A secret is written to a temporary file created with mode 0600 (never wider, even briefly, and
+whatever the umask), synced, then hard-linked to its name: it appears whole or not at all, and
+an existing secret is never overwritten (``FileExistsError``), since losing a key loses the
+device's identity or every open task's aggregate. Reading refuses a symlink and a file that
+group or others can access, as ssh does.
 """
 
 from __future__ import annotations
@@ -17,40 +19,45 @@ from eth_account.signers.local import LocalAccount
 from truscl.errors import ConfigError
 
 
-def write_secret(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+def write_secret(path: str | os.PathLike[str], data: bytes) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)  # O_CREAT's mode is masked by umask; a stale tmp keeps its own
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(temporary, target)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def read_secret(path: Path) -> bytes:
-    path = Path(path)
+        temporary.unlink(missing_ok=True)
+    directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        mode = stat.S_IMODE(path.stat().st_mode)
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_secret(path: str | os.PathLike[str]) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(f"secret file {path} does not exist") from None
-    if mode & 0o077:
-        raise ConfigError(f"secret file {path} has mode {mode:04o}; it must be 0600")
-    return path.read_bytes()
+        raise ConfigError(f"secret file {os.fspath(path)} does not exist") from None
+    with os.fdopen(fd, "rb") as handle:
+        mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+        if mode & 0o077:
+            raise ConfigError(f"secret file {os.fspath(path)} has mode {mode:04o}; it must be 0600")
+        return handle.read()
 
 
-def load_or_create_account(path: Path) -> LocalAccount:
+def load_or_create_account(path: str | os.PathLike[str]) -> LocalAccount:
     """The device's (or a role's) Ethereum key, made on first start."""
-    path = Path(path)
-    if not path.exists():
+    if not Path(path).exists():
         write_secret(path, Account.create().key)
     key = read_secret(path)
     if len(key) != 32:
-        raise ConfigError(f"key file {path} must hold 32 raw bytes, has {len(key)}")
+        raise ConfigError(f"key file {os.fspath(path)} must hold 32 raw bytes, has {len(key)}")
     account: LocalAccount = Account.from_key(key)
     return account

@@ -16,17 +16,16 @@ import contextlib
 import io
 import math
 import os
-import stat
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import tenseal as ts
 from eth_utils import keccak
 
 from truscl.errors import HeError
+from truscl.keyfile import read_secret, write_secret
 
 # SEAL's CoeffModulus::MaxBitCount: the largest total modulus that keeps 128-bit security.
 _MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -150,41 +149,15 @@ class OwnerKeys:
         return _serialize_without_optional_keys(self._context, public=False, secret=False)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the secret context to a new file readable by the owner only.
-
-        The bytes go to a temporary file created with mode 0600 (never wider, even briefly),
-        are synced, then hard-linked to ``path``: the key appears whole or not at all, and an
-        existing key is never overwritten (``FileExistsError``), since losing one makes every
-        open task's aggregate undecryptable.
-        """
-        target = Path(path)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        data = _serialize_without_optional_keys(self._context, public=True, secret=True)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.link(temporary, target)
-        finally:
-            temporary.unlink(missing_ok=True)
-        directory = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        """Write the secret context to a new 0600 file (see :mod:`truscl.keyfile`)."""
+        write_secret(
+            path, _serialize_without_optional_keys(self._context, public=True, secret=True)
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> OwnerKeys:
         """Read keys written by :meth:`save`, refusing a file others can read or write."""
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as handle:
-            mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
-            if mode & 0o077:
-                raise HeError(f"{os.fspath(path)} has mode {mode:04o}; the secret key needs 0600")
-            data = handle.read()
-        return cls(load_context(data, expect_private=True))
+        return cls(load_context(read_secret(path), expect_private=True))
 
 
 def context_hash(context_bytes: bytes) -> bytes:

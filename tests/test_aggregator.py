@@ -1,0 +1,175 @@
+"""The aggregator service under hostile input, on a real broker and the in-process EVM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from server.aggregator import Aggregator
+from server.archive import Archive
+from server.owner import TaskOwner
+from truscl.broker import Mosquitto
+from truscl.chain import ChainClient, EmbeddedChain
+from truscl.learning import FeatureScaler
+from truscl.mqtt import MqttLink
+from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
+from truscl.task import TaskSpec
+from truscl.wire import Domain, TaskTopics, Update, envelope, split
+
+pytestmark = pytest.mark.slow
+MAX_MESSAGE = 16 * 1024
+
+
+@dataclass
+class Deployment:
+    spec: TaskSpec
+    chain: ChainClient
+    aggregator: Aggregator
+    broker: Mosquitto
+    devices: list[LocalAccount]
+    domain: Domain
+    owner_keys: OwnerKeys
+    archive: Path
+
+
+@pytest.fixture()
+def deployment(tmp_path: Path, owner_keys: OwnerKeys) -> Iterator[Deployment]:
+    chain = EmbeddedChain()
+    admin = chain.new_account()
+    contract = ChainClient.deploy(chain.web3(), admin, chain.lock)
+    owner_account, aggregator_account = chain.new_account(), chain.new_account()
+    devices = [Account.create() for _ in range(3)]
+    for device in devices[:2]:  # the third is never registered
+        contract.register_device(device.address)
+    scaler = FeatureScaler.from_ranges([(0, 1)] * 4)
+    with Mosquitto(tmp_path / "broker") as broker:
+        owner = TaskOwner(
+            keys=owner_keys,
+            chain=ChainClient.at(chain.web3(), contract.address, owner_account, chain.lock),
+            host=broker.host,
+            port=broker.port,
+        )
+        spec = TaskSpec(
+            task="0x" + os.urandom(32).hex(),
+            rounds=2,
+            quorum=1,
+            he_profile="ckks-4096-60-49",
+            context_hash=owner.context_hash,
+            feature_offsets=scaler.offset,
+            feature_scales=scaler.scale,
+            round_seconds=60,
+            max_message=MAX_MESSAGE,
+        )
+        aggregator = Aggregator(
+            spec=spec,
+            public_context=owner.public_context,
+            chain=ChainClient.at(chain.web3(), contract.address, aggregator_account, chain.lock),
+            archive=Archive(tmp_path / "archive"),
+            host=broker.host,
+            port=broker.port,
+            expected=2,
+        )
+        owner.create_task(spec, aggregator_account.address, np.zeros(spec.n_params))
+        aggregator.start()
+        try:
+            yield Deployment(
+                spec,
+                contract,
+                aggregator,
+                broker,
+                devices,
+                Domain(contract.chain_id, contract.address),
+                owner_keys,
+                tmp_path / "archive",
+            )
+        finally:
+            aggregator.stop()
+            owner.stop()
+
+
+def signed_update(d: Deployment, device: LocalAccount, round_no: int = 1) -> Update:
+    context = load_context(d.owner_keys.public_context_bytes())
+    return Update(
+        task=d.spec.task_id,
+        round=round_no,
+        device=bytes.fromhex(device.address[2:]),
+        ciphertext=encrypt(context, np.full(d.spec.n_params, 0.5)),
+        context=bytes.fromhex(d.spec.context_hash[2:]),
+        samples=10,
+        epsilon_micros=1,
+        data_root=b"\x01" * 32,
+    ).signed(device, d.domain)
+
+
+def test_hostile_updates_are_rejected_with_reasons_and_the_service_goes_on(
+    deployment: Deployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a "device" connection that listens to every receipt
+    d = deployment
+    topics = TaskTopics(d.spec.task)
+    receipts: queue.Queue[tuple[str, dict]] = queue.Queue()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        if topic.startswith(topics.base + "/receipts/"):
+            kind, fields = envelope.decode_any(payload, ("receipt", "inclusion"), 1 << 20)
+            receipts.put((kind, fields))
+        elif topic == topics.round:
+            receipts.put(("round", envelope.decode(payload, "round", 1024)))
+
+    caplog.set_level(logging.WARNING, logger="server.aggregator")
+    link = MqttLink(
+        "test-device",
+        d.broker.host,
+        d.broker.port,
+        on_message=on_message,
+        subscriptions=[topics.base + "/receipts/+", topics.round],
+        max_message=1 << 20,
+    ).start()
+    try:
+        assert receipts.get(timeout=10)[0] == "round"  # round 1 is open
+        honest, other, stranger = d.devices
+        good = signed_update(d, honest)
+        hostile = {
+            "forged": replace(signed_update(d, other), signature=good.signature).encode(),
+            "tampered": replace(good, samples=999).encode(),
+            "unregistered": signed_update(d, stranger).encode(),
+            "replayed-next-round": signed_update(d, other, round_no=2).encode(),
+        }
+        # Execute: garbage, an oversized chunk, the hostile updates, then the honest one twice
+        link.publish(topics.updates(other.address), b"\x00not cbor")
+        link.publish(topics.updates(other.address), os.urandom(MAX_MESSAGE + 1000))
+        for name, blob in hostile.items():
+            for chunk in split(blob, MAX_MESSAGE):
+                link.publish(topics.updates(name), chunk)
+        for _ in range(2):
+            for chunk in split(good.encode(), MAX_MESSAGE):
+                link.publish(topics.updates(honest.address), chunk)
+        got = [receipts.get(timeout=20) for _ in range(len(hostile) + 2)]
+    finally:
+        link.close()
+    # Assert: each hostile update got its reason back, the honest one was accepted (twice:
+    # the retry is acknowledged, not counted), and the aggregator is still at work
+    statuses = sorted((f["status"], f["reason"]) for _, f in got)
+    assert statuses == [
+        ("accepted", ""),
+        ("accepted", ""),
+        ("rejected", "bad-signature"),
+        ("rejected", "bad-signature"),
+        ("rejected", "unknown-device"),
+        ("rejected", "wrong-round"),
+    ]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for reason in ("not a CBOR map", "exceeds", "bad-signature", "unknown-device", "wrong-round"):
+        assert reason in logged
+    assert d.aggregator.stats[1].participants == 1
+    assert d.aggregator.alive
+    assert len(list((d.archive / "blobs").iterdir())) == 3  # spec, context, the honest update
