@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         "--max-message", type=int, default=128 * 1024, help="largest MQTT payload in bytes"
     )
     demo.add_argument(
+        "--rpc",
+        metavar="URL",
+        help="use a development node (e.g. anvil) instead of the in-process EVM; "
+        "with --workdir, `truscl audit` can check the run afterwards",
+    )
+    demo.add_argument(
         "--round-seconds",
         type=float,
         default=20.0,
@@ -76,6 +82,7 @@ def _demo(args: argparse.Namespace) -> int:
         workdir=args.workdir,
         drop_device_at=args.drop_device,
         round_seconds=args.round_seconds,
+        rpc=args.rpc,
     )
     summary = run_demo(config, out=sys.stdout)
     if args.json:

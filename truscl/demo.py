@@ -32,7 +32,7 @@ from server.archive import Archive
 from server.audit import audit_task
 from server.owner import TaskOwner
 from truscl.broker import Mosquitto
-from truscl.chain import ChainClient, EmbeddedChain
+from truscl.chain import ChainClient, DevChain, EmbeddedChain, NodeChain
 from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
 from truscl.learning import FeatureScaler, LogisticModel, train_centralised
@@ -64,6 +64,7 @@ class DemoConfig:
     round_seconds: float = 20.0
     round_timeout: float = 120.0
     dp: DpTerms = field(default_factory=DpTerms)
+    rpc: str | None = None  # a development node (anvil) instead of the in-process EVM
 
     @property
     def quorum(self) -> int:
@@ -116,7 +117,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
     model = LogisticModel(len(SENSOR_RANGES))
     scaler = FeatureScaler.from_ranges(SENSOR_RANGES)
 
-    chain = EmbeddedChain()
+    chain: DevChain = NodeChain(config.rpc) if config.rpc else EmbeddedChain()
     admin = chain.new_account()
     contract = ChainClient.deploy(chain.web3(), admin, chain.lock)
 
@@ -246,6 +247,9 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         "delta": spec.dp.delta,
         "audit": report.as_dict(),
         "devices": config.devices,
+        "chain": config.rpc or "embedded",
+        "contract": contract.address,
+        "task": spec.task,
         "seconds": round(time.monotonic() - started, 1),
         "workdir": str(workdir),
     }

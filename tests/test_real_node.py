@@ -1,0 +1,92 @@
+"""The demo and ``truscl audit`` against a real node (anvil), as an operator would run them."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.archive import Archive
+from truscl.broker import free_port
+
+pytestmark = pytest.mark.slow
+ANVIL = Path(__file__).resolve().parents[1] / "contracts" / "node_modules" / ".bin" / "anvil"
+
+
+@pytest.fixture()
+def anvil() -> Iterator[str]:
+    if not ANVIL.exists():
+        pytest.skip("anvil is not installed: run `npm ci` in contracts/ (scripts/test does)")
+    port = free_port()
+    process = subprocess.Popen(
+        [str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--silent"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("anvil did not start") from None
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def truscl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "truscl.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_truscl_audit_verifies_a_run_and_catches_a_cheating_archive(
+    anvil: str, tmp_path: Path
+) -> None:
+    # Prepare: a short demo on the node, its archive kept
+    workdir, summary_file = tmp_path / "run", tmp_path / "summary.json"
+    demo = truscl(
+        "demo", "--rpc", anvil, "--devices", "3", "--rounds", "2",
+        "--workdir", str(workdir), "--json", str(summary_file),
+    )  # fmt: skip
+    assert demo.returncode == 0, demo.stderr[-3000:]
+    summary = json.loads(summary_file.read_text())
+    audit_args = (
+        "audit", "--rpc", anvil, "--contract", summary["contract"],
+        "--task", summary["task"], "--archive", str(workdir / "archive"),
+    )  # fmt: skip
+    archive = Archive(workdir / "archive")
+    manifest_path = workdir / "archive" / "rounds" / summary["task"] / "1.json"
+    honest_manifest = manifest_path.read_text()
+
+    # Execute and assert: the honest archive verifies
+    honest = truscl(*audit_args)
+    assert honest.returncode == 0, honest.stdout + honest.stderr
+    assert "audit: 2/2 rounds verified" in honest.stdout
+
+    # An aggregator that quietly drops an accepted update is caught by the anchored root
+    manifest = json.loads(honest_manifest)
+    manifest["updates"] = manifest["updates"][1:]
+    manifest_path.write_text(json.dumps(manifest))
+    dropped = truscl(*audit_args)
+    assert dropped.returncode == 1
+    assert "round   1" in dropped.stdout and "differs from the anchored root" in dropped.stdout
+    assert "audit: 1/2 rounds verified" in dropped.stdout
+
+    # An archived update whose bytes were changed no longer matches its content address
+    manifest_path.write_text(honest_manifest)
+    victim = Path(archive.root / "blobs" / manifest["updates"][0])
+    victim.write_bytes(victim.read_bytes()[:-1] + b"\x00")
+    altered = truscl(*audit_args)
+    assert altered.returncode == 1
+    assert "does not match its name" in altered.stdout
