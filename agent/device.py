@@ -112,6 +112,8 @@ class DeviceAgent:
         return self
 
     def stop(self) -> None:
+        if not self._worker.is_alive():
+            return
         self._inbox.put(None)
         self._worker.join(10)
         self._link.close()

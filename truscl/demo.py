@@ -194,6 +194,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
             file=out,
         )
         _, params = models.get(timeout=config.round_timeout)  # the initial model
+        round_started = time.monotonic()
         for round_no in range(1, config.rounds + 1):
             if config.drop_device_at == round_no:
                 agents[-1].stop()
@@ -205,6 +206,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                     f"round {round_no} did not complete within {config.round_timeout}s"
                 ) from None
             stats = closed[released]
+            seconds, round_started = time.monotonic() - round_started, time.monotonic()
             accuracy = model.accuracy(params, scaler.apply(X_test), y_test)
             epsilon = stats.epsilon
             row = {
@@ -214,6 +216,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                 "epsilon": round(epsilon, 4),
                 "bytes": stats.bytes_in,
                 "anchor_tx": stats.anchor_tx,
+                "seconds": round(seconds, 3),
             }
             rounds.append(row)
             print(
