@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
-from truscl.errors import TrusclError
+from truscl.errors import ChainError, ConfigError, TrusclError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     audit.add_argument("--rpc", required=True, help="JSON-RPC URL of the chain")
     audit.add_argument("--contract", required=True, help="address of the truscl contract")
-    audit.add_argument("--task", required=True, help="0x-prefixed task id")
+    audit.add_argument("--task", required=True, type=_task_id, help="0x-prefixed task id")
     audit.add_argument("--archive", type=Path, required=True, help="the aggregator's archive")
     audit.add_argument("--json", type=Path, metavar="FILE", help="also write the report here")
 
@@ -69,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrusclError as exc:
         print(f"truscl: {exc}", file=sys.stderr)
         return 1
+
+
+def _task_id(text: str) -> str:
+    if not re.fullmatch(r"0x[0-9a-fA-F]{64}", text):
+        raise argparse.ArgumentTypeError("a task id is 0x and 64 hex digits")
+    return text.lower()
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -98,7 +105,12 @@ def _audit(args: argparse.Namespace) -> int:
     from server.audit import audit_task
     from truscl.chain import ChainClient
 
-    chain = ChainClient.at(Web3(Web3.HTTPProvider(args.rpc)), args.contract)
+    if not (args.archive / "blobs").is_dir():
+        raise ConfigError(f"{args.archive} is not an aggregator archive")
+    w3 = Web3(Web3.HTTPProvider(args.rpc, request_kwargs={"timeout": 10}))
+    if not w3.is_connected():
+        raise ChainError(f"no JSON-RPC node answers at {args.rpc}")
+    chain = ChainClient.at(w3, args.contract)
     report = audit_task(chain, Archive(args.archive), args.task)
     for item in report.rounds:
         status = "verified" if item.verified else "FAILED: " + "; ".join(item.problems)

@@ -262,9 +262,11 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         f"privacy: epsilon {summary['epsilon']:.3f} per device at delta {spec.dp.delta:g} "
         f"(budget {spec.dp.epsilon_budget:g})\n"
         f"audit: {report.verified}/{report.total} rounds verified against the chain\n"
-        f"time: {summary['seconds']} s; keys, archive and logs in {workdir}",
+        f"time: {summary['seconds']} s",
         file=out,
     )
     if config.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"keys, archive and broker log kept in {workdir}", file=out)
     return summary

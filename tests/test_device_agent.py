@@ -1,0 +1,98 @@
+"""A device believes the chain, not the broker: forged task terms, keys or models are refused."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.device import DeviceAgent
+from agent.sensors import SensorSuite
+from firmware_sim.fleet import make_fleet
+from server.owner import TaskOwner
+from truscl.broker import Mosquitto
+from truscl.chain import ChainClient, EmbeddedChain
+from truscl.learning import FeatureScaler
+from truscl.mqtt import MqttLink
+from truscl.privacy.ckks import OwnerKeys
+from truscl.task import DpTerms, TaskSpec
+from truscl.wire import TaskTopics, envelope
+from truscl.wire.model import model_bytes, model_hash
+
+pytestmark = pytest.mark.slow
+
+
+def test_forged_spec_context_and_model_are_refused(
+    tmp_path: Path, owner_keys: OwnerKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a real task on chain, then a rogue client replaces every retained message
+    chain = EmbeddedChain()
+    contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
+    owner_account, aggregator_account = chain.new_account(), chain.new_account()
+    scaler = FeatureScaler.from_ranges([(0, 1)] * 4)
+    caplog.set_level(logging.WARNING, logger="agent.device")
+    with Mosquitto(tmp_path / "broker") as broker:
+        owner = TaskOwner(
+            keys=owner_keys,
+            chain=ChainClient.at(chain.web3(), contract.address, owner_account, chain.lock),
+            host=broker.host,
+            port=broker.port,
+        )
+        spec = TaskSpec(
+            task="0x" + os.urandom(32).hex(),
+            rounds=2,
+            quorum=1,
+            he_profile="ckks-4096-60-49",
+            context_hash=owner.context_hash,
+            feature_offsets=scaler.offset,
+            feature_scales=scaler.scale,
+        )
+        owner.create_task(spec, aggregator_account.address, np.zeros(spec.n_params))
+        topics = TaskTopics(spec.task)
+        greedy = replace(spec, dp=DpTerms(epsilon_budget=1000.0))
+        rogue_model = np.full(spec.n_params, 3.0)
+        with MqttLink("rogue", broker.host, broker.port, lambda t, p: None, []) as rogue:
+            rogue.publish(topics.spec, envelope.encode("spec", spec=greedy.to_dict()), retain=True)
+            rogue.publish_retained_blob(topics.context, OwnerKeys.generate().public_context_bytes())
+            rogue.publish(
+                topics.model,
+                envelope.encode(
+                    "model",
+                    round=0,
+                    params=model_bytes(rogue_model),
+                    model_hash=model_hash(rogue_model),
+                ),
+                retain=True,
+            )
+            (device,) = make_fleet(1, seed=3)
+            suite = SensorSuite(device.pin_factory, device.i2c_bus)
+            agent = DeviceAgent(
+                account=chain.new_account(),
+                task=spec.task,
+                chain=ChainClient.at(chain.web3(), contract.address, None, chain.lock),
+                host=broker.host,
+                port=broker.port,
+                workdir=tmp_path / "device",
+                sense=lambda: suite.read(device.now),
+                readings_per_round=10,
+            )
+            # Execute
+            agent.start()
+            deadline = time.monotonic() + 10
+            while len(caplog.records) < 3 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            agent.stop()
+            suite.close()
+        owner.stop()
+    # Assert
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "task spec does not match its on-chain hash" in logged
+    assert "HE context does not match its on-chain hash" in logged
+    assert "model 0 is not the one anchored on chain" in logged
+    assert agent.contributed == set()
+    assert agent.epsilon() == 0.0
