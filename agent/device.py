@@ -37,7 +37,9 @@ from truscl.wire.model import model_from_bytes
 log = logging.getLogger(__name__)
 
 SPEC_MAX_BYTES = 64 * 1024
-_EVENT_CONNECTED = ("", b"")
+TICK_S = 1.0
+_EVENT_CONNECTED = ("", b"connected")
+_EVENT_TICK = ("", b"")
 
 
 class DeviceAgent:
@@ -50,8 +52,7 @@ class DeviceAgent:
         host: str,
         port: int,
         workdir: Path,
-        sense: Callable[[], Reading],
-        readings_per_round: int,
+        collect: Callable[[], list[Reading]],
         name: str | None = None,
     ) -> None:
         self.account = account
@@ -71,8 +72,8 @@ class DeviceAgent:
         self.contributed: set[int] = set()
         self.included: dict[int, str] = {}  # round -> anchor tx of a verified inclusion proof
         self.budget_spent = False
-        self._sense = sense
-        self._readings_per_round = readings_per_round
+        self._waiting_for_data: int | None = None
+        self._collect_new = collect
         self._readings: deque[Reading] = deque()
         self._rng = secure_generator()
         self._domain = Domain(chain.chain_id, chain.address)
@@ -106,9 +107,10 @@ class DeviceAgent:
         with self._lock:
             return self.ledger.epsilon(self._spec.dp.delta)
 
-    def start(self) -> DeviceAgent:
+    def start(self, broker_timeout: float | None = 10.0) -> DeviceAgent:
+        """Start; ``broker_timeout=None`` does not wait for the broker (it may come later)."""
         self._worker.start()
-        self._link.start()
+        self._link.start(broker_timeout)
         return self
 
     def stop(self) -> None:
@@ -122,7 +124,13 @@ class DeviceAgent:
     # -- worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (item := self._inbox.get()) is not None:
+        while True:
+            try:
+                item = self._inbox.get(timeout=TICK_S)
+            except queue.Empty:
+                item = _EVENT_TICK  # a round waiting for readings is tried again
+            if item is None:
+                return
             topic, payload = item
             try:
                 self._dispatch(topic, payload)
@@ -207,10 +215,11 @@ class DeviceAgent:
         params = self._models.get(round_no - 1)
         if params is None or keccak(params) != model_hash:
             return  # the model for this round has not arrived (or is not the announced one)
-        self.contributed.add(round_no)
-        self._contribute(round_no, model_from_bytes(params, self._spec.n_params))
+        if self._contribute(round_no, model_from_bytes(params, self._spec.n_params)):
+            self.contributed.add(round_no)
 
-    def _contribute(self, round_no: int, params: np.ndarray) -> None:
+    def _contribute(self, round_no: int, params: np.ndarray) -> bool:
+        """Train and send this round's update; False if the window is not full yet."""
         spec, context = self._spec, self._context
         assert spec is not None and context is not None
         dp = spec.dp
@@ -227,8 +236,19 @@ class DeviceAgent:
                 dp.epsilon_budget,
                 round_no,
             )
-            return
-        window = self._collect(spec.window)
+            return True
+        window = self._window(spec.window)
+        if len(window) < spec.window:  # the sampling rate assumes a full window
+            if self._waiting_for_data != round_no:
+                self._waiting_for_data = round_no
+                log.info(
+                    "device %s: %d of %d readings in the window; round %d waits for more",
+                    self.name,
+                    len(window),
+                    spec.window,
+                    round_no,
+                )
+            return False
         model = LogisticModel(len(spec.features))
         X = spec.scaler.apply(np.array([r.features() for r in window]))
         y = np.array([r.label() for r in window], dtype=np.float64)
@@ -266,12 +286,11 @@ class DeviceAgent:
             sent,
             spent,
         )
+        return True
 
-    def _collect(self, window: int) -> list[Reading]:
-        """Read this round's new readings (or enough to fill the window) and keep the newest."""
-        fresh = max(self._readings_per_round, window - len(self._readings))
-        for _ in range(fresh):
-            self._readings.append(self._sense())
-        while len(self._readings) > window:
+    def _window(self, size: int) -> list[Reading]:
+        """Take the readings made since the last round and keep the newest ``size``."""
+        self._readings.extend(self._collect_new())
+        while len(self._readings) > size:
             self._readings.popleft()
         return list(self._readings)

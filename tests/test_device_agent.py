@@ -78,8 +78,7 @@ def test_forged_spec_context_and_model_are_refused(
                 host=broker.host,
                 port=broker.port,
                 workdir=tmp_path / "device",
-                sense=lambda: suite.read(device.now),
-                readings_per_round=10,
+                collect=lambda: [suite.read(device.now)],
             )
             # Execute
             agent.start()

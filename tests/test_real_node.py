@@ -3,45 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from server.archive import Archive
-from truscl.broker import free_port
 
 pytestmark = pytest.mark.slow
-ANVIL = Path(__file__).resolve().parents[1] / "contracts" / "node_modules" / ".bin" / "anvil"
-
-
-@pytest.fixture()
-def anvil() -> Iterator[str]:
-    if not ANVIL.exists():
-        pytest.skip("anvil is not installed: run `npm ci` in contracts/ (scripts/test does)")
-    port = free_port()
-    process = subprocess.Popen(
-        [str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--silent"],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or process.poll() is not None:
-                    raise RuntimeError("anvil did not start") from None
-                time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 def truscl(*args: str) -> subprocess.CompletedProcess[str]:

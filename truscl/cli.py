@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from truscl.errors import ChainError, ConfigError, TrusclError
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         help="stop the last device before this round, to show a round closing at quorum",
     )
 
+    agent = commands.add_parser(
+        "agent", help="run the device agent as a service (systemd/truscl-agent.service)"
+    )
+    agent.add_argument("--config", type=Path, required=True, help="the agent's TOML file")
+
     audit = commands.add_parser(
         "audit", help="check a task's archived rounds against the chain (JSON-RPC node)"
     )
@@ -66,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "demo":
             return _demo(args)
+        if args.command == "agent":
+            return _agent(args)
         return _audit(args)
     except TrusclError as exc:
         print(f"truscl: {exc}", file=sys.stderr)
@@ -96,6 +105,18 @@ def _demo(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     ok = summary["audit"]["verified"] == summary["audit"]["total"]
     return 0 if ok else 1
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from agent.config import AgentConfig
+    from agent.service import run_agent
+
+    config = AgentConfig.load(args.config)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    run_agent(config, stop)
+    return 0
 
 
 def _audit(args: argparse.Namespace) -> int:

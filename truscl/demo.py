@@ -73,16 +73,23 @@ class DemoConfig:
 
 def sensor_source(
     device: SimulatedDevice, suite: SensorSuite, pooled: list[Reading]
-) -> Callable[[], Reading]:
-    """Each call lets five minutes of room time pass, then reads the sensors."""
+) -> Callable[[], list[Reading]]:
+    """The readings a device made since its last round, in simulated time.
 
-    def sense() -> Reading:
-        device.step(READING_INTERVAL_S)
-        reading = suite.read(device.now)
-        pooled.append(reading)
-        return reading
+    The first call returns a full window, as if the device had been sensing for days before
+    the task began; each later call, the six hours of readings taken since.
+    """
 
-    return sense
+    def collect() -> list[Reading]:
+        fresh = READINGS_PER_ROUND if pooled else WINDOW
+        readings = []
+        for _ in range(fresh):
+            device.step(READING_INTERVAL_S)
+            readings.append(suite.read(device.now))
+        pooled.extend(readings)
+        return readings
+
+    return collect
 
 
 def test_set(devices: list[SimulatedDevice], seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,8 +177,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                     host=broker.host,
                     port=broker.port,
                     workdir=workdir / "devices" / str(index),
-                    sense=sensor_source(sim, suite, pooled[index]),
-                    readings_per_round=READINGS_PER_ROUND,
+                    collect=sensor_source(sim, suite, pooled[index]),
                     name=sim.name,
                 ).start()
             )

@@ -68,7 +68,9 @@ class MqttLink:
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
 
-    def start(self, timeout: float = 10.0) -> MqttLink:
+    def start(self, timeout: float | None = 10.0) -> MqttLink:
+        """Connect; wait up to ``timeout`` s for the broker, or not at all with ``None``
+        (paho keeps retrying in the background, as a service at boot wants)."""
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         self._client.connect_async(
@@ -79,7 +81,7 @@ class MqttLink:
             properties=properties,
         )
         self._client.loop_start()
-        if not self._connected.wait(timeout):
+        if timeout is not None and not self._connected.wait(timeout):
             self.close()
             raise BrokerUnavailable(f"no broker at {self.host}:{self.port} after {timeout}s")
         return self

@@ -1,0 +1,148 @@
+"""``truscl agent`` as separate processes, as systemd runs it, in a task on a real node."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.aggregator import Aggregator, RoundStats
+from server.archive import Archive
+from server.audit import audit_task
+from server.owner import TaskOwner
+from truscl.broker import Mosquitto
+from truscl.chain import ChainClient, NodeChain
+from truscl.demo import SENSOR_RANGES
+from truscl.keyfile import load_or_create_account
+from truscl.learning import FeatureScaler
+from truscl.privacy.ckks import OwnerKeys
+from truscl.task import DpTerms, TaskSpec
+
+pytestmark = pytest.mark.slow
+AGENT = [sys.executable, "-m", "truscl.cli", "--log-level", "INFO", "agent"]
+
+CONFIG = """
+task = "{task}"
+[device]
+key = "{state}/device.key"
+state = "{state}"
+name = "device-{index}"
+[broker]
+host = "127.0.0.1"
+port = {port}
+[chain]
+rpc = "{rpc}"
+contract = "{contract}"
+[sensors]
+hardware = "simulated"
+interval = 300
+room = {index}
+seed = 11
+time_scale = 60000  # 300 simulated seconds every 5 ms
+"""
+
+
+def test_agents_in_their_own_processes_complete_a_task(
+    anvil: str, tmp_path: Path, owner_keys: OwnerKeys
+) -> None:
+    # Prepare: chain, broker, owner and aggregator here; two agents as child processes
+    chain = NodeChain(anvil)
+    contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
+    owner_account, aggregator_account = chain.new_account(), chain.new_account()
+    closed: list[RoundStats] = []
+    scaler = FeatureScaler.from_ranges(SENSOR_RANGES)
+    with Mosquitto(tmp_path / "broker") as broker:
+        processes, states = [], []
+        for index in range(2):
+            state = tmp_path / f"device-{index}"
+            contract.register_device(load_or_create_account(state / "device.key").address)
+            states.append(state)
+        owner = TaskOwner(
+            keys=owner_keys,
+            chain=ChainClient.at(chain.web3(), contract.address, owner_account, chain.lock),
+            host=broker.host,
+            port=broker.port,
+        )
+        spec = TaskSpec(
+            task="0x" + os.urandom(32).hex(),
+            rounds=2,
+            quorum=2,
+            he_profile="ckks-4096-60-49",
+            context_hash=owner.context_hash,
+            feature_offsets=scaler.offset,
+            feature_scales=scaler.scale,
+            window=128,
+            dp=DpTerms(batch_size=16),
+        )
+        for index, state in enumerate(states):
+            config = tmp_path / f"agent-{index}.toml"
+            config.write_text(
+                CONFIG.format(
+                    task=spec.task,
+                    state=state,
+                    index=index,
+                    port=broker.port,
+                    rpc=anvil,
+                    contract=contract.address,
+                )
+            )
+            processes.append(
+                subprocess.Popen(
+                    [*AGENT, "--config", str(config)], stderr=subprocess.PIPE, text=True
+                )
+            )
+        aggregator = Aggregator(
+            spec=spec,
+            public_context=owner.public_context,
+            chain=ChainClient.at(chain.web3(), contract.address, aggregator_account, chain.lock),
+            archive=Archive(tmp_path / "archive"),
+            host=broker.host,
+            port=broker.port,
+            expected=2,
+            on_closed=closed.append,
+        )
+        # Execute
+        owner.create_task(spec, aggregator_account.address, np.zeros(spec.n_params))
+        aggregator.start()
+        deadline = time.monotonic() + 60
+        while len(owner.models) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        logs = [process.communicate(timeout=20)[1] for process in processes]
+        aggregator.stop()
+        owner.stop()
+    # Assert: both rounds closed with both devices, the audit holds, the agents stopped cleanly
+    assert [s.participants for s in closed] == [2, 2], logs
+    report = audit_task(
+        ChainClient.at(chain.web3(), contract.address), Archive(tmp_path / "archive"), spec.task
+    )
+    assert (report.verified, report.total) == (2, 2), report.as_dict()
+    for process, log, state in zip(processes, logs, states, strict=True):
+        assert process.returncode == 0, log[-2000:]
+        assert "round 2 update included on chain" in log
+        assert stat.S_IMODE((state / "device.key").stat().st_mode) == 0o600
+        assert (state / "privacy-ledger.json").exists()
+
+
+def test_a_corrupted_config_stops_the_agent_with_a_clear_error(tmp_path: Path) -> None:
+    config = tmp_path / "agent.toml"
+    config.write_text('task = "0x12"\n')
+
+    result = subprocess.run(
+        [sys.executable, "-m", "truscl.cli", "agent", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"truscl: {config}: task must be 0x and 64 hex digits"
+    assert result.stdout == ""
