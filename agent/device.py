@@ -15,6 +15,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tenseal as ts
@@ -25,13 +26,23 @@ from agent.outbox import Outbox
 from agent.sensors import Reading
 from truscl.chain import ChainClient
 from truscl.errors import ConfigError, HeError, ProtocolError
+from truscl.files import write_atomically
 from truscl.learning import LogisticModel
 from truscl.mqtt import MqttLink
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.privacy.ckks import context_hash, encrypt, load_context
 from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
-from truscl.task import TaskSpec
-from truscl.wire import Domain, Reassembler, TaskTopics, Update, envelope, merkle_root, verify_proof
+from truscl.task import MAX_MESSAGE_LIMIT, TaskSpec
+from truscl.wire import (
+    Domain,
+    Reassembler,
+    TaskTopics,
+    Update,
+    UpdateRecord,
+    envelope,
+    merkle_root,
+    verify_proof,
+)
 from truscl.wire.model import model_from_bytes
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,23 @@ SPEC_MAX_BYTES = 64 * 1024
 TICK_S = 1.0
 _EVENT_CONNECTED = ("", b"connected")
 _EVENT_TICK = ("", b"")
+
+
+def check_inclusion(record: UpdateRecord | None, inclusion: dict[str, Any]) -> None:
+    """Raise unless ``inclusion`` proves that our own update (``record``) is in the tree.
+
+    An aggregator that dropped our update could otherwise send another device's leaf and
+    proof, or an interior node of the tree, and we would believe we had been counted.
+    """
+    round_no = inclusion["round"]
+    if record is None or record.round != round_no:
+        raise ProtocolError(f"inclusion proof for round {round_no}, which we sent nothing to")
+    if inclusion["leaf"] != record.leaf():
+        raise ProtocolError(f"inclusion proof for round {round_no} is for another update")
+    if not all(isinstance(p, bytes) and len(p) == 32 for p in inclusion["proof"]):
+        raise ProtocolError(f"inclusion proof for round {round_no} is malformed")
+    if not verify_proof(record.leaf(), inclusion["proof"], inclusion["root"]):
+        raise ProtocolError(f"inclusion proof for round {round_no} does not verify")
 
 
 class DeviceAgent:
@@ -70,6 +98,7 @@ class DeviceAgent:
             else PrivacyLedger()
         )
         self.contributed: set[int] = set()
+        self._sent: dict[int, UpdateRecord] = {}  # what each round's inclusion proof must prove
         self.included: dict[int, str] = {}  # round -> anchor tx of a verified inclusion proof
         self.budget_spent = False
         self._waiting_for_data: int | None = None
@@ -79,7 +108,7 @@ class DeviceAgent:
         self._domain = Domain(chain.chain_id, chain.address)
         self._spec: TaskSpec | None = None
         self._context: ts.Context | None = None
-        self._context_chunks = Reassembler()
+        self._context_chunks = Reassembler(max_message=MAX_MESSAGE_LIMIT)
         self._models: dict[int, bytes] = {}  # round -> parameters, checked against the chain
         self._announced: tuple[int, bytes] | None = None
         self._lock = threading.Lock()
@@ -164,6 +193,7 @@ class DeviceAgent:
         if spec.hash() != self.chain.task(self.task_id).spec_hash:
             raise ProtocolError("task spec does not match its on-chain hash")
         self._spec = spec
+        self._link.max_message = spec.max_message  # chunk updates as the aggregator expects
 
     def _on_context_chunk(self, payload: bytes) -> None:
         blob = self._context_chunks.add("owner", payload)
@@ -198,10 +228,11 @@ class DeviceAgent:
                     message["reason"],
                 )
             return
-        round_no, leaf, proof = message["round"], message["leaf"], message["proof"]
-        if not verify_proof(leaf, proof, message["root"]):
-            raise ProtocolError(f"inclusion proof for round {round_no} does not verify")
-        if not self.chain.verify_update(self.task_id, round_no, leaf, proof):
+        round_no, proof = message["round"], message["proof"]
+        record = self._sent.get(round_no)
+        check_inclusion(record, message)
+        assert record is not None
+        if not self.chain.verify_update(record, proof):
             raise ProtocolError(f"round {round_no} root on chain does not include our update")
         self.included[round_no] = message["anchor_tx"]
         log.info("device %s: round %d update included on chain", self.name, round_no)
@@ -249,6 +280,13 @@ class DeviceAgent:
                     round_no,
                 )
             return False
+        # One attempt per round from here: whatever fails below, the budget is charged once,
+        # and it is charged (durably) before anything derived from the data exists.
+        self.contributed.add(round_no)
+        with self._lock:
+            self.ledger.record(q, dp.noise_multiplier, dp.local_steps)
+            write_atomically(self.ledger_path, self.ledger.to_json().encode())
+            spent = self.ledger.epsilon(dp.delta)
         model = LogisticModel(len(spec.features))
         X = spec.scaler.apply(np.array([r.features() for r in window]))
         y = np.array([r.label() for r in window], dtype=np.float64)
@@ -260,10 +298,6 @@ class DeviceAgent:
             learning_rate=dp.learning_rate,
         )
         trained = dp_sgd(model, params, X, y, config, self._rng)
-        with self._lock:
-            self.ledger.record(q, dp.noise_multiplier, dp.local_steps)
-            self.ledger_path.write_text(self.ledger.to_json())
-            spent = self.ledger.epsilon(dp.delta)
         delta = clip_by_l2(trained - params, dp.update_clip)
         update = Update(
             task=self.task_id,
@@ -278,6 +312,7 @@ class DeviceAgent:
         blob = update.encode()
         topic = self.topics.updates(self.account.address)
         self.outbox.put(round_no, topic, blob)
+        self._sent[round_no] = update.record()
         sent = self._link.publish_blob(topic, blob)
         log.info(
             "device %s: round %d update sent (%d bytes, epsilon %.3f)",

@@ -23,6 +23,18 @@ contract Truscl is AccessControl {
         uint32 roundsAnchored;
     }
 
+    /// @notice The fields a device signs for one update (ciphertext by its hash).
+    struct Update {
+        bytes32 task;
+        uint32 round;
+        address device;
+        bytes32 ciphertextHash;
+        bytes32 contextHash;
+        uint32 samples;
+        uint64 epsilonMicros;
+        bytes32 dataRoot;
+    }
+
     struct RoundAnchor {
         bytes32 updatesRoot;
         bytes32 aggregateHash;
@@ -186,16 +198,21 @@ contract Truscl is AccessControl {
         return _models[taskId][round];
     }
 
-    /// @notice Whether `leaf` is one of the updates counted in an anchored round.
+    /// @notice Merkle leaf of one update: OpenZeppelin's double hash of the fields the device
+    /// signed (EIP-712 `Update`). Computed here, never taken from the caller, so an interior node
+    /// of the tree cannot pass for an update.
+    function updateLeaf(Update calldata update) public pure returns (bytes32) {
+        return keccak256(bytes.concat(keccak256(abi.encode(update))));
+    }
+
+    /// @notice Whether `update` was counted in its round: false too if the round is not anchored.
     function verifyUpdate(
-        bytes32 taskId,
-        uint32 round,
-        bytes32 leaf,
+        Update calldata update,
         bytes32[] calldata proof
     ) external view returns (bool) {
-        RoundAnchor storage anchor = _anchors[taskId][round];
+        RoundAnchor storage anchor = _anchors[update.task][update.round];
         if (anchor.blockNumber == 0) return false;
-        return MerkleProof.verifyCalldata(proof, anchor.updatesRoot, leaf);
+        return MerkleProof.verifyCalldata(proof, anchor.updatesRoot, updateLeaf(update));
     }
 
     function _existingTask(bytes32 taskId) private view returns (Task storage task) {

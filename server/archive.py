@@ -11,7 +11,6 @@ aggregator acknowledges it.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from eth_utils import keccak
 
 from truscl.errors import ProtocolError
+from truscl.files import write_atomically
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class Archive:
         ident = keccak(blob).hex()
         path = self.root / "blobs" / ident
         if not path.exists():
-            _write_atomically(path, blob)
+            write_atomically(path, blob)
         return ident
 
     def get(self, ident: str) -> bytes:
@@ -64,7 +64,7 @@ class Archive:
     def put_task(self, task: str, spec: bytes, context: bytes) -> None:
         """Keep the task spec and public HE context: an auditor checks both against the chain."""
         for name, blob in (("spec", spec), ("context", context)):
-            _write_atomically(self._task_dir(task) / name, self.put(blob).encode())
+            write_atomically(self._task_dir(task) / name, self.put(blob).encode())
 
     def spec(self, task: str) -> bytes:
         return self.get((self._task_dir(task) / "spec").read_text().strip())
@@ -74,7 +74,7 @@ class Archive:
 
     def put_round(self, manifest: RoundManifest) -> None:
         path = self._task_dir(manifest.task) / f"{manifest.round}.json"
-        _write_atomically(path, manifest.to_json().encode())
+        write_atomically(path, manifest.to_json().encode())
 
     def round(self, task: str, round_no: int) -> RoundManifest:
         path = self._task_dir(task) / f"{round_no}.json"
@@ -87,12 +87,3 @@ class Archive:
         path = self.root / "rounds" / task.lower()
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -119,8 +119,13 @@ def _audit_round(
         ciphertexts.append(update.ciphertext)
     if len(leaves) != anchor.updates:
         problems.append(f"{len(leaves)} archived updates, {anchor.updates} anchored")
-    if merkle_root(leaves) != anchor.updates_root:
-        problems.append("Merkle root of the archived updates differs from the anchored root")
+    try:
+        root = merkle_root(leaves)
+    except ProtocolError as exc:
+        problems.append(f"archived updates do not form a Merkle tree: {exc}")
+    else:
+        if root != anchor.updates_root:
+            problems.append("Merkle root of the archived updates differs from the anchored root")
     try:
         aggregate = sum_ciphertexts(context, ciphertexts, spec.n_params)
     except (HeError, ValueError) as exc:

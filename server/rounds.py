@@ -144,7 +144,10 @@ class OpenRound:
         if self._sum is None:
             self._sum = vector
         else:
-            self._sum.add_(vector)  # in place: memory stays that of one ciphertext
+            try:
+                self._sum.add_(vector)  # in place: memory stays that of one ciphertext
+            except (ValueError, RuntimeError) as exc:  # SEAL refuses what it cannot add
+                return reject(RejectReason.BAD_CIPHERTEXT, f"cannot be added: {exc}")
         accepted = Accepted(update, ident, update.leaf())
         self._accepted[device] = accepted
         return accepted

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import HexStr
 from eth_utils import keccak
@@ -22,6 +23,7 @@ from contracts import load_artifact
 from truscl.chain import GAS_LIMITS, ChainClient, EmbeddedChain, RoundAnchor
 from truscl.errors import ChainError
 from truscl.wire.merkle import merkle_proof, merkle_root, verify_proof
+from truscl.wire.update import UpdateRecord
 
 CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "contracts"
 SPEC = keccak(text="spec")
@@ -71,10 +73,6 @@ def new_task(roles: Roles, name: str, rounds: int = 3) -> bytes:
     task_id = keccak(text=name)
     roles.owner.create_task(task_id, SPEC, CONTEXT, roles.aggregator_account.address, rounds)
     return task_id
-
-
-def leaves(n: int, salt: str) -> list[bytes]:
-    return [keccak(text=f"{salt}-{i}") for i in range(n)]
 
 
 def gas_used(chain: EmbeddedChain, tx_hash: str) -> int:
@@ -303,64 +301,88 @@ def test_only_the_owner_publishes_models(roles: Roles, who: str) -> None:
 TREE_SIZES = [1, 2, 3, 7, 8]
 
 
+def records(task_id: bytes, round_: int, n: int) -> list[UpdateRecord]:
+    """``n`` updates of one round, from ``n`` different devices."""
+    return [
+        UpdateRecord(
+            task=task_id,
+            round=round_,
+            device=Account.create().address,
+            ciphertext_hash=keccak(text=f"ciphertext {round_}-{i}"),
+            context=keccak(b"context"),
+            samples=100 + i,
+            epsilon_micros=1_500_000 + i,
+            data_root=keccak(text=f"readings {round_}-{i}"),
+        )
+        for i in range(n)
+    ]
+
+
 @pytest.fixture(scope="module")
-def anchored_trees(roles: Roles) -> tuple[bytes, dict[int, list[bytes]]]:
-    """One task whose round i holds a tree of TREE_SIZES[i-1] leaves."""
+def anchored_trees(roles: Roles) -> tuple[bytes, dict[int, list[UpdateRecord]]]:
+    """One task whose round i holds a tree of TREE_SIZES[i-1] updates."""
     task_id = new_task(roles, "merkle", rounds=len(TREE_SIZES) + 1)
-    trees: dict[int, list[bytes]] = {}
+    trees: dict[int, list[UpdateRecord]] = {}
     for round_, size in enumerate(TREE_SIZES, start=1):
-        trees[round_] = leaves(size, f"round {round_}")
-        root = merkle_root(trees[round_])
+        trees[round_] = records(task_id, round_, size)
+        root = merkle_root([r.leaf() for r in trees[round_]])
         roles.aggregator.anchor_round(task_id, round_, root, keccak(b"agg"), size)
     return task_id, trees
 
 
+def test_the_contract_hashes_an_update_to_the_same_leaf_as_python(
+    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[UpdateRecord]]]
+) -> None:
+    _, trees = anchored_trees
+
+    for record in trees[4]:
+        assert roles.auditor.update_leaf(record) == record.leaf()
+
+
 @pytest.mark.parametrize("round_", range(1, len(TREE_SIZES) + 1))
-def test_every_leaf_proves_on_chain(
-    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[bytes]]], round_: int
+def test_every_update_proves_on_chain(
+    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[UpdateRecord]]], round_: int
 ) -> None:
     # Prepare
-    task_id, trees = anchored_trees
-    tree = trees[round_]
-    root = merkle_root(tree)
+    _, trees = anchored_trees
+    leaves = [r.leaf() for r in trees[round_]]
+    root = merkle_root(leaves)
 
-    for leaf in tree:
+    for record in trees[round_]:
         # Execute
-        proof = merkle_proof(tree, leaf)
+        proof = merkle_proof(leaves, record.leaf())
 
         # Assert: the Python verifier and the contract agree
-        assert verify_proof(leaf, proof, root)
-        assert roles.auditor.verify_update(task_id, round_, leaf, proof)
+        assert verify_proof(record.leaf(), proof, root)
+        assert roles.auditor.verify_update(record, proof)
 
 
-def test_a_wrong_leaf_or_proof_does_not_verify(
-    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[bytes]]]
+def test_a_wrong_update_or_proof_does_not_verify(
+    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[UpdateRecord]]]
 ) -> None:
-    # Prepare: round 5 holds 8 leaves
-    task_id, trees = anchored_trees
-    tree = trees[5]
-    leaf = tree[0]
-    proof = merkle_proof(tree, leaf)
-    outsider = keccak(b"not an update")
+    # Prepare: round 5 holds 8 updates
+    _, trees = anchored_trees
+    leaves = [r.leaf() for r in trees[5]]
+    record = trees[5][0]
+    proof = merkle_proof(leaves, record.leaf())
 
     # Execute / Assert
-    assert not roles.auditor.verify_update(task_id, 5, outsider, proof)
-    assert not roles.auditor.verify_update(task_id, 5, leaf, [*proof[:-1], keccak(b"x")])
-    assert not roles.auditor.verify_update(task_id, 5, leaf, proof[:-1])
-    assert not roles.auditor.verify_update(task_id, 4, leaf, proof)  # another round's root
+    assert not roles.auditor.verify_update(record._replace(samples=1), proof)
+    assert not roles.auditor.verify_update(record, [*proof[:-1], keccak(b"x")])
+    assert not roles.auditor.verify_update(record, proof[:-1])
+    assert not roles.auditor.verify_update(record._replace(round=4), proof)  # another root
 
 
 def test_an_unanchored_round_verifies_nothing(
-    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[bytes]]]
+    roles: Roles, anchored_trees: tuple[bytes, dict[int, list[UpdateRecord]]]
 ) -> None:
     # Prepare: the last round is not anchored; a one-leaf tree's root is the leaf itself,
     # so an empty proof against a zero root must not pass either
     task_id, _ = anchored_trees
-    unanchored = len(TREE_SIZES) + 1
+    (record,) = records(task_id, len(TREE_SIZES) + 1, 1)
 
     # Execute / Assert
-    assert not roles.auditor.verify_update(task_id, unanchored, bytes(32), [])
-    assert not roles.auditor.verify_update(task_id, unanchored, keccak(b"leaf"), [])
+    assert not roles.auditor.verify_update(record, [])
 
 
 # --- gas and the artifact ------------------------------------------------------------------

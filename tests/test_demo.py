@@ -71,3 +71,15 @@ def test_devices_stop_when_their_budget_is_spent(
     spent = [r for r in caplog.records if "privacy budget spent" in r.getMessage()]
     assert len(spent) == 2
     assert all("from round 3" in r.getMessage() for r in spent)
+
+
+def test_a_small_message_limit_chunks_context_and_updates(tmp_path: Path) -> None:
+    # 16 KiB messages: the 125 KB public context and each 66 KB update travel in chunks
+    config = DemoConfig(devices=2, rounds=1, max_message=16 * 1024, workdir=tmp_path)
+
+    summary = run_demo(config, out=io.StringIO())
+
+    (row,) = summary["rounds"]
+    assert row["participants"] == 2
+    assert row["bytes"] > 2 * 65_000
+    assert summary["audit"]["verified"] == summary["audit"]["total"] == 1

@@ -84,24 +84,24 @@ def test_envelope_rejects_oversized_before_parsing() -> None:
 # -- chunking ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [0, 1, 871, 872, 873, 10_000])
+@pytest.mark.parametrize("size", [0, 1, 1871, 1872, 1873, 20_000])
 def test_chunks_respect_the_limit_and_reassemble_in_any_order(size: int) -> None:
     blob = os.urandom(size)
-    chunks = split(blob, max_message=1000)
-    reassembler = Reassembler(max_message=1000)
+    chunks = split(blob, max_message=2000)
+    reassembler = Reassembler(max_message=2000)
 
     results = [reassembler.add("dev", c) for c in reversed(chunks)]
 
-    assert all(len(c) <= 1000 for c in chunks)
+    assert all(len(c) <= 2000 for c in chunks)
     assert results[-1] == blob
     assert all(r is None for r in results[:-1])
     assert reassembler.pending == 0
 
 
 def test_duplicate_chunks_are_harmless() -> None:
-    blob = os.urandom(5000)
-    chunks = split(blob, max_message=1000)
-    reassembler = Reassembler(max_message=1000)
+    blob = os.urandom(9000)
+    chunks = split(blob, max_message=2000)
+    reassembler = Reassembler(max_message=2000)
 
     results = [reassembler.add("dev", c) for c in [chunks[0], *chunks]]
 
@@ -109,10 +109,10 @@ def test_duplicate_chunks_are_harmless() -> None:
 
 
 def test_a_tampered_chunk_is_detected() -> None:
-    chunks = split(os.urandom(3000), max_message=1000)
-    fields = envelope.decode(chunks[1], "chunk", 1000)
+    chunks = split(os.urandom(6000), max_message=2000)
+    fields = envelope.decode(chunks[1], "chunk", 2000)
     fields["data"] = bytes(b ^ 1 for b in fields["data"])
-    reassembler = Reassembler(max_message=1000)
+    reassembler = Reassembler(max_message=2000)
     reassembler.add("dev", chunks[0])
     reassembler.add("dev", envelope.encode("chunk", **fields))
 
@@ -121,23 +121,37 @@ def test_a_tampered_chunk_is_detected() -> None:
             reassembler.add("dev", chunk)
 
 
+def test_a_receiver_takes_chunks_smaller_than_its_own_limit() -> None:
+    blob = os.urandom(50_000)
+    reassembler = Reassembler(max_message=128 * 1024)
+
+    results = [reassembler.add("dev", c) for c in split(blob, max_message=1024)]
+
+    assert results[-1] == blob
+
+
+def test_chunks_below_the_minimum_message_are_refused() -> None:
+    with pytest.raises(ValueError, match="at least 1024"):
+        split(b"x" * 100, max_message=1000)
+
+
 def test_reassembler_bounds_what_a_sender_can_make_it_hold() -> None:
-    reassembler = Reassembler(max_message=1000, max_blob=4000, max_partial_per_sender=2)
-    too_big = split(os.urandom(20_000), max_message=1000)
+    reassembler = Reassembler(max_message=2000, max_blob=4000, max_partial_per_sender=2)
+    too_big = split(os.urandom(20_000), max_message=2000)
 
     with pytest.raises(ProtocolError, match="exceeds"):
         reassembler.add("dev", too_big[0])
     for _ in range(2):
-        reassembler.add("dev", split(os.urandom(3000), max_message=1000)[0])
+        reassembler.add("dev", split(os.urandom(3000), max_message=2000)[0])
     with pytest.raises(ProtocolError, match="in flight"):
-        reassembler.add("dev", split(os.urandom(3000), max_message=1000)[0])
-    reassembler.add("other", split(os.urandom(3000), max_message=1000)[0])  # others unaffected
+        reassembler.add("dev", split(os.urandom(3000), max_message=2000)[0])
+    reassembler.add("other", split(os.urandom(3000), max_message=2000)[0])  # others unaffected
 
 
 def test_partial_blobs_expire() -> None:
     now = [0.0]
-    reassembler = Reassembler(max_message=1000, ttl=10, clock=lambda: now[0])
-    reassembler.add("dev", split(os.urandom(3000), max_message=1000)[0])
+    reassembler = Reassembler(max_message=2000, ttl=10, clock=lambda: now[0])
+    reassembler.add("dev", split(os.urandom(3000), max_message=2000)[0])
 
     now[0] = 11.0
 

@@ -15,9 +15,10 @@ from eth_utils import keccak
 
 from truscl.errors import ConfigError
 from truscl.learning import FeatureScaler
-from truscl.wire.chunking import DEFAULT_MAX_MESSAGE
+from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, MIN_MESSAGE
 
 FEATURES = ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
+MAX_MESSAGE_LIMIT = 1024 * 1024  # the largest MQTT payload a task may ask for
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class TaskSpec:
         if not (len(self.features) == len(self.feature_offsets) == len(self.feature_scales)):
             raise ConfigError("one offset and one scale per feature")
         self.scaler  # noqa: B018 - validates offsets and scales
+        if not MIN_MESSAGE <= self.max_message <= MAX_MESSAGE_LIMIT:
+            raise ConfigError(
+                f"max_message must be within {MIN_MESSAGE} and {MAX_MESSAGE_LIMIT} bytes"
+            )
         if self.window < self.dp.batch_size:
             raise ConfigError("the window must hold at least one expected batch")
 

@@ -18,7 +18,6 @@ from typing import Any, TypeVar, cast
 from eth_abi import decode as abi_decode
 from eth_abi.exceptions import DecodingError
 from eth_account.signers.local import LocalAccount
-from eth_tester.exceptions import TransactionFailed
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak
 from web3 import Web3
@@ -29,6 +28,14 @@ from web3.types import TxParams, TxReceipt
 
 from contracts import load_artifact
 from truscl.errors import ChainError
+from truscl.wire.update import UpdateRecord
+
+try:
+    from eth_tester.exceptions import TransactionFailed
+
+    REVERTS: tuple[type[Exception], ...] = (TransactionFailed, ContractLogicError)
+except ImportError:  # a device reaches a node and never installs the in-process EVM
+    REVERTS = (ContractLogicError,)
 
 _T = TypeVar("_T")
 
@@ -214,13 +221,13 @@ class ChainClient:
             return None
         return _hex(logs[0]["transactionHash"])
 
-    def verify_update(
-        self, task_id: bytes, round: int, leaf: bytes, proof: Sequence[bytes]
-    ) -> bool:
-        """Whether ``leaf`` was counted in ``round``: false too if the round is not anchored."""
-        fn = self._contract.functions.verifyUpdate(
-            _b32(task_id), round, _b32(leaf), [_b32(p) for p in proof]
-        )
+    def update_leaf(self, record: UpdateRecord) -> bytes:
+        """The contract's Merkle leaf for an update (equal to ``record.leaf()``)."""
+        return bytes(self._call(self._contract.functions.updateLeaf(_update_tuple(record))))
+
+    def verify_update(self, record: UpdateRecord, proof: Sequence[bytes]) -> bool:
+        """Whether the update was counted in its round: false too if it is not anchored."""
+        fn = self._contract.functions.verifyUpdate(_update_tuple(record), [_b32(p) for p in proof])
         return bool(self._call(fn))
 
     # --- global model ------------------------------------------------------------------------
@@ -240,7 +247,7 @@ class ChainClient:
         with self._lock:
             try:
                 return fetch()
-            except (TransactionFailed, ContractLogicError) as exc:
+            except REVERTS as exc:
                 raise ChainError(f"call reverted: {self._reason(exc)}") from exc
 
     def _call(self, fn: ContractFunction) -> Any:
@@ -258,7 +265,7 @@ class ChainClient:
         with self._lock:
             try:
                 fn.call({"from": account.address})
-            except (TransactionFailed, ContractLogicError) as exc:
+            except REVERTS as exc:
                 raise ChainError(f"{name} reverted: {self._reason(exc)}") from exc
             tx = fn.build_transaction(_tx_fields(self._w3, account, GAS_LIMITS[name]))
             receipt = _send(self._w3, account, tx, name)
@@ -354,3 +361,16 @@ def _b32(value: bytes) -> bytes:
     if len(value) != 32:
         raise ChainError(f"expected 32 bytes, got {len(value)}")
     return bytes(value)
+
+
+def _update_tuple(record: UpdateRecord) -> tuple[object, ...]:
+    return (
+        _b32(record.task),
+        record.round,
+        record.device,
+        _b32(record.ciphertext_hash),
+        _b32(record.context),
+        record.samples,
+        record.epsilon_micros,
+        _b32(record.data_root),
+    )

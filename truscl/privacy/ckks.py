@@ -246,6 +246,8 @@ def load_ciphertext(context: ts.Context, data: bytes, expected_size: int) -> ts.
     for ciphertext in ciphertexts:
         if ciphertext.parms_id() != top_level or ciphertext.size() != 2:
             raise HeError("ciphertext is not a fresh encryption at the context's level")
+        if not ciphertext.is_ntt_form() or ciphertext.is_transparent():
+            raise HeError("ciphertext is not in NTT form, or is transparent")
         if ciphertext.scale != context.global_scale:
             raise HeError(f"ciphertext scale {ciphertext.scale} != {context.global_scale}")
     return vector

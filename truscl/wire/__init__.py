@@ -3,7 +3,7 @@
 from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, Reassembler, blob_id, split
 from truscl.wire.merkle import merkle_proof, merkle_root, verify_proof
 from truscl.wire.topics import PREFIX, TaskTopics
-from truscl.wire.update import Domain, Update
+from truscl.wire.update import Domain, Update, UpdateRecord
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
@@ -12,6 +12,7 @@ __all__ = [
     "Reassembler",
     "TaskTopics",
     "Update",
+    "UpdateRecord",
     "blob_id",
     "merkle_proof",
     "merkle_root",

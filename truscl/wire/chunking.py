@@ -17,6 +17,7 @@ from truscl.errors import ProtocolError
 from truscl.wire import envelope
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
+MIN_MESSAGE = 1024  # senders may chunk smaller than a receiver's limit, but not below this
 # Room for the CBOR map, its keys, the 32-byte id and the two counters.
 CHUNK_OVERHEAD = 128
 
@@ -27,9 +28,9 @@ def blob_id(blob: bytes) -> bytes:
 
 def split(blob: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> list[bytes]:
     """Encoded chunk messages, each at most ``max_message`` bytes."""
+    if max_message < MIN_MESSAGE:
+        raise ValueError(f"max_message must be at least {MIN_MESSAGE} bytes")
     room = max_message - CHUNK_OVERHEAD
-    if room < 1:
-        raise ValueError(f"max_message must exceed {CHUNK_OVERHEAD} bytes")
     ident = blob_id(blob)
     pieces = [blob[i : i + room] for i in range(0, len(blob), room)] or [b""]
     return [
@@ -116,5 +117,6 @@ class Reassembler:
         return len(self._partial)
 
     def _max_chunks(self) -> int:
-        room = self.max_message - CHUNK_OVERHEAD
-        return -(-self.max_blob // room)
+        """Chunks a legitimate blob can need: the sender may use messages as small as
+        ``MIN_MESSAGE``. Bounding the count bounds what empty chunks could cost."""
+        return -(-self.max_blob // (MIN_MESSAGE - CHUNK_OVERHEAD))

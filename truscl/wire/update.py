@@ -11,7 +11,7 @@ commits to; the contract can rebuild it from the same fields with ``abi.encode``
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from eth_abi import encode as abi_encode
 from eth_account import Account
@@ -62,6 +62,24 @@ class Domain:
         }
 
 
+class UpdateRecord(NamedTuple):
+    """What a round's Merkle tree commits to for one update: the signed fields, with the
+    ciphertext by its hash. The contract's ``updateLeaf`` hashes the same tuple."""
+
+    task: bytes
+    round: int
+    device: str  # checksum address
+    ciphertext_hash: bytes
+    context: bytes
+    samples: int
+    epsilon_micros: int
+    data_root: bytes
+
+    def leaf(self) -> bytes:
+        """OpenZeppelin-style double-hashed leaf: ``keccak(keccak(abi.encode(fields)))``."""
+        return keccak(keccak(abi_encode(LEAF_ABI, list(self))))
+
+
 @dataclass(frozen=True)
 class Update:
     task: bytes
@@ -86,39 +104,38 @@ class Update:
     def epsilon(self) -> float:
         return self.epsilon_micros / 1e6
 
+    def record(self) -> UpdateRecord:
+        return UpdateRecord(
+            self.task,
+            self.round,
+            self.device_address,
+            self.ciphertext_hash,
+            self.context,
+            self.samples,
+            self.epsilon_micros,
+            self.data_root,
+        )
+
     def typed_data(self, domain: Domain) -> dict[str, Any]:
+        record = self.record()
         return {
             "types": UPDATE_TYPES,
             "primaryType": "Update",
             "domain": domain.as_dict(),
             "message": {
-                "task": self.task,
-                "round": self.round,
-                "device": self.device_address,
-                "ciphertextHash": self.ciphertext_hash,
-                "contextHash": self.context,
-                "samples": self.samples,
-                "epsilonMicros": self.epsilon_micros,
-                "dataRoot": self.data_root,
+                "task": record.task,
+                "round": record.round,
+                "device": record.device,
+                "ciphertextHash": record.ciphertext_hash,
+                "contextHash": record.context,
+                "samples": record.samples,
+                "epsilonMicros": record.epsilon_micros,
+                "dataRoot": record.data_root,
             },
         }
 
     def leaf(self) -> bytes:
-        """OpenZeppelin-style double-hashed leaf of the signed fields."""
-        encoded = abi_encode(
-            LEAF_ABI,
-            [
-                self.task,
-                self.round,
-                self.device_address,
-                self.ciphertext_hash,
-                self.context,
-                self.samples,
-                self.epsilon_micros,
-                self.data_root,
-            ],
-        )
-        return keccak(keccak(encoded))
+        return self.record().leaf()
 
     def signed(self, account: LocalAccount, domain: Domain) -> Update:
         if account.address != self.device_address:

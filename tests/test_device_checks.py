@@ -1,4 +1,4 @@
-"""What a device keeps on disk: its key (0600) and the outbox of unacknowledged updates."""
+"""What a device keeps and checks: its key (0600), its outbox, proofs of its own updates."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import stat
 from pathlib import Path
 
 import pytest
+from eth_account import Account
+from eth_utils import keccak
 
+from agent.device import check_inclusion
 from agent.outbox import Outbox
-from truscl.errors import ConfigError
+from truscl.errors import ConfigError, ProtocolError
 from truscl.keyfile import load_or_create_account, read_secret
+from truscl.wire import UpdateRecord, merkle_proof, merkle_root
 
 
 def test_a_device_key_is_made_once_with_mode_0600(tmp_path: Path) -> None:
@@ -62,3 +66,51 @@ def test_the_outbox_keeps_updates_across_a_restart_until_acknowledged(tmp_path: 
     assert removed and not removed_again
     assert [p.blob_id for p in reopened.pending()] == [second]
     assert len(reopened) == 1
+
+
+# -- inclusion proofs: a device checks that the proof is for its own update ----------------
+
+
+def _record(i: int) -> UpdateRecord:
+    return UpdateRecord(
+        task=b"\x01" * 32,
+        round=3,
+        device=Account.create().address,
+        ciphertext_hash=keccak(text=f"ct {i}"),
+        context=b"\x02" * 32,
+        samples=100,
+        epsilon_micros=i,
+        data_root=b"\x03" * 32,
+    )
+
+
+def _inclusion(leaf: bytes, leaves: list[bytes], proof_for: bytes | None = None) -> dict:
+    return {
+        "round": 3,
+        "leaf": leaf,
+        "proof": merkle_proof(leaves, proof_for or leaf),
+        "root": merkle_root(leaves),
+        "anchor_tx": "0x",
+    }
+
+
+def test_a_device_accepts_the_proof_of_its_own_update() -> None:
+    records = [_record(i) for i in range(5)]
+    leaves = [r.leaf() for r in records]
+
+    check_inclusion(records[2], _inclusion(leaves[2], leaves))
+
+
+def test_a_device_refuses_another_devices_proof() -> None:
+    # Prepare: the aggregator dropped our update and sends someone else's valid proof
+    ours = _record(99)
+    records = [_record(i) for i in range(4)]
+    leaves = [r.leaf() for r in records]
+
+    with pytest.raises(ProtocolError, match="another update"):
+        check_inclusion(ours, _inclusion(leaves[0], leaves))
+    # our leaf with someone else's proof does not verify either
+    with pytest.raises(ProtocolError, match="does not verify"):
+        check_inclusion(ours, _inclusion(ours.leaf(), leaves, proof_for=leaves[0]))
+    with pytest.raises(ProtocolError, match="sent nothing"):
+        check_inclusion(None, _inclusion(leaves[0], leaves))
