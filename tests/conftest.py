@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 import tenseal as ts
 
-from truscl.broker import free_port
+from server.owner import TaskOwner
+from truscl.broker import Mosquitto, free_port
+from truscl.chain import DevChain
 from truscl.privacy.ckks import OwnerKeys, load_context
+
+
+def task_owner(chain: DevChain, contract: str, keys: OwnerKeys, broker: Mosquitto) -> TaskOwner:
+    """The task owner's role on ``chain``, with an account of its own, talking to ``broker``."""
+    client = chain.client(contract, chain.new_account())
+    return TaskOwner(keys=keys, chain=client, host=broker.host, port=broker.port)
 
 
 @pytest.fixture(scope="session")

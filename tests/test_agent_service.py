@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import stat
 import subprocess
@@ -12,18 +11,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import task_owner
 
 from server.aggregator import Aggregator, RoundStats
 from server.archive import Archive
 from server.audit import audit_task
-from server.owner import TaskOwner
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, NodeChain
-from truscl.demo import SENSOR_RANGES
+from truscl.demo import occupancy_spec
 from truscl.keyfile import load_or_create_account
-from truscl.learning import FeatureScaler
 from truscl.privacy.ckks import OwnerKeys
-from truscl.task import DpTerms, TaskSpec
+from truscl.task import DpTerms
 
 pytestmark = pytest.mark.slow
 AGENT = [sys.executable, "-m", "truscl.cli", "--log-level", "INFO", "agent"]
@@ -55,29 +53,19 @@ def test_agents_in_their_own_processes_complete_a_task(
     # Prepare: chain, broker, owner and aggregator here; two agents as child processes
     chain = NodeChain(anvil)
     contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
-    owner_account, aggregator_account = chain.new_account(), chain.new_account()
+    aggregator_account = chain.new_account()
     closed: list[RoundStats] = []
-    scaler = FeatureScaler.from_ranges(SENSOR_RANGES)
     with Mosquitto(tmp_path / "broker") as broker:
         processes, states = [], []
         for index in range(2):
             state = tmp_path / f"device-{index}"
             contract.register_device(load_or_create_account(state / "device.key").address)
             states.append(state)
-        owner = TaskOwner(
-            keys=owner_keys,
-            chain=ChainClient.at(chain.web3(), contract.address, owner_account, chain.lock),
-            host=broker.host,
-            port=broker.port,
-        )
-        spec = TaskSpec(
-            task="0x" + os.urandom(32).hex(),
+        owner = task_owner(chain, contract.address, owner_keys, broker)
+        spec = occupancy_spec(
+            owner.context_hash,
             rounds=2,
             quorum=2,
-            he_profile="ckks-4096-60-49",
-            context_hash=owner.context_hash,
-            feature_offsets=scaler.offset,
-            feature_scales=scaler.scale,
             window=128,
             dp=DpTerms(batch_size=16),
         )
@@ -101,7 +89,7 @@ def test_agents_in_their_own_processes_complete_a_task(
         aggregator = Aggregator(
             spec=spec,
             public_context=owner.public_context,
-            chain=ChainClient.at(chain.web3(), contract.address, aggregator_account, chain.lock),
+            chain=chain.client(contract.address, aggregator_account),
             archive=Archive(tmp_path / "archive"),
             host=broker.host,
             port=broker.port,
@@ -121,9 +109,7 @@ def test_agents_in_their_own_processes_complete_a_task(
         owner.stop()
     # Assert: both rounds closed with both devices, the audit holds, the agents stopped cleanly
     assert [s.participants for s in closed] == [2, 2], logs
-    report = audit_task(
-        ChainClient.at(chain.web3(), contract.address), Archive(tmp_path / "archive"), spec.task
-    )
+    report = audit_task(chain.client(contract.address), Archive(tmp_path / "archive"), spec.task)
     assert (report.verified, report.total) == (2, 2), report.as_dict()
     for process, log, state in zip(processes, logs, states, strict=True):
         assert process.returncode == 0, log[-2000:]

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import task_owner
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from server.aggregator import Aggregator
 from server.archive import Archive
-from server.owner import TaskOwner
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, EmbeddedChain
-from truscl.learning import FeatureScaler
+from truscl.demo import occupancy_spec
 from truscl.mqtt import MqttLink
 from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
 from truscl.task import TaskSpec
@@ -46,33 +46,23 @@ def deployment(tmp_path: Path, owner_keys: OwnerKeys) -> Iterator[Deployment]:
     chain = EmbeddedChain()
     admin = chain.new_account()
     contract = ChainClient.deploy(chain.web3(), admin, chain.lock)
-    owner_account, aggregator_account = chain.new_account(), chain.new_account()
+    aggregator_account = chain.new_account()
     devices = [Account.create() for _ in range(3)]
     for device in devices[:2]:  # the third is never registered
         contract.register_device(device.address)
-    scaler = FeatureScaler.from_ranges([(0, 1)] * 4)
     with Mosquitto(tmp_path / "broker") as broker:
-        owner = TaskOwner(
-            keys=owner_keys,
-            chain=ChainClient.at(chain.web3(), contract.address, owner_account, chain.lock),
-            host=broker.host,
-            port=broker.port,
-        )
-        spec = TaskSpec(
-            task="0x" + os.urandom(32).hex(),
+        owner = task_owner(chain, contract.address, owner_keys, broker)
+        spec = occupancy_spec(
+            owner.context_hash,
             rounds=2,
             quorum=1,
-            he_profile="ckks-4096-60-49",
-            context_hash=owner.context_hash,
-            feature_offsets=scaler.offset,
-            feature_scales=scaler.scale,
             round_seconds=60,
             max_message=MAX_MESSAGE,
         )
         aggregator = Aggregator(
             spec=spec,
             public_context=owner.public_context,
-            chain=ChainClient.at(chain.web3(), contract.address, aggregator_account, chain.lock),
+            chain=chain.client(contract.address, aggregator_account),
             archive=Archive(tmp_path / "archive"),
             host=broker.host,
             port=broker.port,

@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import task_owner
 
 from agent.device import DeviceAgent
 from agent.sensors import SensorSuite
 from firmware_sim.fleet import make_fleet
-from server.owner import TaskOwner
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, EmbeddedChain
-from truscl.learning import FeatureScaler
+from truscl.demo import occupancy_spec
 from truscl.mqtt import MqttLink
 from truscl.privacy.ckks import OwnerKeys
-from truscl.task import DpTerms, TaskSpec
+from truscl.task import DpTerms
 from truscl.wire import TaskTopics, envelope
 from truscl.wire.model import model_bytes, model_hash
 
@@ -33,24 +32,14 @@ def test_forged_spec_context_and_model_are_refused(
     # Prepare: a real task on chain, then a rogue client replaces every retained message
     chain = EmbeddedChain()
     contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
-    owner_account, aggregator_account = chain.new_account(), chain.new_account()
-    scaler = FeatureScaler.from_ranges([(0, 1)] * 4)
+    aggregator_account = chain.new_account()
     caplog.set_level(logging.WARNING, logger="agent.device")
     with Mosquitto(tmp_path / "broker") as broker:
-        owner = TaskOwner(
-            keys=owner_keys,
-            chain=ChainClient.at(chain.web3(), contract.address, owner_account, chain.lock),
-            host=broker.host,
-            port=broker.port,
-        )
-        spec = TaskSpec(
-            task="0x" + os.urandom(32).hex(),
+        owner = task_owner(chain, contract.address, owner_keys, broker)
+        spec = occupancy_spec(
+            owner.context_hash,
             rounds=2,
             quorum=1,
-            he_profile="ckks-4096-60-49",
-            context_hash=owner.context_hash,
-            feature_offsets=scaler.offset,
-            feature_scales=scaler.scale,
         )
         owner.create_task(spec, aggregator_account.address, np.zeros(spec.n_params))
         topics = TaskTopics(spec.task)
@@ -74,7 +63,7 @@ def test_forged_spec_context_and_model_are_refused(
             agent = DeviceAgent(
                 account=chain.new_account(),
                 task=spec.task,
-                chain=ChainClient.at(chain.web3(), contract.address, None, chain.lock),
+                chain=chain.client(contract.address),
                 host=broker.host,
                 port=broker.port,
                 workdir=tmp_path / "device",

@@ -71,6 +71,23 @@ class DemoConfig:
         return max(1, math.ceil(0.6 * self.devices))
 
 
+def occupancy_spec(context_hash: str, **terms: Any) -> TaskSpec:
+    """The demo's task: occupancy from the four environmental features, scaled by the sensors'
+    physical ranges, under the owner's HE context; ``terms`` override the spec's defaults."""
+    scaler = FeatureScaler.from_ranges(SENSOR_RANGES)
+    fields: dict[str, Any] = {
+        "task": "0x" + os.urandom(32).hex(),
+        "rounds": 10,
+        "quorum": 1,
+        "he_profile": DEFAULT_PROFILE.name,
+        "context_hash": context_hash,
+        "feature_offsets": scaler.offset,
+        "feature_scales": scaler.scale,
+        "window": WINDOW,
+    }
+    return TaskSpec(**{**fields, **terms})
+
+
 def sensor_source(
     device: SimulatedDevice, suite: SensorSuite, pooled: list[Reading]
 ) -> Callable[[], list[Reading]]:
@@ -128,9 +145,6 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
     admin = chain.new_account()
     contract = ChainClient.deploy(chain.web3(), admin, chain.lock)
 
-    def client(account: Any) -> ChainClient:
-        return ChainClient.at(chain.web3(), contract.address, account, chain.lock)
-
     owner_account, aggregator_account = chain.new_account(), chain.new_account()
     keys = OwnerKeys.generate(DEFAULT_PROFILE)
     (workdir / "owner").mkdir(exist_ok=True)
@@ -146,20 +160,15 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
     try:
         owner = TaskOwner(
             keys=keys,
-            chain=client(owner_account),
+            chain=chain.client(contract.address, owner_account),
             host=broker.host,
             port=broker.port,
             on_model=lambda r, params: models.put((r, params)),
         )
-        spec = TaskSpec(
-            task="0x" + os.urandom(32).hex(),
+        spec = occupancy_spec(
+            owner.context_hash,
             rounds=config.rounds,
             quorum=config.quorum,
-            he_profile=DEFAULT_PROFILE.name,
-            context_hash=owner.context_hash,
-            feature_offsets=scaler.offset,
-            feature_scales=scaler.scale,
-            window=WINDOW,
             round_seconds=config.round_seconds,
             max_message=config.max_message,
             dp=config.dp,
@@ -173,7 +182,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                 DeviceAgent(
                     account=account,
                     task=spec.task,
-                    chain=client(None),
+                    chain=chain.client(contract.address),
                     host=broker.host,
                     port=broker.port,
                     workdir=workdir / "devices" / str(index),
@@ -184,7 +193,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         aggregator = Aggregator(
             spec=spec,
             public_context=owner.public_context,
-            chain=client(aggregator_account),
+            chain=chain.client(contract.address, aggregator_account),
             archive=Archive(workdir / "archive"),
             host=broker.host,
             port=broker.port,
@@ -231,7 +240,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                 f"bytes {stats.bytes_in:,}  anchor {stats.anchor_tx}",
                 file=out,
             )
-        report = audit_task(client(None), Archive(workdir / "archive"), spec.task)
+        report = audit_task(chain.client(contract.address), Archive(workdir / "archive"), spec.task)
     finally:
         for agent in agents:
             agent.stop()

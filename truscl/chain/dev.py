@@ -13,6 +13,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import EthereumTesterProvider, Web3
 from web3.types import Wei
 
+from truscl.chain.client import ChainClient
 from truscl.errors import ChainError
 
 
@@ -43,6 +44,10 @@ class DevChain:
             )
             self._w3.eth.wait_for_transaction_receipt(tx_hash)
         return tx_hash.to_0x_hex()
+
+    def client(self, contract: str, account: LocalAccount | None = None) -> ChainClient:
+        """A role's client of the contract at ``contract`` (read-only without an account)."""
+        return ChainClient.at(self._w3, contract, account, self.lock)
 
     def new_account(self, wei: int = 10**18) -> LocalAccount:
         """A fresh key with ``wei`` to pay gas: one per role, as on a real chain."""
