@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from agent.sensors import Reading
 from truscl.chain import ChainClient
 from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically
+from truscl.keyfile import read_secret, write_secret
 from truscl.learning import LogisticModel
 from truscl.mqtt import MqttLink
 from truscl.privacy.accounting import PrivacyLedger
@@ -307,7 +309,7 @@ class DeviceAgent:
             context=bytes.fromhex(spec.context_hash[2:]),
             samples=len(window),
             epsilon_micros=round(spent * 1e6),
-            data_root=merkle_root([keccak(r.encode()) for r in window]),
+            data_root=self._data_root(round_no, window),
         ).signed(self.account, self._domain)
         blob = update.encode()
         topic = self.topics.updates(self.account.address)
@@ -322,6 +324,21 @@ class DeviceAgent:
             spent,
         )
         return True
+
+    def _data_root(self, round_no: int, window: list[Reading]) -> bytes:
+        """Merkle root of the readings trained on, each leaf salted with a secret of this round.
+
+        The root commits the device to its data (a later data-contribution proof reveals the
+        salt and the readings it is asked about); without the salt, anyone holding a guess of
+        the readings could confirm it from the root, outside the DP guarantee.
+        """
+        path = self.workdir / "data-salts" / f"round-{round_no}"
+        if path.exists():  # a restart within the round: the commitment keeps its salt
+            salt = read_secret(path)
+        else:
+            salt = secrets.token_bytes(32)
+            write_secret(path, salt)
+        return merkle_root([keccak(salt + r.encode()) for r in window])
 
     def _window(self, size: int) -> list[Reading]:
         """Take the readings made since the last round and keep the newest ``size``."""

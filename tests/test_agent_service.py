@@ -116,6 +116,9 @@ def test_agents_in_their_own_processes_complete_a_task(
         assert "round 2 update included on chain" in log
         assert stat.S_IMODE((state / "device.key").stat().st_mode) == 0o600
         assert (state / "privacy-ledger.json").exists()
+        for round_no in (1, 2):  # the secret salts of the data commitments
+            salt = state / "data-salts" / f"round-{round_no}"
+            assert stat.S_IMODE(salt.stat().st_mode) == 0o600 and len(salt.read_bytes()) == 32
 
 
 def test_a_corrupted_config_stops_the_agent_with_a_clear_error(tmp_path: Path) -> None:
