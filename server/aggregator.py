@@ -29,7 +29,7 @@ from server.rounds import (
 from truscl.chain import ChainClient
 from truscl.errors import ChainError, ProtocolError
 from truscl.mqtt import MqttLink
-from truscl.privacy.ckks import load_context
+from truscl.privacy.ckks import aggregator_context_bytes, load_context
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, blob_id, envelope
 
@@ -77,7 +77,7 @@ class Aggregator:
         self.stats: dict[int, RoundStats] = {}
         self._clock = clock
         self._on_closed = on_closed
-        self._context = load_context(public_context)
+        self._context = load_context(aggregator_context_bytes(public_context))  # no key at all
         self._domain = Domain(chain.chain_id, chain.address)
         self._registered: set[str] = set()
         self._reassembler = Reassembler(max_message=spec.max_message, max_blob=MAX_UPDATE_BYTES)

@@ -16,6 +16,7 @@ from truscl.privacy import (
     PROFILES,
     CkksProfile,
     OwnerKeys,
+    ckks,
     context_hash,
     decrypt,
     encrypt,
@@ -42,7 +43,7 @@ def device_context(owner: OwnerKeys) -> ts.Context:
 
 @pytest.fixture(scope="module")
 def aggregator_context(owner: OwnerKeys) -> ts.Context:
-    return load_context(owner.aggregator_context_bytes())
+    return load_context(ckks.aggregator_context_bytes(owner.public_context_bytes()))
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def test_context_hash_is_keccak_and_stable_across_reload(owner: OwnerKeys, tmp_p
     assert context_hash(published) == keccak(published)
     assert len(context_hash(published)) == 32
     assert reloaded.public_context_bytes() == published
-    assert context_hash(owner.aggregator_context_bytes()) != context_hash(published)
+    assert context_hash(ckks.aggregator_context_bytes(published)) != context_hash(published)
 
 
 def test_secret_key_file_is_0600_and_round_trips(

@@ -50,7 +50,6 @@ class MqttLink:
         self.host = host
         self.port = port
         self.max_message = max_message
-        self.bytes_sent = 0
         self._subscriptions = list(subscriptions)
         self._on_message = on_message
         self._on_connected = on_connected
@@ -92,7 +91,6 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=QOS, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("%s: publish to %s failed: %s", self.client_id, topic, info.rc)
-        self.bytes_sent += len(payload)
         return info
 
     def publish_blob(self, topic: str, blob: bytes) -> int:

@@ -144,10 +144,6 @@ class OwnerKeys:
         """Parameters and public key: what devices get, and whose hash goes on chain."""
         return _serialize_without_optional_keys(self._context, public=True, secret=False)
 
-    def aggregator_context_bytes(self) -> bytes:
-        """Parameters only (~100 bytes): enough to load and add ciphertexts, not to encrypt."""
-        return _serialize_without_optional_keys(self._context, public=False, secret=False)
-
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the secret context to a new 0600 file (see :mod:`truscl.keyfile`)."""
         write_secret(
@@ -158,6 +154,17 @@ class OwnerKeys:
     def load(cls, path: str | os.PathLike[str]) -> OwnerKeys:
         """Read keys written by :meth:`save`, refusing a file others can read or write."""
         return cls(load_context(read_secret(path), expect_private=True))
+
+
+def aggregator_context_bytes(public_context: bytes) -> bytes:
+    """Parameters only (~100 bytes), from the published context: enough to load and add
+    ciphertexts, not to encrypt, let alone decrypt. The aggregator holds nothing more.
+
+    Such a context must be serialised with every key flag off: TenSEAL 0.3.18's default
+    ``serialize()`` crashes the process (SIGSEGV) on a context without a public key.
+    """
+    public = load_context(public_context)
+    return _serialize_without_optional_keys(public, public=False, secret=False)
 
 
 def context_hash(context_bytes: bytes) -> bytes:
