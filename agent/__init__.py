@@ -1,5 +1,5 @@
 """Device agent: what runs on each Raspberry Pi."""
 
-from agent.sensors import FEATURES, Reading, SensorSuite
+from truscl.agent.sensors import FEATURES, Reading, SensorSuite
 
 __all__ = ["FEATURES", "Reading", "SensorSuite"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.sensors import Wiring
+from truscl.agent.hardware import backend_names
+from truscl.agent.sensors import Wiring
 from truscl.errors import ConfigError
 
 T = TypeVar("T")
@@ -77,8 +78,9 @@ class AgentConfig:
             time_scale=float(reader.take(sensors, "sensors.time_scale", (int, float), 1.0)),
         )
         reader.no_leftovers()
-        if config.hardware not in ("pi", "simulated"):
-            raise ConfigError(f'{source}: sensors.hardware must be "pi" or "simulated"')
+        if config.hardware not in backend_names():
+            names = ", ".join(f'"{n}"' for n in backend_names())
+            raise ConfigError(f"{source}: sensors.hardware must be one of {names}")
         if not 0 < config.broker_port < 65536:
             raise ConfigError(f"{source}: broker.port must be a TCP port")
         if config.interval <= 0 or config.time_scale <= 0:

@@ -23,8 +23,8 @@ import tenseal as ts
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from agent.outbox import Outbox
-from agent.sensors import Reading
+from truscl.agent.outbox import Outbox
+from truscl.agent.sensors import Reading
 from truscl.chain import ChainClient
 from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically

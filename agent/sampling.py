@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from agent.sensors import Reading
+from truscl.agent.sensors import Reading
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,13 @@
 """Simulated rooms and hardware behind the same interfaces as a real device's sensors."""
 
-from firmware_sim.fleet import MONDAY_2024_01_08, make_fleet
-from firmware_sim.hardware import (
+from truscl.sim.fleet import MONDAY_2024_01_08, make_fleet
+from truscl.sim.hardware import (
     FakeBme280Bus,
     MockMcp3008,
     SimulatedBoard,
     SimulatedDevice,
 )
-from firmware_sim.rooms import Room, RoomProfile, RoomState, make_rooms
+from truscl.sim.rooms import Room, RoomProfile, RoomState, make_rooms
 
 __all__ = [
     "MONDAY_2024_01_08",

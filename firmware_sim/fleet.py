@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from firmware_sim.hardware import SimulatedDevice
-from firmware_sim.rooms import Room, make_rooms
+from truscl.sim.hardware import SimulatedDevice
+from truscl.sim.rooms import Room, make_rooms
 
 MONDAY_2024_01_08 = 1_704_672_000.0
 """Default start: a Monday at midnight UTC, so a short run covers working days first."""

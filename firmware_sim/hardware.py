@@ -22,7 +22,7 @@ import numpy as np
 from gpiozero.pins import SPI
 from gpiozero.pins.mock import MockFactory, MockPin, MockSPIDevice
 
-from agent.sensors import (
+from truscl.datasheets import (
     BME280_CHIP_ID,
     DEFAULT_CALIBRATION,
     DEFAULT_WIRING,
@@ -40,7 +40,7 @@ from agent.sensors import (
     Bme280Calibration,
     Wiring,
 )
-from firmware_sim.rooms import Room
+from truscl.sim.rooms import Room
 
 TYPICAL_CALIBRATION = Bme280Calibration(
     # Temperature and pressure: the datasheet's worked example (BMP280 datasheet 3.12).

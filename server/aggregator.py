@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 
 from eth_utils import keccak
 
-from server.archive import Archive, RoundManifest
-from server.rounds import (
+from truscl.chain import ChainClient
+from truscl.errors import ChainError, ProtocolError
+from truscl.mqtt import MqttLink
+from truscl.privacy.ckks import aggregator_context_bytes, load_context
+from truscl.server.archive import Archive, RoundManifest
+from truscl.server.rounds import (
     Accepted,
     ClosedRound,
     OpenRound,
@@ -26,10 +30,6 @@ from server.rounds import (
     RejectReason,
     RoundTerms,
 )
-from truscl.chain import ChainClient
-from truscl.errors import ChainError, ProtocolError
-from truscl.mqtt import MqttLink
-from truscl.privacy.ckks import aggregator_context_bytes, load_context
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, blob_id, envelope
 

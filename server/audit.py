@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import tenseal as ts
 from eth_utils import keccak
 
-from server.archive import Archive
 from truscl.chain import ChainClient
 from truscl.errors import HeError, ProtocolError, SignatureError
 from truscl.privacy.ckks import context_hash, load_context, sum_ciphertexts
+from truscl.server.archive import Archive
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_root
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import tenseal as ts
 
-from server.owner import TaskOwner
 from truscl.broker import Mosquitto, free_port
 from truscl.chain import DevChain
 from truscl.privacy.ckks import OwnerKeys, load_context
+from truscl.server.owner import TaskOwner
 
 
 def task_owner(chain: DevChain, contract: str, keys: OwnerKeys, broker: Mosquitto) -> TaskOwner:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import AgentConfig
+from truscl.agent.config import AgentConfig
 from truscl.errors import ConfigError
 
 GOOD = """

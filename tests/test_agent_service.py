@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from conftest import task_owner
 
-from server.aggregator import Aggregator, RoundStats
-from server.archive import Archive
-from server.audit import audit_task
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, NodeChain
 from truscl.demo import occupancy_spec
 from truscl.keyfile import load_or_create_account
 from truscl.privacy.ckks import OwnerKeys
+from truscl.server.aggregator import Aggregator, RoundStats
+from truscl.server.archive import Archive
+from truscl.server.audit import audit_task
 from truscl.task import DpTerms
 
 pytestmark = pytest.mark.slow

@@ -15,13 +15,13 @@ from conftest import task_owner
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from server.aggregator import Aggregator
-from server.archive import Archive
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, EmbeddedChain
 from truscl.demo import occupancy_spec
 from truscl.mqtt import MqttLink
 from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
+from truscl.server.aggregator import Aggregator
+from truscl.server.archive import Archive
 from truscl.task import TaskSpec
 from truscl.wire import Domain, TaskTopics, Update, envelope, split
 

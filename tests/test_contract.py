@@ -19,8 +19,8 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import HexStr
 from eth_utils import keccak
 
-from contracts import load_artifact
 from truscl.chain import GAS_LIMITS, ChainClient, EmbeddedChain, RoundAnchor
+from truscl.contracts import load_artifact
 from truscl.errors import ChainError
 from truscl.wire.merkle import merkle_proof, merkle_root, verify_proof
 from truscl.wire.update import UpdateRecord

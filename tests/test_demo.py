@@ -63,7 +63,7 @@ def test_devices_stop_when_their_budget_is_spent(
         workdir=tmp_path,
         dp=DpTerms(epsilon_budget=2.5),
     )
-    caplog.set_level(logging.WARNING, logger="agent.device")
+    caplog.set_level(logging.WARNING, logger="truscl.agent.device")
     # Execute
     with pytest.raises(DemoFailed, match="round 3"):
         run_demo(config, out=io.StringIO())

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from conftest import task_owner
 
-from agent.device import DeviceAgent
-from agent.sensors import SensorSuite
-from firmware_sim.fleet import make_fleet
+from truscl.agent.device import DeviceAgent
+from truscl.agent.sensors import SensorSuite
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, EmbeddedChain
 from truscl.demo import occupancy_spec
 from truscl.mqtt import MqttLink
 from truscl.privacy.ckks import OwnerKeys
+from truscl.sim.fleet import make_fleet
 from truscl.task import DpTerms
 from truscl.wire import TaskTopics, envelope
 from truscl.wire.model import model_bytes, model_hash
@@ -33,7 +33,7 @@ def test_forged_spec_context_and_model_are_refused(
     chain = EmbeddedChain()
     contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
     aggregator_account = chain.new_account()
-    caplog.set_level(logging.WARNING, logger="agent.device")
+    caplog.set_level(logging.WARNING, logger="truscl.agent.device")
     with Mosquitto(tmp_path / "broker") as broker:
         owner = task_owner(chain, contract.address, owner_keys, broker)
         spec = occupancy_spec(

@@ -10,8 +10,8 @@ import pytest
 from eth_account import Account
 from eth_utils import keccak
 
-from agent.device import check_inclusion
-from agent.outbox import Outbox
+from truscl.agent.device import check_inclusion
+from truscl.agent.outbox import Outbox
 from truscl.errors import ConfigError, ProtocolError
 from truscl.keyfile import load_or_create_account, read_secret
 from truscl.wire import UpdateRecord, merkle_proof, merkle_root

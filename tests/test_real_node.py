@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.archive import Archive
+from truscl.server.archive import Archive
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.sensors import SensorSuite
-from firmware_sim import MONDAY_2024_01_08, Room, RoomState, make_fleet, make_rooms
+from truscl.agent.sensors import SensorSuite
+from truscl.sim import MONDAY_2024_01_08, Room, RoomState, make_fleet, make_rooms
 
 FIVE_MINUTES = 300.0
 WEEK_OF_READINGS = 7 * 24 * 12

@@ -13,9 +13,9 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from server.rounds import Accepted, OpenRound, Rejected, RejectReason, RoundTerms
 from truscl.errors import HeError
 from truscl.privacy.ckks import CkksProfile, OwnerKeys, context_hash, decrypt, encrypt
+from truscl.server.rounds import Accepted, OpenRound, Rejected, RejectReason, RoundTerms
 from truscl.wire import Domain, Update, verify_proof
 
 DOMAIN = Domain(chain_id=31337, contract="0x" + "ab" * 20)

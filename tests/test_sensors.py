@@ -8,7 +8,7 @@ import cbor2
 import pytest
 from gpiozero import Device
 
-from agent.sensors import (
+from truscl.agent.sensors import (
     DEFAULT_CALIBRATION,
     DEFAULT_WIRING,
     FEATURES,
@@ -16,9 +16,9 @@ from agent.sensors import (
     Reading,
     SensorSuite,
 )
-from firmware_sim import FakeBme280Bus, make_fleet
-from firmware_sim.hardware import TYPICAL_CALIBRATION, SimulatedDevice
 from truscl.errors import SensorError
+from truscl.sim import FakeBme280Bus, make_fleet
+from truscl.sim.hardware import TYPICAL_CALIBRATION, SimulatedDevice
 
 ADC_HALF_STEP_V = DEFAULT_CALIBRATION.adc_vref / 1024 / 2
 

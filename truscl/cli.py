@@ -108,8 +108,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from agent.config import AgentConfig
-    from agent.service import run_agent
+    from truscl.agent.config import AgentConfig
+    from truscl.agent.service import run_agent
 
     config = AgentConfig.load(args.config)
     stop = threading.Event()
@@ -122,9 +122,9 @@ def _agent(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from web3 import Web3
 
-    from server.archive import Archive
-    from server.audit import audit_task
     from truscl.chain import ChainClient
+    from truscl.server.archive import Archive
+    from truscl.server.audit import audit_task
 
     if not (args.archive / "blobs").is_dir():
         raise ConfigError(f"{args.archive} is not an aggregator archive")

@@ -22,21 +22,21 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from agent.device import DeviceAgent
-from agent.sensors import Reading, SensorSuite
-from firmware_sim.fleet import MONDAY_2024_01_08
-from firmware_sim.hardware import SimulatedDevice
-from firmware_sim.rooms import Room, make_rooms
-from server.aggregator import Aggregator, RoundStats
-from server.archive import Archive
-from server.audit import audit_task
-from server.owner import TaskOwner
+from truscl.agent.device import DeviceAgent
+from truscl.agent.sensors import Reading, SensorSuite
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, DevChain, EmbeddedChain, NodeChain
 from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
 from truscl.learning import FeatureScaler, LogisticModel, train_centralised
 from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys
+from truscl.server.aggregator import Aggregator, RoundStats
+from truscl.server.archive import Archive
+from truscl.server.audit import audit_task
+from truscl.server.owner import TaskOwner
+from truscl.sim.fleet import MONDAY_2024_01_08
+from truscl.sim.hardware import SimulatedDevice
+from truscl.sim.rooms import Room, make_rooms
 from truscl.task import DpTerms, TaskSpec
 
 log = logging.getLogger(__name__)

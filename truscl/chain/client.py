@@ -26,7 +26,7 @@ from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError
 from web3.types import TxParams, TxReceipt
 
-from contracts import load_artifact
+from truscl.contracts import load_artifact
 from truscl.errors import ChainError
 from truscl.wire.update import UpdateRecord
 
