@@ -30,7 +30,7 @@ from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
 from truscl.learning import LogisticModel
-from truscl.mqtt import MqttLink
+from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.privacy.ckks import context_hash, encrypt, load_context
 from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
@@ -79,8 +79,7 @@ class DeviceAgent:
         account: LocalAccount,
         task: str,
         chain: ChainClient,
-        host: str,
-        port: int,
+        broker: BrokerSettings,
         workdir: Path,
         collect: Callable[[], list[Reading]],
         name: str | None = None,
@@ -119,8 +118,7 @@ class DeviceAgent:
         me = account.address
         self._link = MqttLink(
             f"truscl-device-{me.lower()}",
-            host,
-            port,
+            broker,
             on_message=lambda topic, payload: self._inbox.put((topic, payload)),
             subscriptions=[
                 self.topics.spec,

@@ -19,7 +19,7 @@ from eth_utils import keccak
 
 from truscl.chain import ChainClient
 from truscl.errors import ChainError, ProtocolError
-from truscl.mqtt import MqttLink
+from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.ckks import aggregator_context_bytes, load_context
 from truscl.server.archive import Archive, RoundManifest
 from truscl.server.rounds import (
@@ -61,8 +61,7 @@ class Aggregator:
         public_context: bytes,
         chain: ChainClient,
         archive: Archive,
-        host: str,
-        port: int,
+        broker: BrokerSettings,
         expected: int,
         clock: Callable[[], float] = time.time,
         on_closed: Callable[[RoundStats], None] | None = None,
@@ -90,8 +89,7 @@ class Aggregator:
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
         self._link = MqttLink(
             f"truscl-aggregator-{spec.task[2:10]}",
-            host,
-            port,
+            broker,
             on_message=lambda topic, payload: self._inbox.put((topic, payload)),
             subscriptions=[self.topics.all_updates, self.topics.model],
             max_message=spec.max_message,

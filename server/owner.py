@@ -19,7 +19,7 @@ from eth_utils import keccak
 
 from truscl.chain import ChainClient
 from truscl.errors import ProtocolError
-from truscl.mqtt import MqttLink
+from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.ckks import OwnerKeys, context_hash, decrypt
 from truscl.task import TaskSpec
 from truscl.wire import Reassembler, TaskTopics, envelope
@@ -36,16 +36,14 @@ class TaskOwner:
         *,
         keys: OwnerKeys,
         chain: ChainClient,
-        host: str,
-        port: int,
+        broker: BrokerSettings,
         on_model: Callable[[int, np.ndarray], None] | None = None,
     ) -> None:
         if not keys.context.is_private():
             raise ProtocolError("the task owner needs the secret key")
         self.keys = keys
         self.chain = chain
-        self.host = host
-        self.port = port
+        self.broker = broker
         self.models: dict[int, np.ndarray] = {}
         self._on_model = on_model
         self._spec: TaskSpec | None = None
@@ -72,8 +70,7 @@ class TaskOwner:
         )
         self._link = MqttLink(
             f"truscl-owner-{spec.task[2:10]}",
-            self.host,
-            self.port,
+            self.broker,
             on_message=lambda topic, payload: self._inbox.put(payload),
             subscriptions=[topics.aggregate],
             max_message=spec.max_message,

@@ -20,7 +20,7 @@ from truscl.server.owner import TaskOwner
 def task_owner(chain: DevChain, contract: str, keys: OwnerKeys, broker: Mosquitto) -> TaskOwner:
     """The task owner's role on ``chain``, with an account of its own, talking to ``broker``."""
     client = chain.client(contract, chain.new_account())
-    return TaskOwner(keys=keys, chain=client, host=broker.host, port=broker.port)
+    return TaskOwner(keys=keys, chain=client, broker=broker.settings)
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,7 @@ def test_a_good_file_loads_with_defaults_for_the_rest(tmp_path: Path) -> None:
     config = AgentConfig.load(write(tmp_path, GOOD))
 
     assert config.task == "0x" + "ab" * 32
-    assert config.broker_port == 8883
+    assert config.broker.port == 8883 and config.broker.ca is None
     assert config.interval == 60.0
     assert config.wiring.pir_pin == 17 and config.wiring.bme280_address == 0x77
     assert config.wiring.light_channel == 0 and config.i2c_bus == 1
@@ -98,7 +98,7 @@ def test_the_systemd_unit_is_valid_and_runs_the_agent(tmp_path: Path) -> None:
     if analyze is None:
         pytest.skip("systemd-analyze is not installed")
     unit = (ROOT / "systemd" / "truscl-agent.service").read_text()
-    assert "truscl --log-level INFO agent --config /etc/truscl/agent.toml" in unit
+    assert "truscl --log-level INFO agent run --config /etc/truscl/agent.toml" in unit
     # verify checks that ExecStart exists: point it at this environment's truscl
     here = str(Path(sys.executable).with_name("truscl"))
     local = tmp_path / "truscl-agent.service"

@@ -24,7 +24,7 @@ from truscl.server.audit import audit_task
 from truscl.task import DpTerms
 
 pytestmark = pytest.mark.slow
-AGENT = [sys.executable, "-m", "truscl.cli", "--log-level", "INFO", "agent"]
+AGENT = [sys.executable, "-m", "truscl.cli", "--log-level", "INFO", "agent", "run"]
 
 CONFIG = """
 task = "{task}"
@@ -91,8 +91,7 @@ def test_agents_in_their_own_processes_complete_a_task(
             public_context=owner.public_context,
             chain=chain.client(contract.address, aggregator_account),
             archive=Archive(tmp_path / "archive"),
-            host=broker.host,
-            port=broker.port,
+            broker=broker.settings,
             expected=2,
             on_closed=closed.append,
         )
@@ -126,7 +125,7 @@ def test_a_corrupted_config_stops_the_agent_with_a_clear_error(tmp_path: Path) -
     config.write_text('task = "0x12"\n')
 
     result = subprocess.run(
-        [sys.executable, "-m", "truscl.cli", "agent", "--config", str(config)],
+        [sys.executable, "-m", "truscl.cli", "agent", "run", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -64,8 +64,7 @@ def deployment(tmp_path: Path, owner_keys: OwnerKeys) -> Iterator[Deployment]:
             public_context=owner.public_context,
             chain=chain.client(contract.address, aggregator_account),
             archive=Archive(tmp_path / "archive"),
-            host=broker.host,
-            port=broker.port,
+            broker=broker.settings,
             expected=2,
         )
         owner.create_task(spec, aggregator_account.address, np.zeros(spec.n_params))
@@ -118,8 +117,7 @@ def test_hostile_updates_are_rejected_with_reasons_and_the_service_goes_on(
     caplog.set_level(logging.WARNING, logger="server.aggregator")
     link = MqttLink(
         "test-device",
-        d.broker.host,
-        d.broker.port,
+        d.broker.settings,
         on_message=on_message,
         subscriptions=[topics.base + "/receipts/+", topics.round],
         max_message=1 << 20,

@@ -45,7 +45,7 @@ def test_forged_spec_context_and_model_are_refused(
         topics = TaskTopics(spec.task)
         greedy = replace(spec, dp=DpTerms(epsilon_budget=1000.0))
         rogue_model = np.full(spec.n_params, 3.0)
-        with MqttLink("rogue", broker.host, broker.port, lambda t, p: None, []) as rogue:
+        with MqttLink("rogue", broker.settings, lambda t, p: None, []) as rogue:
             rogue.publish(topics.spec, envelope.encode("spec", spec=greedy.to_dict()), retain=True)
             rogue.publish_retained_blob(topics.context, OwnerKeys.generate().public_context_bytes())
             rogue.publish(
@@ -64,8 +64,7 @@ def test_forged_spec_context_and_model_are_refused(
                 account=chain.new_account(),
                 task=spec.task,
                 chain=chain.client(contract.address),
-                host=broker.host,
-                port=broker.port,
+                broker=broker.settings,
                 workdir=tmp_path / "device",
                 collect=lambda: [suite.read(device.now)],
             )

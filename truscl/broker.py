@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from truscl.errors import ConfigError, TrusclError
+from truscl.mqtt import BrokerSettings
 
 
 class BrokerFailed(TrusclError, RuntimeError):
@@ -29,6 +30,11 @@ class Mosquitto:
         self.port = port or free_port()
         self.host = "127.0.0.1"
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def settings(self) -> BrokerSettings:
+        """How a client reaches this (anonymous, plain TCP) broker."""
+        return BrokerSettings(self.host, self.port)
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

@@ -161,8 +161,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         owner = TaskOwner(
             keys=keys,
             chain=chain.client(contract.address, owner_account),
-            host=broker.host,
-            port=broker.port,
+            broker=broker.settings,
             on_model=lambda r, params: models.put((r, params)),
         )
         spec = occupancy_spec(
@@ -183,8 +182,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                     account=account,
                     task=spec.task,
                     chain=chain.client(contract.address),
-                    host=broker.host,
-                    port=broker.port,
+                    broker=broker.settings,
                     workdir=workdir / "devices" / str(index),
                     collect=sensor_source(sim, suite, pooled[index]),
                     name=sim.name,
@@ -195,8 +193,7 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
             public_context=owner.public_context,
             chain=chain.client(contract.address, aggregator_account),
             archive=Archive(workdir / "archive"),
-            host=broker.host,
-            port=broker.port,
+            broker=broker.settings,
             expected=config.devices,
             on_closed=lambda stats: closed.__setitem__(stats.round, stats),
         )

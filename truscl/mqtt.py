@@ -9,15 +9,19 @@ thread. Roles must return quickly from that callback: they queue work for their 
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from truscl.errors import TrusclError
+from truscl.errors import ConfigError, TrusclError
+from truscl.keyfile import read_secret
 from truscl.wire import chunking
 
 log = logging.getLogger(__name__)
@@ -33,22 +37,51 @@ class BrokerUnavailable(TrusclError, ConnectionError):
 MessageHandler = Callable[[str, bytes], None]
 
 
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Where a role's broker is, and who the role is to it.
+
+    With ``ca`` set the link speaks TLS and checks the broker's certificate against that CA
+    (and its host name); ``cert`` and ``key`` are this client's own certificate for mutual TLS;
+    ``username`` and ``password_file`` (mode 0600, read at connect) log in. A deployment's broker
+    (``truscl broker provision``) asks for all of them; a development broker for none.
+    """
+
+    host: str
+    port: int
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("a client certificate needs its key, and a key its certificate")
+        if self.cert is not None and self.ca is None:
+            raise ConfigError("a client certificate needs the broker's CA (TLS)")
+        if (self.username is None) != (self.password_file is None):
+            raise ConfigError("a broker username needs its password file, and the other way")
+
+    @property
+    def address(self) -> str:
+        return f"{'mqtts' if self.ca else 'mqtt'}://{self.host}:{self.port}"
+
+
 class MqttLink:
     """One role's connection to the broker."""
 
     def __init__(
         self,
         client_id: str,
-        host: str,
-        port: int,
+        broker: BrokerSettings,
         on_message: MessageHandler,
         subscriptions: Iterable[str],
         max_message: int = chunking.DEFAULT_MAX_MESSAGE,
         on_connected: Callable[[], None] | None = None,
     ) -> None:
         self.client_id = client_id
-        self.host = host
-        self.port = port
+        self.broker = broker
         self.max_message = max_message
         self._subscriptions = list(subscriptions)
         self._on_message = on_message
@@ -66,6 +99,17 @@ class MqttLink:
         self._client.on_connect = self._handle_connect
         self._client.on_disconnect = self._handle_disconnect
         self._client.on_message = self._handle_message
+        if broker.ca is not None:
+            self._client.tls_set(
+                ca_certs=str(broker.ca),
+                certfile=str(broker.cert) if broker.cert else None,
+                keyfile=str(broker.key) if broker.key else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+        if broker.username is not None and broker.password_file is not None:
+            password = read_secret(broker.password_file).decode().strip()
+            self._client.username_pw_set(broker.username, password)
 
     def start(self, timeout: float | None = 10.0) -> MqttLink:
         """Connect; wait up to ``timeout`` s for the broker, or not at all with ``None``
@@ -73,8 +117,8 @@ class MqttLink:
         properties = Properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         self._client.connect_async(
-            self.host,
-            self.port,
+            self.broker.host,
+            self.broker.port,
             keepalive=30,
             clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
@@ -82,7 +126,7 @@ class MqttLink:
         self._client.loop_start()
         if timeout is not None and not self._connected.wait(timeout):
             self.close()
-            raise BrokerUnavailable(f"no broker at {self.host}:{self.port} after {timeout}s")
+            raise BrokerUnavailable(f"no broker at {self.broker.address} after {timeout}s")
         return self
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> paho.MQTTMessageInfo:
@@ -130,7 +174,7 @@ class MqttLink:
             return
         for topic in self._subscriptions:
             client.subscribe(topic, qos=QOS)
-        log.debug("%s: connected to %s:%s", self.client_id, self.host, self.port)
+        log.debug("%s: connected to %s", self.client_id, self.broker.address)
         self._connected.set()
         if self._on_connected is not None:
             self._on_connected()

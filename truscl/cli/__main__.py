@@ -1,0 +1,5 @@
+import sys
+
+from truscl.cli import main
+
+sys.exit(main())

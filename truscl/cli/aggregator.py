@@ -1,0 +1,9 @@
+"""``truscl aggregator``: placeholder while the group is built."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """No commands yet."""

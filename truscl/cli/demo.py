@@ -1,0 +1,62 @@
+"""``truscl demo``: the whole deployment started on one machine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        help="run a whole task on this machine: broker, chain, aggregator, owner, devices",
+    )
+    demo.add_argument("--devices", type=int, default=5, help="simulated devices (default 5)")
+    demo.add_argument("--rounds", type=int, default=10, help="training rounds (default 10)")
+    demo.add_argument("--seed", type=int, default=7, help="simulator seed (rooms and data)")
+    demo.add_argument("--json", type=Path, metavar="FILE", help="also write the summary here")
+    demo.add_argument("--workdir", type=Path, help="keep keys, archive and logs here")
+    demo.add_argument(
+        "--max-message", type=int, default=128 * 1024, help="largest MQTT payload in bytes"
+    )
+    demo.add_argument(
+        "--rpc",
+        metavar="URL",
+        help="use a development node (e.g. anvil) instead of the in-process EVM; "
+        "with --workdir, `truscl audit` can check the run afterwards",
+    )
+    demo.add_argument(
+        "--round-seconds",
+        type=float,
+        default=20.0,
+        help="round deadline: after it a round closes with a quorum (default 20)",
+    )
+    demo.add_argument(
+        "--drop-device",
+        type=int,
+        metavar="ROUND",
+        help="stop the last device before this round, to show a round closing at quorum",
+    )
+    demo.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from truscl.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        devices=args.devices,
+        rounds=args.rounds,
+        seed=args.seed,
+        max_message=args.max_message,
+        workdir=args.workdir,
+        drop_device_at=args.drop_device,
+        round_seconds=args.round_seconds,
+        rpc=args.rpc,
+    )
+    summary = run_demo(config, out=sys.stdout)
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    ok = summary["audit"]["verified"] == summary["audit"]["total"]
+    return 0 if ok else 1
