@@ -13,21 +13,46 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from eth_utils import keccak
 
 from truscl.chain import ChainClient
 from truscl.errors import ProtocolError
+from truscl.files import write_atomically
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.ckks import OwnerKeys, context_hash, decrypt
 from truscl.task import TaskSpec
 from truscl.wire import Reassembler, TaskTopics, envelope
-from truscl.wire.model import model_bytes
+from truscl.wire.model import model_bytes, model_from_bytes
 
 log = logging.getLogger(__name__)
 
 RELEASE_DECIMALS = 6
+_CONNECTED = b""  # queued by the link on every (re)connection; no MQTT chunk is empty
+
+
+class ModelStore:
+    """The released models on the owner's disk.
+
+    A model is written here before its hash goes on chain and before it is published, so an
+    owner restarted at any point can finish a release it began (and never releases a round
+    twice: the chain refuses a second hash for the same round).
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def put(self, round_no: int, params: np.ndarray) -> None:
+        write_atomically(self.folder / f"{round_no}.model", model_bytes(params))
+
+    def all(self, n_params: int) -> dict[int, np.ndarray]:
+        models = {}
+        for path in self.folder.glob("*.model"):
+            models[int(path.stem)] = model_from_bytes(path.read_bytes(), n_params)
+        return dict(sorted(models.items()))
 
 
 class TaskOwner:
@@ -37,6 +62,7 @@ class TaskOwner:
         keys: OwnerKeys,
         chain: ChainClient,
         broker: BrokerSettings,
+        store: ModelStore | None = None,
         on_model: Callable[[int, np.ndarray], None] | None = None,
     ) -> None:
         if not keys.context.is_private():
@@ -44,6 +70,7 @@ class TaskOwner:
         self.keys = keys
         self.chain = chain
         self.broker = broker
+        self.store = store
         self.models: dict[int, np.ndarray] = {}
         self._on_model = on_model
         self._spec: TaskSpec | None = None
@@ -63,24 +90,59 @@ class TaskOwner:
         """Anchor the spec and the context on chain, publish them and the initial model."""
         if spec.context_hash != self.context_hash:
             raise ProtocolError("the spec names another HE context than the owner's")
-        self._spec = spec
-        topics = TaskTopics(spec.task)
         tx = self.chain.create_task(
             spec.task_id, spec.hash(), bytes.fromhex(spec.context_hash[2:]), aggregator, spec.rounds
         )
+        self._connect(spec)
+        self._release(0, np.asarray(initial, dtype=np.float64))
+        self._worker.start()
+        log.info("owner: task %s created in %s", spec.task, tx)
+        return tx
+
+    def resume(self, spec: TaskSpec) -> None:
+        """Take up a task created earlier: the chain must hold this spec and this key's context.
+
+        Models stored but not yet anchored (a release cut short) are anchored and published now;
+        the spec, the context and the latest model are published again (retained), so a broker
+        that lost them has them back.
+        """
+        record = self.chain.task(spec.task_id)
+        if record.spec_hash != spec.hash():
+            raise ProtocolError(f"task {spec.task} on chain has another spec than the owner's")
+        if "0x" + record.context_hash.hex() != self.context_hash:
+            raise ProtocolError(f"task {spec.task} on chain names another HE context")
+        if self.store is None:
+            raise ProtocolError("resuming a task needs the owner's model store")
+        self._connect(spec)
+        for round_no, params in self.store.all(spec.n_params).items():
+            self._release(round_no, params)
+        self._worker.start()  # aggregates queued meanwhile are taken in turn from here on
+        log.info("owner: task %s resumed at model %d", spec.task, max(self.models, default=-1))
+
+    def _connect(self, spec: TaskSpec) -> None:
+        self._spec = spec
+        topics = TaskTopics(spec.task)
         self._link = MqttLink(
             f"truscl-owner-{spec.task[2:10]}",
             self.broker,
             on_message=lambda topic, payload: self._inbox.put(payload),
             subscriptions=[topics.aggregate],
             max_message=spec.max_message,
+            on_connected=lambda: self._inbox.put(_CONNECTED),
         ).start()
-        self._worker.start()
-        self._link.publish(topics.spec, envelope.encode("spec", spec=spec.to_dict()), retain=True)
-        self._link.publish_retained_blob(topics.context, self.public_context)
-        self._release(0, np.asarray(initial, dtype=np.float64))
-        log.info("owner: task %s created in %s", spec.task, tx)
-        return tx
+
+    def _publish_task(self) -> None:
+        """Spec and public context, retained: on every (re)connection, which costs little and
+        puts them back on a broker that restarted without its retained messages."""
+        spec, link = self._spec, self._link
+        if spec is None or link is None:
+            return
+        topics = TaskTopics(spec.task)
+        link.publish(topics.spec, envelope.encode("spec", spec=spec.to_dict()), retain=True)
+        link.publish_retained_blob(topics.context, self.public_context)
+        if self.models:
+            latest = max(self.models)
+            self._publish_model(latest, model_bytes(self.models[latest]))
 
     def stop(self) -> None:
         self._inbox.put(None)
@@ -94,6 +156,9 @@ class TaskOwner:
         reassembler = Reassembler(max_message=self._spec.max_message)
         while (payload := self._inbox.get()) is not None:
             try:
+                if payload is _CONNECTED:
+                    self._publish_task()
+                    continue
                 blob = reassembler.add("aggregator", payload)
                 if blob is not None:
                     self._on_aggregate(blob)
@@ -121,17 +186,29 @@ class TaskOwner:
         self._release(round_no, self.models[round_no - 1] + mean_delta)
 
     def _release(self, round_no: int, params: np.ndarray) -> None:
-        spec, link = self._spec, self._link
-        assert spec is not None and link is not None
+        """Store, anchor the hash (once), publish: in that order, so a restart finishes it."""
+        spec = self._spec
+        assert spec is not None
         data = model_bytes(params)
         model_hash = keccak(data)
-        self.chain.publish_model(spec.task_id, round_no, model_hash)
+        if self.store is not None:
+            self.store.put(round_no, params)
+        anchored = self.chain.model_hash(spec.task_id, round_no)
+        if anchored is None:
+            self.chain.publish_model(spec.task_id, round_no, model_hash)
+        elif anchored != model_hash:
+            raise ProtocolError(f"model {round_no} on chain is not the one this owner stored")
         self.models[round_no] = params
-        link.publish(
-            TaskTopics(spec.task).model,
-            envelope.encode("model", round=round_no, params=data, model_hash=model_hash),
-            retain=True,
-        )
+        self._publish_model(round_no, data)
         log.info("owner: released model %d (%s)", round_no, model_hash.hex()[:16])
         if self._on_model is not None:
             self._on_model(round_no, params)
+
+    def _publish_model(self, round_no: int, data: bytes) -> None:
+        spec, link = self._spec, self._link
+        assert spec is not None and link is not None
+        link.publish(
+            TaskTopics(spec.task).model,
+            envelope.encode("model", round=round_no, params=data, model_hash=keccak(data)),
+            retain=True,
+        )

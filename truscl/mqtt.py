@@ -1,9 +1,10 @@
 """A thin MQTT 5 link over paho-mqtt 2.x, shared by every role.
 
 It subscribes in ``on_connect`` so subscriptions come back after a reconnect, keeps the MQTT
-session across reconnects (QoS 1 messages queued at the broker are not lost while a role is
-away), chunks large blobs, and hands each message to the role's callback from paho's network
-thread. Roles must return quickly from that callback: they queue work for their own thread.
+session across reconnects and restarts of the role (clean start off, a session expiry: QoS 1
+messages queued at the broker are not lost while a role is away), chunks large blobs, and
+hands each message to the role's callback from paho's network thread. Roles must return
+quickly from that callback: they queue work for their own thread.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +89,8 @@ class MqttLink:
         self._on_message = on_message
         self._on_connected = on_connected
         self._connected = threading.Event()
+        self._unacknowledged: list[paho.MQTTMessageInfo] = []
+        self._unacknowledged_lock = threading.Lock()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -120,7 +124,7 @@ class MqttLink:
             self.broker.host,
             self.broker.port,
             keepalive=30,
-            clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_start=False,  # the session (subscriptions, queued QoS 1) outlives a restart
             properties=properties,
         )
         self._client.loop_start()
@@ -135,7 +139,26 @@ class MqttLink:
         info = self._client.publish(topic, payload, qos=QOS, retain=retain)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("%s: publish to %s failed: %s", self.client_id, topic, info.rc)
+        with self._unacknowledged_lock:
+            self._unacknowledged = [i for i in self._unacknowledged if not i.is_published()]
+            self._unacknowledged.append(info)
         return info
+
+    def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until the broker has acknowledged every publish so far;
+        False if some are still in flight (a role that stops must not drop its last words)."""
+        deadline = time.monotonic() + timeout
+        with self._unacknowledged_lock:
+            waiting, self._unacknowledged = self._unacknowledged, []
+        for info in waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._connected.is_set():
+                return all(i.is_published() for i in waiting)
+            try:
+                info.wait_for_publish(remaining)
+            except (RuntimeError, ValueError):  # paho: the message was dropped or never queued
+                return False
+        return all(i.is_published() for i in waiting)
 
     def publish_blob(self, topic: str, blob: bytes) -> int:
         """Publish ``blob`` as chunks on one topic; returns the bytes put on the wire."""
@@ -151,7 +174,9 @@ class MqttLink:
             self.publish(f"{topic}/{index}", chunk, retain=True)
         return sum(len(c) for c in chunks)
 
-    def close(self) -> None:
+    def close(self, flush_timeout: float = 5.0) -> None:
+        if self._connected.is_set():
+            self.flush(flush_timeout)
         self._client.disconnect()
         self._client.loop_stop()
 

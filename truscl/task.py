@@ -8,11 +8,13 @@ aggregator cannot quietly change the model, the privacy terms or the HE profile.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cbor2
 from eth_utils import keccak
 
+from truscl.config import TomlReader
 from truscl.errors import ConfigError
 from truscl.learning import FeatureScaler
 from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, MIN_MESSAGE
@@ -125,3 +127,60 @@ class TaskSpec:
 
     def hash(self) -> bytes:
         return keccak(self.encode())
+
+
+def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
+    """The owner's task file (TOML) as a spec for ``task`` under the HE context ``context_hash``.
+
+    The file states what an operator decides (rounds, quorum, deadline, features and their
+    physical ranges, DP terms); the task id and the context hash come from ``owner init``.
+    """
+    from truscl.privacy.ckks import DEFAULT_PROFILE, PROFILES  # TenSEAL: only when needed
+
+    reader = TomlReader.load(path)
+    data = reader.data
+    features = tuple(reader.take(data, "features", list, list(FEATURES)))
+    if features != FEATURES:  # the agent builds exactly these inputs from its sensors
+        raise reader.fail(f"features must be {list(FEATURES)} (the agent's sensors)")
+    ranges_table = reader.table("ranges")
+    ranges = []
+    for name in features:
+        pair = reader.take(ranges_table, f"ranges.{name}", list)
+        if len(pair) != 2 or not all(isinstance(v, int | float) for v in pair):
+            raise reader.fail(f"ranges.{name} must be [low, high]")
+        ranges.append((float(pair[0]), float(pair[1])))
+    dp_table = reader.table("dp")
+    defaults = DpTerms()
+    dp_fields = {}
+    for name, value in asdict(defaults).items():
+        kind: type | tuple[type, ...] = int if isinstance(value, int) else (int, float)
+        dp_fields[name] = reader.take(dp_table, f"dp.{name}", kind, value)
+    fields: dict[str, Any] = {
+        "task": task,
+        "rounds": reader.take(data, "rounds", int),
+        "quorum": reader.take(data, "quorum", int),
+        "round_seconds": reader.number(data, "round_seconds", 60.0),
+        "window": reader.take(data, "window", int, 864),
+        "max_message": reader.take(data, "max_message", int, DEFAULT_MAX_MESSAGE),
+        "he_profile": reader.take(data, "he_profile", str, DEFAULT_PROFILE.name),
+        "model": reader.take(data, "model", str, "logistic"),
+        "features": features,
+        "context_hash": context_hash,
+    }
+    reader.no_leftovers()
+    if fields["he_profile"] not in PROFILES:
+        raise reader.fail(f"he_profile must be one of {sorted(PROFILES)}")
+    if fields["model"] != "logistic":
+        raise reader.fail('model must be "logistic"')
+    if fields["round_seconds"] <= 0:
+        raise reader.fail("round_seconds must be > 0")
+    try:
+        scaler = FeatureScaler.from_ranges(ranges)
+        return TaskSpec(
+            **fields,
+            feature_offsets=scaler.offset,
+            feature_scales=scaler.scale,
+            dp=DpTerms(**dp_fields),
+        )
+    except ConfigError as exc:
+        raise reader.fail(str(exc)) from None
