@@ -34,7 +34,7 @@ from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.privacy.ckks import context_hash, encrypt, load_context
 from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
-from truscl.task import MAX_MESSAGE_LIMIT, TaskSpec
+from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import (
     Domain,
     Reassembler,
@@ -49,7 +49,6 @@ from truscl.wire.model import model_from_bytes
 
 log = logging.getLogger(__name__)
 
-SPEC_MAX_BYTES = 64 * 1024
 TICK_S = 1.0
 _EVENT_CONNECTED = ("", b"connected")
 _EVENT_TICK = ("", b"")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from eth_utils import keccak
 
 from truscl.chain import ChainClient
-from truscl.errors import ChainError, ProtocolError
+from truscl.errors import ChainError, ConfigError, ProtocolError
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.ckks import aggregator_context_bytes, load_context
 from truscl.server.archive import Archive, RoundManifest
@@ -30,7 +30,7 @@ from truscl.server.rounds import (
     RejectReason,
     RoundTerms,
 )
-from truscl.task import TaskSpec
+from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, blob_id, envelope
 
 log = logging.getLogger(__name__)
@@ -54,47 +54,117 @@ class RoundStats:
 
 
 class Aggregator:
+    """The aggregator of one task.
+
+    Its terms (spec and public HE context) are given, or read from the archive, or taken from
+    the task's retained MQTT topics; whichever way, they are checked against the hashes the
+    owner anchored on chain before any update is looked at.
+    """
+
     def __init__(
         self,
         *,
-        spec: TaskSpec,
-        public_context: bytes,
         chain: ChainClient,
         archive: Archive,
         broker: BrokerSettings,
         expected: int,
+        task: str | None = None,
+        spec: TaskSpec | None = None,
+        public_context: bytes | None = None,
         clock: Callable[[], float] = time.time,
         on_closed: Callable[[RoundStats], None] | None = None,
     ) -> None:
-        if keccak(public_context).hex() != spec.context_hash.removeprefix("0x"):
-            raise ProtocolError("public context does not match the task's context hash")
-        self.spec = spec
-        self.topics = TaskTopics(spec.task)
+        task = task or (spec.task if spec is not None else None)
+        if task is None:
+            raise ProtocolError("an aggregator serves one task: give its id or its spec")
+        self.task = task.lower()
+        self.topics = TaskTopics(self.task)
         self.chain = chain
         self.archive = archive
         self.expected = expected
         self.stats: dict[int, RoundStats] = {}
+        self.spec: TaskSpec  # set by _adopt, before any update is looked at
         self._clock = clock
         self._on_closed = on_closed
-        self._context = load_context(aggregator_context_bytes(public_context))  # no key at all
         self._domain = Domain(chain.chain_id, chain.address)
         self._registered: set[str] = set()
-        self._reassembler = Reassembler(max_message=spec.max_message, max_blob=MAX_UPDATE_BYTES)
         self._open: OpenRound | None = None
         self._unanchored: ClosedRound | None = None
         self._next_anchor_try = 0.0
         self._last_closed = 0
         self._deadline_logged = False
+        self._terms_ready = threading.Event()
+        self._retained_spec: TaskSpec | None = None
+        self._context_chunks = Reassembler(max_message=MAX_MESSAGE_LIMIT)
+        self._retained_context: bytes | None = None
+        self._stashed_model: bytes | None = None
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
         self._link = MqttLink(
-            f"truscl-aggregator-{spec.task[2:10]}",
+            f"truscl-aggregator-{self.task[2:10]}",
             broker,
             on_message=lambda topic, payload: self._inbox.put((topic, payload)),
-            subscriptions=[self.topics.all_updates, self.topics.model],
-            max_message=spec.max_message,
+            subscriptions=[
+                self.topics.all_updates,
+                self.topics.model,
+                self.topics.spec,
+                f"{self.topics.context}/+",
+            ],
         )
-        archive.put_task(spec.task, spec.encode(), public_context)
+        if spec is not None and public_context is not None:
+            if keccak(public_context).hex() != spec.context_hash.removeprefix("0x"):
+                raise ProtocolError("public context does not match the task's context hash")
+            self._adopt(spec, public_context)
+        else:
+            self._adopt_archived()
+
+    @property
+    def has_terms(self) -> bool:
+        return self._terms_ready.is_set()
+
+    def wait_for_terms(self, timeout: float | None = None) -> bool:
+        """Whether the task's spec and context are known (they may come from the broker)."""
+        return self._terms_ready.wait(timeout)
+
+    def _adopt(self, spec: TaskSpec, public_context: bytes) -> None:
+        self.spec = spec
+        self._context = load_context(aggregator_context_bytes(public_context))  # no key at all
+        self._reassembler = Reassembler(max_message=spec.max_message, max_blob=MAX_UPDATE_BYTES)
+        self._link.max_message = spec.max_message
+        self.archive.put_task(spec.task, spec.encode(), public_context)
+        self._terms_ready.set()
+        log.info("aggregator: serving task %s", spec.task)
+
+    def _adopt_archived(self) -> None:
+        """Terms kept by an earlier run, if the chain still vouches for them."""
+        try:
+            spec_bytes, context = self.archive.spec(self.task), self.archive.context(self.task)
+        except (OSError, ProtocolError):
+            return
+        record = self.chain.task(bytes.fromhex(self.task[2:]))
+        if keccak(spec_bytes) == record.spec_hash and keccak(context) == record.context_hash:
+            self._adopt(TaskSpec.decode(spec_bytes), context)
+
+    def _on_terms(self, topic: str, payload: bytes) -> None:
+        """A retained spec or context chunk, before the terms are known: checked like a device
+        checks them, against the hashes on chain."""
+        record = self.chain.task(bytes.fromhex(self.task[2:]))
+        if topic == self.topics.spec:
+            spec = TaskSpec.from_dict(envelope.decode(payload, "spec", SPEC_MAX_BYTES)["spec"])
+            if spec.hash() != record.spec_hash:
+                raise ProtocolError("task spec does not match its on-chain hash")
+            self._retained_spec = spec
+        else:
+            blob = self._context_chunks.add("owner", payload)
+            if blob is None:
+                return
+            if keccak(blob) != record.context_hash:
+                raise ProtocolError("HE context does not match its on-chain hash")
+            self._retained_context = blob
+        if self._retained_spec is not None and self._retained_context is not None:
+            self._adopt(self._retained_spec, self._retained_context)
+            if self._stashed_model is not None:
+                self._on_model(self._stashed_model)
 
     def start(self) -> Aggregator:
         self._worker.start()
@@ -122,13 +192,27 @@ class Aggregator:
                 return
             topic, payload = item
             try:
-                if topic == self.topics.model:
-                    self._on_model(payload)
-                elif topic:
-                    self._on_update_chunk(topic, payload)
-                self._tick()
+                self._dispatch(topic, payload)
+            except (ProtocolError, ConfigError) as exc:
+                log.warning("aggregator: rejected a message on %s: %s", topic, exc)
             except Exception:  # the service outlives any one message
                 log.exception("aggregator: unexpected failure on %s", topic or "tick")
+
+    def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.spec or topic.startswith(self.topics.context + "/"):
+            if not self.has_terms:
+                self._on_terms(topic, payload)
+        elif not self.has_terms:
+            if topic == self.topics.model:
+                self._stashed_model = payload  # the latest; taken once the terms are known
+            elif topic:
+                log.warning("aggregator: an update arrived before the task's terms; dropped")
+        elif topic == self.topics.model:
+            self._on_model(payload)
+        elif topic:
+            self._on_update_chunk(topic, payload)
+        if self.has_terms:
+            self._tick()
 
     def _on_model(self, payload: bytes) -> None:
         try:

@@ -43,7 +43,7 @@ class RoundTerms:
     context_hash: bytes
     n_params: int
     quorum: int
-    expected: int  # devices enrolled in the task: the round closes early once all are in
+    expected: int  # devices enrolled in the task: the round closes early once all are in (0: never)
     deadline: float
     max_update_bytes: int
 
@@ -154,7 +154,7 @@ class OpenRound:
 
     def ready(self, now: float) -> bool:
         """All enrolled devices are in, or the deadline passed with a quorum."""
-        if self.participants >= self.terms.expected:
+        if self.terms.expected and self.participants >= self.terms.expected:
             return True
         return now >= self.terms.deadline and self.participants >= self.terms.quorum
 

@@ -21,6 +21,7 @@ from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, MIN_MESSAGE
 
 FEATURES = ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
 MAX_MESSAGE_LIMIT = 1024 * 1024  # the largest MQTT payload a task may ask for
+SPEC_MAX_BYTES = 64 * 1024  # the largest spec (and model) message a role reads
 
 
 @dataclass(frozen=True)

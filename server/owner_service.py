@@ -1,0 +1,138 @@
+"""``truscl owner init`` and ``truscl owner run``: the task owner as a service.
+
+``init`` makes the task's HE keys, creates the task on chain from the task file and publishes
+its spec, public context and initial model. ``run`` takes the task up from the owner's state
+folder and the chain, however often it is restarted, and releases a model for every anchored
+aggregate. The state folder holds the HE secret key (0600): it never leaves the owner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from truscl.chain import ChainClient
+from truscl.chain.node import connect
+from truscl.errors import ChainError, ConfigError
+from truscl.files import write_atomically
+from truscl.keyfile import load_or_create_account
+from truscl.learning import LogisticModel
+from truscl.privacy.ckks import PROFILES, OwnerKeys, context_hash
+from truscl.server.config import OwnerConfig
+from truscl.server.owner import ModelStore, TaskOwner
+from truscl.task import TaskSpec, load_task_file
+
+log = logging.getLogger(__name__)
+
+UNBOUND_CONTEXT = "0x" + "00" * 32  # a task file's spec before its HE keys exist
+
+
+class OwnerState:
+    """The owner's folder: HE secret key, the task's spec, its creation record, models."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.he_key = self.folder / "he-secret-context"
+        self.spec_file = self.folder / "spec.cbor"
+        self.record_file = self.folder / "task.json"
+        self.models = self.folder / "models"
+
+    def spec(self) -> TaskSpec | None:
+        return TaskSpec.decode(self.spec_file.read_bytes()) if self.spec_file.exists() else None
+
+    def save_spec(self, spec: TaskSpec) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.spec_file, spec.encode())
+
+    def record(self) -> dict[str, str] | None:
+        if not self.record_file.exists():
+            return None
+        record: dict[str, str] = json.loads(self.record_file.read_text())
+        return record
+
+    def save_record(self, record: dict[str, str]) -> None:
+        write_atomically(self.record_file, (json.dumps(record, indent=1) + "\n").encode())
+
+    def keys(self, profile: str) -> OwnerKeys:
+        """The task's HE keys: made once, then read back (a retried init reuses them)."""
+        if self.he_key.exists():
+            return OwnerKeys.load(self.he_key)
+        keys = OwnerKeys.generate(PROFILES[profile])
+        keys.save(self.he_key)
+        return keys
+
+
+def owner_client(config: OwnerConfig) -> ChainClient:
+    account = load_or_create_account(config.key)
+    return ChainClient.at(connect(config.chain.rpc), config.chain.contract, account)
+
+
+def init_task(config: OwnerConfig) -> TaskSpec:
+    """Create the task once. A run cut short (after the spec was fixed, before the record was
+    written) is finished by running it again: the spec and keys on disk are reused."""
+    state = OwnerState(config.state)
+    record = state.record()
+    if record is not None:
+        raise ConfigError(
+            f"{state.folder} already holds task {record['task']}; `truscl owner run` takes it up"
+        )
+    chain = owner_client(config)
+    spec = state.spec()
+    if spec is None:
+        task = "0x" + os.urandom(32).hex()
+        draft = load_task_file(config.task_file, task=task, context_hash=UNBOUND_CONTEXT)
+        keys = state.keys(draft.he_profile)
+        spec = replace(draft, context_hash="0x" + context_hash(keys.public_context_bytes()).hex())
+        state.save_spec(spec)
+    keys = state.keys(spec.he_profile)
+    owner = TaskOwner(keys=keys, chain=chain, broker=config.broker, store=ModelStore(state.models))
+    try:
+        if _task_exists(chain, spec):
+            owner.resume(spec)
+        else:
+            owner.create_task(
+                spec, config.aggregator, LogisticModel(len(spec.features)).init_params()
+            )
+    finally:
+        owner.stop()
+    state.save_record({"task": spec.task, "spec_hash": "0x" + spec.hash().hex()})
+    return spec
+
+
+def _task_exists(chain: ChainClient, spec: TaskSpec) -> bool:
+    try:
+        chain.task(spec.task_id)
+    except ChainError as exc:
+        if "UnknownTask" in str(exc):
+            return False
+        raise
+    return True
+
+
+def run_owner(
+    config: OwnerConfig, stop: threading.Event, ready: Callable[[], None] | None = None
+) -> None:
+    state = OwnerState(config.state)
+    spec = state.spec()
+    if spec is None or state.record() is None:
+        raise ConfigError(f"{state.folder} holds no task yet: run `truscl owner init` first")
+    owner = TaskOwner(
+        keys=OwnerKeys.load(state.he_key),
+        chain=owner_client(config),
+        broker=config.broker,
+        store=ModelStore(state.models),
+    )
+    owner.resume(spec)
+    log.info("owner: serving task %s", spec.task)
+    try:
+        if ready is not None:
+            ready()
+        stop.wait()
+    finally:
+        owner.stop()
+        log.info("owner: stopped")
