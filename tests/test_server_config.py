@@ -1,0 +1,84 @@
+"""The owner's and the aggregator's files: what a user writes loads, mistakes name file and key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from truscl.errors import ConfigError
+from truscl.server.config import AggregatorConfig, OwnerConfig
+from truscl.task import load_task_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "0x" + "ab" * 32
+CONTEXT = "0x" + "cd" * 32
+
+
+def test_the_example_task_file_makes_the_demo_terms() -> None:
+    spec = load_task_file(ROOT / "deploy" / "task.toml", task=TASK, context_hash=CONTEXT)
+
+    assert (spec.task, spec.context_hash, spec.rounds, spec.quorum) == (TASK, CONTEXT, 10, 3)
+    assert spec.feature_offsets == (22.5, 45.0, 500.0, 1200.0)
+    assert spec.dp.epsilon_budget == 8.0 and spec.dp.delta == 1e-5
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("rounds = 10", 'rounds = "10"'), "rounds has the wrong type"),
+        (lambda t: t.replace("quorum = 3", "quorums = 3"), "quorum is required"),
+        (lambda t: t + "colour = 1\n", "unknown key dp.colour"),
+        (lambda t: t.replace("clip_norm = 1.0", "clip_norm = -1.0"), "clip_norm"),
+        (lambda t: t.replace("co2_ppm = [400.0, 2000.0]", "co2_ppm = [1]"), "ranges.co2_ppm"),
+        (lambda t: t.replace('"co2_ppm"]', '"co2"]'), "features must be"),
+        (lambda t: t.replace('he_profile = "ckks-4096-60-49"', 'he_profile = "x"'), "he_profile"),
+        (lambda t: t.replace("round_seconds = 60.0", "round_seconds = 0"), "round_seconds"),
+    ],
+)
+def test_a_bad_task_file_is_refused_naming_the_key(
+    tmp_path: Path, edit: Callable[[str], str], message: str
+) -> None:
+    path = tmp_path / "task.toml"
+    path.write_text(edit((ROOT / "deploy" / "task.toml").read_text()))
+
+    with pytest.raises(ConfigError) as refused:
+        load_task_file(path, task=TASK, context_hash=CONTEXT)
+
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
+
+
+def test_the_example_service_files_load_and_resolve_paths(tmp_path: Path) -> None:
+    owner = OwnerConfig.load(ROOT / "deploy" / "owner.toml")
+    aggregator = AggregatorConfig.load(ROOT / "deploy" / "aggregator.toml")
+    moved = tmp_path / "owner.toml"
+    moved.write_text(
+        (ROOT / "deploy" / "owner.toml").read_text().replace("/var/lib/truscl-owner/", "")
+    )
+
+    assert owner.broker.username == "owner" and owner.broker.ca is not None
+    assert aggregator.expected_devices == 0 and aggregator.broker.port == 8883
+    assert OwnerConfig.load(moved).key == tmp_path / "owner.key"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace("expected_devices = 0", "expected_devices = -1"), "expected_devices"),
+        (lambda t: t.replace('username = "aggregator"\n', ""), "[broker]: a broker username"),
+        (lambda t: t.replace("port = 8883", "port = 0"), "broker.port must be a TCP port"),
+        (lambda t: t.replace("contract = ", "contract = '0x12' #"), "chain.contract must be"),
+        (lambda t: t.replace("archive = ", "archives = "), "aggregator.archive is required"),
+    ],
+)
+def test_a_bad_aggregator_file_is_refused_naming_the_key(
+    tmp_path: Path, edit: Callable[[str], str], message: str
+) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(edit((ROOT / "deploy" / "aggregator.toml").read_text()))
+
+    with pytest.raises(ConfigError) as refused:
+        AggregatorConfig.load(path)
+
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
