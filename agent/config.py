@@ -33,6 +33,8 @@ class AgentConfig:
     room: int
     seed: int
     time_scale: float
+    start: float | None  # simulated: epoch second the room's clock starts at (None: now)
+    history: int  # simulated: readings the device had already taken when it starts
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -67,6 +69,8 @@ class AgentConfig:
             room=reader.take(sensors, "sensors.room", int, 0),
             seed=reader.take(sensors, "sensors.seed", int, 0),
             time_scale=reader.number(sensors, "sensors.time_scale", 1.0),
+            start=reader.take(sensors, "sensors.start", (int, float), None),
+            history=reader.take(sensors, "sensors.history", int, 0),
         )
         reader.no_leftovers()
         if config.hardware not in backend_names():
@@ -74,6 +78,6 @@ class AgentConfig:
             raise ConfigError(f"{source}: sensors.hardware must be one of {names}")
         if config.interval <= 0 or config.time_scale <= 0:
             raise ConfigError(f"{source}: sensors.interval and sensors.time_scale must be > 0")
-        if config.room < 0:
-            raise ConfigError(f"{source}: sensors.room must not be negative")
+        if config.room < 0 or config.history < 0:
+            raise ConfigError(f"{source}: sensors.room and sensors.history must not be negative")
         return config

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
@@ -25,11 +25,13 @@ GROUP = "truscl.hardware"
 
 @dataclass
 class Sensors:
-    """An open sensor suite, a function that reads it once, and the real seconds between reads."""
+    """An open sensor suite, a function that reads it once, the real seconds between reads,
+    and readings taken before the agent started (a simulated device's past)."""
 
     suite: SensorSuite
     read: Callable[[], Reading]
     period: float
+    history: list[Reading] = field(default_factory=list)
 
     def close(self) -> None:
         self.suite.close()

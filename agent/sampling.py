@@ -24,13 +24,14 @@ class Sampler:
         interval: float,
         capacity: int,
         name: str = "sampler",
+        history: list[Reading] | None = None,
     ) -> None:
         if interval <= 0 or capacity < 1:
             raise ValueError("the interval must be positive and the capacity at least 1")
         self.interval = interval
         self.failures = 0
         self._read = read
-        self._queue: deque[Reading] = deque(maxlen=capacity)
+        self._queue: deque[Reading] = deque(history or (), maxlen=capacity)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -32,7 +32,9 @@ def run_agent(config: AgentConfig, stop: threading.Event) -> None:
         raise ChainError(f"no JSON-RPC node answers at {config.rpc}")
     chain = ChainClient.at(w3, config.contract)
     sensors = load_backend(config.hardware)(config)
-    sampler = Sampler(sensors.read, sensors.period, SAMPLER_CAPACITY).start()
+    sampler = Sampler(
+        sensors.read, sensors.period, SAMPLER_CAPACITY, history=sensors.history
+    ).start()
     agent = DeviceAgent(
         account=account,
         task=config.task,
