@@ -1,4 +1,5 @@
-"""The whole system end to end: a real broker, the in-process EVM, every role in its threads."""
+"""The whole system end to end: ``truscl demo`` as README command 1 runs it (each role its own
+process, on anvil and a real broker), and the in-process variant (every role a thread)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,14 @@ def test_truscl_demo_with_defaults_meets_the_targets(tmp_path: Path) -> None:
     assert summary["delta"] == 1e-5
     assert summary["audit"]["verified"] == summary["audit"]["total"] == 10
     assert "round  10" in result.stdout and "audit: 10/10" in result.stdout
+    assert summary["processes"] == 7 and summary["stopped_cleanly"] is True
 
 
 def test_a_round_with_a_dropout_closes_at_quorum(tmp_path: Path) -> None:
-    config = DemoConfig(devices=3, rounds=3, drop_device_at=2, round_seconds=2.0, workdir=tmp_path)
+    # The deadline only matters once a device is gone: until then a round closes when all are in.
+    config = DemoConfig(
+        devices=3, rounds=3, drop_device_at=2, round_seconds=10.0, workdir=tmp_path, in_process=True
+    )
 
     summary = run_demo(config, out=io.StringIO())
 
@@ -62,6 +67,7 @@ def test_devices_stop_when_their_budget_is_spent(
         round_timeout=8.0,
         workdir=tmp_path,
         dp=DpTerms(epsilon_budget=2.5),
+        in_process=True,
     )
     caplog.set_level(logging.WARNING, logger="truscl.agent.device")
     # Execute
@@ -75,7 +81,9 @@ def test_devices_stop_when_their_budget_is_spent(
 
 def test_a_small_message_limit_chunks_context_and_updates(tmp_path: Path) -> None:
     # 16 KiB messages: the 125 KB public context and each 66 KB update travel in chunks
-    config = DemoConfig(devices=2, rounds=1, max_message=16 * 1024, workdir=tmp_path)
+    config = DemoConfig(
+        devices=2, rounds=1, max_message=16 * 1024, workdir=tmp_path, in_process=True
+    )
 
     summary = run_demo(config, out=io.StringIO())
 

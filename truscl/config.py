@@ -7,6 +7,7 @@ taken relative to the file's own folder, so a provisioned folder can be moved wh
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -118,3 +119,42 @@ class TomlReader:
                 unknown = [] if name in self.seen else [name]
             if unknown:
                 raise self.fail(f"unknown key {unknown[0]}")
+
+
+def render_toml(top: dict[str, Any], tables: dict[str, dict[str, Any]]) -> str:
+    """A TOML file of plain keys then ``[tables]``, for the configurations truscl writes.
+
+    Values are strings, numbers, booleans, paths or lists of those; ``None`` leaves a key out.
+    """
+
+    def value(item: Any) -> str:
+        if isinstance(item, bool):
+            return "true" if item else "false"
+        if isinstance(item, int | float):
+            return repr(item)
+        if isinstance(item, Path | str):
+            return json.dumps(str(item))  # a JSON string is a TOML basic string
+        if isinstance(item, list | tuple):
+            return "[" + ", ".join(value(v) for v in item) + "]"
+        raise TypeError(f"cannot write {item!r} to TOML")
+
+    def lines(table: dict[str, Any]) -> list[str]:
+        return [f"{key} = {value(item)}" for key, item in table.items() if item is not None]
+
+    parts = lines(top)
+    for name, table in tables.items():
+        parts += ["", f"[{name}]", *lines(table)]
+    return "\n".join(parts).lstrip("\n") + "\n"
+
+
+def broker_table(settings: BrokerSettings) -> dict[str, Any]:
+    """The ``[broker]`` table that :meth:`TomlReader.broker` reads back as ``settings``."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "ca": settings.ca,
+        "cert": settings.cert,
+        "key": settings.key,
+        "username": settings.username,
+        "password_file": settings.password_file,
+    }

@@ -24,8 +24,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     demo.add_argument(
         "--rpc",
         metavar="URL",
-        help="use a development node (e.g. anvil) instead of the in-process EVM; "
-        "with --workdir, `truscl audit` can check the run afterwards",
+        help="use this development node (with an unlocked, funded first account) instead of "
+        "starting anvil; with --workdir, `truscl audit` can check the run afterwards",
+    )
+    demo.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every role as a thread of this process, on the in-process EVM "
+        "(or on --rpc), instead of one process per role",
     )
     demo.add_argument(
         "--round-seconds",
@@ -54,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         drop_device_at=args.drop_device,
         round_seconds=args.round_seconds,
         rpc=args.rpc,
+        in_process=args.in_process,
     )
     summary = run_demo(config, out=sys.stdout)
     if args.json:

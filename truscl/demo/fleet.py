@@ -1,0 +1,360 @@
+"""``truscl demo``: the deployment a user runs, on one machine, each role its own OS process.
+
+The launcher does what an operator does: it provisions each device (key and configuration),
+starts a broker, starts a development node (anvil) unless one is given, deploys the contract,
+registers the devices, creates the task with ``owner init``, and starts ``truscl owner run``,
+``truscl aggregator run`` and one ``truscl agent run`` per device, each from its own TOML file,
+with its log in ``logs/``. It follows the task on the chain, reads each round from the
+aggregator's archive and the owner's released models, audits the task, then stops every
+process with SIGTERM, as systemd would.
+
+Devices read simulated rooms through the real drivers (the ``simulated`` hardware backend),
+starting on a fixed date with three days of readings behind them, and sensing in accelerated
+time; the centralised baseline is trained on the same rooms' readings over the same span.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from eth_account import Account
+
+from truscl.agent.provision import provision_agent
+from truscl.agent.sensors import Reading, SensorSuite
+from truscl.broker import Mosquitto
+from truscl.chain import ChainClient, NodeChain
+from truscl.chain.anvil import Anvil
+from truscl.config import broker_table, render_toml
+from truscl.demo.common import (
+    READING_INTERVAL_S,
+    READINGS_PER_ROUND,
+    SENSOR_RANGES,
+    WINDOW,
+    DemoConfig,
+    DemoFailed,
+    RoundRow,
+    accuracy,
+    baseline_accuracy,
+    summarise,
+    test_set,
+)
+from truscl.keyfile import load_or_create_account, write_secret
+from truscl.mqtt import BrokerSettings
+from truscl.server.archive import Archive
+from truscl.server.audit import audit_task
+from truscl.server.config import OwnerConfig
+from truscl.server.owner_service import init_task
+from truscl.sim.fleet import MONDAY_2024_01_08
+from truscl.sim.hardware import SimulatedDevice
+from truscl.sim.rooms import Room, RoomProfile, make_rooms
+from truscl.task import FEATURES, TaskSpec
+from truscl.wire import Update
+from truscl.wire.model import model_from_bytes
+
+log = logging.getLogger(__name__)
+
+GAS_MONEY_WEI = 10**19
+ROUND_SECONDS_REAL = 3.0  # real seconds in which a device takes a round's worth of readings
+TIME_SCALE = READINGS_PER_ROUND * READING_INTERVAL_S / ROUND_SECONDS_REAL
+POLL_S = 0.2
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class Role:
+    """One ``truscl`` service process of the demo."""
+
+    name: str
+    command: list[str]
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "truscl.cli", "--log-level", "INFO", *self.command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> int | None:
+        """SIGTERM, as systemd stops a unit; the exit code (None if it had to be killed)."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                return None
+        return self.process.returncode
+
+    def tail(self, lines: int = 15) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
+    workdir = config.workdir or Path(tempfile.mkdtemp(prefix="truscl-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "logs").mkdir(exist_ok=True)
+    started = time.monotonic()
+    profiles = make_rooms(config.devices, config.seed)
+    X_test, y_test = test_set(profiles, config.seed)
+    roles: list[Role] = []
+    with ExitStack() as stack:
+        stack.callback(_stop_all, roles)
+        addresses = [
+            _device_address(workdir / "devices" / str(index)) for index in range(config.devices)
+        ]
+        broker = stack.enter_context(Mosquitto(workdir / "broker"))
+        settings = broker.settings
+        rpc = config.rpc or stack.enter_context(Anvil(log=workdir / "logs" / "anvil.log")).url
+        node = NodeChain(rpc)
+        admin = _funded_key(node, workdir / "admin" / "admin.key")
+        contract = ChainClient.deploy(node.web3(), admin, node.lock)
+        for address in addresses:
+            contract.register_device(address)
+
+        spec = _create_task(config, workdir, node, contract.address, settings, rpc)
+        archive = workdir / "aggregator" / "archive"
+        roles += _start_services(config, workdir, spec, contract.address, settings, rpc)
+        print(
+            f"truscl demo: {config.devices} devices, {config.rounds} rounds, "
+            f"{len(roles)} processes, broker {settings.address}, chain {rpc}, "
+            f"contract {contract.address}",
+            file=out,
+        )
+        reader = ChainClient.at(node.web3(), contract.address)
+        rows = []
+        round_started = time.monotonic()
+        for round_no in range(1, config.rounds + 1):
+            if config.drop_device_at == round_no:
+                dropped = roles[-1]
+                dropped.stop()
+                print(f"  (device {dropped.name} stops before round {round_no})", file=out)
+            _wait_for_model(config, reader, spec, round_no, roles)
+            seconds, round_started = time.monotonic() - round_started, time.monotonic()
+            row = _round_row(spec, Archive(archive), workdir, round_no, X_test, y_test, seconds)
+            rows.append(row)
+            print(row.line(config.devices), file=out)
+        report = audit_task(reader, Archive(archive), spec.task)
+        codes = _stop_all(roles)
+    unclean = {name: code for name, code in codes.items() if code != 0}
+    if unclean:
+        print(f"warning: not every process stopped cleanly: {unclean}", file=out)
+    baseline = baseline_accuracy(_pooled(profiles, config), X_test, y_test)
+    summary = summarise(
+        config,
+        rows,
+        baseline,
+        spec,
+        report.as_dict(),
+        time.monotonic() - started,
+        {
+            "he_mode": "single-key",
+            "chain": rpc,
+            "contract": contract.address,
+            "workdir": str(workdir),
+            "processes": len(codes),
+            "stopped_cleanly": not unclean,
+        },
+        out,
+    )
+    if config.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        print(f"keys, configurations, archive and logs kept in {workdir}", file=out)
+    return summary
+
+
+def _device_address(folder: Path) -> str:
+    """A device's address, its key made on first use (the broker's ACL and the registry need
+    it before the device's configuration is written)."""
+    return load_or_create_account(folder / "device.key").address
+
+
+def _funded_key(node: NodeChain, path: Path) -> Any:
+    """A fresh role key in a 0600 file, funded for gas from the node's unlocked account."""
+    account = Account.create()
+    if path.exists():
+        path.unlink()
+    write_secret(path, bytes(account.key))
+    node.fund(account.address, GAS_MONEY_WEI)
+    return account
+
+
+def _create_task(
+    config: DemoConfig,
+    workdir: Path,
+    node: NodeChain,
+    contract: str,
+    broker: BrokerSettings,
+    rpc: str,
+) -> TaskSpec:
+    """Write the owner's task file and configuration, then ``owner init``."""
+    folder = workdir / "owner"
+    folder.mkdir(parents=True, exist_ok=True)
+    _funded_key(node, folder / "owner.key")
+    aggregator = _funded_key(node, workdir / "aggregator" / "aggregator.key")
+    ranges = dict(zip(FEATURES, SENSOR_RANGES, strict=True))
+    (folder / "task.toml").write_text(
+        render_toml(
+            {
+                "rounds": config.rounds,
+                "quorum": config.quorum,
+                "round_seconds": config.round_seconds,
+                "window": WINDOW,
+                "max_message": config.max_message,
+            },
+            {"ranges": {k: list(v) for k, v in ranges.items()}, "dp": asdict(config.dp)},
+        )
+    )
+    (folder / "owner.toml").write_text(
+        render_toml(
+            {"task_file": "task.toml", "aggregator": aggregator.address},
+            {
+                "owner": {"key": "owner.key", "state": "state"},
+                "broker": broker_table(broker),
+                "chain": {"rpc": rpc, "contract": contract},
+            },
+        )
+    )
+    return init_task(OwnerConfig.load(folder / "owner.toml"))
+
+
+def _start_services(
+    config: DemoConfig,
+    workdir: Path,
+    spec: TaskSpec,
+    contract: str,
+    broker: BrokerSettings,
+    rpc: str,
+) -> list[Role]:
+    logs = workdir / "logs"
+    chain = {"rpc": rpc, "contract": contract}
+    aggregator_toml = workdir / "aggregator" / "aggregator.toml"
+    aggregator_toml.write_text(
+        render_toml(
+            {"task": spec.task, "expected_devices": config.devices},
+            {
+                "aggregator": {"key": "aggregator.key", "archive": "archive"},
+                "broker": broker_table(broker),
+                "chain": chain,
+            },
+        )
+    )
+    roles = [
+        Role("owner", ["owner", "run", "--config", str(workdir / "owner" / "owner.toml")],
+             logs / "owner.log"),
+        Role("aggregator", ["aggregator", "run", "--config", str(aggregator_toml)],
+             logs / "aggregator.log"),
+    ]  # fmt: skip
+    for index in range(config.devices):
+        device = provision_agent(
+            workdir / "devices" / str(index),
+            broker=broker,
+            rpc=rpc,
+            contract=contract,
+            task=spec.task,
+            name=f"device-{index}",
+            sensors=_simulated_sensors(config, index),
+        )
+        roles.append(
+            Role(f"device-{index}", ["agent", "run", "--config", str(device.config)],
+                 logs / f"device-{index}.log")
+        )  # fmt: skip
+    for role in roles:
+        role.start()
+    return roles
+
+
+def _simulated_sensors(config: DemoConfig, index: int) -> dict[str, Any]:
+    return {
+        "hardware": "simulated",
+        "interval": READING_INTERVAL_S,
+        "room": index,
+        "seed": config.seed,
+        "time_scale": TIME_SCALE,
+        "start": MONDAY_2024_01_08,
+        "history": WINDOW,
+    }
+
+
+def _wait_for_model(
+    config: DemoConfig, chain: ChainClient, spec: TaskSpec, round_no: int, roles: list[Role]
+) -> None:
+    deadline = time.monotonic() + config.round_timeout
+    while chain.model_hash(spec.task_id, round_no) is None:
+        stopped = [r for r in roles[:2] if not r.running()]
+        if stopped:
+            raise DemoFailed(f"the {stopped[0].name} stopped:\n{stopped[0].tail()}")
+        if time.monotonic() > deadline:
+            tails = "\n".join(f"--- {r.name}\n{r.tail(5)}" for r in roles[:3])
+            raise DemoFailed(
+                f"round {round_no} did not complete within {config.round_timeout}s\n{tails}"
+            )
+        time.sleep(POLL_S)
+
+
+def _round_row(
+    spec: TaskSpec,
+    archive: Archive,
+    workdir: Path,
+    round_no: int,
+    X_test: np.ndarray,
+    y_test: np.ndarray,
+    seconds: float,
+) -> RoundRow:
+    """A round as the aggregator archived it and the owner released it."""
+    manifest = archive.round(spec.task, round_no)
+    blobs = [archive.get(ident) for ident in manifest.updates]
+    updates = [Update.decode(blob, len(blob)) for blob in blobs]
+    model_file = workdir / "owner" / "state" / "models" / f"{round_no}.model"
+    params = model_from_bytes(model_file.read_bytes(), spec.n_params)
+    return RoundRow(
+        round=round_no,
+        participants=len(updates),
+        accuracy=accuracy(params, X_test, y_test),
+        epsilon=max(update.epsilon for update in updates),
+        bytes=sum(len(blob) for blob in blobs),
+        anchor_tx=manifest.anchor_tx,
+        seconds=seconds,
+    )
+
+
+def _stop_all(roles: list[Role]) -> dict[str, int | None]:
+    """Devices first, then the aggregator, then the owner: the order systemd stops them in
+    when they go down together is irrelevant to correctness, but this one logs least noise."""
+    return {role.name: role.stop() for role in reversed(roles)}
+
+
+def _pooled(profiles: list[RoomProfile], config: DemoConfig) -> list[Reading]:
+    """The readings the devices sensed over the task, replayed from the same rooms and seeds
+    as the ``simulated`` backend (the devices' own copies never leave them)."""
+    readings = []
+    count = WINDOW + config.rounds * READINGS_PER_ROUND
+    for index, profile in enumerate(profiles):
+        room = Room(profile, seed=config.seed * 1000 + index, start=MONDAY_2024_01_08)
+        device = SimulatedDevice(room, seed=config.seed * 1000 + 500 + index)
+        with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
+            for _ in range(count):
+                device.step(READING_INTERVAL_S)
+                readings.append(suite.read(device.now))
+    return readings
