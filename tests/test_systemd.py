@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -264,3 +267,44 @@ def test_supervise_says_ready_pings_and_says_stopping(systemd: FakeSystemd) -> N
         supervisor.join(WAIT)
     assert not supervisor.is_alive()
     assert systemd.drain() == ["STOPPING=1"]
+
+
+SERVICE = """
+import signal, sys, threading
+from truscl.systemd import Heartbeat, supervise
+
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: stop.set())
+heartbeat = Heartbeat("loop")
+
+def loop():
+    while not stop.wait(0.01):
+        heartbeat.beat()
+
+threading.Thread(target=loop, daemon=True).start()
+supervise(stop, heartbeat, status="serving")
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("watchdog_usec", ["60000000", None])
+def test_a_service_supervised_from_its_main_thread_stops_on_sigterm(
+    systemd: FakeSystemd, watchdog_usec: str | None
+) -> None:
+    environ = {**os.environ, "NOTIFY_SOCKET": systemd.address}
+    environ.pop("WATCHDOG_USEC", None)
+    environ.pop("WATCHDOG_PID", None)
+    if watchdog_usec is not None:
+        environ["WATCHDOG_USEC"] = watchdog_usec
+    service = subprocess.Popen([sys.executable, "-c", SERVICE], env=environ)
+    try:
+        assert systemd.receive(timeout=60) == "READY=1\nSTATUS=serving"
+        if watchdog_usec is not None:
+            assert systemd.receive() == "WATCHDOG=1"
+        service.send_signal(signal.SIGTERM)
+        assert systemd.receive() == "STOPPING=1"
+        assert service.wait(WAIT) == 0
+    finally:
+        service.kill()
+        service.wait()
+    assert systemd.drain() == []
