@@ -139,6 +139,14 @@ class ChainClient:
     def chain_id(self) -> int:
         return self._read(lambda: self._w3.eth.chain_id)
 
+    def deployment_block(self) -> int:
+        """Block the contract was deployed in, read from the contract itself.
+
+        An auditor needs only the address: event logs are searched from this block on, rather
+        than from genesis or from a number someone wrote down.
+        """
+        return int(self._call(self._contract.functions.deploymentBlock()))
+
     # --- device registry ---------------------------------------------------------------------
 
     def register_device(self, device: str) -> str:
