@@ -28,7 +28,7 @@ from web3.types import TxParams, TxReceipt
 
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError
-from truscl.wire.update import UpdateRecord
+from truscl.wire.update import UPDATE_FIELDS, UpdateRecord
 
 try:
     from eth_tester.exceptions import TransactionFailed
@@ -372,13 +372,8 @@ def _b32(value: bytes) -> bytes:
 
 
 def _update_tuple(record: UpdateRecord) -> tuple[object, ...]:
-    return (
-        _b32(record.task),
-        record.round,
-        record.device,
-        _b32(record.ciphertext_hash),
-        _b32(record.context),
-        record.samples,
-        record.epsilon_micros,
-        _b32(record.data_root),
+    """The contract's ``Update`` struct, in the order of ``UPDATE_FIELDS``."""
+    return tuple(
+        _b32(cast(bytes, value)) if field.sol_type == "bytes32" else value
+        for field, value in zip(UPDATE_FIELDS, record, strict=True)
     )
