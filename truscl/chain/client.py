@@ -118,18 +118,9 @@ class ChainClient:
         lock: AbstractContextManager[Any] | None = None,
     ) -> ChainClient:
         """Deploy a fresh contract; ``account`` becomes its admin and first registrar."""
-        artifact = load_artifact("Truscl")
-        factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         client_lock: AbstractContextManager[Any] = lock if lock is not None else threading.RLock()
-        with client_lock:
-            tx = factory.constructor().build_transaction(
-                _tx_fields(w3, account, GAS_LIMITS["deploy"])
-            )
-            receipt = _send(w3, account, tx, "deploy")
-        address = receipt["contractAddress"]
-        if address is None:
-            raise ChainError("deploy: the receipt names no contract address")
-        return cls(w3, address, account, client_lock)
+        receipt = deploy_transaction(w3, account, client_lock)
+        return cls(w3, contract_address(receipt), account, client_lock)
 
     @property
     def address(self) -> ChecksumAddress:
@@ -285,6 +276,31 @@ class ChainClient:
         if data is not None and data[:4] in self._errors:
             return self._errors[data[:4]].describe(data[4:])
         return str(exc).removeprefix(_REVERTED_PREFIX)
+
+
+def deploy_transaction(
+    w3: Web3, account: LocalAccount, lock: AbstractContextManager[Any] | None = None
+) -> TxReceipt:
+    """Send the artifact's creation code signed by ``account``; the mined receipt.
+
+    The receipt is what a deployment record is made of (address, block, transaction hash);
+    :meth:`ChainClient.deploy` keeps only the address.
+    """
+    artifact = load_artifact("Truscl")
+    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    with lock if lock is not None else threading.RLock():
+        tx = factory.constructor().build_transaction(_tx_fields(w3, account, GAS_LIMITS["deploy"]))
+        receipt = _send(w3, account, tx, "deploy")
+    contract_address(receipt)
+    return receipt
+
+
+def contract_address(receipt: TxReceipt) -> ChecksumAddress:
+    """The address a deployment receipt names (``ChainError`` if none: not a deployment)."""
+    address = receipt["contractAddress"]
+    if address is None:
+        raise ChainError("deploy: the receipt names no contract address")
+    return Web3.to_checksum_address(address)
 
 
 def _tx_fields(w3: Web3, account: LocalAccount, gas: int) -> TxParams:
