@@ -51,6 +51,7 @@ GAS_LIMITS: Mapping[str, int] = {
 }
 
 _REVERTED_PREFIX = "execution reverted: "
+REGISTRAR_ROLE = keccak(text="REGISTRAR_ROLE")  # the contract's constant of the same name
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,12 @@ class ChainClient:
 
     def is_device(self, device: str) -> bool:
         return bool(self._call(self._contract.functions.isDevice(_addr(device))))
+
+    def is_registrar(self, account: str) -> bool:
+        """Whether ``account`` may register devices: asked before sending, so a wrong key
+        fails once with a clear reason rather than once per device."""
+        fn = self._contract.functions.hasRole(REGISTRAR_ROLE, _addr(account))
+        return bool(self._call(fn))
 
     # --- tasks -------------------------------------------------------------------------------
 
