@@ -14,6 +14,15 @@ contract Truscl is AccessControl {
     /// @notice Role allowed to admit devices into the registry.
     bytes32 public constant REGISTRAR_ROLE = keccak256("REGISTRAR_ROLE");
 
+    /// @notice Block of the deployment transaction, so that an auditor who has only this
+    /// contract's address knows where its event logs begin.
+    /// @dev Written once by the constructor and never again (no setter). A storage slot rather
+    /// than an `immutable`: an immutable is spliced into the runtime code, which would then
+    /// differ from the compiled `deployedBytecode` at every deployment, and checking that the code
+    /// at an address is this contract would need the immutables' offsets. One extra SSTORE at
+    /// deployment buys a runtime code identical to the artifact's, byte for byte.
+    uint256 public deploymentBlock;
+
     struct Task {
         address owner;
         address aggregator;
@@ -81,6 +90,7 @@ contract Truscl is AccessControl {
 
     /// @dev The deployer administers roles and is the first registrar.
     constructor() {
+        deploymentBlock = block.number;
         _grantRole(DEFAULT_ADMIN_ROLE, msg.sender);
         _grantRole(REGISTRAR_ROLE, msg.sender);
     }

@@ -131,6 +131,31 @@ def test_threads_sharing_the_chain_lock_do_not_clash(roles: Roles, chain: Embedd
     assert all(roles.auditor.is_device(d) for batch in devices for d in batch)
 
 
+def test_the_contract_knows_its_deployment_block(chain: EmbeddedChain) -> None:
+    # Prepare: a few blocks first, so the deployment block is not a coincidental 0 or 1
+    w3 = chain.web3()
+    for _ in range(3):
+        chain.new_account(0)
+    admin = chain.new_account()
+
+    # Execute
+    client = ChainClient.deploy(w3, admin, chain.lock)
+
+    # Assert: the block of the deployment transaction, read by a keyless client
+    logs = w3.eth.get_logs({"address": client.address, "fromBlock": 0})
+    deployed_in = {log["blockNumber"] for log in logs}  # the constructor's RoleGranted events
+    assert ChainClient.at(w3, client.address).deployment_block() == deployed_in.pop()
+    assert not deployed_in
+    assert client.deployment_block() > 3
+
+
+def test_the_runtime_code_is_the_artifact_byte_for_byte(roles: Roles, chain: EmbeddedChain) -> None:
+    # No immutables: what an auditor reads at the address is the compiled deployedBytecode
+    code = chain.web3().eth.get_code(roles.admin.address)
+
+    assert "0x" + bytes(code).hex() == load_artifact("Truscl")["deployedBytecode"]
+
+
 def test_a_read_only_client_cannot_transact(roles: Roles) -> None:
     with pytest.raises(ChainError, match="read-only"):
         roles.auditor.register_device(roles.device_account.address)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import cbor2
 import pytest
 from eth_account import Account
+from eth_utils import keccak
 
 from truscl.errors import ProtocolError, SignatureError
 from truscl.wire import Domain, Reassembler, Update, envelope, split
 from truscl.wire.merkle import EMPTY_ROOT, merkle_proof, merkle_root, verify_proof
+from truscl.wire.update import LEAF_ABI, UPDATE_FIELDS, UPDATE_TYPES, UpdateRecord
 
 DOMAIN = Domain(chain_id=31337, contract="0x" + "ab" * 20)
 
@@ -255,3 +259,80 @@ def test_merkle_rejects_bad_leaves() -> None:
         merkle_root([b"short"])
     with pytest.raises(ProtocolError):
         merkle_proof([leaf], os.urandom(32))
+
+
+# -- the update's fields, defined once -----------------------------------------------------
+
+SOLIDITY = Path(__file__).resolve().parent.parent / "contracts" / "Truscl.sol"
+
+
+def solidity_struct(source: str, name: str) -> list[tuple[str, str]]:
+    """(type, member) pairs of ``struct name { ... }``, comments stripped."""
+    source = re.sub(r"//[^\n]*|/\*.*?\*/", "", source, flags=re.DOTALL)
+    match = re.search(rf"\bstruct\s+{name}\s*\{{([^}}]*)\}}", source)
+    assert match, f"no struct {name} in the contract"
+    members = [m.split() for m in match.group(1).split(";") if m.strip()]
+    assert all(len(m) == 2 for m in members), members
+    return [(m[0], m[1]) for m in members]
+
+
+def test_the_update_table_matches_the_solidity_struct() -> None:
+    members = solidity_struct(SOLIDITY.read_text(), "Update")
+
+    assert [(f.sol_type, f.name) for f in UPDATE_FIELDS] == members
+
+
+def test_everything_about_an_update_follows_the_table() -> None:
+    assert UPDATE_TYPES["Update"] == [{"name": f.name, "type": f.sol_type} for f in UPDATE_FIELDS]
+    assert [f.sol_type for f in UPDATE_FIELDS] == LEAF_ABI
+    assert UpdateRecord._fields == tuple(f.attr for f in UPDATE_FIELDS)
+    schema = envelope.SCHEMAS["update"]
+    assert list(schema) == [*(f.cbor for f in UPDATE_FIELDS), "signature"]
+    for f in UPDATE_FIELDS:
+        assert schema[f.cbor] is (int if f.sol_type.startswith("uint") else bytes), f
+
+
+def test_the_contract_struct_takes_the_record_in_table_order() -> None:
+    from truscl.chain.client import _update_tuple
+    from truscl.contracts import load_artifact
+
+    (leaf_fn,) = [i for i in load_artifact()["abi"] if i.get("name") == "updateLeaf"]
+    components = leaf_fn["inputs"][0]["components"]
+    record = make_update(Account.create()).record()
+
+    assert [(c["name"], c["type"]) for c in components] == [
+        (f.name, f.sol_type) for f in UPDATE_FIELDS
+    ]
+    assert len(_update_tuple(record)) == len(components)
+
+
+@pytest.mark.parametrize(
+    "field, value", [("round", 2**32), ("samples", 2**32), ("epsilon_micros", 2**64)]
+)
+def test_update_decode_checks_integer_widths(field: str, value: int) -> None:
+    account = Account.create()
+    fields = envelope.decode(
+        make_update(account, signature=b"\x00" * 65).encode(), "update", 10_000
+    )
+    fields[field] = value
+
+    with pytest.raises(ProtocolError, match=f"update.{field} out of range"):
+        Update.decode(envelope.encode("update", **fields), 10_000)
+
+
+def test_wire_bytes_leaf_and_signature_are_those_of_the_hand_written_fields() -> None:
+    # Values computed by the code before the table (commit 398708e): deriving the fields from
+    # one table must not change a byte that devices sign or aggregators archive.
+    account = Account.from_key(b"\x11" * 32)
+    update = make_update(account, ciphertext=b"ciphertext").signed(account, DOMAIN)
+
+    assert keccak(update.encode()).hex() == (
+        "6a572fc8764ccdb89e33cf29b488c8f3ca3959cc256d8138b7e885cc99a74f06"
+    )
+    assert update.leaf().hex() == (
+        "af79d2f70808c3ba5aeee82d4ee526ee553868d56d39b68e84cf5623f2f0f704"
+    )
+    assert update.signature.hex() == (
+        "c527d3113368b56f687d10df971a7c08579e0c9e7fe293e8f1fa37f8b9e5036c"
+        "78a972ed5df1d02354cdc65293321191901e163fe8b326537a6d6b0a3d85d5ea1b"
+    )

@@ -5,11 +5,18 @@ whatever the umask), synced, then hard-linked to its name: it appears whole or n
 an existing secret is never overwritten (``FileExistsError``), since losing a key loses the
 device's identity or every open task's aggregate. Reading refuses a symlink and a file that
 group or others can access, as ssh does.
+
+An Ethereum key file holds either the 32 raw bytes truscl writes for a device, or the key as
+text (64 hex digits, with or without ``0x``, a trailing newline allowed), which is what an
+operator pastes from a wallet or a testnet faucet's key generator. The two cannot be confused:
+text is at least 64 bytes long.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -41,23 +48,62 @@ def write_secret(path: str | os.PathLike[str], data: bytes) -> None:
 
 
 def read_secret(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of a secret file that only its owner can read; ``ConfigError`` otherwise."""
+    name = os.fspath(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise ConfigError(f"secret file {os.fspath(path)} does not exist") from None
-    with os.fdopen(fd, "rb") as handle:
-        mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+        raise ConfigError(f"secret file {name} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            raise ConfigError(f"secret file {name} is a symlink; name the file itself") from None
+        raise ConfigError(f"cannot open secret file {name}: {exc.strerror}") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ConfigError(f"secret file {name} is not a regular file")
+        mode = stat.S_IMODE(status.st_mode)
         if mode & 0o077:
-            raise ConfigError(f"secret file {os.fspath(path)} has mode {mode:04o}; it must be 0600")
+            raise ConfigError(f"secret file {name} has mode {mode:04o}; it must be 0600")
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
         return handle.read()
 
 
+_HEX_KEY = re.compile(rb"(?:0[xX])?([0-9a-fA-F]{64})(?:\r?\n)?")
+
+
+def parse_key(data: bytes, name: str) -> bytes:
+    """The 32-byte key in a key file's contents: raw bytes, or 64 hex digits as text."""
+    if len(data) == 32:
+        return data
+    match = _HEX_KEY.fullmatch(data)
+    if match is None:
+        raise ConfigError(
+            f"key file {name} must hold 32 raw bytes or 64 hex digits "
+            f"(optional 0x, optional trailing newline); it has {len(data)} bytes that are neither"
+        )
+    return bytes.fromhex(match.group(1).decode("ascii"))
+
+
+def load_account(path: str | os.PathLike[str]) -> LocalAccount:
+    """A role's existing Ethereum key (admin, registrar, owner): never made here.
+
+    An operator's key pays gas and holds roles on a shared chain, so a missing file is an
+    error rather than a fresh, unfunded, unregistered key.
+    """
+    key = parse_key(read_secret(path), os.fspath(path))
+    try:
+        account: LocalAccount = Account.from_key(key)
+    except ValueError as exc:  # zero, or not below the curve order
+        raise ConfigError(f"key file {os.fspath(path)} holds no valid key: {exc}") from None
+    return account
+
+
 def load_or_create_account(path: str | os.PathLike[str]) -> LocalAccount:
-    """The device's (or a role's) Ethereum key, made on first start."""
+    """The device's (or a role's) Ethereum key, made on first start (32 raw bytes)."""
     if not Path(path).exists():
         write_secret(path, Account.create().key)
-    key = read_secret(path)
-    if len(key) != 32:
-        raise ConfigError(f"key file {os.fspath(path)} must hold 32 raw bytes, has {len(key)}")
-    account: LocalAccount = Account.from_key(key)
-    return account
+    return load_account(path)

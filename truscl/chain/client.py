@@ -28,7 +28,7 @@ from web3.types import TxParams, TxReceipt
 
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError
-from truscl.wire.update import UpdateRecord
+from truscl.wire.update import UPDATE_FIELDS, UpdateRecord
 
 try:
     from eth_tester.exceptions import TransactionFailed
@@ -51,6 +51,7 @@ GAS_LIMITS: Mapping[str, int] = {
 }
 
 _REVERTED_PREFIX = "execution reverted: "
+REGISTRAR_ROLE = keccak(text="REGISTRAR_ROLE")  # the contract's constant of the same name
 
 
 @dataclass(frozen=True)
@@ -118,18 +119,9 @@ class ChainClient:
         lock: AbstractContextManager[Any] | None = None,
     ) -> ChainClient:
         """Deploy a fresh contract; ``account`` becomes its admin and first registrar."""
-        artifact = load_artifact("Truscl")
-        factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
         client_lock: AbstractContextManager[Any] = lock if lock is not None else threading.RLock()
-        with client_lock:
-            tx = factory.constructor().build_transaction(
-                _tx_fields(w3, account, GAS_LIMITS["deploy"])
-            )
-            receipt = _send(w3, account, tx, "deploy")
-        address = receipt["contractAddress"]
-        if address is None:
-            raise ChainError("deploy: the receipt names no contract address")
-        return cls(w3, address, account, client_lock)
+        receipt = deploy_transaction(w3, account, client_lock)
+        return cls(w3, contract_address(receipt), account, client_lock)
 
     @property
     def address(self) -> ChecksumAddress:
@@ -138,6 +130,14 @@ class ChainClient:
     @property
     def chain_id(self) -> int:
         return self._read(lambda: self._w3.eth.chain_id)
+
+    def deployment_block(self) -> int:
+        """Block the contract was deployed in, read from the contract itself.
+
+        An auditor needs only the address: event logs are searched from this block on, rather
+        than from genesis or from a number someone wrote down.
+        """
+        return int(self._call(self._contract.functions.deploymentBlock()))
 
     # --- device registry ---------------------------------------------------------------------
 
@@ -148,6 +148,12 @@ class ChainClient:
 
     def is_device(self, device: str) -> bool:
         return bool(self._call(self._contract.functions.isDevice(_addr(device))))
+
+    def is_registrar(self, account: str) -> bool:
+        """Whether ``account`` may register devices: asked before sending, so a wrong key
+        fails once with a clear reason rather than once per device."""
+        fn = self._contract.functions.hasRole(REGISTRAR_ROLE, _addr(account))
+        return bool(self._call(fn))
 
     # --- tasks -------------------------------------------------------------------------------
 
@@ -279,6 +285,31 @@ class ChainClient:
         return str(exc).removeprefix(_REVERTED_PREFIX)
 
 
+def deploy_transaction(
+    w3: Web3, account: LocalAccount, lock: AbstractContextManager[Any] | None = None
+) -> TxReceipt:
+    """Send the artifact's creation code signed by ``account``; the mined receipt.
+
+    The receipt is what a deployment record is made of (address, block, transaction hash);
+    :meth:`ChainClient.deploy` keeps only the address.
+    """
+    artifact = load_artifact("Truscl")
+    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    with lock if lock is not None else threading.RLock():
+        tx = factory.constructor().build_transaction(_tx_fields(w3, account, GAS_LIMITS["deploy"]))
+        receipt = _send(w3, account, tx, "deploy")
+    contract_address(receipt)
+    return receipt
+
+
+def contract_address(receipt: TxReceipt) -> ChecksumAddress:
+    """The address a deployment receipt names (``ChainError`` if none: not a deployment)."""
+    address = receipt["contractAddress"]
+    if address is None:
+        raise ChainError("deploy: the receipt names no contract address")
+    return Web3.to_checksum_address(address)
+
+
 def _tx_fields(w3: Web3, account: LocalAccount, gas: int) -> TxParams:
     return {
         "from": account.address,
@@ -364,13 +395,8 @@ def _b32(value: bytes) -> bytes:
 
 
 def _update_tuple(record: UpdateRecord) -> tuple[object, ...]:
-    return (
-        _b32(record.task),
-        record.round,
-        record.device,
-        _b32(record.ciphertext_hash),
-        _b32(record.context),
-        record.samples,
-        record.epsilon_micros,
-        _b32(record.data_root),
+    """The contract's ``Update`` struct, in the order of ``UPDATE_FIELDS``."""
+    return tuple(
+        _b32(cast(bytes, value)) if field.sol_type == "bytes32" else value
+        for field, value in zip(UPDATE_FIELDS, record, strict=True)
     )

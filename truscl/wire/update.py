@@ -10,7 +10,7 @@ commits to; the contract can rebuild it from the same fields with ``abi.encode``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 from eth_abi import encode as abi_encode
@@ -25,6 +25,64 @@ from truscl.wire import envelope
 DOMAIN_NAME = "truscl"
 DOMAIN_VERSION = "1"
 
+# Largest signed update the aggregator and the auditor accept, in bytes of CBOR: a CKKS
+# ciphertext of the task's model with room to spare. One number, so that what the aggregator
+# takes in and what the audit reads back cannot drift apart.
+MAX_UPDATE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class UpdateField:
+    """One field of the signed update, named in each of the places it appears.
+
+    ``name`` and ``sol_type`` are the member of ``struct Update`` in ``Truscl.sol`` and of the
+    EIP-712 type (the same ABI type encodes the Merkle leaf); ``attr`` is the attribute of
+    :class:`UpdateRecord`; ``cbor`` is the key in the CBOR envelope and the attribute of
+    :class:`Update`. ``hashed`` marks the one field that travels whole but is signed by its
+    keccak (the ciphertext): the signature and the leaf stay 32 bytes whatever the model size.
+    """
+
+    name: str
+    sol_type: str
+    attr: str
+    cbor: str
+    hashed: bool = False
+
+    @property
+    def size(self) -> int | None:
+        """Exact length in bytes on the wire, for ``bytesN`` and ``address`` fields."""
+        if self.hashed:
+            return None
+        if self.sol_type == "address":
+            return 20
+        if self.sol_type.startswith("bytes"):
+            return int(self.sol_type.removeprefix("bytes"))
+        return None
+
+    @property
+    def bits(self) -> int | None:
+        """Width of a ``uintN`` field, whose CBOR integer must fit in it."""
+        if self.sol_type.startswith("uint"):
+            return int(self.sol_type.removeprefix("uint"))
+        return None
+
+
+# The single definition of the update's fields, in signing order. Everything else is derived
+# from it: the EIP-712 type, the leaf's ABI types, the wire checks of ``Update.decode``, the
+# order of ``UpdateRecord`` and the tuple the contract takes. tests/test_wire.py checks it
+# against ``struct Update`` in contracts/Truscl.sol.
+UPDATE_FIELDS: tuple[UpdateField, ...] = (
+    UpdateField("task", "bytes32", "task", "task"),
+    UpdateField("round", "uint32", "round", "round"),
+    UpdateField("device", "address", "device", "device"),
+    UpdateField("ciphertextHash", "bytes32", "ciphertext_hash", "ciphertext", hashed=True),
+    UpdateField("contextHash", "bytes32", "context", "context"),
+    UpdateField("samples", "uint32", "samples", "samples"),
+    UpdateField("epsilonMicros", "uint64", "epsilon_micros", "epsilon_micros"),
+    UpdateField("dataRoot", "bytes32", "data_root", "data_root"),
+)
+SIGNATURE_BYTES = 65  # r, s, v: the one envelope field that is not signed
+
 UPDATE_TYPES = {
     "EIP712Domain": [
         {"name": "name", "type": "string"},
@@ -32,18 +90,9 @@ UPDATE_TYPES = {
         {"name": "chainId", "type": "uint256"},
         {"name": "verifyingContract", "type": "address"},
     ],
-    "Update": [
-        {"name": "task", "type": "bytes32"},
-        {"name": "round", "type": "uint32"},
-        {"name": "device", "type": "address"},
-        {"name": "ciphertextHash", "type": "bytes32"},
-        {"name": "contextHash", "type": "bytes32"},
-        {"name": "samples", "type": "uint32"},
-        {"name": "epsilonMicros", "type": "uint64"},
-        {"name": "dataRoot", "type": "bytes32"},
-    ],
+    "Update": [{"name": f.name, "type": f.sol_type} for f in UPDATE_FIELDS],
 }
-LEAF_ABI = ["bytes32", "uint32", "address", "bytes32", "bytes32", "uint32", "uint64", "bytes32"]
+LEAF_ABI = [f.sol_type for f in UPDATE_FIELDS]
 
 
 @dataclass(frozen=True)
@@ -79,6 +128,19 @@ class UpdateRecord(NamedTuple):
         """OpenZeppelin-style double-hashed leaf: ``keccak(keccak(abi.encode(fields)))``."""
         return keccak(keccak(abi_encode(LEAF_ABI, list(self))))
 
+    def message(self) -> dict[str, Any]:
+        """The EIP-712 ``Update`` message: the same values under the Solidity names."""
+        return {f.name: getattr(self, f.attr) for f in UPDATE_FIELDS}
+
+
+# A NamedTuple's fields must be spelled out for the type checker, so the table cannot generate
+# them; it checks them instead, at import, so a field added in one place only fails at once.
+if UpdateRecord._fields != tuple(f.attr for f in UPDATE_FIELDS):
+    raise ImportError(
+        f"UpdateRecord fields {UpdateRecord._fields} differ from UPDATE_FIELDS "
+        f"{tuple(f.attr for f in UPDATE_FIELDS)}"
+    )
+
 
 @dataclass(frozen=True)
 class Update:
@@ -105,33 +167,23 @@ class Update:
         return self.epsilon_micros / 1e6
 
     def record(self) -> UpdateRecord:
-        return UpdateRecord(
-            self.task,
-            self.round,
-            self.device_address,
-            self.ciphertext_hash,
-            self.context,
-            self.samples,
-            self.epsilon_micros,
-            self.data_root,
-        )
+        """The signed fields: hashed ones by their keccak, the device as a checksum address."""
+        values: list[Any] = []
+        for f in UPDATE_FIELDS:
+            value = getattr(self, f.cbor)
+            if f.hashed:
+                value = keccak(value)
+            elif f.sol_type == "address":
+                value = to_checksum_address(value)
+            values.append(value)
+        return UpdateRecord(*values)
 
     def typed_data(self, domain: Domain) -> dict[str, Any]:
-        record = self.record()
         return {
             "types": UPDATE_TYPES,
             "primaryType": "Update",
             "domain": domain.as_dict(),
-            "message": {
-                "task": record.task,
-                "round": record.round,
-                "device": record.device,
-                "ciphertextHash": record.ciphertext_hash,
-                "contextHash": record.context,
-                "samples": record.samples,
-                "epsilonMicros": record.epsilon_micros,
-                "dataRoot": record.data_root,
-            },
+            "message": self.record().message(),
         }
 
     def leaf(self) -> bytes:
@@ -156,29 +208,23 @@ class Update:
             raise SignatureError("signature does not match the claimed device")
 
     def encode(self) -> bytes:
-        return envelope.encode(
-            "update",
-            task=self.task,
-            round=self.round,
-            device=self.device,
-            ciphertext=self.ciphertext,
-            context=self.context,
-            samples=self.samples,
-            epsilon_micros=self.epsilon_micros,
-            data_root=self.data_root,
-            signature=self.signature,
-        )
+        fields = {f.cbor: getattr(self, f.cbor) for f in UPDATE_FIELDS}
+        return envelope.encode("update", **fields, signature=self.signature)
 
     @classmethod
-    def decode(cls, blob: bytes, max_bytes: int) -> Update:
+    def decode(cls, blob: bytes, max_bytes: int = MAX_UPDATE_BYTES) -> Update:
+        """Parse and bound-check an update from the network (the signature is not checked)."""
         fields = envelope.decode(blob, "update", max_bytes)
-        for name, size in (("task", 32), ("device", 20), ("context", 32), ("data_root", 32)):
-            if len(fields[name]) != size:
-                raise ProtocolError(f"update.{name} must be {size} bytes")
-        if len(fields["signature"]) != 65:
-            raise ProtocolError("update.signature must be 65 bytes")
-        if fields["round"] >= 2**32 or fields["samples"] >= 2**32:
-            raise ProtocolError("update round or samples out of range")
-        if fields["epsilon_micros"] >= 2**64:
-            raise ProtocolError("update.epsilon_micros out of range")
+        for f in UPDATE_FIELDS:
+            value = fields[f.cbor]
+            if f.size is not None and len(value) != f.size:
+                raise ProtocolError(f"update.{f.cbor} must be {f.size} bytes")
+            if f.bits is not None and value >= 2**f.bits:
+                raise ProtocolError(f"update.{f.cbor} out of range for {f.sol_type}")
+        if len(fields["signature"]) != SIGNATURE_BYTES:
+            raise ProtocolError(f"update.signature must be {SIGNATURE_BYTES} bytes")
         return cls(**fields)
+
+
+if tuple(f.name for f in fields(Update)) != (*(f.cbor for f in UPDATE_FIELDS), "signature"):
+    raise ImportError("Update's attributes differ from UPDATE_FIELDS' CBOR names")
