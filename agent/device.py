@@ -34,6 +34,7 @@ from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.privacy.ckks import context_hash, encrypt, load_context
 from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
+from truscl.systemd import Heartbeat
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import (
     Domain,
@@ -82,6 +83,7 @@ class DeviceAgent:
         workdir: Path,
         collect: Callable[[], list[Reading]],
         name: str | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.account = account
         self.name = name or account.address[:10]
@@ -103,6 +105,7 @@ class DeviceAgent:
         self.budget_spent = False
         self._waiting_for_data: int | None = None
         self._collect_new = collect
+        self._heartbeat = heartbeat
         self._readings: deque[Reading] = deque()
         self._rng = secure_generator()
         self._domain = Domain(chain.chain_id, chain.address)
@@ -159,6 +162,8 @@ class DeviceAgent:
                 item = _EVENT_TICK  # a round waiting for readings is tried again
             if item is None:
                 return
+            if self._heartbeat is not None:
+                self._heartbeat.beat()
             topic, payload = item
             try:
                 self._dispatch(topic, payload)

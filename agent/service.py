@@ -19,6 +19,7 @@ from truscl.agent.sampling import Sampler
 from truscl.chain import ChainClient
 from truscl.errors import ChainError
 from truscl.keyfile import load_or_create_account
+from truscl.systemd import Heartbeat, supervise
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ def run_agent(config: AgentConfig, stop: threading.Event) -> None:
     sampler = Sampler(
         sensors.read, sensors.period, SAMPLER_CAPACITY, history=sensors.history
     ).start()
+    heartbeat = Heartbeat("device")
     agent = DeviceAgent(
         account=account,
         task=config.task,
@@ -43,11 +45,12 @@ def run_agent(config: AgentConfig, stop: threading.Event) -> None:
         workdir=config.state,
         collect=sampler.drain,
         name=config.name,
+        heartbeat=heartbeat,
     )
     log.info("agent %s (%s) starting for task %s", agent.name, account.address, config.task)
     try:
-        agent.start(broker_timeout=None)
-        stop.wait()
+        agent.start(broker_timeout=None)  # the broker may come later: paho keeps trying
+        supervise(stop, [heartbeat], status=f"device {account.address}")
     finally:
         agent.stop()
         sampler.stop()

@@ -30,13 +30,15 @@ from truscl.server.rounds import (
     RejectReason,
     RoundTerms,
 )
+from truscl.systemd import Heartbeat
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, blob_id, envelope
+from truscl.wire.update import MAX_UPDATE_BYTES
 
 log = logging.getLogger(__name__)
 
 ANCHOR_RETRY_S = 2.0
-MAX_UPDATE_BYTES = 4 * 1024 * 1024
+TERMS_PATIENCE_S = 30.0  # how often a service still waiting for its task's terms says so
 
 
 @dataclass
@@ -73,6 +75,7 @@ class Aggregator:
         public_context: bytes | None = None,
         clock: Callable[[], float] = time.time,
         on_closed: Callable[[RoundStats], None] | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         task = task or (spec.task if spec is not None else None)
         if task is None:
@@ -86,6 +89,8 @@ class Aggregator:
         self.spec: TaskSpec  # set by _adopt, before any update is looked at
         self._clock = clock
         self._on_closed = on_closed
+        self._heartbeat = heartbeat
+        self._terms_warned_at = clock()
         self._domain = Domain(chain.chain_id, chain.address)
         self._registered: set[str] = set()
         self._open: OpenRound | None = None
@@ -190,6 +195,8 @@ class Aggregator:
                 item = ("", b"")
             if item is None:
                 return
+            if self._heartbeat is not None:
+                self._heartbeat.beat()
             topic, payload = item
             try:
                 self._dispatch(topic, payload)
@@ -213,6 +220,9 @@ class Aggregator:
             self._on_update_chunk(topic, payload)
         if self.has_terms:
             self._tick()
+        elif self._clock() - self._terms_warned_at > TERMS_PATIENCE_S:
+            self._terms_warned_at = self._clock()
+            log.warning("aggregator: still waiting for the task's spec and context on the broker")
 
     def _on_model(self, payload: bytes) -> None:
         try:

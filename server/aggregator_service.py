@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 
 from truscl.chain import ChainClient
-from truscl.chain.node import connect
+from truscl.chain.rpc import connect
 from truscl.errors import ConfigError
-from truscl.keyfile import load_or_create_account
+from truscl.keyfile import load_account
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.config import AggregatorConfig
+from truscl.systemd import Heartbeat, supervise
 
 log = logging.getLogger(__name__)
 
-TERMS_PATIENCE_S = 30.0  # how long to wait for the retained terms before saying so in the log
 
-
-def run_aggregator(
-    config: AggregatorConfig, stop: threading.Event, ready: Callable[[], None] | None = None
-) -> None:
-    account = load_or_create_account(config.key)
+def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
+    account = load_account(config.key)
     chain = ChainClient.at(connect(config.chain.rpc), config.chain.contract, account)
     record = chain.task(bytes.fromhex(config.task[2:]))
     if record.aggregator != account.address:
@@ -35,23 +31,18 @@ def run_aggregator(
             f"task {config.task} names {record.aggregator} as its aggregator, "
             f"but {config.key} holds the key of {account.address}"
         )
+    heartbeat = Heartbeat("aggregator")
     aggregator = Aggregator(
         task=config.task,
         chain=chain,
         archive=Archive(config.archive),
         broker=config.broker,
         expected=config.expected_devices,
+        heartbeat=heartbeat,
     )
-    aggregator.start()
+    aggregator.start()  # connected to the broker when it returns
     try:
-        while not aggregator.wait_for_terms(TERMS_PATIENCE_S) and not stop.is_set():
-            log.warning(
-                "aggregator: still waiting for the task's spec and context on %s",
-                config.broker.address,
-            )
-        if ready is not None:
-            ready()
-        stop.wait()
+        supervise(stop, [heartbeat], status=f"serving task {config.task}")
     finally:
         aggregator.stop()
         log.info("aggregator: stopped")

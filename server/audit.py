@@ -100,7 +100,7 @@ def _audit_round(
     devices: set[str] = set()
     for ident in manifest.updates:
         try:
-            update = Update.decode(archive.get(ident), 4 * 1024 * 1024)
+            update = Update.decode(archive.get(ident))
             update.verify(domain)
         except (OSError, ProtocolError, SignatureError) as exc:
             problems.append(f"update {ident[:12]}: {exc}")

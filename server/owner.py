@@ -9,6 +9,7 @@ lets anyone recover the secret key (Li and Micciancio, 2021).
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -23,6 +24,7 @@ from truscl.errors import ProtocolError
 from truscl.files import write_atomically
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.ckks import OwnerKeys, context_hash, decrypt
+from truscl.systemd import Heartbeat
 from truscl.task import TaskSpec
 from truscl.wire import Reassembler, TaskTopics, envelope
 from truscl.wire.model import model_bytes, model_from_bytes
@@ -30,7 +32,12 @@ from truscl.wire.model import model_bytes, model_from_bytes
 log = logging.getLogger(__name__)
 
 RELEASE_DECIMALS = 6
-_CONNECTED = b""  # queued by the link on every (re)connection; no MQTT chunk is empty
+TICK_S = 1.0
+
+
+class _Event(enum.Enum):
+    CONNECTED = "connected"  # queued by the link on every (re)connection
+    TICK = "tick"  # the loop's idle wake-up
 
 
 class ModelStore:
@@ -64,6 +71,7 @@ class TaskOwner:
         broker: BrokerSettings,
         store: ModelStore | None = None,
         on_model: Callable[[int, np.ndarray], None] | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         if not keys.context.is_private():
             raise ProtocolError("the task owner needs the secret key")
@@ -73,9 +81,10 @@ class TaskOwner:
         self.store = store
         self.models: dict[int, np.ndarray] = {}
         self._on_model = on_model
+        self._heartbeat = heartbeat
         self._spec: TaskSpec | None = None
         self._link: MqttLink | None = None
-        self._inbox: queue.Queue[bytes | None] = queue.Queue()
+        self._inbox: queue.Queue[bytes | _Event | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="owner", daemon=True)
 
     @property
@@ -128,7 +137,7 @@ class TaskOwner:
             on_message=lambda topic, payload: self._inbox.put(payload),
             subscriptions=[topics.aggregate],
             max_message=spec.max_message,
-            on_connected=lambda: self._inbox.put(_CONNECTED),
+            on_connected=lambda: self._inbox.put(_Event.CONNECTED),
         ).start()
 
     def _publish_task(self) -> None:
@@ -154,9 +163,19 @@ class TaskOwner:
     def _run(self) -> None:
         assert self._spec is not None
         reassembler = Reassembler(max_message=self._spec.max_message)
-        while (payload := self._inbox.get()) is not None:
+        while True:
             try:
-                if payload is _CONNECTED:
+                payload = self._inbox.get(timeout=TICK_S)
+            except queue.Empty:
+                payload = _Event.TICK
+            if payload is None:
+                return
+            if self._heartbeat is not None:
+                self._heartbeat.beat()
+            if payload is _Event.TICK:
+                continue
+            try:
+                if payload is _Event.CONNECTED:
                     self._publish_task()
                     continue
                 blob = reassembler.add("aggregator", payload)

@@ -12,19 +12,19 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 from truscl.chain import ChainClient
-from truscl.chain.node import connect
+from truscl.chain.rpc import connect
 from truscl.errors import ChainError, ConfigError
 from truscl.files import write_atomically
-from truscl.keyfile import load_or_create_account
+from truscl.keyfile import load_account
 from truscl.learning import LogisticModel
 from truscl.privacy.ckks import PROFILES, OwnerKeys, context_hash
 from truscl.server.config import OwnerConfig
 from truscl.server.owner import ModelStore, TaskOwner
+from truscl.systemd import Heartbeat, supervise
 from truscl.task import TaskSpec, load_task_file
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class OwnerState:
 
 
 def owner_client(config: OwnerConfig) -> ChainClient:
-    account = load_or_create_account(config.key)
+    account = load_account(config.key)
     return ChainClient.at(connect(config.chain.rpc), config.chain.contract, account)
 
 
@@ -114,25 +114,23 @@ def _task_exists(chain: ChainClient, spec: TaskSpec) -> bool:
     return True
 
 
-def run_owner(
-    config: OwnerConfig, stop: threading.Event, ready: Callable[[], None] | None = None
-) -> None:
+def run_owner(config: OwnerConfig, stop: threading.Event) -> None:
     state = OwnerState(config.state)
     spec = state.spec()
     if spec is None or state.record() is None:
         raise ConfigError(f"{state.folder} holds no task yet: run `truscl owner init` first")
+    heartbeat = Heartbeat("owner")
     owner = TaskOwner(
         keys=OwnerKeys.load(state.he_key),
         chain=owner_client(config),
         broker=config.broker,
         store=ModelStore(state.models),
+        heartbeat=heartbeat,
     )
     owner.resume(spec)
     log.info("owner: serving task %s", spec.task)
     try:
-        if ready is not None:
-            ready()
-        stop.wait()
+        supervise(stop, [heartbeat], status=f"serving task {spec.task}")
     finally:
         owner.stop()
         log.info("owner: stopped")

@@ -6,7 +6,9 @@ and restarted in the middle of the task and takes it up from its state folder an
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,12 +64,27 @@ time_scale = 60000
 """
 
 
-def start(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+def start(
+    role: str, config: Path, log: Path, notify: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``truscl ROLE run``, with systemd's notification socket and a 2 s watchdog if given."""
+    env = dict(os.environ)
+    if notify is not None:
+        env.update(NOTIFY_SOCKET=str(notify), WATCHDOG_USEC="2000000")
     return subprocess.Popen(
         [TRUSCL, "--log-level", "INFO", role, "run", "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=log.open("wb"),
+        env=env,
     )
+
+
+def notifications(sock: socket.socket, until: bytes) -> list[bytes]:
+    """Datagrams from a service, up to and including the first that contains ``until``."""
+    received: list[bytes] = []
+    while not any(until in message for message in received):
+        received.append(sock.recv(4096))  # the socket's timeout bounds the wait
+    return received
 
 
 def stop(process: subprocess.Popen[bytes]) -> int:
@@ -127,13 +144,23 @@ def test_roles_as_services_complete_a_task_across_an_owner_restart(
         aggregator_toml.write_text(AGGREGATOR.format(task=task) + common)
         AggregatorConfig.load(aggregator_toml)
         logs = {name: tmp_path / f"{name}.log" for name in folders}
-        processes["owner"] = start("owner", owner_toml, logs["owner"])
-        processes["aggregator"] = start("aggregator", aggregator_toml, logs["aggregator"])
+        sockets = {}
+        for name in ("owner", "aggregator", "device-0"):
+            sockets[name] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sockets[name].bind(str(tmp_path / f"{name}.notify"))
+            sockets[name].settimeout(60)
+        notify = {name: tmp_path / f"{name}.notify" for name in sockets}
+        processes["owner"] = start("owner", owner_toml, logs["owner"], notify["owner"])
+        processes["aggregator"] = start(
+            "aggregator", aggregator_toml, logs["aggregator"], notify["aggregator"]
+        )
         for index in range(2):
             name = f"device-{index}"
             config = folders[name] / "agent.toml"
             config.write_text(AGENT.format(task=task, index=index) + common)
-            processes[name] = start("agent", config, logs[name])
+            processes[name] = start("agent", config, logs[name], notify.get(name))
+        # systemd's view: each service says READY once up, then pings its watchdog
+        told = {name: notifications(sockets[name], b"WATCHDOG=1") for name in sockets}
         task_id = bytes.fromhex(task[2:])
         try:
             first = wait_for_model(admin, task_id, 1, 120)
@@ -145,6 +172,8 @@ def test_roles_as_services_complete_a_task_across_an_owner_restart(
     text = {name: log.read_text() for name, log in logs.items()}
 
     # Assert: a second init refuses, the restarted owner finished the task, all stopped cleanly
+    for name, messages in told.items():
+        assert messages[0].startswith(b"READY=1"), (name, messages)
     assert again.returncode == 1 and "already holds task" in again.stderr, again.stderr
     assert first and last, text
     assert owner_stopped == 0 and codes == dict.fromkeys(codes, 0), text

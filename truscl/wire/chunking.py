@@ -15,6 +15,7 @@ from eth_utils import keccak
 
 from truscl.errors import ProtocolError
 from truscl.wire import envelope
+from truscl.wire.update import MAX_UPDATE_BYTES
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
 MIN_MESSAGE = 1024  # senders may chunk smaller than a receiver's limit, but not below this
@@ -58,7 +59,7 @@ class Reassembler:
     def __init__(
         self,
         max_message: int = DEFAULT_MAX_MESSAGE,
-        max_blob: int = 4 * 1024 * 1024,
+        max_blob: int = MAX_UPDATE_BYTES,  # the largest blob any role sends
         max_partial_per_sender: int = 4,
         ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
