@@ -237,3 +237,22 @@ def test_the_cli_provisions_and_says_how_to_start(
         assert (out / "clients" / name / "password").read_text() not in printed
     with pytest.raises(SystemExit):
         main(["broker", "provision", "--out", str(out), "--devices", "0xnope"])
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+# Lines whose value is a path or a name of the machine it is installed on.
+LOCAL = ("user", "password_file", "acl_file", "persistence_location", "log_dest", "cafile",
+         "certfile", "keyfile", "listener")  # fmt: skip
+
+
+def directives(conf: str) -> list[str]:
+    lines = [line for line in conf.splitlines() if line.strip() and not line.startswith("#")]
+    return [line.split()[0] if line.split()[0] in LOCAL else line for line in lines]
+
+
+def test_the_reference_files_match_what_provisioning_writes(provisioned: Provisioned) -> None:
+    reference = (REFERENCE / "mosquitto.conf").read_text()
+    assert directives(reference) == directives(provisioned.conf.read_text())
+    example = grants((REFERENCE / "acl").read_text())
+    assert example == grants(acl_text(tuple(example)))
+    assert list(example)[:2] == ["aggregator", "owner"]
