@@ -1,12 +1,13 @@
 """``truscl demo``: the deployment a user runs, on one machine, each role its own OS process.
 
-The launcher does what an operator does: it provisions each device (key and configuration),
-starts a broker, starts a development node (anvil) unless one is given, deploys the contract,
-registers the devices, creates the task with ``owner init``, and starts ``truscl owner run``,
-``truscl aggregator run`` and one ``truscl agent run`` per device, each from its own TOML file,
-with its log in ``logs/``. It follows the task on the chain, reads each round from the
-aggregator's archive and the owner's released models, audits the task, then stops every
-process with SIGTERM, as systemd would.
+The launcher does what an operator does: it makes each device's key, provisions the broker
+(a test CA, one TLS client identity and login per role and device, an ACL) and starts it,
+starts a development node (anvil) unless one is given, deploys the contract (its record in
+``deployment.json``), registers the devices, creates the task with ``owner init``, and starts
+``truscl owner run``, ``truscl aggregator run`` and one ``truscl agent run`` per device, each
+from its own TOML file, with its log in ``logs/``. It follows the task on the chain, reads each
+round from the aggregator's archive and the owner's released models, audits the task, then stops
+every process with SIGTERM, as systemd would.
 
 Devices read simulated rooms through the real drivers (the ``simulated`` hardware backend),
 starting on a fixed date with three days of readings behind them, and sensing in accelerated
@@ -32,8 +33,9 @@ from eth_account import Account
 
 from truscl.agent.provision import provision_agent
 from truscl.agent.sensors import Reading, SensorSuite
-from truscl.broker import Mosquitto
-from truscl.chain import ChainClient, NodeChain
+from truscl.broker import Mosquitto, free_port
+from truscl.broker.provision import Provisioned, provision_broker
+from truscl.chain import ChainClient, NodeChain, deploy
 from truscl.chain.anvil import Anvil
 from truscl.config import broker_table, render_toml
 from truscl.demo.common import (
@@ -49,8 +51,7 @@ from truscl.demo.common import (
     summarise,
     test_set,
 )
-from truscl.keyfile import load_or_create_account, write_secret
-from truscl.mqtt import BrokerSettings
+from truscl.keyfile import load_account, load_or_create_account, write_secret
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
 from truscl.server.config import OwnerConfig
@@ -123,22 +124,26 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         addresses = [
             _device_address(workdir / "devices" / str(index)) for index in range(config.devices)
         ]
-        broker = stack.enter_context(Mosquitto(workdir / "broker"))
-        settings = broker.settings
+        broker = provision_broker(
+            workdir / "broker", addresses, hosts=("127.0.0.1",), port=free_port(), bind="127.0.0.1"
+        )
+        stack.enter_context(Mosquitto.provisioned(broker.conf))
         rpc = config.rpc or stack.enter_context(Anvil(log=workdir / "logs" / "anvil.log")).url
         node = NodeChain(rpc)
         admin = _funded_key(node, workdir / "admin" / "admin.key")
-        contract = ChainClient.deploy(node.web3(), admin, node.lock)
+        deployment = deploy(node.web3(), admin, rpc_url=rpc, lock=node.lock)
+        deployment.save(workdir / "deployment.json")
+        contract = ChainClient.at(node.web3(), deployment.address, admin, node.lock)
         for address in addresses:
             contract.register_device(address)
 
-        spec = _create_task(config, workdir, node, contract.address, settings, rpc)
+        spec = _create_task(config, workdir, node, contract.address, broker, rpc)
         archive = workdir / "aggregator" / "archive"
-        roles += _start_services(config, workdir, spec, contract.address, settings, rpc)
+        roles += _start_services(config, workdir, spec, contract.address, broker, rpc)
         print(
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, "
-            f"{len(roles)} processes, broker {settings.address}, chain {rpc}, "
-            f"contract {contract.address}",
+            f"{len(roles)} processes, broker mqtts://127.0.0.1:{broker.port} (TLS, ACL), "
+            f"chain {rpc}, contract {contract.address}",
             file=out,
         )
         reader = ChainClient.at(node.web3(), contract.address)
@@ -205,7 +210,7 @@ def _create_task(
     workdir: Path,
     node: NodeChain,
     contract: str,
-    broker: BrokerSettings,
+    broker: Provisioned,
     rpc: str,
 ) -> TaskSpec:
     """Write the owner's task file and configuration, then ``owner init``."""
@@ -231,7 +236,7 @@ def _create_task(
             {"task_file": "task.toml", "aggregator": aggregator.address},
             {
                 "owner": {"key": "owner.key", "state": "state"},
-                "broker": broker_table(broker),
+                "broker": broker_table(broker.settings("owner")),
                 "chain": {"rpc": rpc, "contract": contract},
             },
         )
@@ -244,7 +249,7 @@ def _start_services(
     workdir: Path,
     spec: TaskSpec,
     contract: str,
-    broker: BrokerSettings,
+    broker: Provisioned,
     rpc: str,
 ) -> list[Role]:
     logs = workdir / "logs"
@@ -255,7 +260,7 @@ def _start_services(
             {"task": spec.task, "expected_devices": config.devices},
             {
                 "aggregator": {"key": "aggregator.key", "archive": "archive"},
-                "broker": broker_table(broker),
+                "broker": broker_table(broker.settings("aggregator")),
                 "chain": chain,
             },
         )
@@ -267,9 +272,10 @@ def _start_services(
              logs / "aggregator.log"),
     ]  # fmt: skip
     for index in range(config.devices):
+        folder = workdir / "devices" / str(index)
         device = provision_agent(
-            workdir / "devices" / str(index),
-            broker=broker,
+            folder,
+            broker=broker.settings(load_account(folder / "device.key").address.lower()),
             rpc=rpc,
             contract=contract,
             task=spec.task,
