@@ -51,6 +51,9 @@ from truscl.wire.model import model_from_bytes
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+SPEC_FILE = "spec.cbor"  # the task's terms as last verified against the chain
+LEDGER_FILE = "privacy-ledger.json"
+OUTBOX_FILE = "outbox.sqlite"
 _EVENT_CONNECTED = ("", b"connected")
 _EVENT_TICK = ("", b"")
 
@@ -92,8 +95,8 @@ class DeviceAgent:
         self.chain = chain
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.outbox = Outbox(self.workdir / "outbox.sqlite")
-        self.ledger_path = self.workdir / "privacy-ledger.json"
+        self.outbox = Outbox(self.workdir / OUTBOX_FILE)
+        self.ledger_path = self.workdir / LEDGER_FILE
         self.ledger = (
             PrivacyLedger.from_json(self.ledger_path.read_text())
             if self.ledger_path.exists()
@@ -197,6 +200,9 @@ class DeviceAgent:
         if spec.hash() != self.chain.task(self.task_id).spec_hash:
             raise ProtocolError("task spec does not match its on-chain hash")
         self._spec = spec
+        spec_file = self.workdir / SPEC_FILE
+        if not spec_file.exists() or spec_file.read_bytes() != spec.encode():
+            write_atomically(spec_file, spec.encode())  # for `truscl agent status`
         self._link.max_message = spec.max_message  # chunk updates as the aggregator expects
 
     def _on_context_chunk(self, payload: bytes) -> None:

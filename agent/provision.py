@@ -7,11 +7,12 @@ configuration. The address it prints is what the registrar puts on chain.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from truscl.config import broker_table, render_toml
+from truscl.config import TomlReader, broker_table, render_toml
+from truscl.errors import ConfigError
 from truscl.files import write_atomically
 from truscl.keyfile import load_or_create_account, write_secret
 from truscl.mqtt import BrokerSettings
@@ -58,6 +59,23 @@ def provision_agent(
         )
     )
     return ProvisionedDevice(account.address, key, config)
+
+
+def device_broker(
+    out: Path, identity: Path | None, host: str | None, port: int | None
+) -> BrokerSettings:
+    """The device's broker settings: its identity from ``truscl broker provision`` (with the
+    host or port overridden if given), or a plain broker while it has none."""
+    if identity is None:
+        return BrokerSettings(host or "localhost", port or 1883)
+    settings = TomlReader.load(identity / "broker.toml").broker()
+    address = load_or_create_account(out / "device.key").address.lower()
+    if settings.username != address:
+        raise ConfigError(
+            f"{identity} is the broker identity of {settings.username}, "
+            f"but this device is {address}"
+        )
+    return replace(settings, host=host or settings.host, port=port or settings.port)
 
 
 def _localise(broker: BrokerSettings, folder: Path) -> BrokerSettings:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 
-from web3 import Web3
-
 from truscl.agent.config import AgentConfig
 from truscl.agent.device import DeviceAgent
 from truscl.agent.hardware import load_backend
+from truscl.agent.provision import NO_TASK
 from truscl.agent.sampling import Sampler
 from truscl.chain import ChainClient
-from truscl.errors import ChainError
+from truscl.chain.rpc import connect
+from truscl.errors import ConfigError
 from truscl.keyfile import load_or_create_account
 from truscl.systemd import Heartbeat, supervise
 
@@ -27,11 +27,13 @@ SAMPLER_CAPACITY = 100_000  # readings kept between two rounds at most (~1 year 
 
 
 def run_agent(config: AgentConfig, stop: threading.Event) -> None:
+    if config.task == NO_TASK or int(config.contract, 16) == 0:
+        raise ConfigError(
+            "the configuration still names no task or no contract: set `task` (from "
+            "`truscl owner init`) and `chain.contract` (from `truscl chain deploy`)"
+        )
     account = load_or_create_account(config.key)
-    w3 = Web3(Web3.HTTPProvider(config.rpc, request_kwargs={"timeout": 10}))
-    if not w3.is_connected():
-        raise ChainError(f"no JSON-RPC node answers at {config.rpc}")
-    chain = ChainClient.at(w3, config.contract)
+    chain = ChainClient.at(connect(config.rpc), config.contract)
     sensors = load_backend(config.hardware)(config)
     sampler = Sampler(
         sensors.read, sensors.period, SAMPLER_CAPACITY, history=sensors.history

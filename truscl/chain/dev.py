@@ -14,6 +14,7 @@ from web3 import EthereumTesterProvider, Web3
 from web3.types import Wei
 
 from truscl.chain.client import ChainClient
+from truscl.chain.rpc import connect
 from truscl.errors import ChainError
 
 
@@ -69,7 +70,4 @@ class NodeChain(DevChain):
     """A development node over JSON-RPC (anvil, or geth --dev)."""
 
     def __init__(self, url: str, timeout: float = 10.0) -> None:
-        w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
-        if not w3.is_connected():
-            raise ChainError(f"no JSON-RPC node answers at {url}")
-        super().__init__(w3)
+        super().__init__(connect(url, timeout))

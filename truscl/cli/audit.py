@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from truscl.cli.common import task_id
-from truscl.errors import ChainError, ConfigError
+from truscl.errors import ConfigError
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,18 +23,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    from web3 import Web3
-
     from truscl.chain import ChainClient
+    from truscl.chain.rpc import connect
     from truscl.server.archive import Archive
     from truscl.server.audit import audit_task
 
     if not (args.archive / "blobs").is_dir():
         raise ConfigError(f"{args.archive} is not an aggregator archive")
-    w3 = Web3(Web3.HTTPProvider(args.rpc, request_kwargs={"timeout": 10}))
-    if not w3.is_connected():
-        raise ChainError(f"no JSON-RPC node answers at {args.rpc}")
-    chain = ChainClient.at(w3, args.contract)
+    chain = ChainClient.at(connect(args.rpc), args.contract)
     report = audit_task(chain, Archive(args.archive), args.task)
     for item in report.rounds:
         status = "verified" if item.verified else "FAILED: " + "; ".join(item.problems)

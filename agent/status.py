@@ -1,0 +1,88 @@
+"""``truscl agent status``: what a device has done, from its state folder (and the chain).
+
+Everything comes from files the agent keeps (its key's address, the task's terms as verified,
+the privacy ledger, the outbox), so it works while the agent runs, when it is stopped, and with
+the network down; the chain is asked only whether the device is registered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from truscl.agent.config import AgentConfig
+from truscl.agent.device import LEDGER_FILE, OUTBOX_FILE, SPEC_FILE
+from truscl.agent.outbox import Outbox
+from truscl.chain import ChainClient
+from truscl.chain.rpc import connect
+from truscl.errors import ChainError
+from truscl.keyfile import load_account
+from truscl.privacy.accounting import PrivacyLedger
+from truscl.task import TaskSpec
+
+CHAIN_TIMEOUT_S = 5.0
+
+
+def agent_status(config: AgentConfig) -> dict[str, Any]:
+    account = load_account(config.key)
+    state = config.state
+    status: dict[str, Any] = {
+        "address": account.address,
+        "name": config.name,
+        "task": config.task,
+        "state": str(state),
+        "hardware": config.hardware,
+        "broker": config.broker.address,
+    }
+    spec = (
+        TaskSpec.decode((state / SPEC_FILE).read_bytes()) if (state / SPEC_FILE).exists() else None
+    )
+    ledger_file = state / LEDGER_FILE
+    ledger = PrivacyLedger.from_json(ledger_file.read_text()) if ledger_file.exists() else None
+    status["rounds_charged"] = len(ledger.rounds) if ledger else 0
+    if spec is not None:
+        status["epsilon"] = round(ledger.epsilon(spec.dp.delta), 4) if ledger else 0.0
+        status["epsilon_budget"] = spec.dp.epsilon_budget
+        status["delta"] = spec.dp.delta
+    if (state / OUTBOX_FILE).exists():
+        outbox = Outbox(state / OUTBOX_FILE)
+        try:
+            status["outbox"] = [pending.round for pending in outbox.pending()]
+        finally:
+            outbox.close()
+    else:
+        status["outbox"] = []
+    try:
+        chain = ChainClient.at(connect(config.rpc, CHAIN_TIMEOUT_S), config.contract)
+        status["registered"] = chain.is_device(account.address)
+    except ChainError as exc:
+        status["registered"] = None
+        status["chain_error"] = str(exc)
+    return status
+
+
+def describe(status: dict[str, Any]) -> str:
+    """The status as lines for a terminal."""
+    registered = {True: "yes", False: "NO", None: "unknown"}[status["registered"]]
+    lines = [
+        f"device    {status['address']}" + (f" ({status['name']})" if status["name"] else ""),
+        f"task      {status['task']}",
+        f"registered on chain: {registered}"
+        + (f" ({status['chain_error']})" if "chain_error" in status else ""),
+        f"broker    {status['broker']}",
+        f"sensors   {status['hardware']}",
+    ]
+    if "epsilon" in status:
+        lines.append(
+            f"privacy   epsilon {status['epsilon']:.3f} of {status['epsilon_budget']:g} "
+            f"at delta {status['delta']:g}, {status['rounds_charged']} rounds charged"
+        )
+    else:
+        lines.append(
+            f"privacy   task terms not received yet; {status['rounds_charged']} rounds charged"
+        )
+    waiting = status["outbox"]
+    lines.append(
+        f"outbox    {len(waiting)} update(s) waiting for a receipt"
+        + (f" (rounds {', '.join(map(str, waiting))})" if waiting else "")
+    )
+    return "\n".join(lines)
