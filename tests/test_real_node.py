@@ -33,10 +33,10 @@ def test_truscl_audit_verifies_a_run_and_catches_a_cheating_archive(
     summary = json.loads(summary_file.read_text())
     audit_args = (
         "audit", "--rpc", anvil, "--contract", summary["contract"],
-        "--task", summary["task"], "--archive", str(workdir / "archive"),
+        "--task", summary["task"], "--archive", str(workdir / "aggregator" / "archive"),
     )  # fmt: skip
-    archive = Archive(workdir / "archive")
-    manifest_path = workdir / "archive" / "rounds" / summary["task"] / "1.json"
+    archive = Archive(workdir / "aggregator" / "archive")
+    manifest_path = workdir / "aggregator" / "archive" / "rounds" / summary["task"] / "1.json"
     honest_manifest = manifest_path.read_text()
 
     # Execute and assert: the honest archive verifies

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from truscl.errors import ConfigError
+from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
 from truscl.mqtt import BrokerSettings
 from truscl.wire.topics import PREFIX
@@ -155,8 +156,8 @@ def provision_broker(
         _write_client_toml(clients / name, hosts[0], port)
 
     _register_passwords(out, clients, identities, passwd_tool)
-    _replace(out / ACL, acl_text(identities, task).encode(), 0o644)
-    _replace(out / CONF, conf_text(out, port, bind).encode(), 0o644)
+    write_atomically(out / ACL, acl_text(identities, task).encode(), 0o644)
+    write_atomically(out / CONF, conf_text(out, port, bind).encode(), 0o644)
     (out / PERSISTENCE).mkdir(mode=0o700, exist_ok=True)
     return Provisioned(out, port, hosts, identities, tuple(added))
 
@@ -258,7 +259,7 @@ def _load_or_create_ca(out: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Cert
         .sign(key, hashes.SHA256())
     )
     write_secret(key_path, _key_pem(key))  # the key first: a certificate alone is refused
-    _replace(cert_path, _cert_pem(cert), 0o644)
+    write_atomically(cert_path, _cert_pem(cert), 0o644)
     return key, cert
 
 
@@ -357,7 +358,7 @@ def _ensure_broker_certificate(
         ):
             return
     cert = _leaf(ca_key, ca_cert, key, hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, list(wanted))
-    _replace(cert_path, _cert_pem(cert), 0o644)
+    write_atomically(cert_path, _cert_pem(cert), 0o644)
 
 
 def _issue_identity(
@@ -372,7 +373,7 @@ def _issue_identity(
     key = _new_key()
     write_secret(staging / CLIENT_KEY, _key_pem(key))
     cert = _leaf(ca_key, ca_cert, key, name, ExtendedKeyUsageOID.CLIENT_AUTH)
-    _replace(staging / CLIENT_CERT, _cert_pem(cert), 0o644)
+    write_atomically(staging / CLIENT_CERT, _cert_pem(cert), 0o644)
     write_secret(staging / CLIENT_PASSWORD, secrets.token_urlsafe(32).encode())
     os.rename(staging, clients / name)
 
@@ -387,13 +388,13 @@ def _check_identity(folder: Path, name: str, ca_cert: x509.Certificate) -> None:
     key = serialization.load_pem_private_key(read_secret(folder / CLIENT_KEY), password=None)
     if key.public_key() != cert.public_key():
         raise ConfigError(f"{folder / CLIENT_KEY} is not the key of {folder / CLIENT_CERT}")
-    _replace(folder / CA_CERT, _cert_pem(ca_cert), 0o644)
+    write_atomically(folder / CA_CERT, _cert_pem(ca_cert), 0o644)
 
 
 def _write_client_toml(folder: Path, host: str, port: int) -> None:
     """Paths relative to the file's folder (the TOML reader resolves them there), so the folder
     can be copied anywhere on the client."""
-    _replace(
+    write_atomically(
         folder / CLIENT_TOML,
         (
             "# Written by `truscl broker provision`: this client's way to the broker.\n"
@@ -437,24 +438,9 @@ def _register_passwords(
         hashed = read_secret(staging)
         if hashed.count(b":$") != len(identities):
             raise ConfigError("mosquitto_passwd did not hash every password")
-        _replace(out / PASSWD, hashed, 0o600)
+        write_atomically(out / PASSWD, hashed, 0o600)
     finally:
         staging.unlink(missing_ok=True)
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` whole (a temporary file renamed over it) with ``mode``."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def acl_text(identities: Sequence[str], task: str | None = None) -> str:

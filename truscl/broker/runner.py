@@ -11,6 +11,7 @@ from pathlib import Path
 
 from truscl.errors import ConfigError, TrusclError
 from truscl.mqtt import BrokerSettings
+from truscl.processes import stop_process
 
 # Addresses a listener binds to that are not themselves reachable: reach them through loopback.
 ANY_ADDRESS = ("", "0.0.0.0", "::")
@@ -113,13 +114,8 @@ class Mosquitto:
         return config
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            stop_process(self._process, 5)
         self._process = None
 
     def __enter__(self) -> Mosquitto:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from truscl.broker import free_port
 from truscl.errors import ChainError, ConfigError
+from truscl.processes import stop_process
 
 _SOURCE_TREE = Path(__file__).resolve().parents[2] / "contracts" / "node_modules" / ".bin" / "anvil"
 
@@ -62,13 +63,8 @@ class Anvil:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process is not None:
+            stop_process(self._process, 10)
         self._process = None
 
     def __enter__(self) -> Anvil:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from truscl.demo.common import (
     test_set,
 )
 from truscl.keyfile import load_account, load_or_create_account, write_secret
+from truscl.processes import stop_process
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
 from truscl.server.config import OwnerConfig
@@ -94,17 +94,7 @@ class Role:
 
     def stop(self) -> int | None:
         """SIGTERM, as systemd stops a unit; the exit code (None if it had to be killed)."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-                return None
-        return self.process.returncode
+        return None if self.process is None else stop_process(self.process, STOP_TIMEOUT_S)
 
     def tail(self, lines: int = 15) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
