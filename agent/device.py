@@ -47,6 +47,7 @@ from truscl.wire import (
     verify_proof,
 )
 from truscl.wire.model import model_from_bytes
+from truscl.wire.receipt import Receipt
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class DeviceAgent:
         self._readings: deque[Reading] = deque()
         self._rng = secure_generator()
         self._domain = Domain(chain.chain_id, chain.address)
+        self._aggregator_address: str | None = None  # the task's, as the chain names it
         self._spec: TaskSpec | None = None
         self._context: ts.Context | None = None
         self._context_chunks = Reassembler(max_message=MAX_MESSAGE_LIMIT)
@@ -229,14 +231,7 @@ class DeviceAgent:
     def _on_receipt(self, payload: bytes) -> None:
         kind, message = envelope.decode_any(payload, ("receipt", "inclusion"), 64 * 1024)
         if kind == "receipt":
-            self.outbox.remove(message["blob"])
-            if message["status"] == "rejected":
-                log.warning(
-                    "device %s: round %d update rejected: %s",
-                    self.name,
-                    message["round"],
-                    message["reason"],
-                )
+            self._on_signed_receipt(Receipt.decode(payload))
             return
         round_no, proof = message["round"], message["proof"]
         record = self._sent.get(round_no)
@@ -246,6 +241,26 @@ class DeviceAgent:
             raise ProtocolError(f"round {round_no} root on chain does not include our update")
         self.included[round_no] = message["anchor_tx"]
         log.info("device %s: round %d update included on chain", self.name, round_no)
+
+    def _on_signed_receipt(self, receipt: Receipt) -> None:
+        """Drop an update from the outbox only on a receipt the task's aggregator signed for
+        one of our updates: anyone on the broker can write to our receipt topic."""
+        if receipt.task != self.task_id or receipt.device_address != self.account.address:
+            raise ProtocolError("a receipt for another task or device")
+        receipt.verify(self._domain, self._aggregator())
+        if not self.outbox.remove(receipt.update):
+            return  # a repeat, or an update we no longer hold
+        if receipt.accepted:
+            log.info("device %s: round %d update accepted", self.name, receipt.round)
+        else:
+            log.warning(
+                "device %s: round %d update rejected: %s", self.name, receipt.round, receipt.reason
+            )
+
+    def _aggregator(self) -> str:
+        if self._aggregator_address is None:
+            self._aggregator_address = self.chain.task(self.task_id).aggregator
+        return self._aggregator_address
 
     def _maybe_contribute(self) -> None:
         if self._announced is None or self._spec is None or self._context is None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from eth_utils import keccak
+from eth_utils import is_address, keccak
 
 from truscl.chain import ChainClient
 from truscl.errors import ChainError, ConfigError, ProtocolError
@@ -33,6 +33,7 @@ from truscl.server.rounds import (
 from truscl.systemd import Heartbeat
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, blob_id, envelope
+from truscl.wire.receipt import Receipt
 from truscl.wire.update import MAX_UPDATE_BYTES
 
 log = logging.getLogger(__name__)
@@ -296,7 +297,8 @@ class Aggregator:
                 self._open.participants,  # type: ignore[union-attr]
                 self.expected,
             )
-        self._receipt(sender, decision.update.round, decision.blob_id, "accepted", "")
+        update = decision.update
+        self._receipt(update.device, update.round, decision.blob_id, "", update.round)
 
     def _reject_chunk(self, sender: str, exc: ProtocolError) -> None:
         log.warning("aggregator: rejected a chunk from %s: %s", sender, exc)
@@ -312,14 +314,30 @@ class Aggregator:
             stats = self.stats[self._open.terms.round]
             stats.rejected += 1
             stats.rejections.append(f"{who}: {rejected.reason}")
-        round_no = self._open.terms.round if self._open else self._last_closed
-        self._receipt(sender, round_no, rejected.blob_id, "rejected", str(rejected.reason))
+        if rejected.device is not None:  # the signer learns why, on its own receipt topic
+            signer = bytes.fromhex(rejected.device[2:])
+            self._receipt(signer, rejected.round or 0, rejected.blob_id, str(rejected.reason), 0)
+        elif is_address(sender):  # unreadable: the topic's owner may be the sender
+            self._receipt(bytes.fromhex(sender[2:]), 0, rejected.blob_id, str(rejected.reason), 0)
 
-    def _receipt(self, sender: str, round_no: int, ident: bytes, status: str, reason: str) -> None:
-        message = envelope.encode(
-            "receipt", round=round_no, blob=ident, status=status, reason=reason
-        )
-        self._link.publish(self.topics.receipts(sender), message)
+    def _receipt(
+        self, device: bytes, round_no: int, ident: bytes, reason: str, counted_in: int
+    ) -> None:
+        """A receipt signed with this aggregator's chain key, to the device's receipt topic:
+        devices drop an update from their outbox only on such a receipt."""
+        account = self.chain.account
+        if account is None:
+            raise ChainError("the aggregator needs its chain key to sign receipts")
+        receipt = Receipt(
+            task=bytes.fromhex(self.task[2:]),
+            round=round_no,
+            device=device,
+            update=ident,
+            accepted=not reason,
+            reason=reason,
+            counted_in=counted_in,
+        ).signed(account, self._domain)
+        self._link.publish(self.topics.receipts(receipt.device_address), receipt.encode())
 
     def _tick(self) -> None:
         now = self._clock()

@@ -61,7 +61,8 @@ class Rejected:
     reason: RejectReason
     detail: str
     blob_id: bytes
-    device: str | None = None
+    device: str | None = None  # the update's signer, when the update could be read
+    round: int | None = None  # the round the update was made for, likewise
 
 
 Decision = Accepted | Rejected
@@ -114,7 +115,7 @@ class OpenRound:
         device = update.device_address
 
         def reject(reason: RejectReason, detail: str) -> Rejected:
-            return Rejected(reason, detail, ident, device)
+            return Rejected(reason, detail, ident, device, update.round)
 
         if self._closed:
             return reject(RejectReason.CLOSED, f"round {self.terms.round} is closed")

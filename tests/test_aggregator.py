@@ -23,7 +23,8 @@ from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.task import TaskSpec
-from truscl.wire import Domain, TaskTopics, Update, envelope, split
+from truscl.wire import Domain, TaskTopics, Update, split
+from truscl.wire.receipt import Receipt
 
 pytestmark = pytest.mark.slow
 MAX_MESSAGE = 16 * 1024
@@ -105,16 +106,15 @@ def test_hostile_updates_are_rejected_with_reasons_and_the_service_goes_on(
     # Prepare: a "device" connection that listens to every receipt
     d = deployment
     topics = TaskTopics(d.spec.task)
-    receipts: queue.Queue[tuple[str, dict]] = queue.Queue()
+    receipts: queue.Queue[tuple[str, Receipt | None]] = queue.Queue()
 
     def on_message(topic: str, payload: bytes) -> None:
         if topic.startswith(topics.base + "/receipts/"):
-            kind, fields = envelope.decode_any(payload, ("receipt", "inclusion"), 1 << 20)
-            receipts.put((kind, fields))
+            receipts.put((topic, Receipt.decode(payload)))
         elif topic == topics.round:
-            receipts.put(("round", envelope.decode(payload, "round", 1024)))
+            receipts.put(("round", None))
 
-    caplog.set_level(logging.WARNING, logger="server.aggregator")
+    caplog.set_level(logging.WARNING, logger="truscl.server.aggregator")
     link = MqttLink(
         "test-device",
         d.broker.settings,
@@ -145,16 +145,25 @@ def test_hostile_updates_are_rejected_with_reasons_and_the_service_goes_on(
     finally:
         link.close()
     # Assert: each hostile update got its reason back, the honest one was accepted (twice:
-    # the retry is acknowledged, not counted), and the aggregator is still at work
-    statuses = sorted((f["status"], f["reason"]) for _, f in got)
+    # the retry is acknowledged, not counted), and the aggregator is still at work. Every
+    # receipt is signed by the task's aggregator, goes to the update's signer, and names the
+    # round the update was made for.
+    aggregator = d.chain.task(d.spec.task_id).aggregator
+    for topic, receipt in got:
+        assert receipt is not None
+        receipt.verify(d.domain, aggregator)
+        assert topic == topics.receipts(receipt.device_address)
+    statuses = sorted((r.accepted, r.reason, r.round) for _, r in got if r is not None)
     assert statuses == [
-        ("accepted", ""),
-        ("accepted", ""),
-        ("rejected", "bad-signature"),
-        ("rejected", "bad-signature"),
-        ("rejected", "unknown-device"),
-        ("rejected", "wrong-round"),
+        (False, "bad-signature", 1),
+        (False, "bad-signature", 1),
+        (False, "unknown-device", 1),
+        (False, "wrong-round", 2),
+        (True, "", 1),
+        (True, "", 1),
     ]
+    forged_to = {r.device_address for _, r in got if r is not None and not r.accepted}
+    assert other.address in forged_to and stranger.address in forged_to
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for reason in ("not a CBOR map", "exceeds", "bad-signature", "unknown-device", "wrong-round"):
         assert reason in logged

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import cbor2
@@ -14,6 +15,8 @@ from eth_utils import keccak
 from truscl.errors import ProtocolError, SignatureError
 from truscl.wire import Domain, Reassembler, Update, envelope, split
 from truscl.wire.merkle import EMPTY_ROOT, merkle_proof, merkle_root, verify_proof
+from truscl.wire.receipt import Receipt
+from truscl.wire.signing import SECP256K1_N
 from truscl.wire.update import LEAF_ABI, UPDATE_FIELDS, UPDATE_TYPES, UpdateRecord
 
 DOMAIN = Domain(chain_id=31337, contract="0x" + "ab" * 20)
@@ -38,11 +41,11 @@ def make_update(account, **overrides) -> Update:
 
 
 def test_envelope_round_trip() -> None:
-    payload = envelope.encode("receipt", round=2, blob=b"id", status="accepted", reason="")
+    payload = envelope.encode("model", round=2, params=b"id", model_hash=b"h")
 
-    fields = envelope.decode(payload, "receipt", 1024)
+    fields = envelope.decode(payload, "model", 1024)
 
-    assert fields == {"round": 2, "blob": b"id", "status": "accepted", "reason": ""}
+    assert fields == {"round": 2, "params": b"id", "model_hash": b"h"}
 
 
 @pytest.mark.parametrize(
@@ -50,39 +53,33 @@ def test_envelope_round_trip() -> None:
     [
         (b"\xff\xff\x00garbage", "undecodable"),
         (cbor2.dumps([1, 2, 3]), "not a CBOR map"),
-        (cbor2.dumps({"v": 2, "type": "receipt"}), "version"),
-        (cbor2.dumps({"v": 1, "type": "model"}), "expected a receipt"),
-        (cbor2.dumps({"v": 1, "type": "receipt", "round": 1}), "missing"),
+        (cbor2.dumps({"v": 2, "type": "model"}), "version"),
+        (cbor2.dumps({"v": 1, "type": "round"}), "expected a model"),
+        (cbor2.dumps({"v": 1, "type": "model", "round": 1}), "missing"),
         (
-            cbor2.dumps(
-                {"v": 1, "type": "receipt", "round": "1", "blob": b"", "status": "", "reason": ""}
-            ),
+            cbor2.dumps({"v": 1, "type": "model", "round": "1", "params": b"", "model_hash": b""}),
             "must be int",
         ),
         (
-            cbor2.dumps(
-                {"v": 1, "type": "receipt", "round": -1, "blob": b"", "status": "", "reason": ""}
-            ),
+            cbor2.dumps({"v": 1, "type": "model", "round": -1, "params": b"", "model_hash": b""}),
             "negative",
         ),
         (
-            cbor2.dumps(
-                {"v": 1, "type": "receipt", "round": True, "blob": b"", "status": "", "reason": ""}
-            ),
+            cbor2.dumps({"v": 1, "type": "model", "round": True, "params": b"", "model_hash": b""}),
             "must be int",
         ),
     ],
 )
 def test_envelope_rejects_malformed_messages(payload: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
-        envelope.decode(payload, "receipt", 1024)
+        envelope.decode(payload, "model", 1024)
 
 
 def test_envelope_rejects_oversized_before_parsing() -> None:
-    payload = envelope.encode("receipt", round=1, blob=b"x" * 2000, status="", reason="")
+    payload = envelope.encode("model", round=1, params=b"x" * 2000, model_hash=b"")
 
     with pytest.raises(ProtocolError, match="exceeds"):
-        envelope.decode(payload, "receipt", 1024)
+        envelope.decode(payload, "model", 1024)
 
 
 # -- chunking ------------------------------------------------------------------------------
@@ -336,3 +333,77 @@ def test_wire_bytes_leaf_and_signature_are_those_of_the_hand_written_fields() ->
         "c527d3113368b56f687d10df971a7c08579e0c9e7fe293e8f1fa37f8b9e5036c"
         "78a972ed5df1d02354cdc65293321191901e163fe8b326537a6d6b0a3d85d5ea1b"
     )
+
+
+# -- signatures and receipts ----------------------------------------------------------------
+
+
+def high_s_twin(signature: bytes) -> bytes:
+    """The malleable twin of a valid signature: (r, n - s) with the other recovery id."""
+    r, s, v = signature[:32], int.from_bytes(signature[32:64], "big"), signature[64]
+    twin_v = 27 + (1 - (v - 27)) if v >= 27 else 1 - v
+    return r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([twin_v])
+
+
+def test_a_high_s_twin_of_a_valid_update_signature_is_refused() -> None:
+    account = Account.create()
+    update = make_update(account).signed(account, DOMAIN)
+    twin = replace(update, signature=high_s_twin(update.signature))
+
+    update.verify(DOMAIN)
+    with pytest.raises(SignatureError, match="high-s"):
+        twin.verify(DOMAIN)
+
+
+def make_receipt(**overrides: object) -> Receipt:
+    fields: dict[str, object] = {
+        "task": b"\x01" * 32,
+        "round": 3,
+        "device": b"\x02" * 20,
+        "update": b"\x03" * 32,
+        "accepted": True,
+        "reason": "",
+        "counted_in": 3,
+    }
+    fields.update(overrides)
+    return Receipt(**fields)  # type: ignore[arg-type]
+
+
+def test_a_receipt_round_trips_and_verifies_only_for_the_aggregator() -> None:
+    aggregator, stranger = Account.create(), Account.create()
+    receipt = make_receipt().signed(aggregator, DOMAIN)
+
+    again = Receipt.decode(receipt.encode())
+
+    assert again == receipt
+    again.verify(DOMAIN, aggregator.address)
+    with pytest.raises(SignatureError, match="aggregator"):
+        again.verify(DOMAIN, stranger.address)
+    forged = make_receipt().signed(stranger, DOMAIN)
+    with pytest.raises(SignatureError):
+        forged.verify(DOMAIN, aggregator.address)
+    altered = replace(receipt, accepted=False, reason="duplicate", counted_in=0)
+    with pytest.raises(SignatureError):
+        altered.verify(DOMAIN, aggregator.address)
+    with pytest.raises(SignatureError, match="high-s"):
+        replace(receipt, signature=high_s_twin(receipt.signature)).verify(
+            DOMAIN, aggregator.address
+        )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"task": b"\x01" * 31}, "receipt.task"),
+        ({"device": b"\x02" * 21}, "receipt.device"),
+        ({"update": b""}, "receipt.update"),
+        ({"signature": b"\x00" * 64}, "receipt.signature"),
+        ({"round": 2**32}, "out of range"),
+    ],
+)
+def test_a_malformed_receipt_is_refused(overrides: dict[str, object], message: str) -> None:
+    fields = {**make_receipt().__dict__, "signature": b"\x00" * 65, **overrides}
+    payload = envelope.encode("receipt", **fields)
+
+    with pytest.raises(ProtocolError, match=message):
+        Receipt.decode(payload)

@@ -124,6 +124,11 @@ class ChainClient:
         return cls(w3, contract_address(receipt), account, client_lock)
 
     @property
+    def account(self) -> LocalAccount | None:
+        """The key this client signs with (None for a read-only client)."""
+        return self._account
+
+    @property
     def address(self) -> ChecksumAddress:
         return self._contract.address
 

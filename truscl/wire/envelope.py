@@ -29,7 +29,16 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "data_root": bytes,
         "signature": bytes,
     },
-    "receipt": {"round": int, "blob": bytes, "status": str, "reason": str},
+    "receipt": {
+        "task": bytes,
+        "round": int,
+        "device": bytes,
+        "update": bytes,
+        "accepted": bool,
+        "reason": str,
+        "counted_in": int,
+        "signature": bytes,
+    },
     "inclusion": {
         "round": int,
         "leaf": bytes,
@@ -93,11 +102,11 @@ def _check(kind: str, fields: dict[str, Any]) -> None:
         raise ProtocolError(f"{kind} fields wrong: missing {missing}, unexpected {extra}")
     for name, expected in schema.items():
         value = fields[name]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 continue
             raise ProtocolError(f"{kind}.{name} must be {_name(expected)}")
-        if isinstance(value, int) and value < 0:
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
             raise ProtocolError(f"{kind}.{name} must not be negative")
 
 

@@ -14,16 +14,18 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 from eth_abi import encode as abi_encode
-from eth_account import Account
-from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
 from truscl.errors import ProtocolError, SignatureError
 from truscl.wire import envelope
-
-DOMAIN_NAME = "truscl"
-DOMAIN_VERSION = "1"
+from truscl.wire.signing import (
+    DOMAIN_TYPE,
+    SIGNATURE_BYTES,
+    Domain,
+    recover_typed,
+    sign_typed,
+)
 
 # Largest signed update the aggregator and the auditor accept, in bytes of CBOR: a CKKS
 # ciphertext of the task's model with room to spare. One number, so that what the aggregator
@@ -81,34 +83,12 @@ UPDATE_FIELDS: tuple[UpdateField, ...] = (
     UpdateField("epsilonMicros", "uint64", "epsilon_micros", "epsilon_micros"),
     UpdateField("dataRoot", "bytes32", "data_root", "data_root"),
 )
-SIGNATURE_BYTES = 65  # r, s, v: the one envelope field that is not signed
 
 UPDATE_TYPES = {
-    "EIP712Domain": [
-        {"name": "name", "type": "string"},
-        {"name": "version", "type": "string"},
-        {"name": "chainId", "type": "uint256"},
-        {"name": "verifyingContract", "type": "address"},
-    ],
+    "EIP712Domain": DOMAIN_TYPE,
     "Update": [{"name": f.name, "type": f.sol_type} for f in UPDATE_FIELDS],
 }
 LEAF_ABI = [f.sol_type for f in UPDATE_FIELDS]
-
-
-@dataclass(frozen=True)
-class Domain:
-    """Where signatures are valid: one chain, one contract."""
-
-    chain_id: int
-    contract: str
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": DOMAIN_NAME,
-            "version": DOMAIN_VERSION,
-            "chainId": self.chain_id,
-            "verifyingContract": to_checksum_address(self.contract),
-        }
 
 
 class UpdateRecord(NamedTuple):
@@ -192,16 +172,11 @@ class Update:
     def signed(self, account: LocalAccount, domain: Domain) -> Update:
         if account.address != self.device_address:
             raise SignatureError("a device signs only its own updates")
-        message = encode_typed_data(full_message=self.typed_data(domain))
-        return replace(self, signature=bytes(account.sign_message(message).signature))
+        return replace(self, signature=sign_typed(account, self.typed_data(domain)))
 
     def signer(self, domain: Domain) -> str:
-        """Address that produced the signature (raises on a malformed one)."""
-        try:
-            message = encode_typed_data(full_message=self.typed_data(domain))
-            return str(Account.recover_message(message, signature=self.signature))
-        except Exception as exc:  # eth_keys raises several types for bad signatures
-            raise SignatureError(f"unrecoverable signature: {exc}") from None
+        """Address that produced the signature (raises on a malformed or high-s one)."""
+        return recover_typed(self.typed_data(domain), self.signature)
 
     def verify(self, domain: Domain) -> None:
         if self.signer(domain) != self.device_address:
