@@ -241,6 +241,9 @@ class Aggregator:
         following = released + 1
         if following > self.spec.rounds or following <= self._last_closed or self._open:
             return
+        if self.chain.round_anchor(self.spec.task_id, following) is not None:
+            self._last_closed = following  # closed before a restart; its model comes next
+            return
         self._open_round(following, model["model_hash"])
 
     def _open_round(self, round_no: int, model_hash: bytes) -> None:

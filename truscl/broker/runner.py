@@ -52,9 +52,18 @@ class Mosquitto:
     """
 
     def __init__(
-        self, workdir: Path, port: int | None = None, *, config: Path | None = None
+        self,
+        workdir: Path,
+        port: int | None = None,
+        *,
+        config: Path | None = None,
+        persistent: bool = False,
     ) -> None:
+        """``persistent``: the anonymous broker keeps retained messages and sessions in
+        ``workdir`` across its restarts, as a deployed one does (a provisioned configuration
+        always does)."""
         self.workdir = Path(workdir)
+        self.persistent = persistent
         self.config = None if config is None else Path(config).resolve()
         if self.config is None:
             self.host = "127.0.0.1"
@@ -106,8 +115,12 @@ class Mosquitto:
         config.write_text(
             f"listener {self.port} {self.host}\n"
             "allow_anonymous true\n"
-            "persistence false\n"
-            "max_queued_messages 10000\n"
+            + (
+                f"persistence true\npersistence_location {self.workdir}/\n"
+                if self.persistent
+                else "persistence false\n"
+            )
+            + "max_queued_messages 10000\n"
             "log_type error\nlog_type warning\n"
             f"log_dest file {self.workdir / 'mosquitto.log'}\n"
         )

@@ -1,0 +1,201 @@
+"""A fleet of ``truscl`` service processes on a real broker and a real node, for tests that
+start, stop, kill and restart roles as an operator (or a crash) would.
+
+Every role runs from its own TOML file as its systemd unit runs it; the broker is a plain
+mosquitto (anonymous, persistent) on a free port, the chain an anvil the caller provides.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from truscl.broker import Mosquitto
+from truscl.chain import ChainClient, NodeChain
+from truscl.keyfile import load_or_create_account, write_secret
+from truscl.processes import stop_process
+from truscl.server.archive import Archive
+from truscl.server.audit import AuditReport, audit_task
+
+TRUSCL = str(Path(sys.executable).with_name("truscl"))
+ROOT = Path(__file__).resolve().parents[1]
+
+CHAIN = """
+[broker]
+host = "127.0.0.1"
+port = {port}
+[chain]
+rpc = "{rpc}"
+contract = "{contract}"
+"""
+OWNER = """
+task_file = "task.toml"
+aggregator = "{aggregator}"
+[owner]
+key = "owner.key"
+state = "state"
+"""
+AGGREGATOR = """
+task = "{task}"
+expected_devices = {devices}
+[aggregator]
+key = "aggregator.key"
+archive = "archive"
+"""
+AGENT = """
+task = "{task}"
+[device]
+key = "device.key"
+state = "state"
+name = "device-{index}"
+[sensors]
+hardware = "simulated"
+room = {index}
+seed = 3
+time_scale = {time_scale}
+history = {history}
+"""
+
+
+def task_file(**terms: object) -> str:
+    """deploy/task.toml with some terms changed (a small window, so devices train at once)."""
+    text = (ROOT / "deploy" / "task.toml").read_text()
+    terms = {"window": 128, "batch_size": 16, **terms}
+    for line in text.splitlines():
+        key = line.split("=", 1)[0].strip()
+        if key in terms and "=" in line:
+            value = terms[key]
+            text = text.replace(
+                line, f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"'
+            )
+    return text
+
+
+@dataclass
+class Fleet:
+    """The roles of one task, each a process; ``start`` runs ``owner init`` first."""
+
+    root: Path
+    rpc: str
+    devices: int = 3
+    terms: dict[str, object] = field(default_factory=dict)
+    time_scale: float = 60000.0
+    broker_port: int | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    task: str = ""
+
+    def __post_init__(self) -> None:
+        self.node = NodeChain(self.rpc)
+        admin = self.node.new_account()
+        self.contract = ChainClient.deploy(self.node.web3(), admin, self.node.lock)
+        self.broker = Mosquitto(self.root / "broker", port=self.broker_port, persistent=True)
+        self.folders = {name: self.root / name for name in self.role_names}
+        for folder in self.folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        for name in ("owner", "aggregator"):
+            write_secret(self.folders[name] / f"{name}.key", self.node.new_account().key)
+        for index in range(self.devices):
+            device = load_or_create_account(self.folders[f"device-{index}"] / "device.key")
+            self.contract.register_device(device.address)
+
+    @property
+    def role_names(self) -> list[str]:
+        return ["owner", "aggregator", *(f"device-{i}" for i in range(self.devices))]
+
+    @property
+    def task_id(self) -> bytes:
+        return bytes.fromhex(self.task[2:])
+
+    def config(self, name: str) -> Path:
+        return self.folders[name] / f"{'agent' if name.startswith('device') else name}.toml"
+
+    def start(self, env: dict[str, dict[str, str]] | None = None) -> Fleet:
+        """``owner init``, then every role; ``env`` adds variables to some roles' environment."""
+        self.broker.start()
+        chain = CHAIN.format(port=self.broker.port, rpc=self.rpc, contract=self.contract.address)
+        owner = self.folders["owner"]
+        (owner / "task.toml").write_text(task_file(**self.terms))
+        aggregator = load_or_create_account(self.folders["aggregator"] / "aggregator.key")
+        self.config("owner").write_text(OWNER.format(aggregator=aggregator.address) + chain)
+        init = subprocess.run(
+            [TRUSCL, "owner", "init", "--config", str(self.config("owner"))],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert init.returncode == 0, init.stderr
+        self.task = init.stdout.strip()
+        self.config("aggregator").write_text(
+            AGGREGATOR.format(task=self.task, devices=self.devices) + chain
+        )
+        for index in range(self.devices):
+            self.config(f"device-{index}").write_text(
+                AGENT.format(
+                    task=self.task,
+                    index=index,
+                    time_scale=self.time_scale,
+                    history=self.terms.get("window", 128),
+                )
+                + chain
+            )
+        for name in self.role_names:
+            self.run(name, (env or {}).get(name))
+        return self
+
+    def run(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        role = "agent" if name.startswith("device") else name
+        log = (self.root / f"{name}.log").open("ab")
+        self.processes[name] = subprocess.Popen(
+            [TRUSCL, "--log-level", "INFO", role, "run", "--config", str(self.config(name))],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+        )
+        return self.processes[name]
+
+    def stop(self, name: str) -> int | None:
+        """SIGTERM, as systemd stops a unit."""
+        return stop_process(self.processes.pop(name), 30)
+
+    def kill(self, name: str) -> None:
+        """``kill -9``: no cleanup, no goodbye."""
+        process = self.processes.pop(name)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+
+    def wait_for(self, condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
+        deadline = time.monotonic() + seconds
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not happen within {seconds}s\n{self.logs()}")
+            time.sleep(0.1)
+
+    def model_released(self, round_no: int) -> bool:
+        return self.contract.model_hash(self.task_id, round_no) is not None
+
+    def wait_for_model(self, round_no: int, seconds: float = 120) -> None:
+        self.wait_for(lambda: self.model_released(round_no), f"model {round_no}", seconds)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def logs(self, lines: int = 12) -> str:
+        return "\n".join(
+            f"--- {name}\n" + "\n".join(self.log(name).splitlines()[-lines:])
+            for name in self.role_names
+        )
+
+    def audit(self) -> AuditReport:
+        reader = ChainClient.at(self.node.web3(), self.contract.address)
+        return audit_task(reader, Archive(self.folders["aggregator"] / "archive"), self.task)
+
+    def close(self) -> dict[str, int | None]:
+        """Stop every role still running (SIGTERM) and the broker; their exit codes."""
+        codes = {name: self.stop(name) for name in list(self.processes)}
+        self.broker.stop()
+        return codes
