@@ -68,6 +68,7 @@ class TaskSpec:
     round_seconds: float = 30.0
     max_message: int = DEFAULT_MAX_MESSAGE
     dp: DpTerms = field(default_factory=DpTerms)
+    late_updates: bool = True  # an update that misses its round's close counts in the next
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.quorum < 1:
@@ -165,6 +166,7 @@ def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
         "max_message": reader.take(data, "max_message", int, DEFAULT_MAX_MESSAGE),
         "he_profile": reader.take(data, "he_profile", str, DEFAULT_PROFILE.name),
         "model": reader.take(data, "model", str, "logistic"),
+        "late_updates": reader.take(data, "late_updates", bool, True),
         "features": features,
         "context_hash": context_hash,
     }
