@@ -1,6 +1,10 @@
 """RDP accounting against the published reference, and the device's persistent ledger."""
 
+import math
+
+import dp_accounting
 import pytest
+from dp_accounting.rdp import RdpAccountant
 
 from truscl.errors import ConfigError
 from truscl.privacy import PrivacyLedger, rdp_epsilon
@@ -94,3 +98,35 @@ def test_invalid_rounds_are_refused(q: float, sigma: float, steps: int) -> None:
 def test_invalid_delta_is_refused(delta: float) -> None:
     with pytest.raises(ConfigError):
         rdp_epsilon(0.1, 1.0, 1, delta)
+
+
+@pytest.mark.parametrize(
+    "history",
+    [
+        [(0.037, 1.0, 20)] * 10,  # the demo's task: q = 32/864, 20 steps a round
+        [(256 / 60000, 1.1, 14063)],
+        [(0.01, 1.2, 100), (0.05, 0.8, 40), (0.01, 1.2, 7)],
+        [(1.0, 2.0, 3)],  # full batch
+        [(0.1, 0.0, 1)],  # no noise
+    ],
+)
+def test_the_cached_accountant_equals_dp_accountings_own(
+    history: list[tuple[float, float, int]],
+) -> None:
+    # Prepare: the library's own accountant, composing the same events from scratch
+    accountant = RdpAccountant()
+    for q, sigma, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+    ledger = PrivacyLedger()
+
+    # Execute
+    for q, sigma, steps in history:
+        ledger.record(q, sigma, steps)
+
+    # Assert
+    expected = accountant.get_epsilon(DELTA)
+    if math.isinf(expected):
+        assert math.isinf(ledger.epsilon(DELTA))
+    else:
+        assert ledger.epsilon(DELTA) == pytest.approx(expected, rel=1e-9)

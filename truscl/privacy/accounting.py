@@ -1,20 +1,29 @@
 """Privacy accounting with dp-accounting's RDP accountant, and a device's per-task ledger.
 
 The accountant is Google's ``dp_accounting`` rather than our own formulas so that the epsilon a
-device reports is the one anyone can recompute. Rounds that share a sampling rate and noise
-multiplier are merged into one self-composed event: the accountant's cost is per distinct
-event (tens of milliseconds each), not per step or per round.
+device reports is the one anyone can recompute. Its RDP of one Poisson-subsampled Gaussian step
+costs hundreds of milliseconds per (sampling rate, noise multiplier) on a Pi, and a device asks
+for an epsilon every round; RDP composes by addition, so the per-order RDP of one step is
+computed once per mechanism and multiplied by the steps spent. That uses two of dp-accounting's
+module-level functions (``_compute_rdp_poisson_subsampled_gaussian``, ``compute_epsilon``) of
+the pinned version; tests/test_accounting.py checks the result against the library's own
+``RdpAccountant`` so that an upgrade that changes either trips a test.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import Counter
 from dataclasses import dataclass
 
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
+import numpy as np
+from dp_accounting.rdp.rdp_privacy_accountant import (
+    DEFAULT_RDP_ORDERS,
+    _compute_rdp_poisson_subsampled_gaussian,
+    compute_epsilon,
+)
 
 from truscl.errors import ConfigError
 
@@ -47,19 +56,25 @@ def _epsilon(rounds: list[SpentRound], delta: float) -> float:
         steps_by_mechanism[(spent.sampling_rate, spent.noise_multiplier)] += spent.steps
     if not steps_by_mechanism:
         return 0.0
-    accountant = RdpAccountant()
-    accountant.compose(
-        dp_accounting.ComposedDpEvent(
-            [
-                dp_accounting.SelfComposedDpEvent(
-                    dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
-                    steps,
-                )
-                for (q, sigma), steps in sorted(steps_by_mechanism.items())
-            ]
-        )
+    rdp = sum(
+        (steps * _rdp_of_one_step(q, sigma) for (q, sigma), steps in steps_by_mechanism.items()),
+        np.zeros(len(DEFAULT_RDP_ORDERS)),
     )
-    return float(accountant.get_epsilon(delta))
+    epsilon, _ = compute_epsilon(DEFAULT_RDP_ORDERS, rdp, delta)
+    return float(epsilon)
+
+
+@functools.lru_cache(maxsize=64)
+def _rdp_of_one_step(sampling_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Per-order RDP of one Poisson-subsampled Gaussian step (read-only: it is cached)."""
+    rdp = np.asarray(
+        _compute_rdp_poisson_subsampled_gaussian(
+            sampling_rate, noise_multiplier, DEFAULT_RDP_ORDERS
+        ),
+        dtype=np.float64,
+    )
+    rdp.setflags(write=False)
+    return rdp
 
 
 def rdp_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
