@@ -30,6 +30,8 @@ contract Truscl is AccessControl {
         bytes32 contextHash;
         uint32 rounds;
         uint32 roundsAnchored;
+        uint64 epsilonMicros;
+        uint64 epsilonBudgetMicros;
     }
 
     /// @notice The fields a device signs for one update (ciphertext by its hash).
@@ -63,7 +65,9 @@ contract Truscl is AccessControl {
         address indexed aggregator,
         bytes32 specHash,
         bytes32 contextHash,
-        uint32 rounds
+        uint32 rounds,
+        uint64 epsilonMicros,
+        uint64 epsilonBudgetMicros
     );
     event RoundAnchored(
         bytes32 indexed taskId,
@@ -80,6 +84,7 @@ contract Truscl is AccessControl {
     error TaskExists(bytes32 taskId);
     error UnknownTask(bytes32 taskId);
     error NoRounds();
+    error BudgetExceeded(bytes32 taskId, uint64 epsilonMicros, uint64 epsilonBudgetMicros);
     error NotTaskOwner(bytes32 taskId, address caller);
     error NotAggregator(bytes32 taskId, address caller);
     error RoundOutOfRange(bytes32 taskId, uint32 round, uint32 rounds);
@@ -108,20 +113,47 @@ contract Truscl is AccessControl {
     }
 
     /// @notice Fix a task's terms; the caller becomes its owner.
-    /// @dev A device refuses a context whose hash differs from `contextHash`.
+    /// @dev A device refuses a context whose hash differs from `contextHash`. `epsilonMicros` is
+    /// what every round of the task together spends of a device's privacy (epsilon x 1e6, under
+    /// the accountant and delta its spec names, which anyone can recompute from the spec whose
+    /// hash is `specHash`); a task that would spend more than its budget is refused here, so no
+    /// device is ever asked for rounds its budget cannot pay for.
     function createTask(
         bytes32 taskId,
         bytes32 specHash,
         bytes32 contextHash,
         address aggregator,
-        uint32 rounds
+        uint32 rounds,
+        uint64 epsilonMicros,
+        uint64 epsilonBudgetMicros
     ) external {
         if (_tasks[taskId].owner != address(0)) revert TaskExists(taskId);
         if (aggregator == address(0)) revert ZeroAddress();
         if (specHash == bytes32(0) || contextHash == bytes32(0)) revert ZeroHash();
         if (rounds == 0) revert NoRounds();
-        _tasks[taskId] = Task(msg.sender, aggregator, specHash, contextHash, rounds, 0);
-        emit TaskCreated(taskId, msg.sender, aggregator, specHash, contextHash, rounds);
+        if (epsilonMicros > epsilonBudgetMicros) {
+            revert BudgetExceeded(taskId, epsilonMicros, epsilonBudgetMicros);
+        }
+        _tasks[taskId] = Task(
+            msg.sender,
+            aggregator,
+            specHash,
+            contextHash,
+            rounds,
+            0,
+            epsilonMicros,
+            epsilonBudgetMicros
+        );
+        emit TaskCreated(
+            taskId,
+            msg.sender,
+            aggregator,
+            specHash,
+            contextHash,
+            rounds,
+            epsilonMicros,
+            epsilonBudgetMicros
+        );
     }
 
     function getTask(
@@ -135,7 +167,9 @@ contract Truscl is AccessControl {
             bytes32 specHash,
             bytes32 contextHash,
             uint32 rounds,
-            uint32 roundsAnchored
+            uint32 roundsAnchored,
+            uint64 epsilonMicros,
+            uint64 epsilonBudgetMicros
         )
     {
         Task storage task = _existingTask(taskId);
@@ -145,7 +179,9 @@ contract Truscl is AccessControl {
             task.specHash,
             task.contextHash,
             task.rounds,
-            task.roundsAnchored
+            task.roundsAnchored,
+            task.epsilonMicros,
+            task.epsilonBudgetMicros
         );
     }
 

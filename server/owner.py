@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import queue
 import threading
 from collections.abc import Callable
@@ -20,9 +21,10 @@ import numpy as np
 from eth_utils import keccak
 
 from truscl.chain import ChainClient
-from truscl.errors import ProtocolError
+from truscl.errors import ConfigError, ProtocolError
 from truscl.files import write_atomically
 from truscl.mqtt import BrokerSettings, MqttLink
+from truscl.privacy.accounting import rounds_within_budget, task_epsilon
 from truscl.privacy.ckks import OwnerKeys, context_hash, decrypt
 from truscl.systemd import Heartbeat
 from truscl.task import TaskSpec
@@ -38,6 +40,26 @@ TICK_S = 1.0
 class _Event(enum.Enum):
     CONNECTED = "connected"  # queued by the link on every (re)connection
     TICK = "tick"  # the loop's idle wake-up
+
+
+def task_privacy(spec: TaskSpec) -> float:
+    """Epsilon all of the task's rounds spend of a device's privacy, under the accountant the
+    devices use; ``ConfigError`` with the figures when that exceeds the task's budget, so that
+    no task asks devices for rounds their budget cannot pay for."""
+    dp = spec.dp
+    epsilon = task_epsilon(
+        spec.sampling_rate, dp.noise_multiplier, dp.local_steps, spec.rounds, dp.delta
+    )
+    if epsilon > dp.epsilon_budget:
+        allowed = rounds_within_budget(
+            spec.sampling_rate, dp.noise_multiplier, dp.local_steps, dp.delta, dp.epsilon_budget
+        )
+        raise ConfigError(
+            f"{spec.rounds} rounds would spend epsilon {epsilon:.3f} of each device's privacy "
+            f"(RDP, delta {dp.delta:g}), over the budget {dp.epsilon_budget:g}: "
+            f"the budget allows at most {allowed} rounds"
+        )
+    return epsilon
 
 
 class ModelStore:
@@ -99,8 +121,15 @@ class TaskOwner:
         """Anchor the spec and the context on chain, publish them and the initial model."""
         if spec.context_hash != self.context_hash:
             raise ProtocolError("the spec names another HE context than the owner's")
+        epsilon = task_privacy(spec)
         tx = self.chain.create_task(
-            spec.task_id, spec.hash(), bytes.fromhex(spec.context_hash[2:]), aggregator, spec.rounds
+            spec.task_id,
+            spec.hash(),
+            bytes.fromhex(spec.context_hash[2:]),
+            aggregator,
+            spec.rounds,
+            epsilon_micros=math.ceil(epsilon * 1e6),
+            budget_micros=math.floor(spec.dp.epsilon_budget * 1e6),
         )
         self._connect(spec)
         self._release(0, np.asarray(initial, dtype=np.float64))

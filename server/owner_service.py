@@ -14,6 +14,7 @@ import os
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from truscl.chain import ChainClient
 from truscl.chain.rpc import connect
@@ -21,9 +22,10 @@ from truscl.errors import ChainError, ConfigError
 from truscl.files import write_atomically
 from truscl.keyfile import load_account
 from truscl.learning import LogisticModel
+from truscl.privacy.accounting import rounds_within_budget
 from truscl.privacy.ckks import PROFILES, OwnerKeys, context_hash
 from truscl.server.config import OwnerConfig
-from truscl.server.owner import ModelStore, TaskOwner
+from truscl.server.owner import ModelStore, TaskOwner, task_privacy
 from truscl.systemd import Heartbeat, supervise
 from truscl.task import TaskSpec, load_task_file
 
@@ -73,8 +75,10 @@ def owner_client(config: OwnerConfig) -> ChainClient:
 
 
 def init_task(config: OwnerConfig) -> TaskSpec:
-    """Create the task once. A run cut short (after the spec was fixed, before the record was
-    written) is finished by running it again: the spec and keys on disk are reused."""
+    """Create the task once. A run cut short after the task went on chain is finished by
+    running it again (the spec and keys on disk are reused); before that, running it again
+    takes the task file as it is now (a task refused for its budget can be fixed and retried).
+    """
     state = OwnerState(config.state)
     record = state.record()
     if record is not None:
@@ -83,9 +87,10 @@ def init_task(config: OwnerConfig) -> TaskSpec:
         )
     chain = owner_client(config)
     spec = state.spec()
-    if spec is None:
-        task = "0x" + os.urandom(32).hex()
+    if spec is None or not _task_exists(chain, spec):
+        task = spec.task if spec is not None else "0x" + os.urandom(32).hex()
         draft = load_task_file(config.task_file, task=task, context_hash=UNBOUND_CONTEXT)
+        task_privacy(draft)  # refused with its figures before any key is made
         keys = state.keys(draft.he_profile)
         spec = replace(draft, context_hash="0x" + context_hash(keys.public_context_bytes()).hex())
         state.save_spec(spec)
@@ -134,3 +139,31 @@ def run_owner(config: OwnerConfig, stop: threading.Event) -> None:
     finally:
         owner.stop()
         log.info("owner: stopped")
+
+
+def owner_status(config: OwnerConfig) -> dict[str, Any]:
+    """The task as the owner's state folder and the chain see it (no broker needed)."""
+    state = OwnerState(config.state)
+    spec = state.spec()
+    if spec is None or state.record() is None:
+        raise ConfigError(f"{state.folder} holds no task yet: run `truscl owner init` first")
+    dp = spec.dp
+    status: dict[str, Any] = {
+        "task": spec.task,
+        "rounds": spec.rounds,
+        "quorum": spec.quorum,
+        "round_seconds": spec.round_seconds,
+        "models_released": sorted(ModelStore(state.models).all(spec.n_params)),
+        "epsilon_task": round(task_privacy(spec), 4),
+        "epsilon_budget": dp.epsilon_budget,
+        "delta": dp.delta,
+        "rounds_budget_allows": rounds_within_budget(
+            spec.sampling_rate, dp.noise_multiplier, dp.local_steps, dp.delta, dp.epsilon_budget
+        ),
+    }
+    try:
+        record = ChainClient.at(connect(config.chain.rpc), config.chain.contract).task(spec.task_id)
+        status["rounds_anchored"] = record.rounds_anchored
+    except ChainError as exc:
+        status["chain_error"] = str(exc)
+    return status

@@ -8,6 +8,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from truscl.errors import ConfigError
 from truscl.privacy import PrivacyLedger, rdp_epsilon
+from truscl.privacy.accounting import rounds_within_budget, task_epsilon
 
 DELTA = 1e-5
 
@@ -130,3 +131,13 @@ def test_the_cached_accountant_equals_dp_accountings_own(
         assert math.isinf(ledger.epsilon(DELTA))
     else:
         assert ledger.epsilon(DELTA) == pytest.approx(expected, rel=1e-9)
+
+
+def test_rounds_within_budget_is_the_last_round_that_fits() -> None:
+    q, sigma, steps, budget = 32 / 864, 1.0, 20, 8.0
+
+    allowed = rounds_within_budget(q, sigma, steps, DELTA, budget)
+
+    assert task_epsilon(q, sigma, steps, allowed, DELTA) <= budget
+    assert task_epsilon(q, sigma, steps, allowed + 1, DELTA) > budget
+    assert rounds_within_budget(q, 0.0, steps, DELTA, budget) == 0  # no noise, no round

@@ -28,6 +28,7 @@ from truscl.wire.update import UpdateRecord
 CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "contracts"
 SPEC = keccak(text="spec")
 CONTEXT = keccak(text="context")
+PRIVACY = {"epsilon_micros": 3_976_000, "budget_micros": 8_000_000}  # the demo's figures
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ def roles(chain: EmbeddedChain) -> Roles:
 
 def new_task(roles: Roles, name: str, rounds: int = 3) -> bytes:
     task_id = keccak(text=name)
-    roles.owner.create_task(task_id, SPEC, CONTEXT, roles.aggregator_account.address, rounds)
+    roles.owner.create_task(
+        task_id, SPEC, CONTEXT, roles.aggregator_account.address, rounds, **PRIVACY
+    )
     return task_id
 
 
@@ -169,7 +172,7 @@ def test_create_task_records_the_terms_and_the_owner(roles: Roles) -> None:
     task_id = keccak(text="terms")
 
     # Execute
-    roles.owner.create_task(task_id, SPEC, CONTEXT, roles.aggregator_account.address, 5)
+    roles.owner.create_task(task_id, SPEC, CONTEXT, roles.aggregator_account.address, 5, **PRIVACY)
 
     # Assert
     task = roles.auditor.task(task_id)
@@ -178,6 +181,26 @@ def test_create_task_records_the_terms_and_the_owner(roles: Roles) -> None:
     assert task.aggregator == roles.aggregator_account.address
     assert (task.spec_hash, task.context_hash) == (SPEC, CONTEXT)
     assert (task.rounds, task.rounds_anchored) == (5, 0)
+    assert (task.epsilon_micros, task.epsilon_budget_micros) == (3_976_000, 8_000_000)
+
+
+def test_a_task_whose_rounds_exceed_its_budget_is_refused(roles: Roles) -> None:
+    task_id = keccak(text="over budget")
+
+    with pytest.raises(ChainError, match="BudgetExceeded") as refused:
+        roles.owner.create_task(
+            task_id,
+            SPEC,
+            CONTEXT,
+            roles.aggregator_account.address,
+            12,
+            epsilon_micros=8_000_001,
+            budget_micros=8_000_000,
+        )
+
+    assert "epsilonMicros=8000001" in str(refused.value)
+    with pytest.raises(ChainError, match="UnknownTask"):
+        roles.auditor.task(task_id)
 
 
 def test_a_task_id_cannot_be_reused(roles: Roles) -> None:
@@ -186,7 +209,9 @@ def test_a_task_id_cannot_be_reused(roles: Roles) -> None:
 
     # Execute / Assert: not even by someone else, who would take over the task
     with pytest.raises(ChainError, match="TaskExists"):
-        roles.device.create_task(task_id, SPEC, CONTEXT, roles.aggregator_account.address, 1)
+        roles.device.create_task(
+            task_id, SPEC, CONTEXT, roles.aggregator_account.address, 1, **PRIVACY
+        )
     assert roles.auditor.task(task_id).owner == roles.owner_account.address
 
 
@@ -199,7 +224,12 @@ def test_create_task_rejects_empty_terms(
 ) -> None:
     with pytest.raises(ChainError, match=error):
         roles.owner.create_task(
-            keccak(text=f"empty-{error}"), spec, CONTEXT, roles.aggregator_account.address, rounds
+            keccak(text=f"empty-{error}"),
+            spec,
+            CONTEXT,
+            roles.aggregator_account.address,
+            rounds,
+            **PRIVACY,
         )
 
 
@@ -422,7 +452,7 @@ def test_gas_stays_well_within_the_limits(roles: Roles, chain: EmbeddedChain) ->
     # Execute
     used = {
         "createTask": gas_used(
-            chain, roles.owner.create_task(task_id, SPEC, CONTEXT, aggregator, 2)
+            chain, roles.owner.create_task(task_id, SPEC, CONTEXT, aggregator, 2, **PRIVACY)
         ),
         "registerDevice": gas_used(chain, roles.admin.register_device(device)),
         "anchorRound": gas_used(

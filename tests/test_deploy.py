@@ -98,7 +98,17 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
             + identity(broker_dir, "owner", tmp_path / "owner")
             + chain_table
         )
+        # A task whose rounds its privacy budget cannot pay for is refused with the figures;
+        # the owner fixes the task file and runs init again
+        greedy = task_file.replace("epsilon_budget = 8.0", "epsilon_budget = 2.0")
+        (tmp_path / "owner" / "task.toml").write_text(greedy)
+        refused = subprocess.run(
+            [TRUSCL, "owner", "init", "--config", str(owner_toml)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        (tmp_path / "owner" / "task.toml").write_text(task_file)
         task = truscl("owner", "init", "--config", owner_toml).strip()
+        owner_status = truscl("owner", "status", "--config", owner_toml)
         # 5. The aggregator and the devices learn the task
         aggregator_toml = tmp_path / "aggregator" / "aggregator.toml"
         aggregator_toml.write_text(
@@ -141,6 +151,8 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
         mosquitto.terminate()
         mosquitto.wait(10)
 
+    assert refused.returncode == 1 and "over the budget 2" in refused.stderr, refused.stderr
+    assert "the budget allows" in owner_status and task in owner_status
     assert "audit: 2/2 rounds verified" in audit
     assert codes == dict.fromkeys(codes, 0), _logs(tmp_path)
     assert "registered on chain: yes" in status and "epsilon" in status

@@ -9,6 +9,7 @@ import pytest
 
 from truscl.errors import ConfigError
 from truscl.server.config import AggregatorConfig, OwnerConfig
+from truscl.server.owner import task_privacy
 from truscl.task import load_task_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +83,25 @@ def test_a_bad_aggregator_file_is_refused_naming_the_key(
         AggregatorConfig.load(path)
 
     assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
+
+
+def test_a_task_whose_rounds_exceed_the_budget_is_refused_with_the_figures(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "task.toml"
+    path.write_text(
+        (ROOT / "deploy" / "task.toml")
+        .read_text()
+        .replace("rounds = 10", "rounds = 40")
+        .replace("epsilon_budget = 8.0", "epsilon_budget = 4.0")
+    )
+    spec = load_task_file(path, task=TASK, context_hash=CONTEXT)
+
+    with pytest.raises(ConfigError) as refused:
+        task_privacy(spec)
+
+    message = str(refused.value)
+    assert message.startswith("40 rounds would spend epsilon ")
+    assert "over the budget 4" in message and "at most 10 rounds" in message
+    within = load_task_file(ROOT / "deploy" / "task.toml", task=TASK, context_hash=CONTEXT)
+    assert 3.9 < task_privacy(within) < 4.0  # the demo's task: 10 rounds, epsilon 3.976

@@ -65,6 +65,8 @@ class TaskRecord:
     context_hash: bytes
     rounds: int
     rounds_anchored: int
+    epsilon_micros: int  # what all the task's rounds spend of a device's privacy (x 1e6)
+    epsilon_budget_micros: int  # the per-device budget the spec names (x 1e6)
 
 
 @dataclass(frozen=True)
@@ -169,15 +171,26 @@ class ChainClient:
         context_hash: bytes,
         aggregator: str,
         rounds: int,
+        *,
+        epsilon_micros: int,
+        budget_micros: int,
     ) -> str:
+        """Create a task; the contract refuses one whose rounds would spend more epsilon than
+        its budget (``BudgetExceeded``)."""
         fn = self._contract.functions.createTask(
-            _b32(task_id), _b32(spec_hash), _b32(context_hash), _addr(aggregator), rounds
+            _b32(task_id),
+            _b32(spec_hash),
+            _b32(context_hash),
+            _addr(aggregator),
+            rounds,
+            epsilon_micros,
+            budget_micros,
         )
         return self._transact("createTask", fn)
 
     def task(self, task_id: bytes) -> TaskRecord:
         """The task's terms; ``ChainError`` (UnknownTask) if it was never created."""
-        owner, aggregator, spec_hash, context_hash, rounds, anchored = self._call(
+        owner, aggregator, spec_hash, context_hash, rounds, anchored, epsilon, budget = self._call(
             self._contract.functions.getTask(_b32(task_id))
         )
         return TaskRecord(
@@ -188,6 +201,8 @@ class ChainClient:
             context_hash=bytes(context_hash),
             rounds=rounds,
             rounds_anchored=anchored,
+            epsilon_micros=epsilon,
+            epsilon_budget_micros=budget,
         )
 
     # --- rounds ------------------------------------------------------------------------------

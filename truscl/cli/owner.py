@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,6 +24,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     run_parser.add_argument("--config", type=Path, required=True, help="the owner's TOML file")
     run_parser.set_defaults(handler=run)
+    status = actions.add_parser(
+        "status", help="the task's terms, progress, and the rounds its privacy budget allows"
+    )
+    status.add_argument("--config", type=Path, required=True, help="the owner's TOML file")
+    status.add_argument("--json", type=Path, metavar="FILE", help="also write it here")
+    status.set_defaults(handler=show_status)
 
 
 def init_task(args: argparse.Namespace) -> int:
@@ -45,4 +52,25 @@ def run(args: argparse.Namespace) -> int:
     from truscl.server.owner_service import run_owner
 
     run_owner(OwnerConfig.load(args.config), stop_on_signals())
+    return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    from truscl.server.config import OwnerConfig
+    from truscl.server.owner_service import owner_status
+
+    status = owner_status(OwnerConfig.load(args.config))
+    released = status["models_released"]
+    anchored = status.get("rounds_anchored", f"unknown ({status.get('chain_error')})")
+    print(
+        f"task      {status['task']}\n"
+        f"rounds    {status['rounds']} (quorum {status['quorum']}, "
+        f"deadline {status['round_seconds']:g} s), {anchored} anchored, "
+        f"latest model {released[-1] if released else 'none'}\n"
+        f"privacy   the task spends epsilon {status['epsilon_task']:.3f} of each device's "
+        f"budget {status['epsilon_budget']:g} (delta {status['delta']:g}); "
+        f"the budget allows {status['rounds_budget_allows']} rounds"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(status, indent=2) + "\n")
     return 0

@@ -133,3 +133,28 @@ class PrivacyLedger:
             return cls([SpentRound(float(q), float(s), n) for q, s, n in rows])
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"privacy ledger holds an invalid round: {exc}") from exc
+
+
+def task_epsilon(
+    sampling_rate: float, noise_multiplier: float, steps: int, rounds: int, delta: float
+) -> float:
+    """Epsilon a device spends over ``rounds`` rounds of ``steps`` DP-SGD steps each."""
+    return _epsilon([SpentRound(sampling_rate, noise_multiplier, steps * rounds)], delta)
+
+
+def rounds_within_budget(
+    sampling_rate: float, noise_multiplier: float, steps: int, delta: float, budget: float
+) -> int:
+    """The most rounds whose epsilon stays within ``budget`` (epsilon grows with rounds)."""
+    low, high = 0, 1
+    while task_epsilon(sampling_rate, noise_multiplier, steps, high, delta) <= budget:
+        low, high = high, high * 2
+        if high > 2**32:
+            return 2**32 - 1  # no noise would be needed to stop a task this long
+    while high - low > 1:
+        middle = (low + high) // 2
+        if task_epsilon(sampling_rate, noise_multiplier, steps, middle, delta) <= budget:
+            low = middle
+        else:
+            high = middle
+    return low
