@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import venv
@@ -120,10 +121,20 @@ def test_hardware_backends_are_found_by_name() -> None:
 
 @pytest.mark.slow
 def test_a_fresh_venv_gets_one_top_level_package(tmp_path: Path) -> None:
-    # Prepare: the wheel a user's pip would build
+    # Prepare: the wheel a user's pip would build, from a copy of the tree (pip builds in place
+    # and would leave build/ and egg-info/ behind in the checkout)
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        symlinks=True,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "node_modules", "build", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-         "-w", str(tmp_path / "dist"), str(ROOT)],
+         "-w", str(tmp_path / "dist"), str(source)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("truscl-*.whl")
