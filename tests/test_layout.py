@@ -128,9 +128,13 @@ def test_a_fresh_venv_gets_one_top_level_package(tmp_path: Path) -> None:
         ROOT,
         source,
         symlinks=True,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "node_modules", "build", "*.egg-info", "__pycache__", ".*_cache"
-        ),
+        ignore=lambda folder, names: [
+            name
+            for name in names
+            if name in ("node_modules", "__pycache__")
+            or name.endswith((".egg-info", "_cache"))
+            or (Path(folder) == ROOT and name in (".git", ".venv", "build", "dist"))
+        ],
     )
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
