@@ -298,7 +298,7 @@ class HealthBook:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = json.dumps(self.snapshot(), indent=1, sort_keys=True).encode()
+            data = json.dumps(self.snapshot(), indent=1).encode()
             write_atomically(self.path, data)
             self._written = True
         except OSError as exc:  # a full or read-only disk must not stop sensing
