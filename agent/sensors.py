@@ -8,9 +8,11 @@ them simulated hardware of the same shape and the agent never knows the differen
 
 from __future__ import annotations
 
+import errno
+import math
 import time
 from contextlib import ExitStack
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -18,6 +20,7 @@ import cbor2
 from gpiozero import MCP3008, MotionSensor
 from gpiozero.pins import Factory
 
+from truscl.agent.health import Fault, PlausibilityCheck, Status
 from truscl.datasheets import (
     BME280_CHIP_ID,
     DEFAULT_CALIBRATION,
@@ -53,6 +56,26 @@ READING_SCHEMA = 1
 MEASUREMENT_POLLS = 50
 """Polls of ctrl_meas before giving up; at x1 oversampling a measurement takes under 10 ms."""
 POLL_INTERVAL_S = 0.001
+NO_ANSWER = frozenset({errno.EREMOTEIO, errno.ENXIO})
+"""What Linux's I2C drivers return when no device acknowledges its address: the part is absent,
+not merely a transfer that failed."""
+
+
+class SensorMissing(SensorError):
+    """The part is not there: no answer at its address, or another chip's id."""
+
+
+class OutOfRange(SensorError):
+    """A value outside the part's operating range: a corrupted read, never the room's air."""
+
+
+def classify(exc: OSError) -> Status:
+    """The fault an exception from a sensor read stands for."""
+    if isinstance(exc, SensorMissing) or exc.errno in NO_ANSWER:
+        return Status.MISSING
+    if isinstance(exc, OutOfRange):
+        return Status.SPIKE
+    return Status.IO_ERROR
 
 
 class I2cBus(Protocol):
@@ -82,11 +105,7 @@ class Bme280:
     def __init__(self, bus: I2cBus, address: int = 0x76) -> None:
         self._bus = bus
         self._address = address
-        chip_id = bus.read_byte_data(address, REG_CHIP_ID)
-        if chip_id != BME280_CHIP_ID:
-            raise SensorError(
-                f"no BME280 at I2C 0x{address:02x}: chip id 0x{chip_id:02x}, expected 0x60"
-            )
+        self._check_chip_id()
         self.calibration = Bme280Calibration.from_registers(
             bytes(bus.read_i2c_block_data(address, REG_CALIB_TP, 26)),
             bytes(bus.read_i2c_block_data(address, REG_CALIB_H, 7)),
@@ -96,27 +115,40 @@ class Bme280:
         bus.write_byte_data(address, REG_CONFIG, 0)  # no IIR filter, as for weather monitoring
         bus.write_byte_data(address, REG_CTRL_MEAS, self._ctrl_meas(MODE_SLEEP))
 
+    def _check_chip_id(self) -> None:
+        chip_id = self._bus.read_byte_data(self._address, REG_CHIP_ID)
+        if chip_id != BME280_CHIP_ID:
+            raise SensorMissing(
+                f"no BME280 at I2C 0x{self._address:02x}: chip id 0x{chip_id:02x}, expected 0x60"
+            )
+
     @staticmethod
     def _ctrl_meas(mode: int) -> int:
         return (OVERSAMPLING_X1 << 5) | (OVERSAMPLING_X1 << 2) | mode
 
-    def _measure(self) -> list[int]:
-        """Trigger one forced measurement and return the 8 data bytes once it is done.
+    def measure(self) -> bytes:
+        """Trigger one forced measurement and return the 8 raw data bytes once it is done.
 
-        The mode bits of ctrl_meas read back as forced until the part returns to sleep, which
-        avoids the race of polling the status register before the conversion has started.
+        The chip id is checked first, one byte per read: a part that was swapped or answers for
+        another chip is caught before its data is trusted. The mode bits of ctrl_meas read back
+        as forced until the part returns to sleep, which avoids the race of polling the status
+        register before the conversion has started.
         """
+        self._check_chip_id()
         self._bus.write_byte_data(self._address, REG_CTRL_MEAS, self._ctrl_meas(MODE_FORCED))
         for _ in range(MEASUREMENT_POLLS):
             mode = self._bus.read_byte_data(self._address, REG_CTRL_MEAS) & MODE_MASK
             if mode == MODE_SLEEP:
-                return self._bus.read_i2c_block_data(self._address, REG_DATA, 8)
+                return bytes(self._bus.read_i2c_block_data(self._address, REG_DATA, 8))
             time.sleep(POLL_INTERVAL_S)
         raise SensorError(f"BME280 at 0x{self._address:02x} did not finish its measurement")
 
     def read(self) -> tuple[float, float, float]:
         """One measurement: (temperature in degC, pressure in hPa, relative humidity in %)."""
-        data = self._measure()
+        return self.compensate(self.measure())
+
+    def compensate(self, data: bytes) -> tuple[float, float, float]:
+        """(degC, hPa, %) from the data bytes of ``measure``, checked against the part's range."""
         adc_p = (data[0] << 12) | (data[1] << 4) | (data[2] >> 4)
         adc_t = (data[3] << 12) | (data[4] << 4) | (data[5] >> 4)
         adc_h = (data[6] << 8) | data[7]
@@ -133,7 +165,7 @@ class Bme280:
             ("humidity", humidity_pct, HUMIDITY_RANGE_PCT),
         ):
             if not low <= value <= high:
-                raise SensorError(f"BME280 {name} {value} is outside {low}..{high}")
+                raise OutOfRange(f"BME280 {name} {value} is outside {low}..{high}")
         return temperature_c, pressure_hpa, humidity_pct
 
 
@@ -148,6 +180,13 @@ class Reading:
     light_lux: float
     co2_ppm: float
     motion: bool
+    faults: tuple[Fault, ...] = field(default=(), kw_only=True)
+    """Why this reading cannot be trusted, per sensor; a value a sensor could not give is NaN."""
+
+    @property
+    def valid(self) -> bool:
+        """True when every sensor was healthy: only valid readings are training data."""
+        return not self.faults
 
     def features(self) -> tuple[float, ...]:
         """Model inputs in ``FEATURES`` order (pressure is weather, not occupancy: left out)."""
@@ -161,9 +200,21 @@ class Reading:
         """Canonical CBOR of the schema version and every field, a Merkle leaf's preimage.
 
         Canonical CBOR writes each float in its shortest exact form, so the same reading gives
-        the same bytes on every device and for every auditor.
+        the same bytes on every device and for every auditor. An invalid reading has no leaf:
+        it never enters a training window, so nothing may ever commit to it.
         """
-        return cbor2.dumps([READING_SCHEMA, *astuple(self)], canonical=True)
+        if self.faults:
+            raise ValueError(f"an invalid reading is not training data: {self.faults}")
+        values = (
+            self.timestamp,
+            self.temperature_c,
+            self.humidity_pct,
+            self.pressure_hpa,
+            self.light_lux,
+            self.co2_ppm,
+            self.motion,
+        )
+        return cbor2.dumps([READING_SCHEMA, *values], canonical=True)
 
 
 class SensorSuite:
@@ -172,6 +223,11 @@ class SensorSuite:
     The suite owns ``i2c_bus`` and closes it. ``pin_factory`` is passed to every gpiozero
     device: the agent never relies on gpiozero's class-level default factory, so several
     suites (one per simulated device) can live in one process without seeing each other's pins.
+
+    A failing sensor never raises out of ``read``: the reading carries the fault (see
+    :mod:`truscl.agent.health`) and the other sensors are still read. A BME280 that is absent
+    at start, or failed its last read, is probed and set up again on the next read, since a part
+    that browned out comes back with its configuration registers reset.
     """
 
     def __init__(
@@ -182,8 +238,10 @@ class SensorSuite:
         calibration: AnalogCalibration = DEFAULT_CALIBRATION,
     ) -> None:
         self._bus = i2c_bus
+        self._address = wiring.bme280_address
         self._calibration = calibration
-        self._bme280 = Bme280(i2c_bus, wiring.bme280_address)
+        self._bme280: Bme280 | None = None
+        self._plausible = PlausibilityCheck()
         with ExitStack() as opened:
             self._pir = opened.enter_context(
                 MotionSensor(wiring.pir_pin, queue_len=1, pull_up=False, pin_factory=pin_factory)
@@ -215,18 +273,57 @@ class SensorSuite:
         """
         return bool(self._pir.pin.state)
 
+    def _bme280_data(self) -> bytes:
+        if self._bme280 is None:
+            self._bme280 = Bme280(self._bus, self._address)
+        try:
+            return self._bme280.measure()
+        except OSError:
+            self._bme280 = None  # set the part up again before trusting it
+            raise
+
     def read(self, timestamp: float) -> Reading:
         """Sample every sensor once; ``timestamp`` is the caller's clock (epoch seconds)."""
-        temperature_c, pressure_hpa, humidity_pct = self._bme280.read()
+        faults: list[Fault] = []
+        raw: dict[str, object] = {}
+        values: dict[str, float] = {}
+        nan = math.nan
+        temperature_c, pressure_hpa, humidity_pct = nan, nan, nan
+        try:
+            data = self._bme280_data()
+            assert self._bme280 is not None
+            temperature_c, pressure_hpa, humidity_pct = self._bme280.compensate(data)
+        except OSError as exc:
+            faults.append(Fault("bme280", classify(exc), str(exc)))
+        else:
+            raw["bme280"] = data
+            values.update(
+                temperature_c=temperature_c, pressure_hpa=pressure_hpa, humidity_pct=humidity_pct
+            )
         cal = self._calibration
+        analog = {"light_lux": nan, "co2_ppm": nan}
+        for sensor, quantity, adc, convert in (
+            ("light", "light_lux", self._light, cal.lux),
+            ("co2", "co2_ppm", self._co2, cal.co2_ppm),
+        ):
+            try:
+                code = int(adc.raw_value)
+            except OSError as exc:
+                faults.append(Fault(sensor, classify(exc), str(exc)))
+            else:
+                raw[sensor] = code
+                analog[quantity] = values[quantity] = convert(cal.volts(code))
+        motion = self._motion()
+        faults += self._plausible.check(timestamp, raw, values, motion)
         return Reading(
             timestamp=timestamp,
             temperature_c=temperature_c,
             humidity_pct=humidity_pct,
             pressure_hpa=pressure_hpa,
-            light_lux=cal.lux(cal.volts(self._light.raw_value)),
-            co2_ppm=cal.co2_ppm(cal.volts(self._co2.raw_value)),
-            motion=self._motion(),
+            light_lux=analog["light_lux"],
+            co2_ppm=analog["co2_ppm"],
+            motion=motion,
+            faults=tuple(faults),
         )
 
     def close(self) -> None:

@@ -36,7 +36,11 @@ def run_agent(config: AgentConfig, stop: threading.Event) -> None:
     chain = ChainClient.at(connect(config.rpc), config.contract)
     sensors = load_backend(config.hardware)(config)
     sampler = Sampler(
-        sensors.read, sensors.period, SAMPLER_CAPACITY, history=sensors.history
+        sensors.read,
+        sensors.period,
+        SAMPLER_CAPACITY,
+        history=sensors.history,
+        state_folder=config.state,
     ).start()
     heartbeat = Heartbeat("device")
     agent = DeviceAgent(

@@ -9,11 +9,16 @@ gpiozero 2.0.1 shares SPI interfaces and software SPI buses in a class-level reg
 pin names only (``SharedMixin._instances``), and its ``SPISoftwareBus`` falls back to the
 class-level default pin factory. Two simulated devices with the same wiring would then read
 each other's ADC. ``SimulatedBoard`` therefore gives every factory its own SPI interface.
+
+Each part can be broken on purpose (a stuck value, a one-off spike, I/O errors, a part that
+disappears and comes back) for tests and soak runs. It breaks the way real hardware does, on the
+wires: the agent's drivers see only what a broken part would show them.
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import struct
 from collections.abc import Callable, Sequence
 from threading import RLock
@@ -108,6 +113,12 @@ class FakeBme280Bus:
     The simulator sets the air with ``set_environment``; the chip converts it when the driver
     triggers a forced measurement (or at once in normal mode), as the real part samples only
     then. Oversampling settings choose the resolution of the data registers.
+
+    Faults: ``stick`` freezes the data registers (the part stops converting but still answers),
+    ``spike`` adds an offset to the next conversion only, ``fail_next`` makes the next
+    transactions fail with an ``OSError``, ``disappear`` takes the part off the bus (no
+    acknowledge) or puts another chip's id in its place, and ``recover`` ends every fault, after
+    a power-on reset when the part had disappeared.
     """
 
     def __init__(
@@ -115,17 +126,60 @@ class FakeBme280Bus:
     ) -> None:
         self.address = address
         self.calibration = TYPICAL_CALIBRATION
+        self._chip_id = chip_id
         self._registers = bytearray(256)
-        self._registers[REG_CHIP_ID] = chip_id
+        tp, h = _calibration_registers(self.calibration)
+        self._read_only = set(range(REG_CALIB_TP, REG_CALIB_TP + len(tp)))
+        self._read_only |= set(range(REG_CALIB_H, REG_CALIB_H + len(h)))
+        self._read_only |= {REG_CHIP_ID, REG_STATUS, *range(REG_DATA, REG_DATA + 8)}
+        self._power_on_reset()
+        self._environment = (20.0, 1013.25, 40.0)
+        self._closed = False
+        self._stuck = False
+        self._spike = (0.0, 0.0, 0.0)
+        self._failures = 0  # coming transactions that fail, each with ``self._error``
+        self._error = errno.EIO
+        self._absent = False
+
+    def _power_on_reset(self) -> None:
+        """Registers as the part comes out of reset: NVM trimming loaded, controls cleared."""
+        self._registers[:] = bytes(256)
+        self._registers[REG_CHIP_ID] = self._chip_id
         tp, h = _calibration_registers(self.calibration)
         self._registers[REG_CALIB_TP : REG_CALIB_TP + len(tp)] = tp
         self._registers[REG_CALIB_H : REG_CALIB_H + len(h)] = h
         self._write_data(SKIPPED_20BIT, SKIPPED_20BIT, SKIPPED_16BIT)
-        self._read_only = set(range(REG_CALIB_TP, REG_CALIB_TP + len(tp)))
-        self._read_only |= set(range(REG_CALIB_H, REG_CALIB_H + len(h)))
-        self._read_only |= {REG_CHIP_ID, REG_STATUS, *range(REG_DATA, REG_DATA + 8)}
-        self._environment = (20.0, 1013.25, 40.0)
-        self._closed = False
+
+    def stick(self) -> None:
+        """The part stops converting: measurements end as usual but the data stay as they are."""
+        self._stuck = True
+
+    def spike(
+        self, temperature_c: float = 0.0, pressure_hpa: float = 0.0, humidity_pct: float = 0.0
+    ) -> None:
+        """The next conversion reads the air off by these amounts; the one after is right."""
+        self._spike = (temperature_c, pressure_hpa, humidity_pct)
+
+    def fail_next(self, transactions: int, error: int = errno.EIO) -> None:
+        """The next ``transactions`` bus transactions fail with ``error`` (EIO: a glitch)."""
+        self._failures, self._error = transactions, error
+
+    def disappear(self, chip_id: int | None = None) -> None:
+        """Take the part away: no device acknowledges the address (``chip_id`` None), or one
+        with ``chip_id`` answers in its place."""
+        if chip_id is None:
+            self._absent = True
+        else:
+            self._registers[REG_CHIP_ID] = chip_id
+
+    def recover(self) -> None:
+        """End every fault. A part that had disappeared comes back through a power-on reset,
+        as after a loose connector or a brown-out: its settings are gone."""
+        if self._absent or self._registers[REG_CHIP_ID] != self._chip_id:
+            self._power_on_reset()
+        self._absent = self._stuck = False
+        self._spike = (0.0, 0.0, 0.0)
+        self._failures = 0
 
     def set_environment(
         self, temperature_c: float, pressure_hpa: float, humidity_pct: float
@@ -146,7 +200,12 @@ class FakeBme280Bus:
 
     def _convert(self) -> None:
         """One measurement: invert the compensation for each quantity the settings enable."""
-        temperature_c, pressure_hpa, humidity_pct = self._environment
+        if self._stuck:
+            return
+        temperature_c, pressure_hpa, humidity_pct = (
+            value + offset for value, offset in zip(self._environment, self._spike, strict=True)
+        )
+        self._spike = (0.0, 0.0, 0.0)
         cal = self.calibration
         ctrl = self._registers[REG_CTRL_MEAS]
         osrs_t, osrs_p = ctrl >> 5, (ctrl >> 2) & 0b111
@@ -179,7 +238,10 @@ class FakeBme280Bus:
     def _check(self, i2c_addr: int) -> None:
         if self._closed:
             raise OSError(errno.EBADF, "I2C bus is closed")
-        if i2c_addr != self.address:
+        if self._failures:
+            self._failures -= 1
+            raise OSError(self._error, os.strerror(self._error))
+        if i2c_addr != self.address or self._absent:
             raise OSError(errno.EREMOTEIO, "Remote I/O error")  # what a Pi says on no ACK
 
     def read_byte_data(self, i2c_addr: int, register: int, force: bool | None = None) -> int:
@@ -216,6 +278,10 @@ class MockMcp3008(MockSPIDevice):
     The master clocks a start bit, the single/differential bit and three channel bits; the
     chip answers with a null bit and the 10-bit code, MSB first. Input voltages are set by
     the simulator with ``set_voltage``.
+
+    Faults: ``stick`` holds a channel's code whatever its input does, ``spike`` makes the next
+    conversion of a channel read another voltage, ``disappear`` leaves MISO undriven (held at
+    a level by the board's pull-up or pull-down) and ``recover`` ends every fault.
     """
 
     rx_buf: list[int]  # bits received since the last reset, kept by MockSPIDevice
@@ -225,6 +291,35 @@ class MockMcp3008(MockSPIDevice):
         self.vref = vref
         self.voltages = [0.0] * 8
         self._phase = "idle"
+        self._held: dict[int, int] = {}
+        self._spikes: dict[int, float] = {}
+        self._miso_level: int | None = None
+
+    def stick(self, channel: int) -> None:
+        """The channel's code stays what the input reads now."""
+        self._held[channel] = self.code(self.voltages[channel])
+
+    def spike(self, channel: int, volts: float) -> None:
+        """The next conversion of ``channel`` reads ``volts`` instead of its input."""
+        self._spikes[channel] = volts
+
+    def disappear(self, miso_level: int) -> None:
+        """No chip answers: MISO reads ``miso_level`` on every clock (1: floating or pulled up,
+        0: pulled down)."""
+        self._miso_level = miso_level
+
+    def recover(self) -> None:
+        self._held.clear()
+        self._spikes.clear()
+        self._miso_level = None
+
+    def on_clock(self) -> None:
+        if self._miso_level is None:
+            super().on_clock()
+        elif self.miso_pin is not None and self._miso_level:
+            self.miso_pin.drive_high()
+        elif self.miso_pin is not None:
+            self.miso_pin.drive_low()
 
     def set_voltage(self, channel: int, volts: float) -> None:
         self.voltages[channel] = volts
@@ -252,10 +347,11 @@ class MockMcp3008(MockSPIDevice):
             self.rx_buf.clear()
         elif self._phase in ("single", "differential") and len(self.rx_buf) == 3:
             channel = self.rx_word()
-            volts = self.voltages[channel]
+            volts = self._spikes.pop(channel, self.voltages[channel])
             if self._phase == "differential":  # IN+ is the channel, IN- its pair
                 volts -= self.voltages[channel ^ 1]
-            self.tx_word(self.code(volts), 12)  # a sample bit, the null bit, then 10 bits
+            code = self._held.get(channel, self.code(volts))
+            self.tx_word(code, 12)  # a sample bit, the null bit, then 10 bits
             self._phase = "converted"
 
 
@@ -277,6 +373,7 @@ class BoardSPI(SPI):
         pin_factory: SimulatedBoard,
     ) -> None:
         super().__init__(pin_factory=pin_factory)
+        self._board = pin_factory
         self._lock = pin_factory.spi_lock
         self._clock = self._output(pin_factory.pin(clock_pin), False)
         self._mosi = self._output(pin_factory.pin(mosi_pin), False)
@@ -293,6 +390,7 @@ class BoardSPI(SPI):
     def transfer(self, data: Sequence[int]) -> list[int]:
         received = []
         with self._lock:
+            self._board.check_transfer()
             self._select.state = False
             try:
                 for word in data:
@@ -325,6 +423,16 @@ class SimulatedBoard(MockFactory):
     def __init__(self) -> None:
         super().__init__()
         self.spi_lock = RLock()
+        self._spi_failures = 0
+
+    def fail_spi(self, transfers: int) -> None:
+        """The next ``transfers`` SPI transfers fail with EIO, as spidev's ioctl can."""
+        self._spi_failures = transfers
+
+    def check_transfer(self) -> None:
+        if self._spi_failures:
+            self._spi_failures -= 1
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
 
     def _get_spi_class(self, shared: bool, hardware: bool) -> type[BoardSPI]:
         return BoardSPI
@@ -336,6 +444,9 @@ class SimulatedDevice:
     ``pin_factory`` and ``i2c_bus`` are what the agent's ``SensorSuite`` takes. ``sync`` puts
     the room's present state on the wires, adding the sensors' own errors (calibration
     offsets from the room profile, and measurement noise).
+
+    The PIR's output can be stuck at a level (``stick_pir``) until ``release_pir``; faults of
+    the other parts are injected on ``i2c_bus``, ``adc`` and ``pin_factory`` themselves.
     """
 
     def __init__(
@@ -353,6 +464,7 @@ class SimulatedDevice:
         self.adc = MockMcp3008(self.pin_factory, calibration.adc_vref)
         self.pir_pin = self.pin_factory.pin(wiring.pir_pin)
         self.i2c_bus = FakeBme280Bus(wiring.bme280_address)
+        self.pir_stuck: bool | None = None
         self.sync()
 
     @property
@@ -378,10 +490,19 @@ class SimulatedDevice:
         self.adc.set_voltage(self.wiring.light_channel, cal.volts_for_lux(max(lux, 0.0)))
         co2 = state.co2_ppm + profile.co2_offset_ppm + self._noise.normal(0.0, 25.0)
         self.adc.set_voltage(self.wiring.co2_channel, cal.volts_for_co2(max(co2, 0.0)))
-        if state.motion:
+        if state.motion if self.pir_stuck is None else self.pir_stuck:
             self.pir_pin.drive_high()
         else:
             self.pir_pin.drive_low()
+
+    def stick_pir(self, level: bool) -> None:
+        """The PIR's output holds ``level`` whatever moves in the room."""
+        self.pir_stuck = level
+        self.sync()
+
+    def release_pir(self) -> None:
+        self.pir_stuck = None
+        self.sync()
 
     def step(self, seconds: float) -> None:
         """Let ``seconds`` of room time pass, then put the new state on the wires."""

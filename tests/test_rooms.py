@@ -94,6 +94,7 @@ def fleet_data(n: int, seed: int, readings: int) -> dict[str, tuple[np.ndarray, 
             for _ in range(readings):
                 device.step(FIVE_MINUTES)
                 rows.append(suite.read(device.now))
+        assert [r.faults for r in rows if not r.valid] == []  # healthy hardware, no alarms
         data[device.name] = (
             np.array([r.features() for r in rows]),
             np.array([r.label() for r in rows]),

@@ -8,6 +8,7 @@ import cbor2
 import pytest
 from gpiozero import Device
 
+from truscl.agent.health import Fault, Status
 from truscl.agent.sensors import (
     DEFAULT_CALIBRATION,
     DEFAULT_WIRING,
@@ -186,12 +187,15 @@ def test_closing_the_suite_frees_the_pins(device: SimulatedDevice) -> None:
         pass
 
     # Execute: the same pins can be claimed again, but the closed bus refuses to talk
-    with pytest.raises(OSError, match="closed"):
-        SensorSuite(device.pin_factory, device.i2c_bus)
+    with SensorSuite(device.pin_factory, device.i2c_bus) as on_closed_bus:
+        refused = on_closed_bus.read(device.now)
+    with SensorSuite(device.pin_factory, FakeBme280Bus()) as again:
+        fresh = again.read(device.now)
 
     # Assert
-    with SensorSuite(device.pin_factory, FakeBme280Bus()) as again:
-        assert again.read(device.now).timestamp == device.now
+    assert [(f.sensor, f.status) for f in refused.faults] == [("bme280", Status.IO_ERROR)]
+    assert "closed" in refused.faults[0].detail
+    assert (fresh.timestamp, fresh.valid) == (device.now, True)
 
 
 def test_reading_features_label_and_encoding() -> None:
@@ -208,6 +212,17 @@ def test_reading_features_label_and_encoding() -> None:
     assert encoded == Reading(1.7e9, 21.5, 40.25, 1001.5, 350.0, 812.5, True).encode()
     assert cbor2.loads(encoded) == [1, 1.7e9, 21.5, 40.25, 1001.5, 350.0, 812.5, True]
     assert encoded != Reading(1.7e9, 21.5, 40.25, 1001.5, 350.0, 812.5, False).encode()
+
+
+def test_an_invalid_reading_has_no_merkle_leaf() -> None:
+    # Prepare
+    fault = Fault("co2", Status.STUCK, "same raw value for 12 reads")
+    reading = Reading(1.7e9, 21.5, 40.25, 1001.5, 350.0, 812.5, True, faults=(fault,))
+
+    # Execute / Assert
+    assert not reading.valid
+    with pytest.raises(ValueError, match="not training data"):
+        reading.encode()
 
 
 def test_stepping_the_device_changes_what_the_suite_reads(device: SimulatedDevice) -> None:
