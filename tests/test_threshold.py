@@ -20,6 +20,7 @@ import zstandard
 from truscl.errors import HeError
 from truscl.privacy import (
     DEFAULT_PROFILE,
+    PROFILES,
     KeygenTranscript,
     KeyShare,
     OwnerKeys,
@@ -415,3 +416,39 @@ def test_two_holders_an_owner_and_one_guardian(public_bytes: bytes) -> None:
     for result in results:
         np.testing.assert_allclose(result, np.sum(updates, axis=0), atol=THRESHOLD_TOLERANCE)
     assert context_bytes != public_bytes
+
+
+def test_a_contribution_that_does_not_fit_is_refused(shares: list[KeyShare]) -> None:
+    # Prepare
+    seed = b"s" * 32
+    good = {s.holder_id: s.public_contribution(seed) for s in shares[:2]}
+    _, polys = threshold.decode_contribution(good[HOLDERS[0]])
+    swapped = {HOLDERS[0]: good[HOLDERS[1]], HOLDERS[1]: good[HOLDERS[0]]}
+
+    # Execute / Assert: a contribution filed under another holder, or truncated
+    with pytest.raises(HeError, match="does not fit"):
+        threshold.collective_public_context(DEFAULT_PROFILE, seed, swapped)
+    with pytest.raises(HeError):
+        threshold.collective_public_context(
+            DEFAULT_PROFILE, seed, {**good, HOLDERS[0]: good[HOLDERS[0]][:-8]}
+        )
+    assert polys.shape == (2, DEFAULT_PROFILE.poly_modulus_degree)
+
+
+def test_the_larger_profile_works_end_to_end() -> None:
+    # Prepare: two ciphertexts of 4096 slots each
+    profile = PROFILES["ckks-8192-60-49"]
+    pair = [KeyShare.generate("owner", profile), KeyShare.generate("guardian", profile)]
+    context_bytes, transcript = run_keygen(pair)
+    updates = _updates(5, 5000, seed=8)
+    aggregate = _aggregate(context_bytes, updates)
+    context = load_context(context_bytes)
+
+    # Execute
+    partials = [s.partial_decrypt(context, aggregate, 5000) for s in pair]
+    result = combine(context, aggregate, 5000, partials, transcript.holders)
+
+    # Assert: twice the degree, sqrt(2) the smudging error per slot
+    np.testing.assert_allclose(result, np.sum(updates, axis=0), atol=THRESHOLD_TOLERANCE)
+    with pytest.raises(HeError, match="not a ckks-4096"):
+        KeyShare.generate("x").partial_decrypt(context, aggregate, 5000)

@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
+
+# Importing tenseal.sealapi registers SEAL's types; reading coefficient moduli fails without it.
 import tenseal.sealapi as sealapi
 
 from truscl.errors import HeError

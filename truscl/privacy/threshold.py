@@ -49,10 +49,14 @@ from truscl.privacy.ckks import (
 from truscl.privacy.dp import secure_generator
 
 # Smudging noise per holder, in units of the plaintext's integer coefficients. At scale 2^40
-# each holder adds about sigma * sqrt(N) / 2^40 ~ 6e-5 (N = 4096) of error per slot. It hides
-# the ciphertext's own noise (~2^9 for a sum of a few fresh encryptions) only by a factor
-# ~2^11: heuristic, as in OpenFHE's default "noise flooding" mode. A provable (statistical
-# distance 2^-40) level needs sigma ~2^49 and therefore a scale ~2^70 or more.
+# each holder adds about sigma * sqrt(N / 2) / 2^40 ~ 6e-5 (N = 4096) of error per slot. It
+# exists to hide the aggregate's own noise (measured: at most ~2^8 per coefficient for a sum of
+# five fresh encryptions under a 2- to 5-holder key), which would otherwise leak the key shares
+# to whoever sees the partials and the result (Li-Micciancio). It exceeds that noise only by
+# ~2^12: a heuristic level, OpenFHE's default "noise flooding". A statistical-distance proof
+# (distance N * B / sigma <= 2^-40) needs sigma ~2^60, hence a scale near 2^80: two 60-bit
+# data primes, so N = 8192 and twice the bytes per value. Without any smudging, the plaintext
+# still stays secret from k - 1 holders (that rests on RLWE alone); the shares would not.
 SMUDGING_SIGMA = float(2**20)
 # SEAL's error distribution: centred binomial with 21 + 21 coins, standard deviation ~3.24.
 _CBD_COINS = 21
@@ -502,7 +506,11 @@ def collective_public_context(
     p0 = np.zeros((len(moduli), params.key.degree), dtype=np.uint64)
     for holder, blob in sorted(contributions.items()):
         named, b = decode_contribution(blob)
-        if named != holder or b.shape != p0.shape or np.any(b >= np.array(moduli)[:, None]):
+        if (
+            named != holder
+            or b.shape != p0.shape
+            or np.any(b >= np.array(moduli, dtype=np.uint64)[:, None])
+        ):
             raise HeError(f"{holder}'s contribution does not fit the {profile.name} key level")
         p0 = _add(p0, b, moduli)
     a = uniform_polynomial(seed, moduli, params.key.degree)
@@ -684,7 +692,8 @@ def combine(
 
     Needs exactly one partial from each of ``holders`` (the transcript's), each made for this
     aggregate. Like :func:`truscl.privacy.ckks.decrypt`, the result is the exact decryption
-    plus noise; the smudging already makes it safe to publish as far as the key is concerned.
+    plus noise, and that noise includes every holder's smudging, which (heuristically, see
+    :data:`SMUDGING_SIGMA`) keeps the result from revealing the key shares.
     """
     if sorted(p.holder_id for p in partials) != sorted(set(holders)):
         raise HeError("need exactly one partial decryption from each key holder")
