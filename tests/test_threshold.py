@@ -30,6 +30,7 @@ from truscl.privacy import (
     combine,
     common_seed,
     context_hash,
+    contribution_commitment,
     encrypt,
     load_context,
     run_keygen,
@@ -452,3 +453,45 @@ def test_the_larger_profile_works_end_to_end() -> None:
     np.testing.assert_allclose(result, np.sum(updates, axis=0), atol=THRESHOLD_TOLERANCE)
     with pytest.raises(HeError, match="not a ckks-4096"):
         KeyShare.generate("x").partial_decrypt(context, aggregate, 5000)
+
+
+def test_round_by_round_keygen_gives_a_key_for_the_sum_of_the_shares(
+    shares: list[KeyShare],
+) -> None:
+    """The four message rounds as separate steps, as holders on separate machines run them."""
+    # Round 1 and 2: commit to seed shares, then reveal them
+    seeds = {s.holder_id: SeedShare.generate(s.holder_id) for s in shares}
+    seed = common_seed(
+        {h: s.commitment for h, s in seeds.items()}, {h: s.value for h, s in seeds.items()}
+    )
+    # Round 3 and 4: commit to b_i, then reveal it
+    contributions = {s.holder_id: s.public_contribution(seed) for s in shares}
+    commitments = {h: contribution_commitment(h, b) for h, b in contributions.items()}
+    context_bytes = threshold.collective_public_context(DEFAULT_PROFILE, seed, contributions)
+    holders = tuple(sorted(contributions))
+    transcript = KeygenTranscript(
+        profile=DEFAULT_PROFILE.name,
+        holders=holders,
+        seed_commitments=tuple(seeds[h].commitment for h in holders),
+        seed_reveals=tuple(seeds[h].value for h in holders),
+        contribution_commitments=tuple(commitments[h] for h in holders),
+        contributions=tuple(contributions[h] for h in holders),
+        context_hash=context_hash(context_bytes),
+    )
+
+    # Execute: p0 + p1 * (s_1 + ... + s_k) should be the small sum of the holders' errors
+    context = load_context(context_bytes)
+    level = seal_layout.key_level(context)
+    p0, p1 = seal_layout.public_key_polys(context)
+    secret = np.sum([s.coefficients.astype(np.int64) for s in shares], axis=0)
+    errors = []
+    for row0, row1, q in zip(p0, p1, level.moduli, strict=True):
+        ntt = threshold.ntt_for(level.degree, q)
+        value = (row0.astype(object) + row1.astype(object) * ntt.forward(secret).astype(object)) % q
+        errors.append(threshold.centered(ntt.inverse(value.astype(np.uint64)), q))
+
+    # Assert: the same small error under every prime (3 centred binomials: |e| < 64)
+    assert transcript.verify(context_bytes) == context_bytes
+    np.testing.assert_array_equal(errors[0], errors[1])
+    assert 0 < np.abs(errors[0]).max() < 64
+    assert 3 < errors[0].std() < 8
