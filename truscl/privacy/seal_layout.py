@@ -1,0 +1,301 @@
+"""Every assumption truscl makes about how TenSEAL 0.3.18 and SEAL 4.x lay out their objects.
+
+Threshold decryption needs what TenSEAL does not offer: the raw RNS polynomials of ciphertexts
+and keys, a public key that no single party generated, and a plaintext built from numbers.
+Rather than scatter offsets and index formulas through the protocol code, they all live here,
+each one named, and each is checked against the library by ``tests/test_threshold.py`` so that
+an upgrade that moves a byte fails a test instead of decrypting to noise.
+
+Reading goes through SEAL's own accessors (``Ciphertext[i]``, ``Plaintext[i]``), which need no
+decompression; writing produces uncompressed SEAL serialisations (SEAL loads those as readily
+as its zstd-compressed ones), so neither needs ``zstandard`` at run time.
+
+The assumptions, in one place:
+
+1. ``Ciphertext[i]`` / ``Plaintext[i]`` index the flat array ``data[poly][prime][coeff]``,
+   i.e. ``i = (poly * L + prime) * N + coeff`` for ``L`` primes of degree ``N``.
+2. CKKS secret keys, public keys, fresh ciphertexts and CKKS plaintexts are in NTT form, each
+   prime's row being SEAL's negacyclic NTT (bit-reversed order, SEAL's minimal 2N-th root).
+3. A SEAL serialisation is a 16-byte header ``<HBBBBHQ`` (magic 0xA15E, header size 16,
+   version major, minor, compression mode, reserved, total size) followed by the body.
+4. A ciphertext body (SEAL 4.x) is parms_id (4 x u64), is_ntt_form (u8), size, N, L (u64 each),
+   scale (f64), correction_factor (u64), then its data as a serialised DynArray: a header,
+   a u64 count, the u64 words. A public key is saved exactly as its ciphertext.
+5. A plaintext body is parms_id, coeff_count (u64), scale (f64), then the DynArray.
+6. A TenSEAL context is the protobuf ``TenSEALContextProto``: field 1 the SEAL encryption
+   parameters, field 2 ``TenSEALPublicProto`` whose field 1 is the SEAL-saved public key.
+7. A TenSEAL CKKS vector of ``n`` values is ``ceil(n / slots)`` ciphertexts, chunk ``j``
+   holding values ``j * slots`` onwards in its first slots.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+
+# Importing tenseal.sealapi registers SEAL's types; reading coefficient moduli fails without it.
+import tenseal.sealapi as sealapi
+
+from truscl.errors import HeError
+
+SEAL_MAGIC = 0xA15E
+_HEADER = struct.Struct("<HBBBBHQ")
+_COMPR_NONE = 0
+_CIPHERTEXT_META = struct.Struct("<4QBQQQdQ")
+_PLAINTEXT_META = struct.Struct("<4QQd")
+_COUNT = struct.Struct("<Q")
+
+ParmsId = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class RnsLevel:
+    """One level of SEAL's modulus chain: its id (which SEAL checks on load) and its primes."""
+
+    parms_id: ParmsId
+    moduli: tuple[int, ...]
+    degree: int
+
+
+def _level(context_data: sealapi.SEALContext.ContextData) -> RnsLevel:
+    parms = context_data.parms()
+    return RnsLevel(
+        parms_id=_parms_id(context_data.parms_id()),
+        moduli=tuple(int(m.value()) for m in parms.coeff_modulus()),
+        degree=int(parms.poly_modulus_degree()),
+    )
+
+
+def _parms_id(raw: list[int]) -> ParmsId:
+    a, b, c, d = (int(x) for x in raw)
+    return (a, b, c, d)
+
+
+def key_level(context: ts.Context) -> RnsLevel:
+    """The level keys live at: every data prime plus the special prime."""
+    return _level(context.seal_context().data.key_context_data())
+
+
+def first_level(context: ts.Context) -> RnsLevel:
+    """The level fresh ciphertexts live at: the data primes only."""
+    return _level(context.seal_context().data.first_context_data())
+
+
+def _flat(obj: object, count: int) -> np.ndarray:
+    # Assumption 1: SEAL's flat indexing, read one word at a time through its own accessor.
+    return np.fromiter((obj[i] for i in range(count)), dtype=np.uint64, count=count)  # type: ignore[index]
+
+
+def ciphertext_polys(ciphertext: object) -> np.ndarray:
+    """A SEAL ciphertext's polynomials as a ``(size, L, N)`` array of residues."""
+    size = int(ciphertext.size())  # type: ignore[attr-defined]
+    primes = int(ciphertext.coeff_modulus_size())  # type: ignore[attr-defined]
+    degree = int(ciphertext.poly_modulus_degree())  # type: ignore[attr-defined]
+    return _flat(ciphertext, size * primes * degree).reshape(size, primes, degree)
+
+
+def secret_key_ntt(context: ts.Context) -> np.ndarray:
+    """An ordinary (single-key) context's secret key, ``(L + 1, N)`` in NTT form at key level.
+
+    Only the tripwire tests need this: it shows SEAL's own key in the representation the
+    threshold code computes with.
+    """
+    if not context.is_private():
+        raise HeError("context has no secret key")
+    level = key_level(context)
+    plain = context.secret_key().data.data()
+    return _flat(plain, len(level.moduli) * level.degree).reshape(len(level.moduli), level.degree)
+
+
+def public_key_polys(context: ts.Context) -> np.ndarray:
+    """A context's public key ``(p0, p1)`` as a ``(2, L + 1, N)`` array in NTT form."""
+    return ciphertext_polys(context.public_key().data.data())
+
+
+@dataclass(frozen=True)
+class VectorChunk:
+    """One ciphertext of a TenSEAL CKKS vector and the values it carries."""
+
+    parms_id: ParmsId
+    scale: float
+    polys: np.ndarray  # (2, L, N) uint64, NTT form
+    values: int
+
+
+def vector_chunks(vector: ts.CKKSVector, slots: int) -> list[VectorChunk]:
+    """The ciphertexts of an encrypted vector, each with how many of its slots are values."""
+    total = int(vector.size())
+    chunks = []
+    for index, ciphertext in enumerate(vector.ciphertext()):
+        if not ciphertext.is_ntt_form() or ciphertext.size() != 2:
+            raise HeError("expected a fresh two-polynomial ciphertext in NTT form")
+        chunks.append(
+            VectorChunk(
+                parms_id=_parms_id(ciphertext.parms_id()),
+                scale=float(ciphertext.scale),
+                polys=ciphertext_polys(ciphertext),
+                # Assumption 7: TenSEAL fills chunks in order, each up to the slot count.
+                values=min(slots, total - index * slots),
+            )
+        )
+    return chunks
+
+
+def seal_version(context_bytes: bytes) -> tuple[int, int]:
+    """SEAL's (major, minor) version, read from the encryption parameters in a context."""
+    params = _proto_field(_proto_fields(context_bytes), 1)
+    magic, header_size, major, minor, *_ = _HEADER.unpack_from(params)
+    if magic != SEAL_MAGIC or header_size != _HEADER.size:
+        raise HeError("encryption parameters do not start with a SEAL header")
+    return major, minor
+
+
+def _seal_object(body: bytes, version: tuple[int, int]) -> bytes:
+    # Assumption 3: header, then the body, uncompressed.
+    return (
+        _HEADER.pack(SEAL_MAGIC, _HEADER.size, *version, _COMPR_NONE, 0, _HEADER.size + len(body))
+        + body
+    )
+
+
+def _dyn_array(words: np.ndarray, version: tuple[int, int]) -> bytes:
+    flat = np.ascontiguousarray(words, dtype="<u8").reshape(-1)
+    return _seal_object(_COUNT.pack(flat.size) + flat.tobytes(), version)
+
+
+def public_key_bytes(level: RnsLevel, polys: np.ndarray, version: tuple[int, int]) -> bytes:
+    """A SEAL-serialised public key ``(p0, p1)`` (Assumption 4), ready for a context."""
+    size, primes, degree = polys.shape
+    if (size, primes, degree) != (2, len(level.moduli), level.degree):
+        raise HeError(f"public key shape {polys.shape} does not fit the key level")
+    meta = _CIPHERTEXT_META.pack(*level.parms_id, 1, size, degree, primes, 1.0, 1)
+    return _seal_object(meta + _dyn_array(polys, version), version)
+
+
+def plaintext_bytes(
+    parms_id: ParmsId, scale: float, residues: np.ndarray, version: tuple[int, int]
+) -> bytes:
+    """A SEAL-serialised CKKS plaintext in NTT form (Assumption 5)."""
+    meta = _PLAINTEXT_META.pack(*parms_id, residues.size, scale)
+    return _seal_object(meta + _dyn_array(residues, version), version)
+
+
+def load_plaintext(context: ts.Context, data: bytes) -> sealapi.Plaintext:
+    """Let SEAL parse and validate a plaintext; its bindings only load from a file path.
+
+    The file lives for the duration of the call in a private temporary directory.
+    """
+    plain = sealapi.Plaintext()
+    with tempfile.TemporaryDirectory(prefix="truscl-seal-") as directory:
+        path = os.path.join(directory, "plaintext")
+        with open(path, "wb") as file:
+            file.write(data)
+        try:
+            plain.load(context.seal_context().data, path)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise HeError(f"SEAL refused the plaintext: {exc}") from exc
+    return plain
+
+
+def decode(context: ts.Context, plain: sealapi.Plaintext) -> np.ndarray:
+    """SEAL's own CKKS decoding (inverse NTT, CRT, canonical embedding, slot order, scale)."""
+    encoder = sealapi.CKKSEncoder(context.seal_context().data)
+    return np.asarray(encoder.decode_double(plain), dtype=np.float64)
+
+
+# --- the protobuf wire format, just enough for TenSEAL's context message (Assumption 6) ---
+
+_Field = tuple[int, int, bytes | int]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise HeError("truncated or overlong protobuf varint")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def _proto_fields(data: bytes) -> list[_Field]:
+    fields: list[_Field] = []
+    pos = 0
+    while pos < len(data):
+        key, pos = _read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        value: bytes | int
+        if wire == 0:
+            value, pos = _read_varint(data, pos)
+        elif wire == 1:
+            value, pos = data[pos : pos + 8], pos + 8
+        elif wire == 2:
+            length, pos = _read_varint(data, pos)
+            value, pos = data[pos : pos + length], pos + length
+        elif wire == 5:
+            value, pos = data[pos : pos + 4], pos + 4
+        else:
+            raise HeError(f"unsupported protobuf wire type {wire}")
+        if pos > len(data):
+            raise HeError("truncated protobuf message")
+        fields.append((number, wire, value))
+    return fields
+
+
+def _emit(fields: list[_Field]) -> bytes:
+    out = bytearray()
+    for number, wire, value in fields:
+        out += _varint(number << 3 | wire)
+        if wire == 0:
+            assert isinstance(value, int)
+            out += _varint(value)
+        else:
+            assert isinstance(value, bytes)
+            out += (_varint(len(value)) if wire == 2 else b"") + value
+    return bytes(out)
+
+
+def _proto_field(fields: list[_Field], number: int) -> bytes:
+    found = [value for n, wire, value in fields if n == number and wire == 2]
+    if len(found) != 1 or not isinstance(found[0], bytes):
+        raise HeError(f"expected one length-delimited protobuf field {number}")
+    return found[0]
+
+
+def _replace(fields: list[_Field], number: int, value: bytes) -> list[_Field]:
+    _proto_field(fields, number)
+    return [(n, w, value if n == number else v) for n, w, v in fields]
+
+
+def context_public_key_bytes(context_bytes: bytes) -> bytes:
+    """The SEAL-saved public key inside a serialised TenSEAL context."""
+    return _proto_field(_proto_fields(_proto_field(_proto_fields(context_bytes), 2)), 1)
+
+
+def with_public_key(context_bytes: bytes, public_key: bytes) -> bytes:
+    """A serialised TenSEAL context identical to ``context_bytes`` but for its public key."""
+    outer = _proto_fields(context_bytes)
+    inner = _replace(_proto_fields(_proto_field(outer, 2)), 1, public_key)
+    return _emit(_replace(outer, 2, _emit(inner)))
+
+
+def reencode(data: bytes) -> bytes:
+    """Parse and re-emit a protobuf message: the identity, if this codec reads TenSEAL right."""
+    return _emit(_proto_fields(data))
