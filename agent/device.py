@@ -346,9 +346,12 @@ class DeviceAgent:
         """Charge (once) and build the round's update, if its model, the HE context and a full
         window of readings are here; otherwise a later tick tries again."""
         spec, context = self._spec, self._context
-        if spec is None or context is None or self._budget_spent:
-            return
         round_no = decision.round
+        if self._budget_spent and decision.charge:
+            self._apply(self._book.budget_spent(round_no))
+            return
+        if spec is None or context is None:
+            return
         params = self._models.get(round_no - 1)
         if params is None or keccak(params) != decision.model_hash:
             return  # the model for this round has not arrived (or is not the announced one)

@@ -90,14 +90,6 @@ class Outbox:
         for statement in SCHEMA:
             self._db.execute(statement)
 
-    def put(self, round_no: int, topic: str, blob: bytes) -> bytes:
-        ident = keccak(blob)
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?)", (ident, round_no, topic, blob)
-            )
-        return ident
-
     def remove(self, blob_id: bytes) -> bool:
         with self._lock:
             cursor = self._db.execute("DELETE FROM outbox WHERE blob_id = ?", (blob_id,))

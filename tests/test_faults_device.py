@@ -51,13 +51,15 @@ def _round_phase(fleet: Fleet, round_no: int) -> Phase | None:
 def test_a_device_stopped_between_send_and_receipt_sends_one_update_per_round(
     anvil: str, tmp_path: Path, how: signal.Signals
 ) -> None:
-    # Prepare: round 1 is open; the aggregator freezes; the device starts, trains and sends
+    # Prepare: round 1 has two of three updates; the aggregator freezes; the third device
+    # starts, trains and sends
     fleet = Fleet(
         tmp_path, anvil, devices=3, terms={"rounds": 2, "quorum": 3, "round_seconds": 600.0}
     )
     try:
         fleet.start(hold=(DEVICE,))
-        fleet.wait_for(lambda: "round 1 open" in fleet.log("aggregator"), "round 1 announced")
+        # the other two are in: the announcement is out and the aggregator waits for this one
+        fleet.wait_for(lambda: "(2/3)" in fleet.log("aggregator"), "round 1 with two devices")
         fleet.pause("aggregator")
         fleet.run(DEVICE)
         fleet.wait_for(lambda: _round_phase(fleet, 1) == Phase.SENT, "round 1 sent")
