@@ -16,8 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from truscl.agent.outbox import Outbox, Pending
 from truscl.agent.rounds import RoundState
+from truscl.agent.sensors import Reading
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, NodeChain
 from truscl.keyfile import load_or_create_account, write_secret
@@ -78,6 +81,23 @@ def task_file(**terms: object) -> str:
                 line, f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"'
             )
     return text
+
+
+def synthetic_readings(n: int, seed: int = 5) -> list[Reading]:
+    """``n`` plausible readings of a room, for tests of what a device makes of a window."""
+    rng = np.random.default_rng(seed)
+    return [
+        Reading(
+            timestamp=float(i),
+            temperature_c=float(rng.uniform(18, 26)),
+            humidity_pct=float(rng.uniform(30, 60)),
+            pressure_hpa=1013.0,
+            light_lux=float(rng.uniform(0, 800)),
+            co2_ppm=float(rng.uniform(400, 1500)),
+            motion=bool(i % 3 == 0),
+        )
+        for i in range(n)
+    ]
 
 
 @dataclass

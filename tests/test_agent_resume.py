@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import task_owner
 from eth_account.signers.local import LocalAccount
+from harness import synthetic_readings
 
 from truscl.agent.device import DeviceAgent
 from truscl.agent.outbox import Outbox
@@ -38,19 +39,7 @@ WINDOW = 128
 
 def readings(n: int = WINDOW) -> Callable[[], list[Reading]]:
     """A full window at the first call, nothing new after."""
-    rng = np.random.default_rng(7)
-    window = [
-        Reading(
-            timestamp=float(i),
-            temperature_c=float(rng.uniform(18, 26)),
-            humidity_pct=float(rng.uniform(30, 60)),
-            pressure_hpa=1013.0,
-            light_lux=float(rng.uniform(0, 800)),
-            co2_ppm=float(rng.uniform(400, 1500)),
-            motion=bool(i % 3 == 0),
-        )
-        for i in range(n)
-    ]
+    window = synthetic_readings(n, seed=7)
 
     def collect() -> list[Reading]:
         taken = list(window)
@@ -92,6 +81,20 @@ class Task:
             name="device",
             clock=clock,
         )
+
+    def announce(self, deadline: float) -> None:
+        """Round 1's retained announcement, as an aggregator (then gone) would publish it."""
+        with MqttLink("aggregator", self.broker.settings, lambda t, p: None, []) as link:
+            link.publish(
+                TaskTopics(self.spec.task).round,
+                envelope.encode(
+                    "round",
+                    round=1,
+                    model_hash=model_hash(np.zeros(self.spec.n_params)),
+                    deadline=deadline,
+                ),
+                retain=True,
+            )
 
     def accepted(self, round_no: int) -> tuple[str, ...]:
         return Archive(self.tmp / "archive").round(self.spec.task, round_no).updates
@@ -189,17 +192,7 @@ def test_an_update_sent_while_the_aggregator_was_away_is_republished_without_a_r
     with one_device_task(tmp_path, owner_keys) as task:
         # Prepare: round 1 is announced by an aggregator that is then gone, its session with
         # it: nobody receives the device's update
-        with MqttLink("gone-aggregator", task.broker.settings, lambda t, p: None, []) as link:
-            link.publish(
-                TaskTopics(task.spec.task).round,
-                envelope.encode(
-                    "round",
-                    round=1,
-                    model_hash=model_hash(np.zeros(task.spec.n_params)),
-                    deadline=now[0] + 600,
-                ),
-                retain=True,
-            )
+        task.announce(deadline=now[0] + 600)
         agent = task.agent(clock=lambda: now[0]).start()
         aggregator: Aggregator | None = None
         try:
@@ -233,17 +226,7 @@ def test_no_budget_is_spent_on_the_last_round_once_its_deadline_passed(
         # Prepare: the task's only (so last) round, announced with a deadline already behind
         # the device's clock; late updates are on, but there is no next round to count in
         assert task.spec.late_updates and task.spec.rounds == 1
-        with MqttLink("aggregator", task.broker.settings, lambda t, p: None, []) as link:
-            link.publish(
-                TaskTopics(task.spec.task).round,
-                envelope.encode(
-                    "round",
-                    round=1,
-                    model_hash=model_hash(np.zeros(task.spec.n_params)),
-                    deadline=now - 1,
-                ),
-                retain=True,
-            )
+        task.announce(deadline=now - 1)
         # Execute
         agent = task.agent(clock=lambda: now).start()
         try:

@@ -9,6 +9,7 @@ import pytest
 import tenseal as ts
 from eth_account import Account
 from eth_utils import keccak
+from harness import synthetic_readings
 
 from truscl.agent.contribution import UpdateInputs, make_update
 from truscl.agent.outbox import Outbox
@@ -23,7 +24,6 @@ from truscl.agent.rounds import (
     Train,
     may_count,
 )
-from truscl.agent.sensors import Reading
 from truscl.demo import occupancy_spec
 from truscl.privacy.ckks import OwnerKeys, context_hash, decrypt
 from truscl.privacy.dp import secure_generator
@@ -255,22 +255,6 @@ def test_a_built_round_and_its_outbox_entry_are_written_together(tmp_path: Path)
 # -- make_update: DP-SGD, clipping, encryption and signing, no I/O ---------------------------
 
 
-def _window(n: int) -> list[Reading]:
-    rng = np.random.default_rng(5)
-    return [
-        Reading(
-            timestamp=float(i),
-            temperature_c=float(rng.uniform(18, 26)),
-            humidity_pct=float(rng.uniform(30, 60)),
-            pressure_hpa=1013.0,
-            light_lux=float(rng.uniform(0, 800)),
-            co2_ppm=float(rng.uniform(400, 1500)),
-            motion=bool(i % 3 == 0),
-        )
-        for i in range(n)
-    ]
-
-
 def test_make_update_signs_a_clipped_encrypted_delta(
     owner_keys: OwnerKeys, public_context: ts.Context
 ) -> None:
@@ -284,7 +268,11 @@ def test_make_update_signs_a_clipped_encrypted_delta(
     domain = Domain(31337, "0x" + "11" * 20)
     params = np.zeros(spec.n_params)
     inputs = UpdateInputs(
-        round=2, params=params, window=_window(128), epsilon_spent=1.25, data_root=b"\x07" * 32
+        round=2,
+        params=params,
+        window=synthetic_readings(128),
+        epsilon_spent=1.25,
+        data_root=b"\x07" * 32,
     )
     # Execute
     update = make_update(
