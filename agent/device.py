@@ -1,10 +1,15 @@
-"""The device agent: sense, train privately, encrypt, sign, publish, and keep it until acked.
+"""The device agent: the MQTT, chain and disk work around the round logic of
+:mod:`agent.rounds` and the update of :mod:`agent.contribution`.
 
 Everything the device is told is checked against the chain before it is used: the task spec
 and the HE public context by their on-chain hashes, the global model by the hash the owner
-anchored. The device spends privacy budget only through its :class:`PrivacyLedger`, which is
-written to disk before the update leaves, and refuses to train once the task's budget would be
-exceeded. Updates wait in the :class:`Outbox` until the aggregator's receipt arrives.
+anchored, receipts by the aggregator's key the chain names, inclusion proofs by the contract.
+The device spends privacy budget only through its :class:`PrivacyLedger`, charged before any
+update exists and at most once per round whatever happens (the round's state in the state file
+says so), and refuses to train once the task's budget would be exceeded or when its update
+could no longer count. Updates wait in the :class:`Outbox` until the aggregator's receipt
+arrives, and are published again (the same bytes) on every reconnection and while a receipt
+is missing; a restart resumes every round from the state file.
 """
 
 from __future__ import annotations
@@ -13,34 +18,43 @@ import logging
 import queue
 import secrets
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tenseal as ts
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
+from truscl.agent.contribution import UpdateInputs, make_update
 from truscl.agent.outbox import Outbox
+from truscl.agent.rounds import (
+    Drop,
+    Phase,
+    Publish,
+    RoundBook,
+    RoundState,
+    Step,
+    Terms,
+    Train,
+)
 from truscl.agent.sensors import Reading
 from truscl.chain import ChainClient
 from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
-from truscl.learning import LogisticModel
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import PrivacyLedger
-from truscl.privacy.ckks import context_hash, encrypt, load_context
-from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
+from truscl.privacy.ckks import context_hash, load_context
+from truscl.privacy.dp import secure_generator
 from truscl.systemd import Heartbeat
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import (
     Domain,
     Reassembler,
     TaskTopics,
-    Update,
     UpdateRecord,
     envelope,
     merkle_root,
@@ -59,14 +73,17 @@ _EVENT_CONNECTED = ("", b"connected")
 _EVENT_TICK = ("", b"")
 
 
-def check_inclusion(record: UpdateRecord | None, inclusion: dict[str, Any]) -> None:
-    """Raise unless ``inclusion`` proves that our own update (``record``) is in the tree.
+def check_inclusion(
+    record: UpdateRecord | None, inclusion: dict[str, Any], counted_in: int = 0
+) -> None:
+    """Raise unless ``inclusion`` proves that our own update (``record``) is in the tree of
+    the round it was made for, or of the round its receipt said counts it (``counted_in``).
 
     An aggregator that dropped our update could otherwise send another device's leaf and
     proof, or an interior node of the tree, and we would believe we had been counted.
     """
     round_no = inclusion["round"]
-    if record is None or record.round != round_no:
+    if record is None or round_no not in (record.round, counted_in):
         raise ProtocolError(f"inclusion proof for round {round_no}, which we sent nothing to")
     if inclusion["leaf"] != record.leaf():
         raise ProtocolError(f"inclusion proof for round {round_no} is for another update")
@@ -88,6 +105,7 @@ class DeviceAgent:
         collect: Callable[[], list[Reading]],
         name: str | None = None,
         heartbeat: Heartbeat | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.account = account
         self.name = name or account.address[:10]
@@ -97,16 +115,18 @@ class DeviceAgent:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(self.workdir / OUTBOX_FILE)
+        # Only the worker thread touches the book; the state file is what others read.
+        self._book = RoundBook(
+            self.outbox.rounds(), [(p.blob_id, p.round) for p in self.outbox.pending()]
+        )
         self.ledger_path = self.workdir / LEDGER_FILE
         self.ledger = (
             PrivacyLedger.from_json(self.ledger_path.read_text())
             if self.ledger_path.exists()
             else PrivacyLedger()
         )
-        self.contributed: set[int] = set()
-        self._sent: dict[int, UpdateRecord] = {}  # what each round's inclusion proof must prove
-        self.included: dict[int, str] = {}  # round -> anchor tx of a verified inclusion proof
-        self.budget_spent = False
+        self._clock = clock
+        self._budget_spent = False
         self._waiting_for_data: int | None = None
         self._collect_new = collect
         self._heartbeat = heartbeat
@@ -118,7 +138,6 @@ class DeviceAgent:
         self._context: ts.Context | None = None
         self._context_chunks = Reassembler(max_message=MAX_MESSAGE_LIMIT)
         self._models: dict[int, bytes] = {}  # round -> parameters, checked against the chain
-        self._announced: tuple[int, bytes] | None = None
         self._lock = threading.Lock()
         self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"device-{self.name}", daemon=True)
@@ -143,8 +162,13 @@ class DeviceAgent:
         with self._lock:
             return self.ledger.epsilon(self._spec.dp.delta)
 
+    def rounds(self) -> list[RoundState]:
+        """Every round's state, as the state file holds it (any thread may ask)."""
+        return self.outbox.rounds()
+
     def start(self, broker_timeout: float | None = 10.0) -> DeviceAgent:
-        """Start; ``broker_timeout=None`` does not wait for the broker (it may come later)."""
+        """Start; ``broker_timeout=None`` does not wait for the broker (it may come later).
+        Updates still without a receipt go out again, as the same bytes, once connected."""
         self._worker.start()
         self._link.start(broker_timeout)
         return self
@@ -164,7 +188,7 @@ class DeviceAgent:
             try:
                 item = self._inbox.get(timeout=TICK_S)
             except queue.Empty:
-                item = _EVENT_TICK  # a round waiting for readings is tried again
+                item = _EVENT_TICK  # a round waiting for readings or a receipt is looked at
             if item is None:
                 return
             if self._heartbeat is not None:
@@ -179,7 +203,7 @@ class DeviceAgent:
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         if (topic, payload) == _EVENT_CONNECTED:
-            self._republish()
+            self._apply(self._book.connected(self._clock()))
         elif topic == self.topics.spec:
             self._on_spec(payload)
         elif topic.startswith(self.topics.context + "/"):
@@ -190,12 +214,32 @@ class DeviceAgent:
             self._on_round(payload)
         elif topic == self.topics.receipts(self.account.address):
             self._on_receipt(payload)
-        self._maybe_contribute()
+        if self._spec is not None:
+            terms = Terms(self._spec.rounds, self._spec.late_updates)
+            self._apply(self._book.tick(self._clock(), terms))
 
-    def _republish(self) -> None:
-        for pending in self.outbox.pending():
-            self._link.publish_blob(pending.topic, pending.blob)
+    def _apply(self, step: Step) -> None:
+        """Write the step's states, then carry out its decisions (each may step further)."""
+        self.outbox.save(step.changed)
+        for decision in step.decisions:
+            if isinstance(decision, Publish):
+                self._publish(decision)
+            elif isinstance(decision, Drop):
+                self.outbox.remove(decision.update_id)
+            else:
+                self._train(decision)
+
+    def _publish(self, decision: Publish) -> None:
+        pending = self.outbox.get(decision.update_id)
+        if pending is None:
+            return  # settled meanwhile
+        sent = self._link.publish_blob(pending.topic, pending.blob)
+        state = self._book.get(decision.round)
+        if state is not None and state.phase == Phase.BUILT:
+            log.info("device %s: round %d update sent (%d bytes)", self.name, pending.round, sent)
+        else:
             log.info("device %s: republished its round %d update", self.name, pending.round)
+        self._apply(self._book.sent(decision.round))
 
     def _on_spec(self, payload: bytes) -> None:
         spec = TaskSpec.from_dict(envelope.decode(payload, "spec", SPEC_MAX_BYTES)["spec"])
@@ -206,6 +250,28 @@ class DeviceAgent:
         if not spec_file.exists() or spec_file.read_bytes() != spec.encode():
             write_atomically(spec_file, spec.encode())  # for `truscl agent status`
         self._link.max_message = spec.max_message  # chunk updates as the aggregator expects
+        self._complete_ledger(spec)
+
+    def _complete_ledger(self, spec: TaskSpec) -> None:
+        """Write the charges the state file records but the ledger lacks: the agent died
+        between the two writes (the state file is written first, so none is ever lost)."""
+        dp = spec.dp
+        with self._lock:
+            missing = sorted(
+                s.ledger_index
+                for s in self._book.states()
+                if s.ledger_index is not None and s.ledger_index >= len(self.ledger.rounds)
+            )
+            if not missing:
+                return
+            if missing != list(
+                range(len(self.ledger.rounds), len(self.ledger.rounds) + len(missing))
+            ):
+                raise ConfigError(f"the state file's charges {missing} do not follow the ledger")
+            for _ in missing:
+                self.ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
+            write_atomically(self.ledger_path, self.ledger.to_json().encode())
+        log.warning("device %s: wrote %d charge(s) the ledger had lost", self.name, len(missing))
 
     def _on_context_chunk(self, payload: bytes) -> None:
         blob = self._context_chunks.add("owner", payload)
@@ -226,7 +292,13 @@ class DeviceAgent:
 
     def _on_round(self, payload: bytes) -> None:
         announced = envelope.decode(payload, "round", 1024)
-        self._announced = (announced["round"], announced["model_hash"])
+        step = self._book.announced(
+            announced["round"], announced["model_hash"], announced["deadline"]
+        )
+        self._apply(step)
+        for state in step.changed:
+            if state.phase in (Phase.SKIPPED, Phase.ABANDONED):
+                log.info("device %s: round %d %s", self.name, state.round, state.phase)
 
     def _on_receipt(self, payload: bytes) -> None:
         kind, message = envelope.decode_any(payload, ("receipt", "inclusion"), 64 * 1024)
@@ -234,13 +306,17 @@ class DeviceAgent:
             self._on_signed_receipt(Receipt.decode(payload))
             return
         round_no, proof = message["round"], message["proof"]
-        record = self._sent.get(round_no)
-        check_inclusion(record, message)
-        assert record is not None
-        if not self.chain.verify_update(record, proof):
+        candidates = self._book.candidates(round_no)
+        ours = next(
+            (s for s in candidates if s.record is not None and s.record.leaf() == message["leaf"]),
+            candidates[0] if candidates else None,
+        )
+        check_inclusion(ours.record if ours else None, message, ours.counted_in if ours else 0)
+        assert ours is not None and ours.record is not None
+        if not self.chain.verify_update(ours.record, proof):
             raise ProtocolError(f"round {round_no} root on chain does not include our update")
-        self.included[round_no] = message["anchor_tx"]
-        log.info("device %s: round %d update included on chain", self.name, round_no)
+        self._apply(self._book.included(ours.round, message["anchor_tx"]))
+        log.info("device %s: round %d update included on chain", self.name, ours.round)
 
     def _on_signed_receipt(self, receipt: Receipt) -> None:
         """Drop an update from the outbox only on a receipt the task's aggregator signed for
@@ -248,7 +324,11 @@ class DeviceAgent:
         if receipt.task != self.task_id or receipt.device_address != self.account.address:
             raise ProtocolError("a receipt for another task or device")
         receipt.verify(self._domain, self._aggregator())
-        if not self.outbox.remove(receipt.update):
+        step = self._book.receipt(
+            receipt.update, receipt.accepted, receipt.reason, receipt.counted_in
+        )
+        self._apply(step)
+        if not step.decisions:
             return  # a repeat, or an update we no longer hold
         if receipt.accepted:
             log.info("device %s: round %d update accepted", self.name, receipt.round)
@@ -262,37 +342,37 @@ class DeviceAgent:
             self._aggregator_address = self.chain.task(self.task_id).aggregator
         return self._aggregator_address
 
-    def _maybe_contribute(self) -> None:
-        if self._announced is None or self._spec is None or self._context is None:
+    def _train(self, decision: Train) -> None:
+        """Charge (once) and build the round's update, if its model, the HE context and a full
+        window of readings are here; otherwise a later tick tries again."""
+        spec, context = self._spec, self._context
+        round_no = decision.round
+        if self._budget_spent and decision.charge:
+            self._apply(self._book.budget_spent(round_no))
             return
-        round_no, model_hash = self._announced
-        if round_no in self.contributed or self.budget_spent:
+        if spec is None or context is None:
             return
         params = self._models.get(round_no - 1)
-        if params is None or keccak(params) != model_hash:
+        if params is None or keccak(params) != decision.model_hash:
             return  # the model for this round has not arrived (or is not the announced one)
-        if self._contribute(round_no, model_from_bytes(params, self._spec.n_params)):
-            self.contributed.add(round_no)
-
-    def _contribute(self, round_no: int, params: np.ndarray) -> bool:
-        """Train and send this round's update; False if the window is not full yet."""
-        spec, context = self._spec, self._context
-        assert spec is not None and context is not None
         dp = spec.dp
-        q = spec.sampling_rate
-        with self._lock:
-            projected = self.ledger.epsilon_if(q, dp.noise_multiplier, dp.local_steps, dp.delta)
-        if projected > dp.epsilon_budget:
-            self.budget_spent = True
-            log.warning(
-                "device %s: privacy budget spent (epsilon would reach %.2f > %.2f); "
-                "not contributing from round %d on",
-                self.name,
-                projected,
-                dp.epsilon_budget,
-                round_no,
-            )
-            return True
+        if decision.charge:
+            with self._lock:
+                projected = self.ledger.epsilon_if(
+                    spec.sampling_rate, dp.noise_multiplier, dp.local_steps, dp.delta
+                )
+            if projected > dp.epsilon_budget:
+                self._budget_spent = True
+                self._apply(self._book.budget_spent(round_no))
+                log.warning(
+                    "device %s: privacy budget spent (epsilon would reach %.2f > %.2f); "
+                    "not contributing from round %d on",
+                    self.name,
+                    projected,
+                    dp.epsilon_budget,
+                    round_no,
+                )
+                return
         window = self._window(spec.window)
         if len(window) < spec.window:  # the sampling rate assumes a full window
             if self._waiting_for_data != round_no:
@@ -304,49 +384,36 @@ class DeviceAgent:
                     spec.window,
                     round_no,
                 )
-            return False
-        # One attempt per round from here: whatever fails below, the budget is charged once,
-        # and it is charged (durably) before anything derived from the data exists.
-        self.contributed.add(round_no)
+            return
+        if decision.charge:
+            # The state file first, then the ledger: a restart in between finds the charge in
+            # the state file and completes the ledger, and never charges the round again.
+            with self._lock:
+                self._apply(self._book.charged(round_no, len(self.ledger.rounds)))
+                self.ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
+                write_atomically(self.ledger_path, self.ledger.to_json().encode())
+        else:
+            log.info(
+                "device %s: rebuilding round %d's update, already charged", self.name, round_no
+            )
         with self._lock:
-            self.ledger.record(q, dp.noise_multiplier, dp.local_steps)
-            write_atomically(self.ledger_path, self.ledger.to_json().encode())
             spent = self.ledger.epsilon(dp.delta)
-        model = LogisticModel(len(spec.features))
-        X = spec.scaler.apply(np.array([r.features() for r in window]))
-        y = np.array([r.label() for r in window], dtype=np.float64)
-        config = DpSgdConfig(
-            clip_norm=dp.clip_norm,
-            noise_multiplier=dp.noise_multiplier,
-            sampling_rate=q,
-            steps=dp.local_steps,
-            learning_rate=dp.learning_rate,
-        )
-        trained = dp_sgd(model, params, X, y, config, self._rng)
-        delta = clip_by_l2(trained - params, dp.update_clip)
-        update = Update(
-            task=self.task_id,
+        inputs = UpdateInputs(
             round=round_no,
-            device=bytes.fromhex(self.account.address[2:]),
-            ciphertext=encrypt(context, delta),
-            context=bytes.fromhex(spec.context_hash[2:]),
-            samples=len(window),
-            epsilon_micros=round(spent * 1e6),
+            params=model_from_bytes(params, spec.n_params),
+            window=window,
+            epsilon_spent=spent,
             data_root=self._data_root(round_no, window),
-        ).signed(self.account, self._domain)
-        blob = update.encode()
-        topic = self.topics.updates(self.account.address)
-        self.outbox.put(round_no, topic, blob)
-        self._sent[round_no] = update.record()
-        sent = self._link.publish_blob(topic, blob)
-        log.info(
-            "device %s: round %d update sent (%d bytes, epsilon %.3f)",
-            self.name,
-            round_no,
-            sent,
-            spent,
         )
-        return True
+        update = make_update(
+            spec, inputs, context=context, account=self.account, domain=self._domain, rng=self._rng
+        )
+        blob = update.encode()
+        step = self._book.built(round_no, keccak(blob), update.record(), self._clock())
+        (state,) = step.changed
+        self.outbox.build(state, self.topics.updates(self.account.address), blob)
+        log.info("device %s: round %d update built (epsilon %.3f)", self.name, round_no, spent)
+        self._apply(Step([], step.decisions))
 
     def _data_root(self, round_no: int, window: list[Reading]) -> bytes:
         """Merkle root of the readings trained on, each leaf salted with a secret of this round.
@@ -356,7 +423,7 @@ class DeviceAgent:
         the readings could confirm it from the root, outside the DP guarantee.
         """
         path = self.workdir / "data-salts" / f"round-{round_no}"
-        if path.exists():  # a restart within the round: the commitment keeps its salt
+        if path.exists():  # a rebuilt update keeps the round's salt
             salt = read_secret(path)
         else:
             salt = secrets.token_bytes(32)

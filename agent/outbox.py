@@ -1,9 +1,14 @@
-"""Updates waiting for the aggregator's receipt, kept in SQLite.
+"""The device's state file: updates waiting for a receipt, and where each round stands.
 
 An update enters the outbox before its first byte is published and leaves it only when the
-aggregator has decided on it (accepted or rejected for good), so a broker outage or a restart
-of the agent loses nothing: on every (re)connection the agent publishes what is still here.
-SQLite in WAL mode with ``synchronous=FULL`` makes each put durable when it returns.
+aggregator has decided on it (a receipt it signed), so a broker outage or a restart of the agent
+loses nothing: the agent publishes what is still here on every (re)connection and, with a
+bounded backoff, while a receipt is missing. Beside it, in the same file, each round's state
+(:class:`truscl.agent.rounds.RoundState`) is kept, so a restart resumes every round where it
+was: which rounds were charged, each update's id and the record its inclusion proof must prove.
+A round becomes ``built`` and its update enters the outbox in one transaction, so a restart
+never finds one without the other. SQLite in WAL mode with ``synchronous=FULL`` makes each
+write durable when it returns, and lets ``truscl agent status`` read while the agent writes.
 """
 
 from __future__ import annotations
@@ -12,8 +17,27 @@ import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import cbor2
 from eth_utils import keccak
+
+from truscl.agent.rounds import Phase, RoundState
+from truscl.wire import UpdateRecord
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS outbox ("
+    " blob_id BLOB PRIMARY KEY, round INTEGER NOT NULL,"
+    " topic TEXT NOT NULL, blob BLOB NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rounds ("
+    " round INTEGER PRIMARY KEY, phase TEXT NOT NULL, deadline REAL NOT NULL,"
+    " model_hash BLOB NOT NULL, ledger_index INTEGER, update_id BLOB, record BLOB,"
+    " reason TEXT NOT NULL, counted_in INTEGER NOT NULL, anchor_tx TEXT NOT NULL)",
+)
+_ROUND_COLUMNS = (
+    "round, phase, deadline, model_hash, ledger_index, update_id, record, reason, counted_in,"
+    " anchor_tx"
+)
 
 
 @dataclass(frozen=True)
@@ -24,30 +48,59 @@ class Pending:
     blob: bytes
 
 
+def _row(state: RoundState) -> tuple[object, ...]:
+    record = None if state.record is None else cbor2.dumps(list(state.record))
+    return (
+        state.round,
+        str(state.phase),
+        state.deadline,
+        state.model_hash,
+        state.ledger_index,
+        state.update_id,
+        record,
+        state.reason,
+        state.counted_in,
+        state.anchor_tx,
+    )
+
+
+def _state(row: tuple[Any, ...]) -> RoundState:
+    round_no, phase, deadline, model_hash, ledger_index, update_id, record, *rest = row
+    reason, counted_in, anchor_tx = rest
+    return RoundState(
+        round=round_no,
+        phase=Phase(phase),
+        deadline=float(deadline),
+        model_hash=bytes(model_hash),
+        ledger_index=ledger_index,
+        update_id=None if update_id is None else bytes(update_id),
+        record=None if record is None else UpdateRecord(*cbor2.loads(record)),
+        reason=reason,
+        counted_in=counted_in,
+        anchor_tx=anchor_tx,
+    )
+
+
 class Outbox:
     def __init__(self, path: Path) -> None:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS outbox ("
-            " blob_id BLOB PRIMARY KEY, round INTEGER NOT NULL,"
-            " topic TEXT NOT NULL, blob BLOB NOT NULL)"
-        )
-
-    def put(self, round_no: int, topic: str, blob: bytes) -> bytes:
-        ident = keccak(blob)
-        with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?)", (ident, round_no, topic, blob)
-            )
-        return ident
+        for statement in SCHEMA:
+            self._db.execute(statement)
 
     def remove(self, blob_id: bytes) -> bool:
         with self._lock:
             cursor = self._db.execute("DELETE FROM outbox WHERE blob_id = ?", (blob_id,))
         return cursor.rowcount > 0
+
+    def get(self, blob_id: bytes) -> Pending | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT blob_id, round, topic, blob FROM outbox WHERE blob_id = ?", (blob_id,)
+            ).fetchone()
+        return None if row is None else Pending(bytes(row[0]), row[1], row[2], bytes(row[3]))
 
     def pending(self) -> list[Pending]:
         with self._lock:
@@ -60,6 +113,52 @@ class Outbox:
         with self._lock:
             (count,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(count)
+
+    # -- round states ------------------------------------------------------------------------
+
+    def save(self, states: list[RoundState]) -> None:
+        """Write round states, all or none."""
+        if not states:
+            return
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._save(states)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def build(self, state: RoundState, topic: str, blob: bytes) -> None:
+        """The round's update enters the outbox and the round becomes ``built``, in one
+        transaction: after a crash, either both happened or neither."""
+        if state.update_id != keccak(blob):
+            raise ValueError("the round's update id is not the id of these bytes")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?)",
+                    (state.update_id, state.round, topic, blob),
+                )
+                self._save([state])
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def rounds(self) -> list[RoundState]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_ROUND_COLUMNS} FROM rounds ORDER BY round"
+            ).fetchall()
+        return [_state(row) for row in rows]
+
+    def _save(self, states: list[RoundState]) -> None:
+        self._db.executemany(
+            f"INSERT OR REPLACE INTO rounds ({_ROUND_COLUMNS}) VALUES ({', '.join('?' * 10)})",
+            [_row(s) for s in states],
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -1,8 +1,9 @@
 """``truscl agent status``: what a device has done, from its state folder (and the chain).
 
 Everything comes from files the agent keeps (its key's address, the task's terms as verified,
-the privacy ledger, the outbox), so it works while the agent runs, when it is stopped, and with
-the network down; the chain is asked only whether the device is registered.
+the privacy ledger, the state file with its outbox and each round's state), so it works while
+the agent runs (the state file is SQLite in WAL mode), when it is stopped, and with the network
+down; the chain is asked only whether the device is registered.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from truscl.agent.config import AgentConfig
 from truscl.agent.device import LEDGER_FILE, OUTBOX_FILE, SPEC_FILE
 from truscl.agent.outbox import Outbox
+from truscl.agent.rounds import Phase
 from truscl.chain import ChainClient
 from truscl.chain.rpc import connect
 from truscl.errors import ChainError
@@ -43,14 +45,16 @@ def agent_status(config: AgentConfig) -> dict[str, Any]:
         status["epsilon"] = round(ledger.epsilon(spec.dp.delta), 4) if ledger else 0.0
         status["epsilon_budget"] = spec.dp.epsilon_budget
         status["delta"] = spec.dp.delta
+    status["outbox"], status["rounds"] = [], {}
     if (state / OUTBOX_FILE).exists():
         outbox = Outbox(state / OUTBOX_FILE)
         try:
             status["outbox"] = [pending.round for pending in outbox.pending()]
+            rounds = outbox.rounds()
         finally:
             outbox.close()
-    else:
-        status["outbox"] = []
+        for phase in Phase:
+            status["rounds"][str(phase)] = [s.round for s in rounds if s.phase == phase]
     try:
         chain = ChainClient.at(connect(config.rpc, CHAIN_TIMEOUT_S), config.contract)
         status["registered"] = chain.is_device(account.address)
@@ -80,9 +84,29 @@ def describe(status: dict[str, Any]) -> str:
         lines.append(
             f"privacy   task terms not received yet; {status['rounds_charged']} rounds charged"
         )
+    rounds = {phase: numbers for phase, numbers in status["rounds"].items() if numbers}
+    lines.append(
+        "rounds    "
+        + (
+            ", ".join(f"{phase} {_numbers(numbers)}" for phase, numbers in rounds.items())
+            if rounds
+            else "none yet"
+        )
+    )
     waiting = status["outbox"]
     lines.append(
         f"outbox    {len(waiting)} update(s) waiting for a receipt"
         + (f" (rounds {', '.join(map(str, waiting))})" if waiting else "")
     )
     return "\n".join(lines)
+
+
+def _numbers(rounds: list[int]) -> str:
+    """Round numbers, runs of consecutive ones shortened: ``1-4, 6``."""
+    runs: list[list[int]] = []
+    for number in rounds:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)

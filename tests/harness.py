@@ -16,9 +16,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from truscl.agent.outbox import Outbox, Pending
+from truscl.agent.rounds import RoundState
+from truscl.agent.sensors import Reading
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, NodeChain
 from truscl.keyfile import load_or_create_account, write_secret
+from truscl.privacy.accounting import PrivacyLedger
 from truscl.processes import stop_process
 from truscl.server.archive import Archive
 from truscl.server.audit import AuditReport, audit_task
@@ -77,6 +83,23 @@ def task_file(**terms: object) -> str:
     return text
 
 
+def synthetic_readings(n: int, seed: int = 5) -> list[Reading]:
+    """``n`` plausible readings of a room, for tests of what a device makes of a window."""
+    rng = np.random.default_rng(seed)
+    return [
+        Reading(
+            timestamp=float(i),
+            temperature_c=float(rng.uniform(18, 26)),
+            humidity_pct=float(rng.uniform(30, 60)),
+            pressure_hpa=1013.0,
+            light_lux=float(rng.uniform(0, 800)),
+            co2_ppm=float(rng.uniform(400, 1500)),
+            motion=bool(i % 3 == 0),
+        )
+        for i in range(n)
+    ]
+
+
 @dataclass
 class Fleet:
     """The roles of one task, each a process; ``start`` runs ``owner init`` first."""
@@ -88,6 +111,7 @@ class Fleet:
     time_scale: float = 60000.0
     broker_port: int | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    paused: set[str] = field(default_factory=set)
     task: str = ""
 
     def __post_init__(self) -> None:
@@ -115,8 +139,11 @@ class Fleet:
     def config(self, name: str) -> Path:
         return self.folders[name] / f"{'agent' if name.startswith('device') else name}.toml"
 
-    def start(self, env: dict[str, dict[str, str]] | None = None) -> Fleet:
-        """``owner init``, then every role; ``env`` adds variables to some roles' environment."""
+    def start(
+        self, env: dict[str, dict[str, str]] | None = None, hold: tuple[str, ...] = ()
+    ) -> Fleet:
+        """``owner init``, then every role but those in ``hold`` (the test runs them later);
+        ``env`` adds variables to some roles' environment."""
         self.broker.start()
         chain = CHAIN.format(port=self.broker.port, rpc=self.rpc, contract=self.contract.address)
         owner = self.folders["owner"]
@@ -143,7 +170,8 @@ class Fleet:
                 + chain
             )
         for name in self.role_names:
-            self.run(name, (env or {}).get(name))
+            if name not in hold:
+                self.run(name, (env or {}).get(name))
         return self
 
     def run(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -166,6 +194,35 @@ class Fleet:
         process = self.processes.pop(name)
         process.send_signal(signal.SIGKILL)
         process.wait(10)
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP: the process keeps its memory and its connections but does nothing (an
+        aggregator that is there, yet sends no receipt)."""
+        self.processes[name].send_signal(signal.SIGSTOP)
+        self.paused.add(name)
+
+    def resume(self, name: str) -> None:
+        self.processes[name].send_signal(signal.SIGCONT)
+        self.paused.discard(name)
+
+    def device_state(self, name: str) -> tuple[list[RoundState], list[Pending]]:
+        """A device's round states and outbox, read from its state file (it may be running)."""
+        path = self.folders[name] / "state" / "outbox.sqlite"
+        if not path.exists():
+            return [], []
+        state = Outbox(path)
+        try:
+            return state.rounds(), state.pending()
+        finally:
+            state.close()
+
+    def ledger(self, name: str) -> PrivacyLedger:
+        path = self.folders[name] / "state" / "privacy-ledger.json"
+        return PrivacyLedger.from_json(path.read_text()) if path.exists() else PrivacyLedger()
+
+    @property
+    def archive(self) -> Archive:
+        return Archive(self.folders["aggregator"] / "archive")
 
     def wait_for(self, condition: Callable[[], bool], what: str, seconds: float = 120) -> None:
         deadline = time.monotonic() + seconds
@@ -192,10 +249,12 @@ class Fleet:
 
     def audit(self) -> AuditReport:
         reader = ChainClient.at(self.node.web3(), self.contract.address)
-        return audit_task(reader, Archive(self.folders["aggregator"] / "archive"), self.task)
+        return audit_task(reader, self.archive, self.task)
 
     def close(self) -> dict[str, int | None]:
         """Stop every role still running (SIGTERM) and the broker; their exit codes."""
+        for name in list(self.paused):
+            self.resume(name)
         codes = {name: self.stop(name) for name in list(self.processes)}
         self.broker.stop()
         return codes

@@ -12,6 +12,7 @@ import pytest
 from conftest import task_owner
 
 from truscl.agent.device import DeviceAgent
+from truscl.agent.outbox import Outbox
 from truscl.agent.sensors import SensorSuite
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, EmbeddedChain
@@ -81,5 +82,8 @@ def test_forged_spec_context_and_model_are_refused(
     assert "task spec does not match its on-chain hash" in logged
     assert "HE context does not match its on-chain hash" in logged
     assert "model 0 is not the one anchored on chain" in logged
-    assert agent.contributed == set()
+    state = Outbox(tmp_path / "device" / "outbox.sqlite")
+    assert all(s.ledger_index is None for s in state.rounds())  # no round charged
+    state.close()
+    assert not (tmp_path / "device" / "privacy-ledger.json").exists()
     assert agent.epsilon() == 0.0

@@ -10,8 +10,11 @@ import pytest
 from eth_account import Account
 from eth_utils import keccak
 
+from truscl.agent.config import AgentConfig
 from truscl.agent.device import check_inclusion
 from truscl.agent.outbox import Outbox
+from truscl.agent.rounds import Phase, RoundBook
+from truscl.agent.status import agent_status, describe
 from truscl.errors import ConfigError, ProtocolError
 from truscl.keyfile import load_or_create_account, read_secret
 from truscl.wire import UpdateRecord, merkle_proof, merkle_root
@@ -49,22 +52,27 @@ def test_a_damaged_key_file_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_outbox_keeps_updates_across_a_restart_until_acknowledged(tmp_path: Path) -> None:
-    # Prepare
+    # Prepare: two rounds built, each update entering the outbox with its round's state
     db = tmp_path / "outbox.sqlite"
     outbox = Outbox(db)
-    first = outbox.put(1, "t/updates/a", b"update one")
-    second = outbox.put(2, "t/updates/a", b"update two")
-    outbox.put(1, "t/updates/a", b"update one")  # a retry stores nothing new
+    book = RoundBook()
+    for round_no, blob in ((1, b"update one"), (2, b"update two")):
+        book.announced(round_no, b"\x00" * 32, deadline=100.0)
+        book.charged(round_no, ledger_index=round_no - 1)
+        (built,) = book.built(round_no, keccak(blob), _record(round_no), 0.0).changed
+        outbox.build(built, "t/updates/a", blob)
+    outbox.build(built, "t/updates/a", b"update two")  # a retry stores nothing new
     outbox.close()
     # Execute: the agent restarts, then the receipt for round 1 arrives
     reopened = Outbox(db)
     before = reopened.pending()
-    removed = reopened.remove(first)
-    removed_again = reopened.remove(first)
+    removed = reopened.remove(keccak(b"update one"))
+    removed_again = reopened.remove(keccak(b"update one"))
     # Assert
     assert [(p.round, p.blob) for p in before] == [(1, b"update one"), (2, b"update two")]
     assert removed and not removed_again
-    assert [p.blob_id for p in reopened.pending()] == [second]
+    assert [p.blob_id for p in reopened.pending()] == [keccak(b"update two")]
+    assert [s.phase for s in reopened.rounds()] == [Phase.BUILT, Phase.BUILT]
     assert len(reopened) == 1
 
 
@@ -114,3 +122,48 @@ def test_a_device_refuses_another_devices_proof() -> None:
         check_inclusion(ours, _inclusion(ours.leaf(), leaves, proof_for=leaves[0]))
     with pytest.raises(ProtocolError, match="sent nothing"):
         check_inclusion(None, _inclusion(leaves[0], leaves))
+
+
+def test_status_shows_round_states_from_the_state_file_without_the_network(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a device's state folder after a few rounds; its chain node is unreachable
+    load_or_create_account(tmp_path / "device.key")
+    book = RoundBook()
+    for round_no in (1, 2, 3, 4):
+        book.announced(round_no, b"\x00" * 32, deadline=100.0)
+        if round_no == 3:
+            continue  # skipped when round 4 came
+        book.charged(round_no, ledger_index=round_no - 1)
+        book.built(round_no, keccak(bytes([round_no])), _record(round_no), 0.0)
+        book.sent(round_no)
+    book.receipt(keccak(b"\x01"), accepted=True, reason="", counted_in=1)
+    book.included(1, "0xanchor")
+    book.receipt(keccak(b"\x02"), accepted=False, reason="wrong-round", counted_in=0)
+    state = Outbox(tmp_path / "outbox.sqlite")
+    state.save(book.states())
+    sent = book.get(4)
+    assert sent is not None
+    state.build(sent, "t/updates/a", b"\x04")
+    state.close()
+    config = AgentConfig.from_dict(
+        {
+            "task": "0x" + "ab" * 32,
+            "device": {"key": str(tmp_path / "device.key"), "state": str(tmp_path)},
+            "broker": {"host": "127.0.0.1", "port": 1883},
+            "chain": {"rpc": "http://127.0.0.1:9", "contract": "0x" + "12" * 20},
+        }
+    )
+    # Execute
+    status = agent_status(config)
+    text = describe(status)
+    # Assert
+    assert status["registered"] is None and "chain_error" in status
+    assert {phase: rounds for phase, rounds in status["rounds"].items() if rounds} == {
+        "included": [1],
+        "rejected": [2],
+        "skipped": [3],
+        "sent": [4],
+    }
+    assert "rounds    skipped 3, sent 4, rejected 2, included 1" in text
+    assert "outbox    1 update(s) waiting for a receipt (rounds 4)" in text

@@ -1,0 +1,70 @@
+"""One round's signed update, made from a window of readings: DP-SGD, clipping, encryption and
+signing, with no transport, disk or clock.
+
+Kept apart from the agent so that what a device releases can be tested (and reasoned about)
+on its own: its only inputs are the model, the readings, the task's terms, the keys and the
+generator the DP noise is drawn from, and the privacy ledger has already been charged for it
+by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tenseal as ts
+from eth_account.signers.local import LocalAccount
+
+from truscl.agent.sensors import Reading
+from truscl.learning import LogisticModel
+from truscl.privacy.ckks import encrypt
+from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd
+from truscl.task import TaskSpec
+from truscl.wire import Domain, Update
+
+
+@dataclass(frozen=True)
+class UpdateInputs:
+    """Everything an update is made of besides the keys and the noise."""
+
+    round: int
+    params: np.ndarray  # model ``round - 1``, as checked against the chain
+    window: list[Reading]  # the readings trained on
+    epsilon_spent: float  # the ledger's epsilon, this round's charge included
+    data_root: bytes  # Merkle root of the salted readings (see DeviceAgent._data_root)
+
+
+def make_update(
+    spec: TaskSpec,
+    inputs: UpdateInputs,
+    *,
+    context: ts.Context,
+    account: LocalAccount,
+    domain: Domain,
+    rng: np.random.Generator,
+) -> Update:
+    """Train with DP-SGD on the window, clip the model delta to the task's bound, encrypt it
+    under the task's public key and sign the update (EIP-712) with the device's key."""
+    dp = spec.dp
+    window = inputs.window
+    X = spec.scaler.apply(np.array([r.features() for r in window]))
+    y = np.array([r.label() for r in window], dtype=np.float64)
+    config = DpSgdConfig(
+        clip_norm=dp.clip_norm,
+        noise_multiplier=dp.noise_multiplier,
+        sampling_rate=spec.sampling_rate,
+        steps=dp.local_steps,
+        learning_rate=dp.learning_rate,
+    )
+    trained = dp_sgd(LogisticModel(len(spec.features)), inputs.params, X, y, config, rng)
+    delta = clip_by_l2(trained - inputs.params, dp.update_clip)
+    return Update(
+        task=spec.task_id,
+        round=inputs.round,
+        device=bytes.fromhex(account.address[2:]),
+        ciphertext=encrypt(context, delta),
+        context=bytes.fromhex(spec.context_hash[2:]),
+        samples=len(window),
+        epsilon_micros=round(inputs.epsilon_spent * 1e6),
+        data_root=inputs.data_root,
+    ).signed(account, domain)
