@@ -308,3 +308,25 @@ def test_a_service_supervised_from_its_main_thread_stops_on_sigterm(
         service.kill()
         service.wait()
     assert systemd.drain() == []
+
+
+def test_a_notification_socket_nobody_reads_never_blocks_the_service(tmp_path: Path) -> None:
+    # Prepare: a socket that is never read, so its queue fills up (Linux queues about 10)
+    path = tmp_path / "unread.sock"
+    unread = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    unread.bind(str(path))
+    notifier = Notifier(str(path))
+
+    sent: list[bool] = []
+    pinger = threading.Thread(
+        target=lambda: sent.extend(notifier.send("WATCHDOG=1") for _ in range(200))
+    )
+
+    # Execute: far more pings than the queue holds
+    pinger.start()
+    pinger.join(30)
+
+    # Assert: nothing blocked; the first pings went through, the overflow was dropped
+    assert not pinger.is_alive()
+    assert sent[0] is True and sent.count(False) > 0
+    unread.close()

@@ -88,6 +88,9 @@ class Notifier:
             try:
                 if self._socket is None:
                     self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    # Never wait on the receiver: a full queue (a notification socket nobody
+                    # reads) drops the message with EAGAIN instead of hanging the service.
+                    self._socket.setblocking(False)
                 self._socket.sendto(message, self._address)
             except OSError as error:
                 if not self._failed:
