@@ -319,7 +319,7 @@ def test_a_notification_socket_nobody_reads_never_blocks_the_service(tmp_path: P
 
     sent: list[bool] = []
     pinger = threading.Thread(
-        target=lambda: sent.extend(notifier.send("WATCHDOG=1") for _ in range(200))
+        target=lambda: sent.extend(notifier.send("WATCHDOG=1") for _ in range(200)), daemon=True
     )
 
     # Execute: far more pings than the queue holds
