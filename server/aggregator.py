@@ -15,6 +15,7 @@ backoff and full jitter. Every refused message and chunk is logged and counted b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -66,6 +67,10 @@ REASSEMBLY_MAX_BYTES = 64 * 1024 * 1024
 
 class DeliveryPending(TrusclError, RuntimeError):
     """A round's aggregate and proofs are not acknowledged by the broker yet."""
+
+
+class DeliveryFailed(TrusclError, ConnectionError):
+    """Some of a round's results did not reach the broker: they are published again."""
 
 
 @dataclass
@@ -132,6 +137,7 @@ class Aggregator:
         on_accepted: Callable[[int, int], None] | None = None,
         heartbeat: Heartbeat | None = None,
         rng: random.Random | None = None,
+        registry: RegistryCache | None = None,
     ) -> None:
         task = task or (spec.task if spec is not None else None)
         if task is None:
@@ -152,12 +158,12 @@ class Aggregator:
         self._heartbeat = heartbeat
         self._terms_warned_at = clock()
         self._domain = Domain(chain.chain_id, chain.address)
-        self._registry = RegistryCache(chain)
+        self._registry = registry if registry is not None else RegistryCache(chain)
         rng = rng or random.Random()
         self._open: OpenRound | None = None
         self._closing: deque[ClosedRound] = deque()  # closed, not yet delivered: oldest first
         self._closing_retry = Backoff(rng)
-        self._deliveries: dict[int, list[paho.MQTTMessageInfo]] = {}
+        self._deliveries: dict[int, list[paho.MQTTMessageInfo | None]] = {}
         self._held: deque[tuple[str, bytes]] = deque()
         self._held_bytes = 0
         self._held_retry = Backoff(rng)
@@ -394,7 +400,7 @@ class Aggregator:
         deadline = self._clock() + self.spec.round_seconds
         self._journal.open_round(round_no, model_hash, deadline)
         self._open = self._new_round(round_no, deadline)
-        self._link.publish(
+        self._publish(
             self.topics.round,
             envelope.encode("round", round=round_no, model_hash=model_hash, deadline=deadline),
             retain=True,
@@ -531,7 +537,25 @@ class Aggregator:
             reason=reason,
             counted_in=counted_in,
         ).signed(account, self._domain)
-        self._link.publish(self.topics.receipts(receipt.device_address), receipt.encode())
+        self._publish(self.topics.receipts(receipt.device_address), receipt.encode())
+
+    def _publish(
+        self, topic: str, payload: bytes, retain: bool = False
+    ) -> paho.MQTTMessageInfo | None:
+        """Publish through the link; ``None`` when the message went to paho untracked.
+
+        After a publish made while the broker was away, ``MqttLink.publish`` raises
+        ``RuntimeError`` on every later call (it asks paho whether that message was published,
+        and paho raises for it) although paho has taken the new message. A flush with no time
+        left empties that list, so the link works again once the broker is back; the caller
+        treats an untracked message as not delivered."""
+        try:
+            return self._link.publish(topic, payload, retain)
+        except RuntimeError as exc:
+            log.warning("aggregator: publish to %s not tracked: %s", topic, exc)
+            with contextlib.suppress(RuntimeError):
+                self._link.flush(0)
+            return None
 
     def _tick(self) -> None:
         self._take_model()
@@ -567,7 +591,7 @@ class Aggregator:
                 self._finish(closed)
             except DeliveryPending:
                 return  # looked at again on the next tick: it costs nothing to ask
-            except ChainError as exc:
+            except (ChainError, DeliveryFailed) as exc:
                 delay = self._closing_retry.failed()
                 log.warning(
                     "aggregator: round %d not finished yet (retry in %.1fs): %s",
@@ -604,12 +628,16 @@ class Aggregator:
             )
             if self._on_closed is not None:  # the round's results are out
                 self._on_closed(stats)
-        if not all(info.is_published() for info in self._deliveries[closed.round]):
+        states = {_delivery(info) for info in self._deliveries[closed.round]}
+        if "failed" in states:
+            del self._deliveries[closed.round]  # published again on the next try
+            raise DeliveryFailed(f"round {closed.round}: its results did not reach the broker")
+        if "pending" in states:
             raise DeliveryPending(f"round {closed.round}: the broker has not acknowledged it")
         del self._deliveries[closed.round]
         self._journal.set_state(closed.round, "delivered")
 
-    def _deliver(self, closed: ClosedRound, tx: str) -> list[paho.MQTTMessageInfo]:
+    def _deliver(self, closed: ClosedRound, tx: str) -> list[paho.MQTTMessageInfo | None]:
         self.archive.put_round(
             RoundManifest(
                 task=self.spec.task,
@@ -631,7 +659,7 @@ class Aggregator:
             anchor_tx=tx,
         )
         sent = [
-            self._link.publish(self.topics.aggregate, chunk)
+            self._publish(self.topics.aggregate, chunk)
             for chunk in split(aggregate, self._link.max_message)
         ]
         for accepted in closed.accepted:
@@ -644,7 +672,7 @@ class Aggregator:
                 anchor_tx=tx,
             )
             topic = self.topics.receipts(accepted.update.device_address)
-            sent.append(self._link.publish(topic, inclusion))
+            sent.append(self._publish(topic, inclusion))
         return sent
 
     def _anchor(self, closed: ClosedRound) -> str:
@@ -660,3 +688,13 @@ class Aggregator:
         return self.chain.anchor_round(
             task_id, closed.round, closed.root, closed.aggregate_hash, len(closed.accepted)
         )
+
+
+def _delivery(info: paho.MQTTMessageInfo | None) -> str:
+    """``done``, ``pending`` (the broker may still acknowledge it) or ``failed``."""
+    if info is None:
+        return "failed"
+    try:
+        return "done" if info.is_published() else "pending"
+    except RuntimeError:  # paho: the publish failed (made while disconnected)
+        return "failed"

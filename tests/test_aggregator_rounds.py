@@ -8,7 +8,8 @@ been decided (receipts are the evidence), so no test races the wall clock.
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def make_task(tmp_path: Path, owner_keys: OwnerKeys) -> Iterator[object]:
         accounts = [Account.create() for _ in range(devices)]
         for device in accounts:
             contract.register_device(device.address)
-        broker = Mosquitto(tmp_path / "broker").start()
+        broker = Mosquitto(tmp_path / "broker", persistent=True).start()
         owner = task_owner(chain, contract.address, owner_keys, broker)
         started.append((broker, owner))
         spec = occupancy_spec(
@@ -272,3 +273,36 @@ def test_an_update_that_misses_its_round(make_task, late_updates: bool) -> None:
     assert anchor is not None and anchor.updates == (3 if late_updates else 2)
     verified, total, report = task.audit()
     assert (verified, total) == (2, 2), report
+
+
+def test_results_published_while_the_broker_is_away_are_delivered_when_it_is_back(
+    make_task,
+) -> None:
+    # Prepare: round 1 has device 0's update; then the broker goes away
+    task: Task = make_task()
+    punctual = task.devices[0]
+    aggregator = task.aggregator()
+    devices = Devices(task)
+    try:
+        devices.wait_round(1)
+        assert devices.send(punctual, task.update(punctual, 1)).accepted
+        task.broker.stop()
+        # Execute: the deadline passes; the round closes and is anchored with nobody to tell
+        task.clock.now += task.spec.round_seconds + 1
+        wait_for(lambda: journaled(task, 1).state == "anchored", "round 1 anchored")
+        task.broker.start()
+        devices.wait_round(2)  # the owner got the aggregate and released model 1
+        wait_for(lambda: journaled(task, 1).state == "delivered", "round 1 delivered")
+    finally:
+        devices.close()
+        aggregator.stop()
+    # Assert
+    assert task.contract.model_hash(task.spec.task_id, 1) is not None
+    assert task.audit()[:2] == (1, 1)
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {WAIT_S}s"
+        time.sleep(0.05)
