@@ -488,8 +488,10 @@ class Aggregator:
         self._held_bytes += len(blob)
 
     def _release_held(self) -> None:
-        """Offer the waiting updates again, in order, until one has to wait once more."""
-        if self._open is None or not self._held_retry.ready():
+        """Offer the waiting updates again, in order, until one has to wait once more; after
+        the task's last round, refuse them (round-closed) rather than keep them."""
+        next_round_to_come = self._open is None and self._last_closed < self.spec.rounds
+        if next_round_to_come or not self._held_retry.ready():
             return
         while self._held:
             sender, blob = self._held.popleft()
