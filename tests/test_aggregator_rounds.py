@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +273,12 @@ def test_an_update_that_misses_its_round(make_task, late_updates: bool) -> None:
     assert anchor is not None and anchor.updates == (3 if late_updates else 2)
     verified, total, report = task.audit()
     assert (verified, total) == (2, 2), report
+    if late_updates:  # an archive claiming round 1 counted the late update too is caught
+        archive = Archive(task.tmp / "archive")
+        first = archive.round(task.spec.task, 1)
+        archive.put_round(replace(first, updates=(*first.updates, receipt.update.hex())))
+        problems = task.audit()[2]["problems"]
+        assert any("counted twice" in p for p in problems["2"]), problems  # type: ignore[index]
 
 
 def test_results_published_while_the_broker_is_away_are_delivered_when_it_is_back(
