@@ -1,27 +1,42 @@
-"""The aggregator service: MQTT, archive and chain wrapped around :mod:`server.rounds`.
+"""The aggregator service: MQTT, archive, journal and chain wrapped around :mod:`server.rounds`.
 
 Messages arrive on paho's network thread and are queued; one worker thread does the work in
-order, so the round state needs no locks. An update is archived (fsynced) before its receipt
-is sent, a round is anchored before its aggregate goes to the owner, and anchoring checks the
-chain first, so a retry after a failure never anchors a round twice.
+order, so the round state needs no locks. An accepted update is archived (fsynced) and journaled
+before its receipt is sent; a closed round is journaled before it is anchored, anchored before
+its aggregate goes to the owner, and anchoring checks the chain first, so neither a retry nor a
+restart anchors a round twice, loses an accepted update or counts one twice (see
+:mod:`server.journal`).
+
+An unreachable node is a reason to wait, never to refuse: updates that need the registry wait
+(bounded) until it answers, and closed rounds are anchored and delivered with exponential
+backoff and full jitter. Every refused message and chunk is logged and counted by reason in
+``rejections``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
+import random
+import sqlite3
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import paho.mqtt.client as paho
 from eth_utils import is_address, keccak
 
 from truscl.chain import ChainClient
-from truscl.errors import ChainError, ConfigError, ProtocolError
+from truscl.errors import ChainError, ConfigError, ProtocolError, TrusclError
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.ckks import aggregator_context_bytes, load_context
 from truscl.server.archive import Archive, RoundManifest
+from truscl.server.journal import Journal, JournaledRound
+from truscl.server.registry import RegistryCache
 from truscl.server.rounds import (
     Accepted,
     ClosedRound,
@@ -33,13 +48,29 @@ from truscl.server.rounds import (
 from truscl.systemd import Heartbeat
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, blob_id, envelope
+from truscl.wire.chunking import ChunkRejected, split
 from truscl.wire.receipt import Receipt
 from truscl.wire.update import MAX_UPDATE_BYTES
 
 log = logging.getLogger(__name__)
 
-ANCHOR_RETRY_S = 2.0
+RETRY_BASE_S = 0.5  # first retry of a chain or broker step waits up to this long
+RETRY_CAP_S = 30.0  # and no retry waits longer
 TERMS_PATIENCE_S = 30.0  # how often a service still waiting for its task's terms says so
+# Updates that wait for the registry (node away) or for the next round (late ones): bounded,
+# so a node outage cannot grow memory without end. What does not fit gets no receipt and is
+# sent again by its device.
+HELD_MAX_BYTES = 32 * 1024 * 1024
+# Bytes of partial blobs held for all senders together (a Pi has little memory to spare).
+REASSEMBLY_MAX_BYTES = 64 * 1024 * 1024
+
+
+class DeliveryPending(TrusclError, RuntimeError):
+    """A round's aggregate and proofs are not acknowledged by the broker yet."""
+
+
+class DeliveryFailed(TrusclError, ConnectionError):
+    """Some of a round's results did not reach the broker: they are published again."""
 
 
 @dataclass
@@ -56,12 +87,38 @@ class RoundStats:
     rejections: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: after the n-th failure in a row, wait a uniformly
+    random time in [0, min(cap, base * 2^(n-1))], so that services retrying one node spread out
+    rather than hit it in step. On the monotonic clock: it paces load, it decides nothing."""
+
+    rng: random.Random
+    base: float = RETRY_BASE_S
+    cap: float = RETRY_CAP_S
+    failures: int = 0
+    due: float = 0.0
+
+    def ready(self) -> bool:
+        return time.monotonic() >= self.due
+
+    def failed(self) -> float:
+        self.failures += 1
+        delay = self.rng.uniform(0, min(self.cap, self.base * 2 ** (self.failures - 1)))
+        self.due = time.monotonic() + delay
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures, self.due = 0, 0.0
+
+
 class Aggregator:
     """The aggregator of one task.
 
     Its terms (spec and public HE context) are given, or read from the archive, or taken from
     the task's retained MQTT topics; whichever way, they are checked against the hashes the
-    owner anchored on chain before any update is looked at.
+    owner anchored on chain before any update is looked at. Its journal lives next to the
+    archive unless ``journal`` names another file.
     """
 
     def __init__(
@@ -74,9 +131,13 @@ class Aggregator:
         task: str | None = None,
         spec: TaskSpec | None = None,
         public_context: bytes | None = None,
+        journal: Path | None = None,
         clock: Callable[[], float] = time.time,
         on_closed: Callable[[RoundStats], None] | None = None,
+        on_accepted: Callable[[int, int], None] | None = None,
         heartbeat: Heartbeat | None = None,
+        rng: random.Random | None = None,
+        registry: RegistryCache | None = None,
     ) -> None:
         task = task or (spec.task if spec is not None else None)
         if task is None:
@@ -87,16 +148,26 @@ class Aggregator:
         self.archive = archive
         self.expected = expected
         self.stats: dict[int, RoundStats] = {}
+        self.rejections: Counter[str] = Counter()  # refused messages and chunks, by reason
         self.spec: TaskSpec  # set by _adopt, before any update is looked at
+        self._journal_path = journal or archive.root / "journal" / f"{self.task}.sqlite"
+        self._journal: Journal
         self._clock = clock
         self._on_closed = on_closed
+        self._on_accepted = on_accepted
         self._heartbeat = heartbeat
         self._terms_warned_at = clock()
         self._domain = Domain(chain.chain_id, chain.address)
-        self._registered: set[str] = set()
+        self._registry = registry if registry is not None else RegistryCache(chain)
+        rng = rng or random.Random()
         self._open: OpenRound | None = None
-        self._unanchored: ClosedRound | None = None
-        self._next_anchor_try = 0.0
+        self._closing: deque[ClosedRound] = deque()  # closed, not yet delivered: oldest first
+        self._closing_retry = Backoff(rng)
+        self._deliveries: dict[int, list[paho.MQTTMessageInfo | None]] = {}
+        self._held: deque[tuple[str, bytes]] = deque()
+        self._held_bytes = 0
+        self._held_retry = Backoff(rng)
+        self._model_retry = Backoff(rng)
         self._last_closed = 0
         self._deadline_logged = False
         self._terms_ready = threading.Event()
@@ -135,9 +206,13 @@ class Aggregator:
     def _adopt(self, spec: TaskSpec, public_context: bytes) -> None:
         self.spec = spec
         self._context = load_context(aggregator_context_bytes(public_context))  # no key at all
-        self._reassembler = Reassembler(max_message=spec.max_message, max_blob=MAX_UPDATE_BYTES)
+        self._reassembler = Reassembler(
+            max_message=spec.max_message, max_blob=MAX_UPDATE_BYTES, max_total=REASSEMBLY_MAX_BYTES
+        )
         self._link.max_message = spec.max_message
         self.archive.put_task(spec.task, spec.encode(), public_context)
+        self._journal = Journal(self._journal_path, spec.task)
+        self._recover()
         self._terms_ready.set()
         log.info("aggregator: serving task %s", spec.task)
 
@@ -150,6 +225,61 @@ class Aggregator:
         record = self.chain.task(bytes.fromhex(self.task[2:]))
         if keccak(spec_bytes) == record.spec_hash and keccak(context) == record.context_hash:
             self._adopt(TaskSpec.decode(spec_bytes), context)
+
+    def _recover(self) -> None:
+        """Rebuild what the journal says was under way: the rounds closed but not delivered
+        (queued to be anchored and delivered) and the open round, each from its journaled
+        updates as archived, in the order they were accepted."""
+        for journaled in self._journal.rounds("closed", "anchored"):
+            closed = self._rebuild(journaled).close()
+            self._closing.append(closed)
+            self._last_closed = journaled.round
+            log.info("aggregator: round %d closed before a restart; finishing it", closed.round)
+        delivered = self._journal.rounds("delivered")
+        if delivered:
+            self._last_closed = max(self._last_closed, delivered[-1].round)
+        for journaled in self._journal.rounds("open"):
+            self._open = self._rebuild(journaled)
+            log.info(
+                "aggregator: round %d resumed with %d updates, open until %.0f",
+                journaled.round,
+                self._open.participants,
+                journaled.deadline,
+            )
+
+    def _rebuild(self, journaled: JournaledRound) -> OpenRound:
+        round_ = self._new_round(journaled.round, journaled.deadline)
+        stats = self.stats[journaled.round]
+        for entry in self._journal.updates(journaled.round):
+            decision = round_.offer(self.archive.get(entry.blob), journaled=True)
+            if not isinstance(decision, Accepted) or decision.repeat:
+                raise ProtocolError(
+                    f"journaled update {entry.blob[:12]} of round {journaled.round} "
+                    f"is not accepted again: {decision}"
+                )
+            stats.participants += 1
+            stats.epsilon = max(stats.epsilon, decision.update.epsilon)
+        return round_
+
+    def _new_round(self, round_no: int, deadline: float) -> OpenRound:
+        """Round ``round_no`` under the task's terms, knowing what the round before counted."""
+        before = self._journal.updates(round_no - 1)
+        terms = RoundTerms(
+            task=self.spec.task_id,
+            round=round_no,
+            context_hash=bytes.fromhex(self.spec.context_hash[2:]),
+            n_params=self.spec.n_params,
+            quorum=self.spec.quorum,
+            expected=self.expected,
+            deadline=deadline,
+            max_update_bytes=MAX_UPDATE_BYTES,
+            late_updates=self.spec.late_updates,
+            active=frozenset(u.device for u in before),
+        )
+        previous = {u.device: bytes.fromhex(u.blob) for u in before if u.made_for == round_no - 1}
+        self.stats[round_no] = RoundStats(round_no)
+        self._deadline_logged = False
+        return OpenRound(terms, self._domain, self._context, self._registry.known, previous)
 
     def _on_terms(self, topic: str, payload: bytes) -> None:
         """A retained spec or context chunk, before the terms are known: checked like a device
@@ -169,8 +299,6 @@ class Aggregator:
             self._retained_context = blob
         if self._retained_spec is not None and self._retained_context is not None:
             self._adopt(self._retained_spec, self._retained_context)
-            if self._stashed_model is not None:
-                self._on_model(self._stashed_model)
 
     def start(self) -> Aggregator:
         self._worker.start()
@@ -185,6 +313,8 @@ class Aggregator:
         self._inbox.put(None)
         self._worker.join(10)
         self._link.close()
+        if self.has_terms:
+            self._journal.close()
 
     # -- worker thread -------------------------------------------------------------------
 
@@ -202,7 +332,10 @@ class Aggregator:
             try:
                 self._dispatch(topic, payload)
             except (ProtocolError, ConfigError) as exc:
+                self.rejections["malformed-message"] += 1
                 log.warning("aggregator: rejected a message on %s: %s", topic, exc)
+            except ChainError as exc:  # the node is away: whatever needed it is tried again
+                log.warning("aggregator: chain unavailable on %s: %s", topic or "tick", exc)
             except Exception:  # the service outlives any one message
                 log.exception("aggregator: unexpected failure on %s", topic or "tick")
 
@@ -210,13 +343,13 @@ class Aggregator:
         if topic == self.topics.spec or topic.startswith(self.topics.context + "/"):
             if not self.has_terms:
                 self._on_terms(topic, payload)
-        elif not self.has_terms:
-            if topic == self.topics.model:
-                self._stashed_model = payload  # the latest; taken once the terms are known
-            elif topic:
-                log.warning("aggregator: an update arrived before the task's terms; dropped")
         elif topic == self.topics.model:
-            self._on_model(payload)
+            self._stashed_model = payload  # the latest; taken once the terms are known
+            self._model_retry.succeeded()
+        elif not self.has_terms:
+            if topic:
+                self.rejections["before-terms"] += 1
+                log.warning("aggregator: an update arrived before the task's terms; dropped")
         elif topic:
             self._on_update_chunk(topic, payload)
         if self.has_terms:
@@ -225,43 +358,49 @@ class Aggregator:
             self._terms_warned_at = self._clock()
             log.warning("aggregator: still waiting for the task's spec and context on the broker")
 
+    def _take_model(self) -> None:
+        """The latest released model, once; again later if the chain could not vouch for it."""
+        payload = self._stashed_model
+        if payload is None or not self._model_retry.ready():
+            return
+        try:
+            self._on_model(payload)
+        except ChainError as exc:
+            delay = self._model_retry.failed()
+            log.warning("aggregator: cannot check the model on chain (retry %.1fs): %s", delay, exc)
+            return
+        self._stashed_model = None
+        self._model_retry.succeeded()
+
     def _on_model(self, payload: bytes) -> None:
         try:
             model = envelope.decode(payload, "model", self.spec.max_message)
         except ProtocolError as exc:
+            self.rejections["malformed-model"] += 1
             log.warning("aggregator: ignoring a malformed model message: %s", exc)
             return
         released = model["round"]
         if keccak(model["params"]) != model["model_hash"]:
             log.warning("aggregator: model %d does not match its hash; ignored", released)
             return
+        following = released + 1
+        # The journal first: a round it knows is open already, or closed (perhaps not anchored
+        # yet, the node being away); then the chain, for a journal that was lost.
+        if following > self.spec.rounds or following <= self._journal.last_round() or self._open:
+            return
         if self.chain.model_hash(self.spec.task_id, released) != model["model_hash"]:
             log.warning("aggregator: model %d is not the one anchored on chain", released)
             return
-        following = released + 1
-        if following > self.spec.rounds or following <= self._last_closed or self._open:
-            return
         if self.chain.round_anchor(self.spec.task_id, following) is not None:
-            self._last_closed = following  # closed before a restart; its model comes next
+            self._last_closed = max(self._last_closed, following)
             return
         self._open_round(following, model["model_hash"])
 
     def _open_round(self, round_no: int, model_hash: bytes) -> None:
         deadline = self._clock() + self.spec.round_seconds
-        terms = RoundTerms(
-            task=self.spec.task_id,
-            round=round_no,
-            context_hash=bytes.fromhex(self.spec.context_hash[2:]),
-            n_params=self.spec.n_params,
-            quorum=self.spec.quorum,
-            expected=self.expected,
-            deadline=deadline,
-            max_update_bytes=MAX_UPDATE_BYTES,
-        )
-        self._open = OpenRound(terms, self._domain, self._context, self._is_registered)
-        self.stats[round_no] = RoundStats(round_no)
-        self._deadline_logged = False
-        self._link.publish(
+        self._journal.open_round(round_no, model_hash, deadline)
+        self._open = self._new_round(round_no, deadline)
+        self._publish(
             self.topics.round,
             envelope.encode("round", round=round_no, model_hash=model_hash, deadline=deadline),
             retain=True,
@@ -274,42 +413,102 @@ class Aggregator:
             self.stats[self._open.terms.round].bytes_in += len(payload)
         try:
             blob = self._reassembler.add(sender, payload)
-        except ProtocolError as exc:
+        except ChunkRejected as exc:
             self._reject_chunk(sender, exc)
             return
-        if blob is None:
-            return
+        if blob is not None:
+            if self._held:  # keep arrival order behind the updates already waiting
+                self._hold(sender, blob)
+            else:
+                self._decide(sender, blob)
+
+    def _decide(self, sender: str, blob: bytes) -> bool:
+        """Decide on one whole update; False if it has to wait (and now waits)."""
         if self._open is None:
-            decision: Accepted | Rejected = Rejected(
-                RejectReason.CLOSED, "no round is open", blob_id(blob), None
-            )
-        else:
+            if self.spec.late_updates and self._last_closed < self.spec.rounds:
+                self._hold(sender, blob)  # the next round decides: it may count it
+                return False
+            self._reject(sender, Rejected(RejectReason.CLOSED, "no round is open", blob_id(blob)))
+            return True
+        try:
             decision = self._open.offer(blob)
+        except ChainError as exc:  # the registry cannot be read: ask again later
+            if not self._held:
+                log.warning("aggregator: registry unreadable, updates wait: %s", exc)
+            self._hold(sender, blob, front=True)
+            self._held_retry.failed()
+            return False
         if isinstance(decision, Rejected):
             self._reject(sender, decision)
-            return
+            return True
+        update, round_no = decision.update, decision.counted_in
         if not decision.repeat:
-            self.archive.put(blob)
-            stats = self.stats[decision.update.round]
+            self._persist(blob, decision)
+            stats = self.stats[round_no]
             stats.participants += 1
-            stats.epsilon = max(stats.epsilon, decision.update.epsilon)
+            stats.epsilon = max(stats.epsilon, update.epsilon)
             log.info(
-                "aggregator: round %d accepted %s (%d/%d)",
-                decision.update.round,
-                decision.update.device_address,
-                self._open.participants,  # type: ignore[union-attr]
+                "aggregator: round %d accepted %s%s (%d/%d)",
+                round_no,
+                update.device_address,
+                f", made for round {update.round}" if update.round != round_no else "",
+                self._open.participants,
                 self.expected,
             )
-        update = decision.update
-        self._receipt(update.device, update.round, decision.blob_id, "", update.round)
+        self._receipt(update.device, update.round, decision.blob_id, "", round_no)
+        if not decision.repeat and self._on_accepted is not None:
+            self._on_accepted(round_no, self._open.participants)
+        return True
 
-    def _reject_chunk(self, sender: str, exc: ProtocolError) -> None:
-        log.warning("aggregator: rejected a chunk from %s: %s", sender, exc)
+    def _persist(self, blob: bytes, accepted: Accepted) -> None:
+        """Archive (fsynced), then journal: only then may the receipt go out. If either fails,
+        the open round goes back to what the journal holds, so the sum never counts an update
+        a restart would not count."""
+        round_no, update = accepted.counted_in, accepted.update
+        try:
+            self.archive.put(blob)
+            self._journal.accept(
+                round_no, accepted.blob_id.hex(), update.device_address, update.round
+            )
+        except (OSError, sqlite3.Error):
+            journaled = self._journal.round(round_no)
+            assert journaled is not None
+            self._open = self._rebuild(journaled)
+            raise
+
+    def _hold(self, sender: str, blob: bytes, front: bool = False) -> None:
+        if self._held_bytes + len(blob) > HELD_MAX_BYTES:
+            self.rejections["held-full"] += 1
+            log.warning("aggregator: no room to hold an update from %s; it is dropped", sender)
+            return
+        if front:
+            self._held.appendleft((sender, blob))
+        else:
+            self._held.append((sender, blob))
+        self._held_bytes += len(blob)
+
+    def _release_held(self) -> None:
+        """Offer the waiting updates again, in order, until one has to wait once more; after
+        the task's last round, refuse them (round-closed) rather than keep them."""
+        next_round_to_come = self._open is None and self._last_closed < self.spec.rounds
+        if next_round_to_come or not self._held_retry.ready():
+            return
+        while self._held:
+            sender, blob = self._held.popleft()
+            self._held_bytes -= len(blob)
+            if not self._decide(sender, blob):
+                return
+        self._held_retry.succeeded()
+
+    def _reject_chunk(self, sender: str, exc: ChunkRejected) -> None:
+        self.rejections[exc.reason] += 1
+        log.warning("aggregator: rejected a chunk from %s: %s: %s", sender, exc.reason, exc)
         if self._open is not None:
             self.stats[self._open.terms.round].rejected += 1
 
     def _reject(self, sender: str, rejected: Rejected) -> None:
         who = rejected.device or sender
+        self.rejections[str(rejected.reason)] += 1
         log.warning(
             "aggregator: rejected update from %s: %s: %s", who, rejected.reason, rejected.detail
         )
@@ -340,19 +539,43 @@ class Aggregator:
             reason=reason,
             counted_in=counted_in,
         ).signed(account, self._domain)
-        self._link.publish(self.topics.receipts(receipt.device_address), receipt.encode())
+        self._publish(self.topics.receipts(receipt.device_address), receipt.encode())
+
+    def _publish(
+        self, topic: str, payload: bytes, retain: bool = False
+    ) -> paho.MQTTMessageInfo | None:
+        """Publish through the link; ``None`` when the message went to paho untracked.
+
+        After a publish made while the broker was away, ``MqttLink.publish`` raises
+        ``RuntimeError`` on every later call (it asks paho whether that message was published,
+        and paho raises for it) although paho has taken the new message. A flush with no time
+        left empties that list, so the link works again once the broker is back; the caller
+        treats an untracked message as not delivered."""
+        try:
+            return self._link.publish(topic, payload, retain)
+        except RuntimeError as exc:
+            log.warning("aggregator: publish to %s not tracked: %s", topic, exc)
+            with contextlib.suppress(RuntimeError):
+                self._link.flush(0)
+            return None
 
     def _tick(self) -> None:
-        now = self._clock()
-        if self._unanchored is not None and now >= self._next_anchor_try:
-            self._finish(self._unanchored)
+        self._take_model()
+        self._release_held()
+        self._finish_closed()
         if self._open is None:
             return
+        now = self._clock()
         if self._open.ready(now):
             closed = self._open.close()
+            self.archive.put(closed.aggregate)
+            self._journal.set_state(closed.round, "closed")
             self._open = None
             self._last_closed = closed.round
-            self._finish(closed)
+            self._closing.append(closed)
+            self._closing_retry.succeeded()
+            self._finish_closed()
+            self._release_held()  # late updates wait for the next round now
         elif now >= self._open.terms.deadline and not self._deadline_logged:
             self._deadline_logged = True
             log.warning(
@@ -362,40 +585,85 @@ class Aggregator:
                 self.spec.quorum,
             )
 
+    def _finish_closed(self) -> None:
+        """Anchor and deliver the closed rounds, oldest first, retrying with backoff."""
+        while self._closing and self._closing_retry.ready():
+            closed = self._closing[0]
+            try:
+                self._finish(closed)
+            except DeliveryPending:
+                return  # looked at again on the next tick: it costs nothing to ask
+            except (ChainError, DeliveryFailed) as exc:
+                delay = self._closing_retry.failed()
+                log.warning(
+                    "aggregator: round %d not finished yet (retry in %.1fs): %s",
+                    closed.round,
+                    delay,
+                    exc,
+                )
+                return
+            self._closing.popleft()
+            self._closing_retry.succeeded()
+
     def _finish(self, closed: ClosedRound) -> None:
-        """Archive, anchor (once), then release the aggregate and the inclusion proofs."""
-        aggregate_id = self.archive.put(closed.aggregate)
-        try:
+        """Anchor (once), then publish the manifest, the aggregate and the inclusion proofs,
+        journaling each step; ``DeliveryPending`` until the broker has acknowledged them."""
+        journaled = self._journal.round(closed.round)
+        assert journaled is not None
+        tx = journaled.anchor_tx
+        if journaled.state == "closed":
             tx = self._anchor(closed)
-        except ChainError as exc:
-            self._unanchored = closed
-            self._next_anchor_try = self._clock() + ANCHOR_RETRY_S
-            log.error("aggregator: anchoring round %d failed, will retry: %s", closed.round, exc)
-            return
-        self._unanchored = None
+            self._journal.set_state(closed.round, "anchored", tx)
+            log.info("aggregator: round %d anchored in %s", closed.round, tx)
+        assert tx is not None
+        if closed.round not in self._deliveries:
+            stats = self.stats[closed.round]
+            stats.anchor_tx = tx
+            stats.closed_at = self._clock()
+            self._deliveries[closed.round] = self._deliver(closed, tx)
+            log.info(
+                "aggregator: round %d closed with %d updates, root %s, anchored in %s",
+                closed.round,
+                len(closed.accepted),
+                closed.root.hex()[:16],
+                tx,
+            )
+            if self._on_closed is not None:  # the round's results are out
+                self._on_closed(stats)
+        states = {_delivery(info) for info in self._deliveries[closed.round]}
+        if "failed" in states:
+            del self._deliveries[closed.round]  # published again on the next try
+            raise DeliveryFailed(f"round {closed.round}: its results did not reach the broker")
+        if "pending" in states:
+            raise DeliveryPending(f"round {closed.round}: the broker has not acknowledged it")
+        del self._deliveries[closed.round]
+        self._journal.set_state(closed.round, "delivered")
+
+    def _deliver(self, closed: ClosedRound, tx: str) -> list[paho.MQTTMessageInfo | None]:
         self.archive.put_round(
             RoundManifest(
                 task=self.spec.task,
                 round=closed.round,
                 updates=tuple(a.blob_id.hex() for a in closed.accepted),
                 root=closed.root.hex(),
-                aggregate=aggregate_id,
+                aggregate=keccak(closed.aggregate).hex(),
                 aggregate_hash=closed.aggregate_hash.hex(),
                 anchor_tx=tx,
             )
         )
-        self._link.publish_blob(
-            self.topics.aggregate,
-            envelope.encode(
-                "aggregate",
-                round=closed.round,
-                ciphertext=closed.aggregate,
-                updates=len(closed.accepted),
-                samples=closed.samples,
-                root=closed.root,
-                anchor_tx=tx,
-            ),
+        aggregate = envelope.encode(
+            "aggregate",
+            round=closed.round,
+            ciphertext=closed.aggregate,
+            updates=len(closed.accepted),
+            samples=closed.samples,
+            root=closed.root,
+            anchor_tx=tx,
         )
+        sent = [
+            self._publish(self.topics.aggregate, chunk)
+            for chunk in split(aggregate, self._link.max_message)
+        ]
         for accepted in closed.accepted:
             inclusion = envelope.encode(
                 "inclusion",
@@ -405,19 +673,9 @@ class Aggregator:
                 root=closed.root,
                 anchor_tx=tx,
             )
-            self._link.publish(self.topics.receipts(accepted.update.device_address), inclusion)
-        stats = self.stats[closed.round]
-        stats.anchor_tx = tx
-        stats.closed_at = self._clock()
-        log.info(
-            "aggregator: round %d closed with %d updates, root %s, anchored in %s",
-            closed.round,
-            len(closed.accepted),
-            closed.root.hex()[:16],
-            tx,
-        )
-        if self._on_closed is not None:
-            self._on_closed(stats)
+            topic = self.topics.receipts(accepted.update.device_address)
+            sent.append(self._publish(topic, inclusion))
+        return sent
 
     def _anchor(self, closed: ClosedRound) -> str:
         task_id = self.spec.task_id
@@ -433,10 +691,12 @@ class Aggregator:
             task_id, closed.round, closed.root, closed.aggregate_hash, len(closed.accepted)
         )
 
-    def _is_registered(self, device: str) -> bool:
-        if device in self._registered:
-            return True
-        if self.chain.is_device(device):
-            self._registered.add(device)
-            return True
-        return False
+
+def _delivery(info: paho.MQTTMessageInfo | None) -> str:
+    """``done``, ``pending`` (the broker may still acknowledge it) or ``failed``."""
+    if info is None:
+        return "failed"
+    try:
+        return "done" if info.is_published() else "pending"
+    except RuntimeError:  # paho: the publish failed (made while disconnected)
+        return "failed"

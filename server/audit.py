@@ -1,7 +1,10 @@
 """Audit a task from the archive and the chain alone, with no key and no trust in the aggregator.
 
 For every round: each archived update must be a well-formed, correctly signed update from a
-registered device for this task and round; its leaf is recomputed from the signed fields; the
+registered device for this task and round (or, under the task term ``late_updates``, for the
+round before: a late update still signs the round it was made for); no update may be counted
+twice, in one round or across two (one per device and round made for); its leaf is recomputed
+from the signed fields; the
 Merkle root of the leaves and their count must equal the anchor on chain; and the archived
 ciphertexts are summed again under the public context (CKKS addition is exact modular
 arithmetic, so the sum's bytes are reproducible) and must hash to the anchored aggregate hash.
@@ -68,9 +71,10 @@ def audit_task(chain: ChainClient, archive: Archive, task: str) -> AuditReport:
     domain = Domain(chain.chain_id, chain.address)
     n_rounds = max(record.rounds_anchored, max(archive.rounds(task), default=0))
     audits = []
+    counted: dict[tuple[str, int], int] = {}  # (device, round made for) -> round counting it
     for round_no in range(1, n_rounds + 1):
         problems: list[str] = list(task_problems)
-        updates = _audit_round(chain, archive, spec, round_no, context, domain, problems)
+        updates = _audit_round(chain, archive, spec, round_no, context, domain, problems, counted)
         audits.append(RoundAudit(round_no, updates, tuple(problems)))
     return AuditReport(task, tuple(audits))
 
@@ -83,6 +87,7 @@ def _audit_round(
     context: ts.Context,
     domain: Domain,
     problems: list[str],
+    counted: dict[tuple[str, int], int],
 ) -> int:
     task, task_id = spec.task, spec.task_id
     expected_context = bytes.fromhex(spec.context_hash[2:])
@@ -97,7 +102,6 @@ def _audit_round(
         return 0
     leaves: list[bytes] = []
     ciphertexts: list[bytes] = []
-    devices: set[str] = set()
     for ident in manifest.updates:
         try:
             update = Update.decode(archive.get(ident))
@@ -106,15 +110,20 @@ def _audit_round(
             problems.append(f"update {ident[:12]}: {exc}")
             continue
         who = update.device_address
-        if update.task != task_id or update.round != round_no:
+        late = spec.late_updates and update.round == round_no - 1
+        if update.task != task_id or (update.round != round_no and not late):
             problems.append(f"update from {who} belongs to another task or round")
         if update.context != expected_context:
             problems.append(f"update from {who} names another HE context")
-        if who in devices:
-            problems.append(f"two updates from {who}")
+        key = (who, update.round)
+        if key in counted:
+            problems.append(
+                f"{who}'s update for round {update.round} counted twice "
+                f"(round {counted[key]} counts one already)"
+            )
+        counted.setdefault(key, round_no)
         if not chain.is_device(who):
             problems.append(f"update from {who}, which is not registered")
-        devices.add(who)
         leaves.append(update.leaf())
         ciphertexts.append(update.ciphertext)
     if len(leaves) != anchor.updates:

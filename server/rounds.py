@@ -5,14 +5,19 @@
 are adapters around it (see :mod:`server.aggregator`), so tests, the simulator and a
 deployment run exactly this code. Memory stays flat in the number of devices: accepted
 ciphertexts are folded into one running sum and only their leaves are kept.
+
+Late updates: under the task term ``late_updates``, an update made for round r that arrives
+while r+1 is open is counted in r+1 (its signed fields still say r, and the leaf commits to
+them), unless r counted an update of that device made for r already. Each update is counted
+once: a round holds at most one update per device and per round it was made for.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 import tenseal as ts
 from eth_utils import keccak
@@ -43,9 +48,13 @@ class RoundTerms:
     context_hash: bytes
     n_params: int
     quorum: int
-    expected: int  # devices enrolled in the task: the round closes early once all are in (0: never)
+    expected: int  # devices enrolled in the task: the round closes early once all are in
     deadline: float
     max_update_bytes: int
+    late_updates: bool = False  # count updates made for the previous round (task term)
+    # When ``expected`` is 0, the devices that contributed to the previous round: the round
+    # closes early once each has sent an update made for it (none known: at the deadline).
+    active: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class Accepted:
     update: Update
     blob_id: bytes
     leaf: bytes
+    counted_in: int  # the round whose aggregate counts it: its own, or the next one if late
     repeat: bool = False  # the same blob again (a device retrying): acknowledged, not re-added
 
 
@@ -83,7 +93,11 @@ class ClosedRound:
 
 
 class OpenRound:
-    """One round between its announcement and its close."""
+    """One round between its announcement and its close.
+
+    ``previous`` maps each device to the update made for the round before this one that the
+    previous round counted (by blob id): a late update is counted only if there is none.
+    """
 
     def __init__(
         self,
@@ -91,6 +105,7 @@ class OpenRound:
         domain: Domain,
         context: ts.Context,
         is_registered: Callable[[str], bool],
+        previous: Mapping[str, bytes] | None = None,
     ) -> None:
         if context.is_private():
             raise HeError("the aggregator must not hold the HE secret key")
@@ -98,43 +113,61 @@ class OpenRound:
         self.domain = domain
         self._context = context
         self._is_registered = is_registered
-        self._accepted: dict[str, Accepted] = {}
+        self._previous = dict(previous or {})
+        self._accepted: dict[tuple[str, int], Accepted] = {}  # by (device, round made for)
         self._sum: ts.CKKSVector | None = None
         self._closed = False
 
     @property
     def participants(self) -> int:
+        """Updates counted so far, late ones included."""
         return len(self._accepted)
 
-    def offer(self, blob: bytes) -> Decision:
+    @property
+    def devices_in(self) -> frozenset[str]:
+        """Devices that sent an update made for this round."""
+        return frozenset(d for d, made_for in self._accepted if made_for == self.terms.round)
+
+    def offer(self, blob: bytes, *, journaled: bool = False) -> Decision:
+        """Decide on one update. ``journaled``: it was accepted before a restart, when the
+        registry was asked; it is not asked again (the node may be away while the aggregator
+        rebuilds its round). ``ChainError`` from the registry leaves the round unchanged."""
         ident = blob_id(blob)
         try:
             update = Update.decode(blob, self.terms.max_update_bytes)
         except ProtocolError as exc:
             return Rejected(RejectReason.MALFORMED, str(exc), ident)
         device = update.device_address
+        current = self.terms.round
 
         def reject(reason: RejectReason, detail: str) -> Rejected:
             return Rejected(reason, detail, ident, device, update.round)
 
         if self._closed:
-            return reject(RejectReason.CLOSED, f"round {self.terms.round} is closed")
+            return reject(RejectReason.CLOSED, f"round {current} is closed")
         if update.task != self.terms.task:
             return reject(RejectReason.WRONG_TASK, f"task {update.task.hex()}")
-        if update.round != self.terms.round:
-            return reject(
-                RejectReason.WRONG_ROUND, f"round {update.round}, open is {self.terms.round}"
-            )
+        late = update.round == current - 1 and self.terms.late_updates
+        if update.round > current:
+            return reject(RejectReason.WRONG_ROUND, f"round {update.round}, open is {current}")
+        if update.round < current and not late:
+            return reject(RejectReason.CLOSED, f"round {update.round} is closed, open is {current}")
         try:
             update.verify(self.domain)
         except SignatureError as exc:
             return reject(RejectReason.BAD_SIGNATURE, str(exc))
-        if not self._is_registered(device):
+        if not journaled and not self._is_registered(device):
             return reject(RejectReason.UNKNOWN_DEVICE, "not in the on-chain registry")
-        previous = self._accepted.get(device)
+        if late and device in self._previous:
+            if self._previous[device] == ident:  # a retry of an update round r-1 counted
+                return Accepted(update, ident, update.leaf(), current - 1, repeat=True)
+            return reject(
+                RejectReason.DUPLICATE, f"round {update.round} counted another update of it"
+            )
+        previous = self._accepted.get((device, update.round))
         if previous is not None:
             if previous.blob_id == ident:
-                return Accepted(previous.update, ident, previous.leaf, repeat=True)
+                return replace(previous, repeat=True)
             return reject(RejectReason.DUPLICATE, "a different update was already accepted")
         if update.context != self.terms.context_hash:
             return reject(RejectReason.WRONG_CONTEXT, f"context {update.context.hex()}")
@@ -149,13 +182,16 @@ class OpenRound:
                 self._sum.add_(vector)  # in place: memory stays that of one ciphertext
             except (ValueError, RuntimeError) as exc:  # SEAL refuses what it cannot add
                 return reject(RejectReason.BAD_CIPHERTEXT, f"cannot be added: {exc}")
-        accepted = Accepted(update, ident, update.leaf())
-        self._accepted[device] = accepted
+        accepted = Accepted(update, ident, update.leaf(), current)
+        self._accepted[(device, update.round)] = accepted
         return accepted
 
     def ready(self, now: float) -> bool:
-        """All enrolled devices are in, or the deadline passed with a quorum."""
-        if self.terms.expected and self.participants >= self.terms.expected:
+        """Every active device is in (the enrolled count, or else every device of the previous
+        round), or the deadline passed with a quorum."""
+        if self.terms.expected and len(self.devices_in) >= self.terms.expected:
+            return True
+        if not self.terms.expected and self.terms.active and self.terms.active <= self.devices_in:
             return True
         return now >= self.terms.deadline and self.participants >= self.terms.quorum
 

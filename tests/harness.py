@@ -7,10 +7,13 @@ mosquitto (anonymous, persistent) on a free port, the chain an anvil the caller 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +24,7 @@ import numpy as np
 from truscl.agent.outbox import Outbox, Pending
 from truscl.agent.rounds import RoundState
 from truscl.agent.sensors import Reading
-from truscl.broker import Mosquitto
+from truscl.broker import Mosquitto, free_port
 from truscl.chain import ChainClient, NodeChain
 from truscl.keyfile import load_or_create_account, write_secret
 from truscl.privacy.accounting import PrivacyLedger
@@ -258,3 +261,63 @@ class Fleet:
         codes = {name: self.stop(name) for name in list(self.processes)}
         self.broker.stop()
         return codes
+
+
+class TcpGate:
+    """A TCP forwarder to ``target_port`` that can be shut: a node unreachable for one role only.
+
+    Pausing the node itself (SIGSTOP) stalls every role that reads the chain, the devices and the
+    owner too, so when an outage starts relative to a round would depend on their timing. Behind
+    a gate, one role loses the node at the moment the test chooses, and the node keeps its state.
+    While shut, connections are refused and open ones are cut, as when a node goes down.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def up(self) -> TcpGate:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return self
+
+    def down(self) -> None:
+        with self._lock:
+            listener, self._listener = self._listener, None
+            sockets, self._open = self._open, []
+        for sock in [s for s in (listener,) if s is not None] + sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # shut
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from truscl.demo import DemoConfig, DemoFailed, run_demo
+from truscl.demo.inprocess import run_in_process
 from truscl.task import DpTerms
 
 pytestmark = pytest.mark.slow
@@ -45,13 +46,27 @@ def test_truscl_demo_with_defaults_meets_the_targets(tmp_path: Path) -> None:
 
 
 def test_a_round_with_a_dropout_closes_at_quorum(tmp_path: Path) -> None:
-    # The deadline only matters once a device is gone: until then a round closes when all are in.
+    # Prepare: deadlines on a clock that moves only once a round has the two updates the
+    # remaining devices send; until a device is gone, a round closes when all are in.
     config = DemoConfig(
-        devices=3, rounds=3, drop_device_at=2, round_seconds=10.0, workdir=tmp_path, in_process=True
+        devices=3,
+        rounds=3,
+        drop_device_at=2,
+        round_seconds=3600.0,
+        workdir=tmp_path,
+        in_process=True,
     )
+    now = [1_000.0]
 
-    summary = run_demo(config, out=io.StringIO())
+    def deadline_passes_once_two_are_in(round_no: int, participants: int) -> None:
+        if round_no >= config.drop_device_at and participants == 2:
+            now[0] += config.round_seconds + 1
 
+    # Execute
+    summary = run_in_process(
+        config, io.StringIO(), clock=lambda: now[0], on_accepted=deadline_passes_once_two_are_in
+    )
+    # Assert
     assert [r["participants"] for r in summary["rounds"]] == [3, 2, 2]
     assert summary["audit"] == {"verified": 3, "total": 3, "problems": {}}
 

@@ -13,7 +13,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from truscl.errors import HeError
+from truscl.errors import ChainError, HeError
 from truscl.privacy.ckks import CkksProfile, OwnerKeys, context_hash, decrypt, encrypt
 from truscl.server.rounds import Accepted, OpenRound, Rejected, RejectReason, RoundTerms
 from truscl.wire import Domain, Update, verify_proof
@@ -129,8 +129,12 @@ def test_rejections_name_their_reason(terms, public_context, devices) -> None:
         == RejectReason.UNKNOWN_DEVICE
     )
     assert (
-        rejection(round_.offer(update_blob(registered[1], terms, public_context, ones, round=1)))
+        rejection(round_.offer(update_blob(registered[1], terms, public_context, ones, round=3)))
         == RejectReason.WRONG_ROUND
+    )
+    assert (  # made for round 1, and this task does not count late updates
+        rejection(round_.offer(update_blob(registered[1], terms, public_context, ones, round=1)))
+        == RejectReason.CLOSED
     )
     assert (
         rejection(
@@ -264,3 +268,96 @@ def test_a_ciphertext_that_cannot_be_added_does_not_stall_the_round(
     assert all(isinstance(d, Accepted) for d in honest)
     total = decrypt(owner_keys, round_.close().aggregate, N_PARAMS)
     np.testing.assert_allclose(total, 2.0, atol=1e-6)
+
+
+def test_a_late_update_counts_once_in_the_next_round(
+    terms, public_context, owner_keys, devices
+) -> None:
+    # Prepare: round 2 under late_updates; round 1 counted device 0's round-1 update
+    late_terms = replace(terms, late_updates=True)
+    made_for_1 = replace(terms, round=1)
+    counted_in_1 = update_blob(devices[0], made_for_1, public_context, np.ones(N_PARAMS))
+    previous = {devices[0].address: keccak(counted_in_1)}
+    round_ = OpenRound(
+        late_terms, DOMAIN, public_context, {d.address for d in devices}.__contains__, previous
+    )
+    late = update_blob(devices[1], made_for_1, public_context, np.ones(N_PARAMS) * 2)
+    own = update_blob(devices[1], late_terms, public_context, np.ones(N_PARAMS) * 3)
+    # Execute
+    decisions = {
+        "late": round_.offer(late),
+        "late again": round_.offer(late),
+        "own": round_.offer(own),  # the same device's update made for round 2 counts too
+        "retry of round 1's": round_.offer(counted_in_1),
+        "other for round 1": round_.offer(
+            update_blob(devices[0], made_for_1, public_context, np.ones(N_PARAMS) * 7)
+        ),
+        "too late": round_.offer(
+            update_blob(devices[2], replace(terms, round=0), public_context, np.ones(N_PARAMS))
+        ),
+    }
+    # Assert: the late update is counted in round 2 once, signed for round 1
+    first, again = decisions["late"], decisions["late again"]
+    assert isinstance(first, Accepted) and not first.repeat
+    assert (first.update.round, first.counted_in) == (1, 2)
+    assert isinstance(again, Accepted) and again.repeat and again.counted_in == 2
+    assert isinstance(decisions["own"], Accepted) and decisions["own"].counted_in == 2
+    retry = decisions["retry of round 1's"]
+    assert isinstance(retry, Accepted) and retry.repeat and retry.counted_in == 1
+    assert rejection(decisions["other for round 1"]) == RejectReason.DUPLICATE
+    assert rejection(decisions["too late"]) == RejectReason.CLOSED
+    assert round_.participants == 2 and round_.devices_in == {devices[1].address}
+    closed = round_.close()
+    assert {a.update.round for a in closed.accepted} == {1, 2}
+    np.testing.assert_allclose(decrypt(owner_keys, closed.aggregate, N_PARAMS), 5.0, atol=1e-6)
+
+
+def test_without_expected_devices_a_round_closes_when_last_rounds_devices_are_in(
+    terms, public_context, devices
+) -> None:
+    active = frozenset(d.address for d in devices[:2])
+    round_ = open_round(
+        replace(terms, expected=0, quorum=1, active=active), public_context, devices
+    )
+    round_.offer(update_blob(devices[0], terms, public_context, np.ones(N_PARAMS)))
+    round_.offer(update_blob(devices[3], terms, public_context, np.ones(N_PARAMS)))
+    assert not round_.ready(now=0.0)  # device 1 contributed last round and is not in yet
+    round_.offer(update_blob(devices[1], terms, public_context, np.ones(N_PARAMS)))
+    assert round_.ready(now=0.0)
+
+
+def test_a_late_update_does_not_make_its_device_in(terms, public_context, devices) -> None:
+    late_terms = replace(terms, late_updates=True, expected=1, quorum=5)
+    round_ = open_round(late_terms, public_context, devices)
+    late = update_blob(devices[0], replace(terms, round=1), public_context, np.ones(N_PARAMS))
+    assert isinstance(round_.offer(late), Accepted)
+    assert not round_.ready(now=0.0)  # it counts, but device 0 has not sent round 2's update
+
+
+def test_an_unreadable_registry_leaves_the_round_as_it_was(
+    terms, public_context, owner_keys, devices
+) -> None:
+    answers: list[bool | None] = [None, True]
+
+    def registry(device: str) -> bool:
+        answer = answers.pop(0)
+        if answer is None:
+            raise ChainError("cannot reach a JSON-RPC node at http://127.0.0.1:1")
+        return answer
+
+    round_ = OpenRound(terms, DOMAIN, public_context, registry)
+    blob = update_blob(devices[0], terms, public_context, np.ones(N_PARAMS))
+    with pytest.raises(ChainError):
+        round_.offer(blob)
+    assert round_.participants == 0
+    assert isinstance(round_.offer(blob), Accepted)  # decided once the node answers
+    assert round_.participants == 1
+
+
+def test_journaled_updates_are_not_asked_of_the_registry_again(
+    terms, public_context, devices
+) -> None:
+    round_ = open_round(terms, public_context, [])  # the registry would refuse everyone
+    blob = update_blob(devices[0], terms, public_context, np.ones(N_PARAMS))
+    assert rejection(round_.offer(blob)) == RejectReason.UNKNOWN_DEVICE
+    assert isinstance(round_.offer(blob, journaled=True), Accepted)

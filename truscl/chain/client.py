@@ -3,7 +3,9 @@
 Each role (owner, aggregator, registrar) holds its own key and signs its transactions locally, so
 no node ever needs an unlocked account and the same code talks to the embedded EVM and to a real
 node over JSON-RPC. Every call is made under a lock shared by all clients of one chain, because
-eth-tester is not thread-safe and a local nonce must not be read twice before it is used.
+eth-tester is not thread-safe and a local nonce must not be read twice before it is used. Every
+failure, a revert or a node that cannot be reached, leaves as a ``ChainError`` naming the node:
+a service tells "the chain said no" and "the chain is away, try later" from its own bugs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError
 from web3.types import TxParams, TxReceipt
 
+from truscl.chain.rpc import rpc_errors
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError
 from truscl.wire.update import UPDATE_FIELDS, UpdateRecord
@@ -51,6 +54,9 @@ GAS_LIMITS: Mapping[str, int] = {
 }
 
 _REVERTED_PREFIX = "execution reverted: "
+# Blocks per eth_getLogs request: public providers refuse wide ranges, and a narrow one keeps
+# each answer small.
+LOG_SPAN = 5_000
 REGISTRAR_ROLE = keccak(text="REGISTRAR_ROLE")  # the contract's constant of the same name
 
 
@@ -101,6 +107,7 @@ class ChainClient:
             address=Web3.to_checksum_address(address), abi=artifact["abi"]
         )
         self._errors = _custom_errors(artifact["abi"])
+        self.node = node_name(w3)
 
     @classmethod
     def at(
@@ -155,6 +162,27 @@ class ChainClient:
 
     def is_device(self, device: str) -> bool:
         return bool(self._call(self._contract.functions.isDevice(_addr(device))))
+
+    def block_number(self) -> int:
+        return int(self._read(lambda: self._w3.eth.block_number))
+
+    def registered_devices(self, from_block: int, to_block: int) -> list[ChecksumAddress]:
+        """Devices whose ``DeviceRegistered`` event lies in ``from_block..to_block``, in order.
+
+        The contract never unregisters a device, so these events alone rebuild the registry:
+        a cache of them answers "is this a device?" without a call per question.
+        """
+        event = self._contract.events.DeviceRegistered
+        devices: list[ChecksumAddress] = []
+        for start in range(from_block, to_block + 1, LOG_SPAN):
+            end = min(start + LOG_SPAN - 1, to_block)
+            logs = self._read(
+                lambda start=start, end=end: list(
+                    event.get_logs(from_block=start, to_block=end)  # type: ignore[misc]
+                )
+            )
+            devices.extend(_addr(log["args"]["device"]) for log in logs)
+        return devices
 
     def is_registrar(self, account: str) -> bool:
         """Whether ``account`` may register devices: asked before sending, so a wrong key
@@ -270,7 +298,7 @@ class ChainClient:
     # --- plumbing ----------------------------------------------------------------------------
 
     def _read(self, fetch: Callable[[], _T]) -> _T:
-        with self._lock:
+        with self._lock, rpc_errors(self.node):
             try:
                 return fetch()
             except REVERTS as exc:
@@ -288,7 +316,7 @@ class ChainClient:
         account = self._account
         if account is None:
             raise ChainError(f"{name}: this client is read-only (no account)")
-        with self._lock:
+        with self._lock, rpc_errors(self.node):
             try:
                 fn.call({"from": account.address})
             except REVERTS as exc:
@@ -315,7 +343,7 @@ def deploy_transaction(
     """
     artifact = load_artifact("Truscl")
     factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
-    with lock if lock is not None else threading.RLock():
+    with lock if lock is not None else threading.RLock(), rpc_errors(node_name(w3)):
         tx = factory.constructor().build_transaction(_tx_fields(w3, account, GAS_LIMITS["deploy"]))
         receipt = _send(w3, account, tx, "deploy")
     contract_address(receipt)
@@ -328,6 +356,11 @@ def contract_address(receipt: TxReceipt) -> ChecksumAddress:
     if address is None:
         raise ChainError("deploy: the receipt names no contract address")
     return Web3.to_checksum_address(address)
+
+
+def node_name(w3: Web3) -> str:
+    """How errors name the node: its URL, or the in-process EVM's name."""
+    return str(getattr(w3.provider, "endpoint_uri", None) or "the in-process EVM")
 
 
 def _tx_fields(w3: Web3, account: LocalAccount, gas: int) -> TxParams:

@@ -42,7 +42,7 @@ from truscl.demo.common import (
 from truscl.keyfile import load_or_create_account
 from truscl.learning import LogisticModel
 from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys
-from truscl.server.aggregator import Aggregator, RoundStats
+from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
 from truscl.server.owner import TaskOwner
@@ -74,7 +74,20 @@ def sensor_source(
     return collect
 
 
-def run_in_process(config: DemoConfig, out: TextIO) -> dict[str, Any]:
+def run_in_process(
+    config: DemoConfig,
+    out: TextIO,
+    *,
+    clock: Callable[[], float] = time.time,
+    on_accepted: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the task; ``clock`` is the aggregator's (its round deadlines) and ``on_accepted`` is
+    told each accepted update's round and that round's count, so a test can drive deadlines.
+
+    With ``drop_device_at``, the last device stops when the round before closes, on the
+    aggregator's thread: the aggregator announces the next round only after, so the device
+    cannot slip an update in, however the threads are scheduled.
+    """
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's solver chatter
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="truscl-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -98,12 +111,16 @@ def run_in_process(config: DemoConfig, out: TextIO) -> dict[str, Any]:
     keys.save(workdir / "owner" / "secret-context")
 
     models: queue.Queue[tuple[int, np.ndarray]] = queue.Queue()
-    closed: dict[int, RoundStats] = {}
     broker = Mosquitto(workdir / "broker").start()
     agents: list[DeviceAgent] = []
     suites: list[SensorSuite] = []
     owner: TaskOwner | None = None
     aggregator: Aggregator | None = None
+
+    def drop(round_no: int) -> None:
+        if config.drop_device_at == round_no:
+            agents[-1].stop()
+
     try:
         owner = TaskOwner(
             keys=keys,
@@ -142,8 +159,11 @@ def run_in_process(config: DemoConfig, out: TextIO) -> dict[str, Any]:
             archive=Archive(workdir / "archive"),
             broker=broker.settings,
             expected=config.devices,
-            on_closed=lambda stats: closed.__setitem__(stats.round, stats),
+            clock=clock,
+            on_accepted=on_accepted,
+            on_closed=lambda stats: drop(stats.round + 1),
         )
+        drop(1)
         owner.create_task(spec, aggregator_account.address, model.init_params())
         aggregator.start()
         rows: list[RoundRow] = []
@@ -156,7 +176,6 @@ def run_in_process(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         round_started = time.monotonic()
         for round_no in range(1, config.rounds + 1):
             if config.drop_device_at == round_no:
-                agents[-1].stop()
                 print(f"  (device {agents[-1].name} stops before round {round_no})", file=out)
             try:
                 released, params = models.get(timeout=config.round_timeout)
@@ -164,7 +183,7 @@ def run_in_process(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                 raise DemoFailed(
                     f"round {round_no} did not complete within {config.round_timeout}s"
                 ) from None
-            stats = closed[released]
+            stats = aggregator.stats[released]  # complete before the owner saw the aggregate
             seconds, round_started = time.monotonic() - round_started, time.monotonic()
             row = RoundRow(
                 round=released,

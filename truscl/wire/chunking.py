@@ -2,7 +2,9 @@
 
 A blob's id is its keccak-256, so reassembly proves integrity for free and a republished blob
 (after a reconnect) is recognised as the same one. The reassembler bounds everything a sender
-can make it hold: bytes per blob, blobs in flight per sender, and how long a partial blob waits.
+can make it hold: bytes per blob, blobs in flight per sender, and how long a partial blob waits;
+and, because a client can publish under as many sender topics as it likes, the bytes and the
+partial blobs held for all senders together.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ DEFAULT_MAX_MESSAGE = 128 * 1024
 MIN_MESSAGE = 1024  # senders may chunk smaller than a receiver's limit, but not below this
 # Room for the CBOR map, its keys, the 32-byte id and the two counters.
 CHUNK_OVERHEAD = 128
+# What one held piece costs beyond its data (dict slot, bytes object): counted against the
+# total, so that a flood of empty chunks is not free.
+PIECE_OVERHEAD = 128
+DEFAULT_MAX_TOTAL = 64 * 1024 * 1024
+DEFAULT_MAX_PARTIALS = 256
+
+
+class ChunkRejected(ProtocolError):
+    """A chunk broke a limit or a rule; ``reason`` is a short stable code to count it by."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 def blob_id(blob: bytes) -> bytes:
@@ -45,15 +60,19 @@ class _Partial:
     count: int
     started: float
     pieces: dict[int, bytes] = field(default_factory=dict)
-    size: int = 0
+    size: int = 0  # bytes of data
+    cost: int = 0  # what it counts against the total: data and PIECE_OVERHEAD per piece
 
 
 class Reassembler:
     """Collects chunks per sender until a blob is whole.
 
     ``add`` returns the blob when its last chunk arrives and ``None`` before; it raises
-    :class:`ProtocolError` for a chunk that breaks a limit or a blob whose bytes do not hash
-    to its id, and drops that blob's other pieces.
+    :class:`ChunkRejected` for a chunk that breaks a limit or a blob whose bytes do not hash
+    to its id, and drops that blob's other pieces. When the total limits are reached, a chunk
+    that would start a new blob or grow one is refused (after stale blobs expire) rather than
+    evicting another sender's blob: an attacker can delay honest senders by at most the TTL,
+    never make the reassembler hold more.
     """
 
     def __init__(
@@ -63,46 +82,63 @@ class Reassembler:
         max_partial_per_sender: int = 4,
         ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        max_total: int = DEFAULT_MAX_TOTAL,
+        max_partials: int = DEFAULT_MAX_PARTIALS,
     ) -> None:
         self.max_message = max_message
         self.max_blob = max_blob
         self.max_partial_per_sender = max_partial_per_sender
         self.ttl = ttl
+        self.max_total = max_total
+        self.max_partials = max_partials
         self._clock = clock
         self._partial: dict[tuple[str, bytes], _Partial] = {}
+        self._held = 0  # bytes held for all senders, PIECE_OVERHEAD included
 
     def add(self, sender: str, payload: bytes) -> bytes | None:
-        chunk = envelope.decode(payload, "chunk", self.max_message)
+        try:
+            chunk = envelope.decode(payload, "chunk", self.max_message)
+        except ProtocolError as exc:
+            raise ChunkRejected("chunk-malformed", str(exc)) from None
         ident, index, count, data = chunk["blob"], chunk["index"], chunk["count"], chunk["data"]
         if len(ident) != 32:
-            raise ProtocolError("chunk blob id must be 32 bytes")
+            raise ChunkRejected("chunk-malformed", "chunk blob id must be 32 bytes")
         if count < 1 or index >= count:
-            raise ProtocolError(f"chunk index {index} outside 0..{count - 1}")
+            raise ChunkRejected("chunk-malformed", f"chunk index {index} outside 0..{count - 1}")
         if count > self._max_chunks():
-            raise ProtocolError(f"blob of {count} chunks exceeds {self.max_blob} bytes")
+            raise ChunkRejected("blob-too-large", f"blob of {count} chunks exceeds {self.max_blob}")
         self.expire()
         key = (sender, ident)
         partial = self._partial.get(key)
         if partial is None:
             in_flight = sum(1 for s, _ in self._partial if s == sender)
             if in_flight >= self.max_partial_per_sender:
-                raise ProtocolError(f"{sender} has {in_flight} blobs in flight already")
+                raise ChunkRejected("sender-limit", f"{sender} has {in_flight} blobs in flight")
+            if len(self._partial) >= self.max_partials:
+                raise ChunkRejected("reassembly-full", f"{len(self._partial)} blobs in flight")
             partial = self._partial[key] = _Partial(count=count, started=self._clock())
         if partial.count != count:
-            del self._partial[key]
-            raise ProtocolError("chunk count changed within one blob")
+            self._drop(key)
+            raise ChunkRejected("chunk-malformed", "chunk count changed within one blob")
         if index not in partial.pieces:
+            cost = len(data) + PIECE_OVERHEAD
+            if partial.size + len(data) > self.max_blob:
+                self._drop(key)
+                raise ChunkRejected("blob-too-large", f"blob exceeds {self.max_blob} bytes")
+            if self._held + cost > self.max_total:
+                if not partial.pieces:
+                    self._drop(key)
+                raise ChunkRejected("reassembly-full", f"{self._held} bytes held for all senders")
             partial.pieces[index] = data
             partial.size += len(data)
-        if partial.size > self.max_blob:
-            del self._partial[key]
-            raise ProtocolError(f"blob exceeds {self.max_blob} bytes")
+            partial.cost += cost
+            self._held += cost
         if len(partial.pieces) < count:
             return None
-        del self._partial[key]
+        self._drop(key)
         blob = b"".join(partial.pieces[i] for i in range(count))
         if blob_id(blob) != ident:
-            raise ProtocolError("reassembled blob does not match its id")
+            raise ChunkRejected("blob-mismatch", "reassembled blob does not match its id")
         return blob
 
     def expire(self) -> int:
@@ -110,12 +146,20 @@ class Reassembler:
         now = self._clock()
         stale = [k for k, p in self._partial.items() if now - p.started > self.ttl]
         for key in stale:
-            del self._partial[key]
+            self._drop(key)
         return len(stale)
 
     @property
     def pending(self) -> int:
         return len(self._partial)
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes held in partial blobs for all senders (what ``max_total`` bounds)."""
+        return self._held
+
+    def _drop(self, key: tuple[str, bytes]) -> None:
+        self._held -= self._partial.pop(key).cost
 
     def _max_chunks(self) -> int:
         """Chunks a legitimate blob can need: the sender may use messages as small as

@@ -14,6 +14,10 @@ import cbor2
 from truscl.errors import ProtocolError
 
 VERSION = 1
+# The widest integer a field may hold (a uint64, like the contract's widest). CBOR carries larger
+# integers as bignums (tags 2 and 3) and cbor2 turns them into Python ints silently: without
+# this bound a bignum would travel on until some later cast failed far from the network edge.
+MAX_INT = 2**64 - 1
 
 # field name -> Python type; bool is checked before int because bool is an int subclass.
 SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -103,11 +107,13 @@ def _check(kind: str, fields: dict[str, Any]) -> None:
     for name, expected in schema.items():
         value = fields[name]
         if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
-            if expected is float and isinstance(value, int) and not isinstance(value, bool):
-                continue
-            raise ProtocolError(f"{kind}.{name} must be {_name(expected)}")
-        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
-            raise ProtocolError(f"{kind}.{name} must not be negative")
+            if not (expected is float and isinstance(value, int) and not isinstance(value, bool)):
+                raise ProtocolError(f"{kind}.{name} must be {_name(expected)}")
+        if isinstance(value, int) and not isinstance(value, bool):
+            if value < 0:
+                raise ProtocolError(f"{kind}.{name} must not be negative")
+            if value > MAX_INT:
+                raise ProtocolError(f"{kind}.{name} out of range: a bignum (2^64 or more)")
 
 
 def _name(expected: type | tuple[type, ...]) -> str:

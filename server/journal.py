@@ -1,0 +1,143 @@
+"""The aggregator's journal: what it has promised, on disk before the promise leaves.
+
+A receipt tells a device it may forget its update, so the aggregator must not forget it either:
+each accepted update is archived (the archive fsyncs the blob) and journaled here before its
+receipt is sent. The journal holds, per round, its model hash, its deadline and its state, and
+the ids of the updates it counted in the order they were accepted. A restarted aggregator
+rebuilds the open round from it and from the archive (re-adding the archived ciphertexts gives
+the same sum: CKKS addition is exact), keeps the deadline, and takes up the rounds that closed
+but were not yet anchored or delivered.
+
+SQLite in WAL mode with ``synchronous=FULL``: a committed transaction survives a power cut, and
+each state change is one transaction, so a crash leaves the state before it or after it.
+
+Round states, in order: ``open`` (taking updates), ``closed`` (its updates are final; queued to
+be anchored), ``anchored`` (on chain; the manifest, the aggregate and the inclusion proofs are
+still to be published), ``delivered``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from truscl.errors import ProtocolError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS task (
+    id      TEXT PRIMARY KEY                  -- the one task this journal belongs to
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round      INTEGER PRIMARY KEY,
+    model_hash BLOB NOT NULL,                 -- the model the round trains on
+    deadline   REAL NOT NULL,                 -- on the aggregator's clock
+    state      TEXT NOT NULL CHECK (state IN ('open', 'closed', 'anchored', 'delivered')),
+    anchor_tx  TEXT                           -- set from 'anchored' on
+);
+CREATE TABLE IF NOT EXISTS accepted (
+    round    INTEGER NOT NULL REFERENCES rounds(round),  -- the round that counts it
+    seq      INTEGER NOT NULL,                -- order of acceptance within the round
+    blob     TEXT NOT NULL,                   -- archive id (keccak hex) of the signed update
+    device   TEXT NOT NULL,                   -- checksum address of its signer
+    made_for INTEGER NOT NULL,                -- the round it was made for (round - 1 if late)
+    PRIMARY KEY (round, seq),
+    UNIQUE (round, blob),
+    UNIQUE (round, device, made_for)
+);
+"""
+
+STATES = ("open", "closed", "anchored", "delivered")
+
+
+@dataclass(frozen=True)
+class JournaledRound:
+    round: int
+    model_hash: bytes
+    deadline: float
+    state: str
+    anchor_tx: str | None
+
+
+@dataclass(frozen=True)
+class JournaledUpdate:
+    blob: str
+    device: str
+    made_for: int
+
+
+class Journal:
+    """The journal of one task's rounds (one file, one writer: the aggregator's worker)."""
+
+    def __init__(self, path: Path, task: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute("SELECT id FROM task").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO task (id) VALUES (?)", (task.lower(),))
+            elif row[0] != task.lower():
+                raise ProtocolError(f"journal {path} belongs to task {row[0]}, not {task}")
+
+    def open_round(self, round_no: int, model_hash: bytes, deadline: float) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO rounds (round, model_hash, deadline, state) VALUES (?, ?, ?, 'open')",
+                (round_no, model_hash, deadline),
+            )
+
+    def accept(self, round_no: int, blob: str, device: str, made_for: int) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO accepted (round, seq, blob, device, made_for) VALUES "
+                "(?, (SELECT COUNT(*) FROM accepted WHERE round = ?), ?, ?, ?)",
+                (round_no, round_no, blob, device, made_for),
+            )
+
+    def set_state(self, round_no: int, state: str, anchor_tx: str | None = None) -> None:
+        """Move a round forward (never back: a restart must not undo a step)."""
+        current = self.round(round_no)
+        if current is None or STATES.index(state) < STATES.index(current.state):
+            raise ProtocolError(f"round {round_no} cannot go to {state!r}")
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "UPDATE rounds SET state = ?, anchor_tx = COALESCE(?, anchor_tx) WHERE round = ?",
+                (state, anchor_tx, round_no),
+            )
+
+    def round(self, round_no: int) -> JournaledRound | None:
+        row = self._db.execute(
+            "SELECT round, model_hash, deadline, state, anchor_tx FROM rounds WHERE round = ?",
+            (round_no,),
+        ).fetchone()
+        return None if row is None else JournaledRound(*row)
+
+    def rounds(self, *states: str) -> list[JournaledRound]:
+        """Rounds in these states (all if none is named), oldest first."""
+        rows = self._db.execute(
+            "SELECT round, model_hash, deadline, state, anchor_tx FROM rounds ORDER BY round"
+        ).fetchall()
+        return [JournaledRound(*row) for row in rows if not states or row[3] in states]
+
+    def last_round(self) -> int:
+        row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
+        return int(row[0] or 0)
+
+    def updates(self, round_no: int) -> list[JournaledUpdate]:
+        """The updates ``round_no`` counted, in the order it accepted them."""
+        rows = self._db.execute(
+            "SELECT blob, device, made_for FROM accepted WHERE round = ? ORDER BY seq",
+            (round_no,),
+        ).fetchall()
+        return [JournaledUpdate(*row) for row in rows]
+
+    def close(self) -> None:
+        self._db.close()

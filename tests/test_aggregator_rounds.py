@@ -1,0 +1,314 @@
+"""The aggregator service across restarts and round boundaries, on a real broker, the in-process
+EVM, a real task owner and real CKKS: the journal, the durable anchoring queue and late updates.
+
+Deadlines run on a clock each test holds and advances only once the updates it waits for have
+been decided (receipts are the evidence), so no test races the wall clock.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import task_owner
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from truscl.broker import Mosquitto
+from truscl.chain import ChainClient, EmbeddedChain
+from truscl.demo import occupancy_spec
+from truscl.mqtt import MqttLink
+from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
+from truscl.server.aggregator import Aggregator
+from truscl.server.archive import Archive
+from truscl.server.audit import audit_task
+from truscl.server.journal import Journal, JournaledRound
+from truscl.server.owner import TaskOwner
+from truscl.task import TaskSpec
+from truscl.wire import Domain, TaskTopics, Update, envelope, split
+from truscl.wire.receipt import Receipt
+
+pytestmark = pytest.mark.slow
+WAIT_S = 60.0  # generous: a loaded 2-core machine
+
+
+class Clock:
+    """The aggregator's clock: it moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Task:
+    tmp: Path
+    chain: EmbeddedChain
+    contract: ChainClient
+    owner: TaskOwner
+    spec: TaskSpec
+    broker: Mosquitto
+    aggregator_account: LocalAccount
+    devices: list[LocalAccount]
+    domain: Domain
+    keys: OwnerKeys
+    clock: Clock = field(default_factory=Clock)
+    closed: queue.Queue[int] = field(default_factory=queue.Queue)
+    models: queue.Queue[int] = field(default_factory=queue.Queue)
+
+    def aggregator(self, account: LocalAccount | None = None) -> Aggregator:
+        return Aggregator(
+            spec=self.spec,
+            public_context=self.owner.public_context,
+            chain=self.chain.client(self.contract.address, account or self.aggregator_account),
+            archive=Archive(self.tmp / "archive"),
+            broker=self.broker.settings,
+            expected=len(self.devices),
+            clock=self.clock,
+            on_closed=lambda stats: self.closed.put(stats.round),
+        ).start()
+
+    def update(self, device: LocalAccount, round_no: int, value: float = 1.0) -> bytes:
+        context = load_context(self.keys.public_context_bytes())
+        return (
+            Update(
+                task=self.spec.task_id,
+                round=round_no,
+                device=bytes.fromhex(device.address[2:]),
+                ciphertext=encrypt(context, np.full(self.spec.n_params, value)),
+                context=bytes.fromhex(self.spec.context_hash[2:]),
+                samples=10,
+                epsilon_micros=1,
+                data_root=b"\x01" * 32,
+            )
+            .signed(device, self.domain)
+            .encode()
+        )
+
+    def audit(self) -> tuple[int, int, dict[str, object]]:
+        report = audit_task(
+            self.chain.client(self.contract.address), Archive(self.tmp / "archive"), self.spec.task
+        )
+        return report.verified, report.total, report.as_dict()
+
+
+def journaled(task: Task, round_no: int) -> JournaledRound:
+    """What the aggregator's journal holds of ``round_no`` (read as an operator would)."""
+    journal = Journal(task.tmp / "archive" / "journal" / f"{task.spec.task}.sqlite", task.spec.task)
+    try:
+        entry = journal.round(round_no)
+    finally:
+        journal.close()
+    assert entry is not None
+    return entry
+
+
+class Devices:
+    """The devices' side of the broker: publish updates, collect the signed receipts."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
+        self.topics = TaskTopics(task.spec.task)
+        self.receipts: queue.Queue[Receipt] = queue.Queue()
+        self.rounds: queue.Queue[int] = queue.Queue()
+        self.link = MqttLink(
+            "test-devices",
+            task.broker.settings,
+            on_message=self._on_message,
+            subscriptions=[self.topics.base + "/receipts/+", self.topics.round],
+            max_message=1 << 20,
+        ).start()
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.round:
+            self.rounds.put(envelope.decode(payload, "round", 1024)["round"])
+        elif envelope.decode_any(payload, ("receipt", "inclusion"), 1 << 16)[0] == "receipt":
+            self.receipts.put(Receipt.decode(payload))
+
+    def send(self, device: LocalAccount, blob: bytes) -> Receipt:
+        for chunk in split(blob, self.task.spec.max_message):
+            self.link.publish(self.topics.updates(device.address), chunk)
+        while True:
+            receipt = self.receipts.get(timeout=WAIT_S)
+            if receipt.device_address == device.address:
+                return receipt
+
+    def wait_round(self, round_no: int) -> None:
+        while self.rounds.get(timeout=WAIT_S) != round_no:
+            pass
+
+    def close(self) -> None:
+        self.link.close()
+
+
+@pytest.fixture()
+def make_task(tmp_path: Path, owner_keys: OwnerKeys) -> Iterator[object]:
+    started: list[tuple[Mosquitto, TaskOwner]] = []
+
+    def make(late_updates: bool = True, devices: int = 2) -> Task:
+        chain = EmbeddedChain()
+        contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
+        accounts = [Account.create() for _ in range(devices)]
+        for device in accounts:
+            contract.register_device(device.address)
+        broker = Mosquitto(tmp_path / "broker", persistent=True).start()
+        owner = task_owner(chain, contract.address, owner_keys, broker)
+        started.append((broker, owner))
+        spec = occupancy_spec(
+            owner.context_hash, rounds=3, quorum=1, round_seconds=60, late_updates=late_updates
+        )
+        task = Task(
+            tmp_path,
+            chain,
+            contract,
+            owner,
+            spec,
+            broker,
+            chain.new_account(),
+            accounts,
+            Domain(contract.chain_id, contract.address),
+            owner_keys,
+        )
+        owner.create_task(spec, task.aggregator_account.address, np.zeros(spec.n_params))
+        return task
+
+    yield make
+    for broker, owner in started:
+        owner.stop()
+        broker.stop()
+
+
+def test_a_restarted_aggregator_resumes_its_round_and_counts_each_update_once(make_task) -> None:
+    # Prepare: round 1 accepts device 0's update, then the aggregator goes away
+    task: Task = make_task()
+    first, second = task.devices
+    aggregator = task.aggregator()
+    devices = Devices(task)
+    try:
+        devices.wait_round(1)
+        blob = task.update(first, 1)
+        assert devices.send(first, blob).accepted
+        deadline = journaled(task, 1).deadline
+        aggregator.stop()
+        task.clock.now += 30  # time passes while it is away
+        # Execute: a new process on the same archive; device 0 resends, device 1 sends
+        again = task.aggregator()
+        resent = devices.send(first, blob)
+        counted = devices.send(second, task.update(second, 1, 2.0))
+        assert task.closed.get(timeout=WAIT_S) == 1
+    finally:
+        devices.close()
+        again.stop()
+    # Assert: the round kept its deadline and counted each update once; the audit holds
+    assert journaled(task, 1).deadline == deadline
+    assert resent.accepted and resent.counted_in == 1
+    assert counted.accepted and counted.counted_in == 1
+    anchor = task.contract.round_anchor(task.spec.task_id, 1)
+    assert anchor is not None and anchor.updates == 2
+    assert task.audit()[:2] == (1, 1)
+
+
+def test_a_round_that_could_not_be_anchored_is_anchored_after_a_restart(make_task) -> None:
+    # Prepare: an aggregator whose key the task does not name, so anchoring is refused
+    task: Task = make_task(devices=1)
+    (device,) = task.devices
+    impostor = task.aggregator(task.chain.new_account())
+    devices = Devices(task)
+    try:
+        devices.wait_round(1)
+        assert devices.send(device, task.update(device, 1)).accepted
+        assert task.contract.round_anchor(task.spec.task_id, 1) is None
+        impostor.stop()
+        state = journaled(task, 1).state
+        # Execute: the task's own aggregator starts on the same archive and journal
+        aggregator = task.aggregator()
+        assert task.closed.get(timeout=WAIT_S) == 1
+        devices.wait_round(2)  # the owner released model 1: round 2 opened, not round 1 again
+    finally:
+        devices.close()
+        aggregator.stop()
+    # Assert: closed and queued before the restart, anchored once after it
+    assert state == "closed"
+    anchor = task.contract.round_anchor(task.spec.task_id, 1)
+    assert anchor is not None and anchor.updates == 1
+    assert task.audit()[:2] == (1, 1)
+
+
+@pytest.mark.parametrize("late_updates", [True, False])
+def test_an_update_that_misses_its_round(make_task, late_updates: bool) -> None:
+    # Prepare: round 1 closes at its deadline with device 0 alone
+    task: Task = make_task(late_updates=late_updates)
+    punctual, late = task.devices
+    aggregator = task.aggregator()
+    devices = Devices(task)
+    try:
+        devices.wait_round(1)
+        assert devices.send(punctual, task.update(punctual, 1)).accepted
+        task.clock.now += task.spec.round_seconds + 1
+        assert task.closed.get(timeout=WAIT_S) == 1
+        devices.wait_round(2)
+        # Execute: device 1's round-1 update arrives while round 2 is open
+        receipt = devices.send(late, task.update(late, 1, 3.0))
+        own = [devices.send(d, task.update(d, 2)) for d in (punctual, late)]
+        assert task.closed.get(timeout=WAIT_S) == 2
+    finally:
+        devices.close()
+        aggregator.stop()
+    # Assert: counted once, in round 2, or refused as round-closed; the audit holds either way
+    assert receipt.round == 1
+    if late_updates:
+        assert (receipt.accepted, receipt.counted_in) == (True, 2)
+    else:
+        assert (receipt.accepted, receipt.reason, receipt.counted_in) == (False, "round-closed", 0)
+        assert aggregator.rejections["round-closed"] == 1
+    assert all(r.accepted and r.counted_in == 2 for r in own)
+    anchor = task.contract.round_anchor(task.spec.task_id, 2)
+    assert anchor is not None and anchor.updates == (3 if late_updates else 2)
+    verified, total, report = task.audit()
+    assert (verified, total) == (2, 2), report
+    if late_updates:  # an archive claiming round 1 counted the late update too is caught
+        archive = Archive(task.tmp / "archive")
+        first = archive.round(task.spec.task, 1)
+        archive.put_round(replace(first, updates=(*first.updates, receipt.update.hex())))
+        problems = task.audit()[2]["problems"]
+        assert any("counted twice" in p for p in problems["2"]), problems  # type: ignore[index]
+
+
+def test_results_published_while_the_broker_is_away_are_delivered_when_it_is_back(
+    make_task,
+) -> None:
+    # Prepare: round 1 has device 0's update; then the broker goes away
+    task: Task = make_task()
+    punctual = task.devices[0]
+    aggregator = task.aggregator()
+    devices = Devices(task)
+    try:
+        devices.wait_round(1)
+        assert devices.send(punctual, task.update(punctual, 1)).accepted
+        task.broker.stop()
+        # Execute: the deadline passes; the round closes and is anchored with nobody to tell
+        task.clock.now += task.spec.round_seconds + 1
+        wait_for(lambda: journaled(task, 1).state == "anchored", "round 1 anchored")
+        task.broker.start()
+        devices.wait_round(2)  # the owner got the aggregate and released model 1
+        wait_for(lambda: journaled(task, 1).state == "delivered", "round 1 delivered")
+    finally:
+        devices.close()
+        aggregator.stop()
+    # Assert
+    assert task.contract.model_hash(task.spec.task_id, 1) is not None
+    assert task.audit()[:2] == (1, 1)
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {WAIT_S}s"
+        time.sleep(0.05)
