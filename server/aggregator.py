@@ -15,7 +15,6 @@ backoff and full jitter. Every refused message and chunk is logged and counted b
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import random
@@ -163,7 +162,7 @@ class Aggregator:
         self._open: OpenRound | None = None
         self._closing: deque[ClosedRound] = deque()  # closed, not yet delivered: oldest first
         self._closing_retry = Backoff(rng)
-        self._deliveries: dict[int, list[paho.MQTTMessageInfo | None]] = {}
+        self._deliveries: dict[int, list[paho.MQTTMessageInfo]] = {}
         self._held: deque[tuple[str, bytes]] = deque()
         self._held_bytes = 0
         self._held_retry = Backoff(rng)
@@ -541,23 +540,8 @@ class Aggregator:
         ).signed(account, self._domain)
         self._publish(self.topics.receipts(receipt.device_address), receipt.encode())
 
-    def _publish(
-        self, topic: str, payload: bytes, retain: bool = False
-    ) -> paho.MQTTMessageInfo | None:
-        """Publish through the link; ``None`` when the message went to paho untracked.
-
-        After a publish made while the broker was away, ``MqttLink.publish`` raises
-        ``RuntimeError`` on every later call (it asks paho whether that message was published,
-        and paho raises for it) although paho has taken the new message. A flush with no time
-        left empties that list, so the link works again once the broker is back; the caller
-        treats an untracked message as not delivered."""
-        try:
-            return self._link.publish(topic, payload, retain)
-        except RuntimeError as exc:
-            log.warning("aggregator: publish to %s not tracked: %s", topic, exc)
-            with contextlib.suppress(RuntimeError):
-                self._link.flush(0)
-            return None
+    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> paho.MQTTMessageInfo:
+        return self._link.publish(topic, payload, retain)
 
     def _tick(self) -> None:
         self._take_model()
@@ -639,7 +623,7 @@ class Aggregator:
         del self._deliveries[closed.round]
         self._journal.set_state(closed.round, "delivered")
 
-    def _deliver(self, closed: ClosedRound, tx: str) -> list[paho.MQTTMessageInfo | None]:
+    def _deliver(self, closed: ClosedRound, tx: str) -> list[paho.MQTTMessageInfo]:
         self.archive.put_round(
             RoundManifest(
                 task=self.spec.task,
@@ -692,10 +676,8 @@ class Aggregator:
         )
 
 
-def _delivery(info: paho.MQTTMessageInfo | None) -> str:
+def _delivery(info: paho.MQTTMessageInfo) -> str:
     """``done``, ``pending`` (the broker may still acknowledge it) or ``failed``."""
-    if info is None:
-        return "failed"
     try:
         return "done" if info.is_published() else "pending"
     except RuntimeError:  # paho: the publish failed (made while disconnected)

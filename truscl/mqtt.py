@@ -140,7 +140,7 @@ class MqttLink:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("%s: publish to %s failed: %s", self.client_id, topic, info.rc)
         with self._unacknowledged_lock:
-            self._unacknowledged = [i for i in self._unacknowledged if not i.is_published()]
+            self._unacknowledged = [i for i in self._unacknowledged if not _settled(i)]
             self._unacknowledged.append(info)
         return info
 
@@ -153,12 +153,12 @@ class MqttLink:
         for info in waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._connected.is_set():
-                return all(i.is_published() for i in waiting)
+                break
             try:
                 info.wait_for_publish(remaining)
-            except (RuntimeError, ValueError):  # paho: the message was dropped or never queued
+            except (RuntimeError, ValueError):  # paho: made while disconnected, or dropped
                 return False
-        return all(i.is_published() for i in waiting)
+        return all(_acknowledged(i) for i in waiting)
 
     def publish_blob(self, topic: str, blob: bytes) -> int:
         """Publish ``blob`` as chunks on one topic; returns the bytes put on the wire."""
@@ -220,3 +220,21 @@ class MqttLink:
             self._on_message(msg.topic, bytes(msg.payload))
         except Exception:  # a bad message must never kill the network thread
             log.exception("%s: handler failed on a message from %s", self.client_id, msg.topic)
+
+
+def _acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    """Whether the broker acknowledged the message. paho raises, rather than answer, for a
+    message published while disconnected (it may still go out after a reconnect, but it is
+    not known to have): that counts as not acknowledged."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return False
+
+
+def _settled(info: paho.MQTTMessageInfo) -> bool:
+    """Acknowledged, or never to be acknowledged as far as paho can tell: nothing to wait for."""
+    try:
+        return info.is_published()
+    except (RuntimeError, ValueError):
+        return True
