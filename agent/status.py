@@ -12,6 +12,7 @@ from typing import Any
 
 from truscl.agent.config import AgentConfig
 from truscl.agent.device import LEDGER_FILE, OUTBOX_FILE, SPEC_FILE
+from truscl.agent.health import describe_health, read_health
 from truscl.agent.outbox import Outbox
 from truscl.agent.rounds import Phase
 from truscl.chain import ChainClient
@@ -61,6 +62,7 @@ def agent_status(config: AgentConfig) -> dict[str, Any]:
     except ChainError as exc:
         status["registered"] = None
         status["chain_error"] = str(exc)
+    status["sensors"] = read_health(state)  # {} before the agent has sampled
     return status
 
 
@@ -98,6 +100,7 @@ def describe(status: dict[str, Any]) -> str:
         f"outbox    {len(waiting)} update(s) waiting for a receipt"
         + (f" (rounds {', '.join(map(str, waiting))})" if waiting else "")
     )
+    lines += describe_health(status["sensors"])
     return "\n".join(lines)
 
 

@@ -12,6 +12,7 @@ from eth_utils import keccak
 
 from truscl.agent.config import AgentConfig
 from truscl.agent.device import check_inclusion
+from truscl.agent.health import HEALTH_FILE, Fault, HealthBook, Status
 from truscl.agent.outbox import Outbox
 from truscl.agent.rounds import Phase, RoundBook
 from truscl.agent.status import agent_status, describe
@@ -146,6 +147,8 @@ def test_status_shows_round_states_from_the_state_file_without_the_network(
     assert sent is not None
     state.build(sent, "t/updates/a", b"\x04")
     state.close()
+    health = HealthBook(tmp_path / HEALTH_FILE)  # what the sampler writes beside the state
+    health.record(1_704_672_000.0, [Fault("co2", Status.STUCK, "same raw value for 12 reads")])
     config = AgentConfig.from_dict(
         {
             "task": "0x" + "ab" * 32,
@@ -167,3 +170,8 @@ def test_status_shows_round_states_from_the_state_file_without_the_network(
     }
     assert "rounds    skipped 3, sent 4, rejected 2, included 1" in text
     assert "outbox    1 update(s) waiting for a receipt (rounds 4)" in text
+    assert status["sensors"]["sensors"]["co2"]["status"] == "stuck"
+    assert any(
+        line.startswith("sensor") and "co2" in line and "STUCK" in line
+        for line in text.splitlines()
+    )
