@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 from truscl.agent.config import AgentConfig
 from truscl.agent.device import DeviceAgent
@@ -26,39 +28,58 @@ log = logging.getLogger(__name__)
 SAMPLER_CAPACITY = 100_000  # readings kept between two rounds at most (~1 year at 5 min)
 
 
-def run_agent(config: AgentConfig, stop: threading.Event) -> None:
-    if config.task == NO_TASK or int(config.contract, 16) == 0:
-        raise ConfigError(
-            "the configuration still names no task or no contract: set `task` (from "
-            "`truscl owner init`) and `chain.contract` (from `truscl chain deploy`)"
-        )
+def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> None:
+    """One agent per configuration, in this one process, until ``stop``.
+
+    A Pi runs one; a simulator or a gateway may host many devices in one process (each keeps
+    its own key, state folder, sensors and broker session). The watchdog is fed only while
+    every agent's loop turns.
+    """
+    for config in configs:
+        if config.task == NO_TASK or int(config.contract, 16) == 0:
+            raise ConfigError(
+                "the configuration still names no task or no contract: set `task` (from "
+                "`truscl owner init`) and `chain.contract` (from `truscl chain deploy`)"
+            )
+    with ExitStack() as running:
+        heartbeats = [running.enter_context(_running_agent(config)) for config in configs]
+        names = ", ".join(heartbeat.name for heartbeat in heartbeats)
+        supervise(stop, heartbeats, status=f"device {names}")
+
+
+@contextmanager
+def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
     account = load_or_create_account(config.key)
     chain = ChainClient.at(connect(config.rpc), config.contract)
     sensors = load_backend(config.hardware)(config)
-    sampler = Sampler(
-        sensors.read,
-        sensors.period,
-        SAMPLER_CAPACITY,
-        history=sensors.history,
-        state_folder=config.state,
-    ).start()
-    heartbeat = Heartbeat("device")
-    agent = DeviceAgent(
-        account=account,
-        task=config.task,
-        chain=chain,
-        broker=config.broker,
-        workdir=config.state,
-        collect=sampler.drain,
-        name=config.name,
-        heartbeat=heartbeat,
-    )
-    log.info("agent %s (%s) starting for task %s", agent.name, account.address, config.task)
+    sampler: Sampler | None = None
+    agent: DeviceAgent | None = None
+    heartbeat = Heartbeat(account.address)
     try:
+        sampler = Sampler(
+            sensors.read,
+            sensors.period,
+            SAMPLER_CAPACITY,
+            history=sensors.history,
+            state_folder=config.state,
+        ).start()
+        agent = DeviceAgent(
+            account=account,
+            task=config.task,
+            chain=chain,
+            broker=config.broker,
+            workdir=config.state,
+            collect=sampler.drain,
+            name=config.name,
+            heartbeat=heartbeat,
+        )
+        log.info("agent %s (%s) starting for task %s", agent.name, account.address, config.task)
         agent.start(broker_timeout=None)  # the broker may come later: paho keeps trying
-        supervise(stop, [heartbeat], status=f"device {account.address}")
+        yield heartbeat
     finally:
-        agent.stop()
-        sampler.stop()
+        if agent is not None:
+            agent.stop()
+            log.info("agent %s stopped", agent.name)
+        if sampler is not None:
+            sampler.stop()
         sensors.close()
-        log.info("agent %s stopped", agent.name)

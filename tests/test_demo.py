@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from truscl.demo import DemoConfig, DemoFailed, run_demo
+from truscl.demo.fleet import DEVICE_PROCESSES, _device_processes
 from truscl.demo.inprocess import run_in_process
 from truscl.task import DpTerms
 
@@ -106,3 +107,14 @@ def test_a_small_message_limit_chunks_context_and_updates(tmp_path: Path) -> Non
     assert row["participants"] == 2
     assert row["bytes"] > 2 * 65_000
     assert summary["audit"]["verified"] == summary["audit"]["total"] == 1
+
+
+@pytest.mark.parametrize(("devices", "alone_last"), [(1, False), (5, True), (8, False), (50, True)])
+def test_devices_share_processes_only_beyond_eight(devices: int, alone_last: bool) -> None:
+    groups = _device_processes(devices, alone_last)
+
+    assert sorted(i for group in groups for i in group) == list(range(devices))
+    assert len(groups) == min(devices, DEVICE_PROCESSES)
+    assert max(map(len, groups)) - min(map(len, groups[:-1] or groups)) <= 1
+    if alone_last:
+        assert groups[-1] == [devices - 1]

@@ -45,7 +45,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     provision.set_defaults(handler=provision_device)
 
     run_parser = actions.add_parser("run", help="run the agent as a service")
-    run_parser.add_argument("--config", type=Path, required=True, help="the agent's TOML file")
+    run_parser.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        action="append",
+        help="the agent's TOML file; give several to run several devices in one process",
+    )
     run_parser.set_defaults(handler=run)
 
     status = actions.add_parser("status", help="what the agent has done, from its state")
@@ -94,10 +100,10 @@ def provision_device(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from truscl.agent.config import AgentConfig
-    from truscl.agent.service import run_agent
+    from truscl.agent.service import run_agents
 
-    config = AgentConfig.load(args.config)
-    run_agent(config, stop_on_signals())
+    configs = [AgentConfig.load(path) for path in args.config]
+    run_agents(configs, stop_on_signals())
     return 0
 
 

@@ -69,6 +69,7 @@ GAS_MONEY_WEI = 10**19
 ROUND_SECONDS_REAL = 3.0  # real seconds in which a device takes a round's worth of readings
 TIME_SCALE = READINGS_PER_ROUND * READING_INTERVAL_S / ROUND_SECONDS_REAL
 POLL_S = 0.2
+DEVICE_PROCESSES = 8  # beyond this many devices, device processes host several each
 STOP_TIMEOUT_S = 30.0
 
 
@@ -141,9 +142,9 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         round_started = time.monotonic()
         for round_no in range(1, config.rounds + 1):
             if config.drop_device_at == round_no:
-                dropped = roles[-1]
+                dropped = roles[-1]  # the last device, alone in its process
                 dropped.stop()
-                print(f"  (device {dropped.name} stops before round {round_no})", file=out)
+                print(f"  ({dropped.name} stops before round {round_no})", file=out)
             _wait_for_model(config, reader, spec, round_no, roles)
             seconds, round_started = time.monotonic() - round_started, time.monotonic()
             row = _round_row(spec, Archive(archive), workdir, round_no, X_test, y_test, seconds)
@@ -261,6 +262,7 @@ def _start_services(
         Role("aggregator", ["aggregator", "run", "--config", str(aggregator_toml)],
              logs / "aggregator.log"),
     ]  # fmt: skip
+    configs = []
     for index in range(config.devices):
         folder = workdir / "devices" / str(index)
         device = provision_agent(
@@ -272,13 +274,27 @@ def _start_services(
             name=f"device-{index}",
             sensors=_simulated_sensors(config, index),
         )
-        roles.append(
-            Role(f"device-{index}", ["agent", "run", "--config", str(device.config)],
-                 logs / f"device-{index}.log")
-        )  # fmt: skip
+        configs.append(device.config)
+    for group in _device_processes(len(configs), alone_last=config.drop_device_at is not None):
+        name = f"device-{group[0]}" if len(group) == 1 else f"devices-{group[0]}-{group[-1]}"
+        command = ["agent", "run"]
+        for index in group:
+            command += ["--config", str(configs[index])]
+        roles.append(Role(name, command, logs / f"{name}.log"))
     for role in roles:
         role.start()
     return roles
+
+
+def _device_processes(devices: int, alone_last: bool) -> list[list[int]]:
+    """Devices by process: each its own up to ``DEVICE_PROCESSES``, then shared evenly (a
+    process per device costs an interpreter and its imports each); ``alone_last`` keeps the
+    last device in a process of its own, so that it can be stopped alone."""
+    indices = list(range(devices))
+    last = [indices.pop()] if alone_last and indices else []
+    count = min(len(indices), DEVICE_PROCESSES - len(last))
+    groups = [indices[i::count] for i in range(count)] if count else []
+    return [g for g in groups if g] + ([last] if last else [])
 
 
 def _simulated_sensors(config: DemoConfig, index: int) -> dict[str, Any]:
