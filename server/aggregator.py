@@ -310,7 +310,8 @@ class Aggregator:
 
     def stop(self) -> None:
         self._inbox.put(None)
-        self._worker.join(10)
+        if self._worker.is_alive():
+            self._worker.join(10)
         self._link.close()
         if self.has_terms:
             self._journal.close()

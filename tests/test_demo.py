@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from truscl.demo import DemoConfig, DemoFailed, run_demo
+from truscl.demo import DemoConfig, run_demo
 from truscl.demo.fleet import DEVICE_PROCESSES, _device_processes
 from truscl.demo.inprocess import run_in_process
+from truscl.errors import ConfigError
 from truscl.task import DpTerms
 
 pytestmark = pytest.mark.slow
@@ -72,27 +72,22 @@ def test_a_round_with_a_dropout_closes_at_quorum(tmp_path: Path) -> None:
     assert summary["audit"] == {"verified": 3, "total": 3, "problems": {}}
 
 
-def test_devices_stop_when_their_budget_is_spent(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_task_its_devices_budget_cannot_pay_for_is_refused_before_it_starts(
+    tmp_path: Path,
 ) -> None:
-    # Prepare: a budget that admits two rounds of DP-SGD but not a third
+    # Prepare: a budget that admits two rounds of DP-SGD but not three
     config = DemoConfig(
         devices=2,
         rounds=3,
-        round_seconds=1.0,
-        round_timeout=8.0,
         workdir=tmp_path,
         dp=DpTerms(epsilon_budget=2.5),
         in_process=True,
     )
-    caplog.set_level(logging.WARNING, logger="truscl.agent.device")
-    # Execute
-    with pytest.raises(DemoFailed, match="round 3"):
+    # Execute / Assert: refused with the figures, before any device spent anything
+    with pytest.raises(ConfigError, match=r"3 rounds would spend epsilon 2\.6\d+ .* at most 2"):
         run_demo(config, out=io.StringIO())
-    # Assert
-    spent = [r for r in caplog.records if "privacy budget spent" in r.getMessage()]
-    assert len(spent) == 2
-    assert all("from round 3" in r.getMessage() for r in spent)
+    ledgers = list(tmp_path.glob("devices/*/privacy-ledger.json"))
+    assert ledgers == []
 
 
 def test_a_small_message_limit_chunks_context_and_updates(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def run_in_process(
     clock: Callable[[], float] = time.time,
     on_accepted: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the task; ``clock`` is the aggregator's (its round deadlines) and ``on_accepted`` is
+    """Run the task; ``clock`` is every role's (round deadlines) and ``on_accepted`` is
     told each accepted update's round and that round's count, so a test can drive deadlines.
 
     With ``drop_device_at``, the last device stops when the round before closes, on the
@@ -150,6 +150,7 @@ def run_in_process(
                     workdir=workdir / "devices" / str(index),
                     collect=sensor_source(sim, suite, pooled[index]),
                     name=sim.name,
+                    clock=clock,  # the devices read the deadlines on the aggregator's clock
                 ).start()
             )
         aggregator = Aggregator(
