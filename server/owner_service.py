@@ -209,6 +209,9 @@ def owner_status(config: OwnerConfig) -> dict[str, Any]:
         "rounds": spec.rounds,
         "quorum": spec.quorum,
         "round_seconds": spec.round_seconds,
+        "min_cohort": spec.min_cohort,
+        "he_mode": spec.he_mode,
+        "key_holders": [name for name, _ in spec.key_holders],
         "models_released": sorted(ModelStore(state.models).all(spec.n_params)),
         "epsilon_task": round(task_privacy(spec), 4),
         "epsilon_budget": dp.epsilon_budget,
@@ -218,8 +221,12 @@ def owner_status(config: OwnerConfig) -> dict[str, Any]:
         ),
     }
     try:
-        record = ChainClient.at(connect(config.chain.rpc), config.chain.contract).task(spec.task_id)
+        reader = ChainClient.at(connect(config.chain.rpc), config.chain.contract)
+        record = reader.task(spec.task_id)
         status["rounds_anchored"] = record.rounds_anchored
+        status["refused_rounds"] = [
+            r for r in range(1, record.rounds_anchored + 1) if reader.round_refusal(spec.task_id, r)
+        ]
     except ChainError as exc:
         status["chain_error"] = str(exc)
     return status
