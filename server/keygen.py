@@ -34,6 +34,7 @@ from pathlib import Path
 import cbor2
 from eth_account.signers.local import LocalAccount
 
+from truscl.chain import TaskRecord
 from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
@@ -47,6 +48,7 @@ from truscl.privacy.threshold import (
     common_seed,
     contribution_commitment,
 )
+from truscl.task import TaskSpec
 from truscl.wire import Reassembler, TaskTopics
 from truscl.wire.keyholders import (
     CONTRIBUTION,
@@ -164,6 +166,26 @@ class KeygenRecord:
         for (name, address), signature in zip(self.terms.holders, self.signatures, strict=True):
             KeygenMessage(self.task, name, TRANSCRIPT, digest, signature).verify(domain, address)
         return context
+
+
+def audit_keygen(record: KeygenRecord, spec: TaskSpec, task: TaskRecord, domain: Domain) -> bytes:
+    """What an auditor checks of a threshold task's key: the archived record verifies (every
+    commitment opens, the context follows from the contributions, every holder signed the
+    transcript), the chain's context is that one, and the anchored spec names these holders and
+    this transcript. Returns the public context; ``ProtocolError`` or ``HeError`` otherwise."""
+    context = record.verify(domain)
+    problems = []
+    if record.task != spec.task_id or spec.hash() != task.spec_hash:
+        problems.append("the spec is not the task's anchored spec")
+    if context_hash(context) != task.context_hash:
+        problems.append("the task's context on chain is not the transcript's")
+    if spec.keygen_digest != "0x" + record.transcript.digest().hex():
+        problems.append("the spec names another transcript")
+    if spec.key_holders != tuple((n, a.lower()) for n, a in record.terms.holders):
+        problems.append("the spec names other key holders")
+    if problems:
+        raise ProtocolError("; ".join(problems))
+    return context
 
 
 class HolderState:

@@ -209,8 +209,10 @@ class TaskOwner:
     def _finish_refusals(self, spec: TaskSpec) -> None:
         """A round refused on chain whose model a stop cut short gets it now (the previous
         model again), or the task could never go on."""
-        latest = max(self.models, default=0)
-        if latest < spec.rounds and self.chain.round_refusal(spec.task_id, latest + 1):
+        latest = max(self.models, default=None)
+        if latest is None or latest >= spec.rounds:
+            return
+        if self.chain.round_refusal(spec.task_id, latest + 1):
             self._release(latest + 1, self.models[latest])
 
     def _connect(self, spec: TaskSpec) -> None:

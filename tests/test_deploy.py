@@ -161,6 +161,7 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
         audit = truscl(
             "audit", "--rpc", anvil, "--contract", record.address, "--task", task,
             "--archive", tmp_path / "aggregator" / "archive",
+            "--keygen", tmp_path / "guardian" / "state" / "keygen.cbor",
         )  # fmt: skip
         status = truscl("agent", "status", "--config", devices[0] / "agent.toml")
         guardian_status = truscl("guardian", "status", "--config", guardian_toml)
@@ -179,6 +180,7 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
     assert guardian_context.strip() == "0x" + context.context_hash.hex()
     assert "decrypted rounds [1, 2]" in guardian_status and "refused   none" in guardian_status
     assert "audit: 2/2 rounds verified" in audit
+    assert "keygen: verified, the task's key was made by guardian-1, owner" in audit
     assert codes == dict.fromkeys(codes, 0), _logs(tmp_path)
     assert "registered on chain: yes" in status and "epsilon" in status
 

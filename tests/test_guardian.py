@@ -13,7 +13,7 @@ import queue
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ from truscl.server.keygen import (
     KeygenBoard,
     KeygenRecord,
     KeygenTerms,
+    audit_keygen,
     await_session,
     publish_session,
     run_keygen_holder,
@@ -225,6 +226,21 @@ def test_a_guardian_joins_only_the_owners_call(holders: Holders, tmp_path: Path)
             pytest.raises(SignatureError),
         ):
             await_session(guardian, "owner", holders.owner.address)
+
+
+@pytest.mark.slow
+def test_an_auditor_checks_the_key_against_the_chain_and_the_spec(served: Served) -> None:
+    s = served
+    record = s.holders.records["guardian-1"]
+    task = s.owner_chain.task(s.spec.task_id)
+
+    assert audit_keygen(record, s.spec, task, s.holders.domain) == s.holders.public_context
+    other_digest = replace(s.spec, keygen_digest="0x" + "00" * 32)
+    with pytest.raises(ProtocolError, match="the spec is not the task's anchored spec"):
+        audit_keygen(record, other_digest, task, s.holders.domain)
+    fewer = replace(task, context_hash=b"\x00" * 32)
+    with pytest.raises(ProtocolError, match="context on chain is not the transcript's"):
+        audit_keygen(record, s.spec, fewer, s.holders.domain)
 
 
 # --- the guardian's refusals ---------------------------------------------------------------
@@ -415,7 +431,14 @@ def test_a_crafted_round_is_refused_on_chain_and_the_task_goes_on(
     guardian = holders.guardian_role(spec, tmp_path / "guardian-state")
     context = load_context(holders.public_context)
     topics = TaskTopics(spec.task)
-    link = MqttLink("devices", holders.broker.settings, lambda t, p: None, [], MAX_MESSAGE)
+    announced: queue.Queue[int] = queue.Queue()
+    link = MqttLink(
+        "devices",
+        holders.broker.settings,
+        lambda _, payload: announced.put(envelope.decode(payload, "round", 1024)["round"]),
+        [TaskTopics(spec.task).round],
+        MAX_MESSAGE,
+    )
     evil = crafted_ciphertext(context, np.full(5, 0.5), tmp_path / "ciphertext")
     load_ciphertext(context, evil, 5)  # well-formed: the aggregator's checks cannot tell
 
@@ -441,6 +464,8 @@ def test_a_crafted_round_is_refused_on_chain_and_the_task_goes_on(
         assert released.get(timeout=WAIT) == 0
         # Execute: an honest round, then one with the crafted update, then an honest one
         for round_no in (1, 2, 3):
+            while announced.get(timeout=WAIT) != round_no:  # devices answer the open round
+                continue
             for index, device in enumerate(devices):
                 crafted = round_no == 2 and index == 0
                 send(round_no, device, evil if crafted else encrypt(context, np.full(5, 0.5)))
