@@ -175,7 +175,7 @@ def run_in_process(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                     name=sim.name,
                 ).start()
             )
-        aggregator = Aggregator(
+        built = Aggregator(
             spec=spec,
             public_context=owner.public_context,
             chain=chain.client(contract.address, aggregator_account),
@@ -199,7 +199,7 @@ def run_in_process(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                 broker=broker.settings,
                 records=GuardianRecords(workdir / GUARDIAN),
             ).start()
-        aggregator.start()
+        aggregator = built.start()  # from here on it has threads to stop
         rows: list[RoundRow] = []
         print(
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, in one process, "
