@@ -37,6 +37,7 @@ from truscl.privacy.accounting import rounds_within_budget, task_epsilon
 from truscl.privacy.ckks import OwnerKeys, context_hash, load_context
 from truscl.privacy.release import Refusal, ReleaseBounds, noise_slack
 from truscl.privacy.threshold import KeyShare, PartialDecryption, combine_slots, profile_of
+from truscl.server.config import OWNER_HOLDER
 from truscl.systemd import Heartbeat
 from truscl.task import TaskSpec
 from truscl.wire import Reassembler, TaskTopics, envelope
@@ -95,9 +96,6 @@ class ModelStore:
         for path in self.folder.glob("*.model"):
             models[int(path.stem)] = model_from_bytes(path.read_bytes(), n_params)
         return dict(sorted(models.items()))
-
-
-OWNER_HOLDER = "owner"
 
 
 @dataclass(frozen=True)

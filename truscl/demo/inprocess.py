@@ -51,6 +51,7 @@ from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys, context_hash
 from truscl.server.aggregator import Aggregator, RoundStats
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
+from truscl.server.config import OWNER_HOLDER
 from truscl.server.guardian import Guardian, GuardianRecords
 from truscl.server.keygen import (
     HolderState,
@@ -61,7 +62,7 @@ from truscl.server.keygen import (
     publish_session,
     run_keygen_holder,
 )
-from truscl.server.owner import OWNER_HOLDER, HeKeys, TaskOwner
+from truscl.server.owner import HeKeys, TaskOwner
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import SimulatedDevice
 from truscl.sim.rooms import Room, make_rooms
