@@ -511,3 +511,39 @@ def test_a_partial_from_an_unknown_holder_is_not_taken(holders: Holders) -> None
             bad.verify(holders.domain, holders.guardian.address)
     with pytest.raises(ProtocolError):
         PartialMessage.decode(message.encode()[:-3])
+
+
+@pytest.mark.slow
+def test_the_owner_refuses_an_under_cohort_round_on_chain(holders: Holders) -> None:
+    # Prepare: a task whose minimum cohort is 3; the "aggregator" anchors a round of 2
+    spec = holders.spec(rounds=2, quorum=2, min_cohort=3)
+    aggregator = holders.chain.new_account()
+    released: queue.Queue[int] = queue.Queue()
+    owner = TaskOwner(
+        keys=holders.owner_keys(),
+        chain=holders.contract_for(holders.owner),
+        broker=holders.broker.settings,
+        on_model=lambda round_no, _: released.put(round_no),
+    )
+    context = load_context(holders.public_context)
+    aggregate = sum_ciphertexts(context, [encrypt(context, np.full(5, 0.5))] * 2, 5)
+    owner.create_task(spec, aggregator.address, np.zeros(spec.n_params))
+    try:
+        assert released.get(timeout=WAIT) == 0
+        holders.contract_for(aggregator).anchor_round(
+            spec.task_id, 1, keccak(b"root"), keccak(aggregate), 2
+        )
+        with MqttLink(
+            "aggregator", holders.broker.settings, lambda t, p: None, [], MAX_MESSAGE
+        ) as link:
+            link.publish_blob(TaskTopics(spec.task).aggregate, aggregate_message(1, aggregate, 2))
+        # Execute: the owner refuses without asking any guardian, and the task goes on
+        assert released.get(timeout=WAIT) == 1
+    finally:
+        owner.stop()
+
+    # Assert
+    reader = holders.contract_for(holders.chain.new_account())
+    assert reader.round_refusal(spec.task_id, 1) == Refusal.UNDER_COHORT
+    assert reader.model_hash(spec.task_id, 1) == reader.model_hash(spec.task_id, 0)
+    assert owner.refusals == {"under_cohort": 1}
