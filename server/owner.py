@@ -32,6 +32,7 @@ from eth_utils import keccak
 from truscl.chain import ChainClient
 from truscl.errors import ConfigError, HeError, ProtocolError, SignatureError
 from truscl.files import write_atomically
+from truscl.keyfile import read_secret, write_secret
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import rounds_within_budget, task_epsilon
 from truscl.privacy.ckks import OwnerKeys, context_hash, load_context
@@ -90,6 +91,10 @@ class ModelStore:
 
     def put(self, round_no: int, params: np.ndarray) -> None:
         write_atomically(self.folder / f"{round_no}.model", model_bytes(params))
+
+    def partial_path(self, round_no: int) -> Path:
+        """Where the owner keeps its own partial decryption of a round (0600)."""
+        return self.folder.parent / "partials" / f"{round_no}.partial"
 
     def all(self, n_params: int) -> dict[int, np.ndarray]:
         models = {}
@@ -303,9 +308,26 @@ class TaskOwner:
         if anchor.updates < spec.min_cohort:
             self._refuse(round_no, Refusal.UNDER_COHORT)
             return
-        own = self.keys.share.partial_decrypt(self._context, message["ciphertext"], spec.n_params)
+        own = self._own_partial(round_no, message["ciphertext"])
         self._pending[round_no] = _Pending(message, anchor.updates, {own.holder_id: own})
         self._try_release(round_no)
+
+    def _own_partial(self, round_no: int, ciphertext: bytes) -> PartialDecryption:
+        """The owner's share applied to a round's aggregate: once per round, like every holder.
+        Kept in the state folder (0600: as sensitive as the share), so that an owner restarted
+        while it waited for the guardians reuses it rather than decrypting the round again."""
+        spec = self._spec
+        assert spec is not None
+        path = None if self.store is None else self.store.partial_path(round_no)
+        if path is not None and path.exists():
+            kept = PartialDecryption.from_bytes(read_secret(path))
+            if kept.ciphertext_hash != keccak(ciphertext):
+                raise ProtocolError(f"round {round_no} was decrypted for another aggregate")
+            return kept
+        partial = self.keys.share.partial_decrypt(self._context, ciphertext, spec.n_params)
+        if path is not None:
+            write_secret(path, partial.to_bytes())
+        return partial
 
     def _on_partial(self, blob: bytes) -> None:
         """A guardian's partial decryption: kept if it is signed by that guardian for this

@@ -62,7 +62,9 @@ def test_roles_as_services_complete_a_task_across_an_owner_restart(
     owner_log = fleet.log("owner")
     assert "resumed at model 1" in owner_log and "released model 3" in owner_log
     guardian_log = fleet.log("guardian-1")
+    partials = fleet.folders["owner"] / "state" / "partials"
     for round_no in (1, 2, 3):
         assert f"decrypted its part of round {round_no}" in guardian_log
+        assert (partials / f"{round_no}.partial").stat().st_mode & 0o777 == 0o600  # once each
     for index in range(2):
         assert "round 3 update included on chain" in fleet.log(f"device-{index}")
