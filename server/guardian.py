@@ -47,6 +47,9 @@ from truscl.wire.signing import Domain
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+# Aggregate chunks kept while the spec has not come yet (it is retained, so it normally comes
+# first); beyond this the oldest are dropped rather than memory growing without bound.
+MAX_WAITING_CHUNKS = 256
 
 
 class Refused(ProtocolError):
@@ -208,7 +211,7 @@ class Guardian:
                             self._inbox.put((self._topics.aggregate, chunk))
                     continue
                 if self.spec is None:
-                    self._waiting.append(data)
+                    self._waiting = [*self._waiting, data][-MAX_WAITING_CHUNKS:]
                     continue
                 blob = reassembler.add("aggregator", data)
                 if blob is not None:
