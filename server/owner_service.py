@@ -46,7 +46,8 @@ UNBOUND_CONTEXT = "0x" + "00" * 32  # a task file's spec before its HE keys exis
 
 
 class OwnerState:
-    """The owner's folder: HE secret key, the task's spec, its creation record, models."""
+    """The owner's folder: HE secret key (single-key) or key share and keygen record
+    (threshold), the task's spec, its creation record, models, its partial decryptions."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
