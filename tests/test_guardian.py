@@ -341,17 +341,17 @@ def test_the_owners_share_alone_tells_nothing_of_an_individual_update(served: Se
     s = served
     share = s.holders.states["owner"].share("owner", "ckks-4096-60-49")
     rng = np.random.default_rng(5)
-    plain = rng.uniform(-1, 1, size=(8, 5))
+    plain = rng.uniform(-1, 1, size=(4, 2048))  # 8,192 values: correlation's sd ~0.011
     guesses = []
     for values in plain:
         ciphertext = encrypt(s.context, values)
-        partial = share.partial_decrypt(s.context, ciphertext, 5)
-        guesses.append(
-            combine(s.context, ciphertext, 5, [partial], ["owner"])  # one holder short
+        partial = share.partial_decrypt(s.context, ciphertext, values.size)
+        guesses.append(  # one holder short
+            combine(s.context, ciphertext, values.size, [partial], ["owner"])
         )
     correlation = np.corrcoef(plain.reshape(-1), np.asarray(guesses).reshape(-1))[0, 1]
-    assert abs(correlation) < 0.5
-    assert np.abs(np.asarray(guesses)).max() > 1e3  # noise far above the data's scale
+    assert abs(correlation) < 0.1  # ~9 standard deviations
+    assert np.median(np.abs(np.asarray(guesses))) > 1e3  # noise far above the data's scale
 
 
 # --- the crafted ciphertext ----------------------------------------------------------------
