@@ -15,7 +15,8 @@ folder: that file is the durable record of the round, so a guardian restarted at
 never decrypts a round twice, and publishes the same bytes again rather than new ones. Every
 refusal is logged with its reason and counted (in memory and in ``refusals.json``).
 
-Smudging noise comes from the OS's CSPRNG, sigma ``SMUDGING_SIGMA`` = 2^20 per coefficient
+Smudging noise comes from a PCG64 generator seeded per call with 256 bits of the OS's CSPRNG
+(truscl.privacy.dp.secure_generator), sigma ``SMUDGING_SIGMA`` = 2^20 per coefficient
 (OpenFHE's default flooding level; a heuristic, see docs/privacy.md).
 """
 
