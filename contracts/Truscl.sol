@@ -32,6 +32,7 @@ contract Truscl is AccessControl {
         uint32 roundsAnchored;
         uint64 epsilonMicros;
         uint64 epsilonBudgetMicros;
+        uint32 minCohort;
     }
 
     /// @notice The fields a device signs for one update (ciphertext by its hash).
@@ -57,6 +58,17 @@ contract Truscl is AccessControl {
     mapping(bytes32 taskId => Task) private _tasks;
     mapping(bytes32 taskId => mapping(uint32 round => RoundAnchor)) private _anchors;
     mapping(bytes32 taskId => mapping(uint32 round => bytes32 modelHash)) private _models;
+    mapping(bytes32 taskId => mapping(uint32 round => uint8 reason)) private _refusals;
+
+    /// @notice Why the owner refused to release a round's model (`refuseRound`): the decrypted
+    /// aggregate broke a bound the task's terms imply (a slot or its L2 norm above
+    /// updates x update_clip plus the noise slack), a slot beyond the model's parameters held
+    /// more than noise, the round counted fewer updates than the task's minimum cohort, or the
+    /// key holders' partial decryptions did not combine.
+    uint8 public constant REFUSED_OUT_OF_BOUNDS = 1;
+    uint8 public constant REFUSED_PADDING = 2;
+    uint8 public constant REFUSED_UNDER_COHORT = 3;
+    uint8 public constant REFUSED_UNDECRYPTABLE = 4;
 
     event DeviceRegistered(address indexed device, address indexed registrar);
     event TaskCreated(
@@ -77,6 +89,7 @@ contract Truscl is AccessControl {
         uint32 updates
     );
     event ModelPublished(bytes32 indexed taskId, uint32 indexed round, bytes32 modelHash);
+    event RoundRefused(bytes32 indexed taskId, uint32 indexed round, uint8 reason);
 
     error ZeroAddress();
     error ZeroHash();
@@ -92,6 +105,10 @@ contract Truscl is AccessControl {
     error RoundNotNext(bytes32 taskId, uint32 round, uint32 expected);
     error RoundNotAnchored(bytes32 taskId, uint32 round);
     error ModelAlreadyPublished(bytes32 taskId, uint32 round);
+    error CohortTooSmall(bytes32 taskId, uint32 minCohort);
+    error UnknownRefusal(uint8 reason);
+    error RoundAlreadyRefused(bytes32 taskId, uint32 round);
+    error NotPreviousModel(bytes32 taskId, uint32 round, bytes32 modelHash);
 
     /// @dev The deployer administers roles and is the first registrar.
     constructor() {
@@ -117,7 +134,9 @@ contract Truscl is AccessControl {
     /// what every round of the task together spends of a device's privacy (epsilon x 1e6, under
     /// the accountant and delta its spec names, which anyone can recompute from the spec whose
     /// hash is `specHash`); a task that would spend more than its budget is refused here, so no
-    /// device is ever asked for rounds its budget cannot pay for.
+    /// device is ever asked for rounds its budget cannot pay for. `minCohort` is the fewest
+    /// accepted updates a round's aggregate may hold for any key holder to decrypt it: at least
+    /// 2, since the "aggregate" of one update is that device's update.
     function createTask(
         bytes32 taskId,
         bytes32 specHash,
@@ -125,12 +144,14 @@ contract Truscl is AccessControl {
         address aggregator,
         uint32 rounds,
         uint64 epsilonMicros,
-        uint64 epsilonBudgetMicros
+        uint64 epsilonBudgetMicros,
+        uint32 minCohort_
     ) external {
         if (_tasks[taskId].owner != address(0)) revert TaskExists(taskId);
         if (aggregator == address(0)) revert ZeroAddress();
         if (specHash == bytes32(0) || contextHash == bytes32(0)) revert ZeroHash();
         if (rounds == 0) revert NoRounds();
+        if (minCohort_ < 2) revert CohortTooSmall(taskId, minCohort_);
         if (epsilonMicros > epsilonBudgetMicros) {
             revert BudgetExceeded(taskId, epsilonMicros, epsilonBudgetMicros);
         }
@@ -142,7 +163,8 @@ contract Truscl is AccessControl {
             rounds,
             0,
             epsilonMicros,
-            epsilonBudgetMicros
+            epsilonBudgetMicros,
+            minCohort_
         );
         emit TaskCreated(
             taskId,
@@ -212,6 +234,11 @@ contract Truscl is AccessControl {
         emit RoundAnchored(taskId, round, updatesRoot, aggregateHash, updates);
     }
 
+    /// @notice The fewest accepted updates an anchored round needs to be decrypted.
+    function minCohort(bytes32 taskId) external view returns (uint32) {
+        return _existingTask(taskId).minCohort;
+    }
+
     /// @notice All zero when the round is not anchored (`blockNumber` is never zero otherwise).
     function getRoundAnchor(
         bytes32 taskId,
@@ -227,7 +254,9 @@ contract Truscl is AccessControl {
 
     /// @notice Record the hash of the global model after `round` (0 = the initial model).
     /// @dev A model for round r > 0 can only follow the anchor of round r, whose aggregate it
-    /// was computed from; each round has one model, so the record cannot be rewritten.
+    /// was computed from; each round has one model, so the record cannot be rewritten. The model
+    /// of a refused round must be the previous round's, published again (so the next round can
+    /// open on it): nothing derived from the refused decryption can be released under it.
     function publishModel(bytes32 taskId, uint32 round, bytes32 modelHash_) external {
         Task storage task = _existingTask(taskId);
         if (msg.sender != task.owner) revert NotTaskOwner(taskId, msg.sender);
@@ -235,8 +264,29 @@ contract Truscl is AccessControl {
         if (round > task.rounds) revert RoundOutOfRange(taskId, round, task.rounds);
         if (round > task.roundsAnchored) revert RoundNotAnchored(taskId, round);
         if (_models[taskId][round] != bytes32(0)) revert ModelAlreadyPublished(taskId, round);
+        if (_refusals[taskId][round] != 0 && modelHash_ != _models[taskId][round - 1]) {
+            revert NotPreviousModel(taskId, round, modelHash_);
+        }
         _models[taskId][round] = modelHash_;
         emit ModelPublished(taskId, round, modelHash_);
+    }
+
+    /// @notice Record, for good, that the owner released no model derived from round `round`'s
+    /// aggregate, and why (one of the `REFUSED_` codes). Only before that round's model, once.
+    function refuseRound(bytes32 taskId, uint32 round, uint8 reason) external {
+        Task storage task = _existingTask(taskId);
+        if (msg.sender != task.owner) revert NotTaskOwner(taskId, msg.sender);
+        if (reason == 0 || reason > REFUSED_UNDECRYPTABLE) revert UnknownRefusal(reason);
+        if (round == 0 || round > task.roundsAnchored) revert RoundNotAnchored(taskId, round);
+        if (_models[taskId][round] != bytes32(0)) revert ModelAlreadyPublished(taskId, round);
+        if (_refusals[taskId][round] != 0) revert RoundAlreadyRefused(taskId, round);
+        _refusals[taskId][round] = reason;
+        emit RoundRefused(taskId, round, reason);
+    }
+
+    /// @notice The reason code the owner refused `round` with; zero when it was not refused.
+    function roundRefusal(bytes32 taskId, uint32 round) external view returns (uint8) {
+        return _refusals[taskId][round];
     }
 
     /// @notice Zero when no model was published for `round`.

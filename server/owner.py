@@ -1,35 +1,50 @@
 """The task owner (model demander): keys, task, and the global model.
 
-The owner is the only role holding the CKKS secret key. It decrypts nothing but a round's
-aggregate, and only after checking that the aggregate is the one anchored on chain. The exact
-decryption never leaves this process: values are rounded to ``RELEASE_DECIMALS`` before they
-touch the released model, because an exact CKKS decryption published next to its ciphertext
-lets anyone recover the secret key (Li and Micciancio, 2021).
+In threshold mode (the default) the owner holds one share of the CKKS secret key and its key
+guardians the others: it decrypts a round's aggregate only by combining its own partial
+decryption with one from every guardian, each of which answers only for an aggregate anchored
+on chain with at least the task's minimum cohort, once per round. In single-key mode it holds
+the whole key. Either way it decrypts nothing but a round's anchored aggregate, and releases
+nothing derived from it unless the decryption lies within the bounds the task's terms imply
+(:mod:`truscl.privacy.release`): a crafted ciphertext that would make the decryption reveal
+the key is refused, the refusal recorded on chain, and the previous model released again for
+that round so that the task goes on. Values are also rounded to ``RELEASE_DECIMALS`` before
+they touch the released model, because an exact CKKS decryption published next to its
+ciphertext lets anyone recover the secret key (Li and Micciancio, 2021).
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import logging
 import math
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from eth_utils import keccak
 
 from truscl.chain import ChainClient
-from truscl.errors import ConfigError, ProtocolError
+from truscl.errors import ConfigError, HeError, ProtocolError, SignatureError
 from truscl.files import write_atomically
+from truscl.keyfile import read_secret, write_secret
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import rounds_within_budget, task_epsilon
-from truscl.privacy.ckks import OwnerKeys, context_hash, decrypt
+from truscl.privacy.ckks import OwnerKeys, context_hash, load_context
+from truscl.privacy.release import Refusal, ReleaseBounds, noise_slack
+from truscl.privacy.threshold import KeyShare, PartialDecryption, combine_slots, profile_of
+from truscl.server.config import OWNER_HOLDER
 from truscl.systemd import Heartbeat
 from truscl.task import TaskSpec
 from truscl.wire import Reassembler, TaskTopics, envelope
+from truscl.wire.keyholders import MAX_KEYHOLDER_MESSAGE, PartialMessage
 from truscl.wire.model import model_bytes, model_from_bytes
+from truscl.wire.signing import Domain
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +92,10 @@ class ModelStore:
     def put(self, round_no: int, params: np.ndarray) -> None:
         write_atomically(self.folder / f"{round_no}.model", model_bytes(params))
 
+    def partial_path(self, round_no: int) -> Path:
+        """Where the owner keeps its own partial decryption of a round (0600)."""
+        return self.folder.parent / "partials" / f"{round_no}.partial"
+
     def all(self, n_params: int) -> dict[int, np.ndarray]:
         models = {}
         for path in self.folder.glob("*.model"):
@@ -84,34 +103,65 @@ class ModelStore:
         return dict(sorted(models.items()))
 
 
+@dataclass(frozen=True)
+class HeKeys:
+    """What the owner decrypts with: its share of the secret key (in single-key mode the whole
+    key, as a one-holder share), the task's public context, and the guardians (name to
+    address) whose partial decryptions it needs: none in single-key mode."""
+
+    share: KeyShare
+    public_context: bytes
+    guardians: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def single_key(cls, keys: OwnerKeys) -> HeKeys:
+        return cls(KeyShare.from_context(OWNER_HOLDER, keys.context), keys.public_context_bytes())
+
+    @property
+    def holders(self) -> list[str]:
+        return sorted([self.share.holder_id, *self.guardians])
+
+
+@dataclass
+class _Pending:
+    """A round whose aggregate passed the owner's checks, waiting for the guardians' partials."""
+
+    message: dict[str, Any]
+    updates: int
+    partials: dict[str, PartialDecryption]
+
+
 class TaskOwner:
     def __init__(
         self,
         *,
-        keys: OwnerKeys,
+        keys: OwnerKeys | HeKeys,
         chain: ChainClient,
         broker: BrokerSettings,
         store: ModelStore | None = None,
         on_model: Callable[[int, np.ndarray], None] | None = None,
         heartbeat: Heartbeat | None = None,
     ) -> None:
-        if not keys.context.is_private():
-            raise ProtocolError("the task owner needs the secret key")
-        self.keys = keys
+        self.keys = keys if isinstance(keys, HeKeys) else HeKeys.single_key(keys)
+        self._context = load_context(self.keys.public_context)
         self.chain = chain
         self.broker = broker
         self.store = store
         self.models: dict[int, np.ndarray] = {}
+        self.refusals: collections.Counter[str] = collections.Counter()
         self._on_model = on_model
         self._heartbeat = heartbeat
         self._spec: TaskSpec | None = None
+        self._domain: Domain | None = None
         self._link: MqttLink | None = None
-        self._inbox: queue.Queue[bytes | _Event | None] = queue.Queue()
+        self._pending: dict[int, _Pending] = {}
+        self._partials: dict[str, PartialMessage] = {}  # each guardian's latest
+        self._inbox: queue.Queue[tuple[str, bytes] | _Event | None] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name="owner", daemon=True)
 
     @property
     def public_context(self) -> bytes:
-        return self.keys.public_context_bytes()
+        return self.keys.public_context
 
     @property
     def context_hash(self) -> str:
@@ -130,6 +180,7 @@ class TaskOwner:
             spec.rounds,
             epsilon_micros=math.ceil(epsilon * 1e6),
             budget_micros=math.floor(spec.dp.epsilon_budget * 1e6),
+            min_cohort=spec.min_cohort,
         )
         self._connect(spec)
         self._release(0, np.asarray(initial, dtype=np.float64))
@@ -154,17 +205,33 @@ class TaskOwner:
         self._connect(spec)
         for round_no, params in self.store.all(spec.n_params).items():
             self._release(round_no, params)
+        self._finish_refusals(spec)
         self._worker.start()  # aggregates queued meanwhile are taken in turn from here on
         log.info("owner: task %s resumed at model %d", spec.task, max(self.models, default=-1))
 
+    def _finish_refusals(self, spec: TaskSpec) -> None:
+        """A round refused on chain whose model a stop cut short gets it now (the previous
+        model again), or the task could never go on."""
+        latest = max(self.models, default=None)
+        if latest is None or latest >= spec.rounds:
+            return
+        if self.chain.round_refusal(spec.task_id, latest + 1):
+            self._release(latest + 1, self.models[latest])
+
     def _connect(self, spec: TaskSpec) -> None:
+        if [h for h, _ in spec.key_holders] != (self.keys.holders if spec.key_holders else []):
+            raise ProtocolError("the spec names other key holders than the owner's keys")
         self._spec = spec
+        self._domain = Domain(self.chain.chain_id, self.chain.address)
         topics = TaskTopics(spec.task)
+        subscriptions = [topics.aggregate]
+        if self.keys.guardians:
+            subscriptions.append(topics.all_partials)
         self._link = MqttLink(
             f"truscl-owner-{spec.task[2:10]}",
             self.broker,
-            on_message=lambda topic, payload: self._inbox.put(payload),
-            subscriptions=[topics.aggregate],
+            on_message=lambda topic, payload: self._inbox.put((topic, payload)),
+            subscriptions=subscriptions,
             max_message=spec.max_message,
             on_connected=lambda: self._inbox.put(_Event.CONNECTED),
         ).start()
@@ -191,7 +258,10 @@ class TaskOwner:
 
     def _run(self) -> None:
         assert self._spec is not None
-        reassembler = Reassembler(max_message=self._spec.max_message)
+        reassembler = Reassembler(
+            max_message=self._spec.max_message, max_blob=MAX_KEYHOLDER_MESSAGE
+        )
+        aggregate_topic = TaskTopics(self._spec.task).aggregate
         while True:
             try:
                 payload = self._inbox.get(timeout=TICK_S)
@@ -207,13 +277,19 @@ class TaskOwner:
                 if payload is _Event.CONNECTED:
                     self._publish_task()
                     continue
-                blob = reassembler.add("aggregator", payload)
-                if blob is not None:
-                    self._on_aggregate(blob)
+                topic, data = payload
+                if topic == aggregate_topic:
+                    blob = reassembler.add("aggregator", data)
+                    if blob is not None:
+                        self._on_aggregate(blob)
+                else:  # .../partials/<holder>/<chunk>
+                    blob = reassembler.add(topic.rsplit("/", 1)[0], data)
+                    if blob is not None:
+                        self._on_partial(blob)
             except ProtocolError as exc:
-                log.warning("owner: rejected an aggregate: %s", exc)
+                log.warning("owner: rejected a message: %s", exc)
             except Exception:
-                log.exception("owner: unexpected failure on an aggregate")
+                log.exception("owner: unexpected failure on a message")
 
     def _on_aggregate(self, blob: bytes) -> None:
         spec = self._spec
@@ -229,9 +305,107 @@ class TaskOwner:
             raise ProtocolError(f"aggregate of round {round_no} is not the anchored one")
         if message["updates"] != anchor.updates or anchor.updates < 1:
             raise ProtocolError(f"round {round_no} counts {message['updates']} updates")
-        total = decrypt(self.keys, message["ciphertext"], spec.n_params)
-        mean_delta = np.round(total, RELEASE_DECIMALS) / anchor.updates
+        if anchor.updates < spec.min_cohort:
+            self._refuse(round_no, Refusal.UNDER_COHORT)
+            return
+        own = self._own_partial(round_no, message["ciphertext"])
+        self._pending[round_no] = _Pending(message, anchor.updates, {own.holder_id: own})
+        self._try_release(round_no)
+
+    def _own_partial(self, round_no: int, ciphertext: bytes) -> PartialDecryption:
+        """The owner's share applied to a round's aggregate: once per round, like every holder.
+        Kept in the state folder (0600: as sensitive as the share), so that an owner restarted
+        while it waited for the guardians reuses it rather than decrypting the round again."""
+        spec = self._spec
+        assert spec is not None
+        path = None if self.store is None else self.store.partial_path(round_no)
+        if path is not None and path.exists():
+            kept = PartialDecryption.from_bytes(read_secret(path))
+            if kept.ciphertext_hash != keccak(ciphertext):
+                raise ProtocolError(f"round {round_no} was decrypted for another aggregate")
+            return kept
+        partial = self.keys.share.partial_decrypt(self._context, ciphertext, spec.n_params)
+        if path is not None:
+            write_secret(path, partial.to_bytes())
+        return partial
+
+    def _on_partial(self, blob: bytes) -> None:
+        """A guardian's partial decryption: kept if it is signed by that guardian for this
+        task; it counts for the round whose anchored aggregate it names."""
+        spec, domain = self._spec, self._domain
+        assert spec is not None and domain is not None
+        partial = PartialMessage.decode(blob)
+        address = self.keys.guardians.get(partial.holder)
+        if address is None or partial.task != spec.task_id:
+            raise ProtocolError(f"a partial from {partial.holder!r} for another task or holder")
+        try:
+            partial.verify(domain, address)
+        except SignatureError as exc:
+            raise ProtocolError(str(exc)) from None
+        self._partials[partial.holder] = partial
+        if partial.round in self._pending:
+            self._try_release(partial.round)
+
+    def _try_release(self, round_no: int) -> None:
+        """Combine once every holder's partial for this aggregate is in; release the model if
+        the decryption is within the task's bounds, else refuse the round."""
+        spec, pending = self._spec, self._pending[round_no]
+        assert spec is not None
+        digest = keccak(pending.message["ciphertext"])
+        for holder, message in self._partials.items():
+            if message.round == round_no and message.aggregate == digest:
+                try:
+                    pending.partials[holder] = PartialDecryption.from_bytes(message.partial)
+                except HeError as exc:
+                    log.warning("owner: %s's partial for round %d: %s", holder, round_no, exc)
+        missing = sorted(set(self.keys.holders) - set(pending.partials))
+        if missing:
+            log.info("owner: round %d waits for %s", round_no, ", ".join(missing))
+            return
+        del self._pending[round_no]
+        try:
+            slots = combine_slots(
+                self._context,
+                pending.message["ciphertext"],
+                spec.n_params,
+                list(pending.partials.values()),
+                self.keys.holders,
+            )
+        except HeError as exc:
+            log.warning("owner: round %d does not decrypt: %s", round_no, exc)
+            self._refuse(round_no, Refusal.UNDECRYPTABLE)
+            return
+        bounds = ReleaseBounds(
+            n_params=spec.n_params,
+            updates=pending.updates,
+            update_clip=spec.dp.update_clip,
+            slack=noise_slack(profile_of(self._context), len(self.keys.holders)),
+        )
+        refusal = bounds.check(slots)
+        if refusal is not None:
+            self._refuse(round_no, refusal)
+            return
+        total = slots.reshape(-1)[: spec.n_params]
+        mean_delta = np.round(total, RELEASE_DECIMALS) / pending.updates
         self._release(round_no, self.models[round_no - 1] + mean_delta)
+
+    def _refuse(self, round_no: int, reason: Refusal) -> None:
+        """Record on chain that nothing derived from this round's decryption is released, then
+        release the previous model again under this round's number (the contract accepts no
+        other), so that the aggregator opens the next round on it. Nothing about the decrypted
+        values is logged."""
+        spec = self._spec
+        assert spec is not None
+        self.refusals[reason.name.lower()] += 1
+        log.warning(
+            "owner: refused round %d (%s); %d round(s) refused so far",
+            round_no,
+            reason.name.lower(),
+            sum(self.refusals.values()),
+        )
+        if self.chain.round_refusal(spec.task_id, round_no) == 0:
+            self.chain.refuse_round(spec.task_id, round_no, int(reason))
+        self._release(round_no, self.models[round_no - 1])
 
     def _release(self, round_no: int, params: np.ndarray) -> None:
         """Store, anchor the hash (once), publish: in that order, so a restart finishes it."""

@@ -1,9 +1,12 @@
 """``truscl owner init`` and ``truscl owner run``: the task owner as a service.
 
-``init`` makes the task's HE keys, creates the task on chain from the task file and publishes
-its spec, public context and initial model. ``run`` takes the task up from the owner's state
-folder and the chain, however often it is restarted, and releases a model for every anchored
-aggregate. The state folder holds the HE secret key (0600): it never leaves the owner.
+``init`` makes the task's HE keys (in threshold mode, by distributed key generation with the
+guardians named in ``owner.toml``, who run ``truscl guardian init`` for the same task at the
+same time), creates the task on chain from the task file and publishes its spec, public context
+and initial model. ``run`` takes the task up from the owner's state folder and the chain,
+however often it is restarted, and releases a model for every anchored aggregate whose
+decryption is within bounds. The state folder holds the HE secret key or the owner's share of
+it (0600): it never leaves the owner.
 """
 
 from __future__ import annotations
@@ -24,10 +27,18 @@ from truscl.keyfile import load_account
 from truscl.learning import LogisticModel
 from truscl.privacy.accounting import rounds_within_budget
 from truscl.privacy.ckks import PROFILES, OwnerKeys, context_hash
-from truscl.server.config import OwnerConfig
-from truscl.server.owner import ModelStore, TaskOwner, task_privacy
+from truscl.server.config import OWNER_HOLDER, OwnerConfig
+from truscl.server.keygen import (
+    HolderState,
+    KeygenBoard,
+    KeygenTerms,
+    publish_session,
+    run_keygen_holder,
+)
+from truscl.server.owner import HeKeys, ModelStore, TaskOwner, task_privacy
 from truscl.systemd import Heartbeat, supervise
 from truscl.task import TaskSpec, load_task_file
+from truscl.wire.signing import Domain
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +46,8 @@ UNBOUND_CONTEXT = "0x" + "00" * 32  # a task file's spec before its HE keys exis
 
 
 class OwnerState:
-    """The owner's folder: HE secret key, the task's spec, its creation record, models."""
+    """The owner's folder: HE secret key (single-key) or key share and keygen record
+    (threshold), the task's spec, its creation record, models, its partial decryptions."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
@@ -68,6 +80,22 @@ class OwnerState:
         keys.save(self.he_key)
         return keys
 
+    @property
+    def holder(self) -> HolderState:
+        """The owner's key-holder files (threshold mode), in the same folder."""
+        return HolderState(self.folder)
+
+    def he_keys(self, spec: TaskSpec) -> HeKeys:
+        """What ``owner run`` decrypts with, in the task's mode."""
+        if spec.he_mode == "single-key":
+            return HeKeys.single_key(OwnerKeys.load(self.he_key))
+        holder = self.holder
+        return HeKeys(
+            share=holder.share(OWNER_HOLDER, spec.he_profile),
+            public_context=holder.public_context(),
+            guardians={n: a for n, a in spec.key_holders if n != OWNER_HOLDER},
+        )
+
 
 def owner_client(config: OwnerConfig) -> ChainClient:
     account = load_account(config.key)
@@ -88,14 +116,19 @@ def init_task(config: OwnerConfig) -> TaskSpec:
     chain = owner_client(config)
     spec = state.spec()
     if spec is None or not _task_exists(chain, spec):
-        task = spec.task if spec is not None else "0x" + os.urandom(32).hex()
+        task = spec.task if spec is not None else config.task or "0x" + os.urandom(32).hex()
         draft = load_task_file(config.task_file, task=task, context_hash=UNBOUND_CONTEXT)
         task_privacy(draft)  # refused with its figures before any key is made
-        keys = state.keys(draft.he_profile)
-        spec = replace(draft, context_hash="0x" + context_hash(keys.public_context_bytes()).hex())
+        if config.he_mode == "single-key":
+            keys = state.keys(draft.he_profile)
+            public = keys.public_context_bytes()
+            spec = replace(draft, context_hash="0x" + context_hash(public).hex())
+        else:
+            spec = _threshold_keygen(config, chain, draft)
         state.save_spec(spec)
-    keys = state.keys(spec.he_profile)
-    owner = TaskOwner(keys=keys, chain=chain, broker=config.broker, store=ModelStore(state.models))
+    owner = TaskOwner(
+        keys=state.he_keys(spec), chain=chain, broker=config.broker, store=ModelStore(state.models)
+    )
     try:
         if _task_exists(chain, spec):
             owner.resume(spec)
@@ -107,6 +140,30 @@ def init_task(config: OwnerConfig) -> TaskSpec:
         owner.stop()
     state.save_record({"task": spec.task, "spec_hash": "0x" + spec.hash().hex()})
     return spec
+
+
+def _threshold_keygen(config: OwnerConfig, chain: ChainClient, draft: TaskSpec) -> TaskSpec:
+    """Run the key generation with the guardians (server/keygen.py); the spec it binds: the
+    collective context's hash, the holders, and the digest of the transcript all signed."""
+    account = load_account(config.key)
+    holders = tuple(sorted(((OWNER_HOLDER, account.address), *config.guardians)))
+    terms = KeygenTerms(draft.he_profile, holders)
+    log.info("owner: key generation of task %s with %s", draft.task, ", ".join(dict(holders)))
+    with KeygenBoard(
+        task=draft.task,
+        name=OWNER_HOLDER,
+        account=account,
+        domain=Domain(chain.chain_id, chain.address),
+        broker=config.broker,
+    ) as board:
+        publish_session(board, terms)
+        public, record = run_keygen_holder(board, terms, OwnerState(config.state).holder)
+    return replace(
+        draft,
+        context_hash="0x" + context_hash(public).hex(),
+        key_holders=tuple((name, address.lower()) for name, address in holders),
+        keygen_digest="0x" + record.transcript.digest().hex(),
+    )
 
 
 def _task_exists(chain: ChainClient, spec: TaskSpec) -> bool:
@@ -126,7 +183,7 @@ def run_owner(config: OwnerConfig, stop: threading.Event) -> None:
         raise ConfigError(f"{state.folder} holds no task yet: run `truscl owner init` first")
     heartbeat = Heartbeat("owner")
     owner = TaskOwner(
-        keys=OwnerKeys.load(state.he_key),
+        keys=state.he_keys(spec),
         chain=owner_client(config),
         broker=config.broker,
         store=ModelStore(state.models),
@@ -153,6 +210,9 @@ def owner_status(config: OwnerConfig) -> dict[str, Any]:
         "rounds": spec.rounds,
         "quorum": spec.quorum,
         "round_seconds": spec.round_seconds,
+        "min_cohort": spec.min_cohort,
+        "he_mode": spec.he_mode,
+        "key_holders": [name for name, _ in spec.key_holders],
         "models_released": sorted(ModelStore(state.models).all(spec.n_params)),
         "epsilon_task": round(task_privacy(spec), 4),
         "epsilon_budget": dp.epsilon_budget,
@@ -162,8 +222,12 @@ def owner_status(config: OwnerConfig) -> dict[str, Any]:
         ),
     }
     try:
-        record = ChainClient.at(connect(config.chain.rpc), config.chain.contract).task(spec.task_id)
+        reader = ChainClient.at(connect(config.chain.rpc), config.chain.contract)
+        record = reader.task(spec.task_id)
         status["rounds_anchored"] = record.rounds_anchored
+        status["refused_rounds"] = [
+            r for r in range(1, record.rounds_anchored + 1) if reader.round_refusal(spec.task_id, r)
+        ]
     except ChainError as exc:
         status["chain_error"] = str(exc)
     return status

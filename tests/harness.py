@@ -2,13 +2,16 @@
 start, stop, kill and restart roles as an operator (or a crash) would.
 
 Every role runs from its own TOML file as its systemd unit runs it; the broker is a plain
-mosquitto (anonymous, persistent) on a free port, the chain an anvil the caller provides.
+mosquitto (anonymous, persistent) on a free port, the chain an anvil the caller provides. The
+task is in threshold mode: the owner shares the key with one guardian, its own process, whose
+``guardian init`` runs alongside ``owner init``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -46,8 +49,19 @@ contract = "{contract}"
 OWNER = """
 task_file = "task.toml"
 aggregator = "{aggregator}"
+task = "{task}"
 [owner]
 key = "owner.key"
+state = "state"
+[guardians]
+guardian-1 = "{guardian}"
+"""
+GUARDIAN = """
+task = "{task}"
+owner = "{owner}"
+[guardian]
+name = "guardian-1"
+key = "guardian.key"
 state = "state"
 """
 AGGREGATOR = """
@@ -127,38 +141,58 @@ class Fleet:
             folder.mkdir(parents=True, exist_ok=True)
         for name in ("owner", "aggregator"):
             write_secret(self.folders[name] / f"{name}.key", self.node.new_account().key)
+        write_secret(self.folders["guardian-1"] / "guardian.key", self.node.new_account().key)
         for index in range(self.devices):
             device = load_or_create_account(self.folders[f"device-{index}"] / "device.key")
             self.contract.register_device(device.address)
 
     @property
     def role_names(self) -> list[str]:
-        return ["owner", "aggregator", *(f"device-{i}" for i in range(self.devices))]
+        return [
+            "owner", "guardian-1", "aggregator", *(f"device-{i}" for i in range(self.devices))
+        ]  # fmt: skip
 
     @property
     def task_id(self) -> bytes:
         return bytes.fromhex(self.task[2:])
 
     def config(self, name: str) -> Path:
-        return self.folders[name] / f"{'agent' if name.startswith('device') else name}.toml"
+        return self.folders[name] / f"{_role(name)}.toml"
 
     def start(
         self, env: dict[str, dict[str, str]] | None = None, hold: tuple[str, ...] = ()
     ) -> Fleet:
-        """``owner init``, then every role but those in ``hold`` (the test runs them later);
-        ``env`` adds variables to some roles' environment."""
+        """``owner init`` with ``guardian init`` beside it (the key generation), then every
+        role but those in ``hold`` (the test runs them later); ``env`` adds variables to some
+        roles' environment."""
         self.broker.start()
         chain = CHAIN.format(port=self.broker.port, rpc=self.rpc, contract=self.contract.address)
         owner = self.folders["owner"]
         (owner / "task.toml").write_text(task_file(**self.terms))
         aggregator = load_or_create_account(self.folders["aggregator"] / "aggregator.key")
-        self.config("owner").write_text(OWNER.format(aggregator=aggregator.address) + chain)
+        guardian = load_or_create_account(self.folders["guardian-1"] / "guardian.key")
+        owner_account = load_or_create_account(owner / "owner.key")
+        task = "0x" + secrets.token_hex(32)
+        self.config("owner").write_text(
+            OWNER.format(aggregator=aggregator.address, task=task, guardian=guardian.address)
+            + chain
+        )
+        self.config("guardian-1").write_text(
+            GUARDIAN.format(task=task, owner=owner_account.address) + chain
+        )
+        joining = subprocess.Popen(
+            [TRUSCL, "guardian", "init", "--config", str(self.config("guardian-1"))],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         init = subprocess.run(
             [TRUSCL, "owner", "init", "--config", str(self.config("owner"))],
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
+        _, joined = joining.communicate(timeout=120)
         assert init.returncode == 0, init.stderr
+        assert joining.returncode == 0, joined
         self.task = init.stdout.strip()
+        assert self.task == task
         self.config("aggregator").write_text(
             AGGREGATOR.format(task=self.task, devices=self.devices) + chain
         )
@@ -178,7 +212,7 @@ class Fleet:
         return self
 
     def run(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        role = "agent" if name.startswith("device") else name
+        role = _role(name)
         log = (self.root / f"{name}.log").open("ab")
         self.processes[name] = subprocess.Popen(
             [TRUSCL, "--log-level", "INFO", role, "run", "--config", str(self.config(name))],
@@ -261,6 +295,13 @@ class Fleet:
         codes = {name: self.stop(name) for name in list(self.processes)}
         self.broker.stop()
         return codes
+
+
+def _role(name: str) -> str:
+    """The ``truscl`` command group (and config file name) of a fleet member."""
+    if name.startswith("device"):
+        return "agent"
+    return "guardian" if name.startswith("guardian") else name
 
 
 class TcpGate:

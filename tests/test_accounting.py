@@ -8,7 +8,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from truscl.errors import ConfigError
 from truscl.privacy import PrivacyLedger, rdp_epsilon
-from truscl.privacy.accounting import rounds_within_budget, task_epsilon
+from truscl.privacy.accounting import pld_epsilon, rounds_within_budget, task_epsilon
 
 DELTA = 1e-5
 
@@ -141,3 +141,13 @@ def test_rounds_within_budget_is_the_last_round_that_fits() -> None:
     assert task_epsilon(q, sigma, steps, allowed, DELTA) <= budget
     assert task_epsilon(q, sigma, steps, allowed + 1, DELTA) > budget
     assert rounds_within_budget(q, 0.0, steps, DELTA, budget) == 0  # no noise, no round
+
+
+def test_the_pld_accountant_is_tighter_than_rdp_for_the_demos_task() -> None:
+    # The demo's ten rounds: q = 32 / 864, sigma 1, 20 steps a round, delta 1e-5
+    q, steps = 32 / 864, 200
+    rdp = rdp_epsilon(q, 1.0, steps, 1e-5)
+    pld = pld_epsilon(q, 1.0, steps, 1e-5)
+
+    assert 3.97 < rdp < 3.98
+    assert 3.4 < pld < rdp  # PLD is tight; RDP's conversion costs ~12 % here

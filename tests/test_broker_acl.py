@@ -172,8 +172,11 @@ class Peer:
 
 @pytest.fixture()
 def fleet(tmp_path: Path) -> Iterator[Provisioned]:
-    """A broker provisioned for devices A and B and run from its own mosquitto.conf."""
-    provisioned = provision_broker(tmp_path / "broker", [A, B], port=free_port(), bind="127.0.0.1")
+    """A broker provisioned for devices A and B and two key guardians, run from its own
+    mosquitto.conf."""
+    provisioned = provision_broker(
+        tmp_path / "broker", [A, B], port=free_port(), bind="127.0.0.1", guardians=2
+    )
     with Mosquitto.provisioned(provisioned.conf):
         yield provisioned
 
@@ -275,6 +278,33 @@ def test_the_owner_reads_no_update_and_writes_no_receipt(peers: dict[str, Peer])
     owner.publish(TASK.receipts(A), b"receipt forged by the owner")
     owner.publish(TASK.model, b"model from the owner")
     assert a.until(b"model from the owner") == []
+
+
+def test_a_guardian_reads_the_aggregate_but_no_update_and_writes_only_its_own_topics(
+    peers: dict[str, Peer],
+) -> None:
+    owner, guardian, other, a = peers["owner"], peers["guardian-1"], peers["guardian-2"], peers[A]
+    guardian.subscribe(TASK.all_updates)  # granted or not: no update may arrive
+    assert guardian.subscribe(TASK.aggregate, TASK.spec, TASK.all_keygen) == [True] * 3
+    assert owner.subscribe(TASK.all_partials, TASK.all_keygen) == [True, True]
+    assert peers["aggregator"].subscribe(TASK.all_updates) == [True]
+
+    a.publish(TASK.updates(A), b"update of A")
+    assert peers["aggregator"].until(b"update of A") == []
+    peers["aggregator"].publish(TASK.aggregate, b"aggregate 1")
+    assert guardian.until(b"aggregate 1") == []  # and the update of A never reached it
+
+    other.publish(f"{TASK.partial('guardian-1')}/0", b"partial forged by guardian-2")
+    other.publish(f"{TASK.keygen('owner', 'session')}/0", b"session forged by guardian-2")
+    other.publish(TASK.model, b"model forged by guardian-2")
+    other.publish(f"{TASK.partial('guardian-2')}/0", b"partial of guardian-2")
+    assert owner.until(b"partial of guardian-2") == []
+    guardian.publish(f"{TASK.keygen('guardian-1', 'seed-commitment')}/0", b"commitment")
+    assert owner.until(b"commitment") == []
+    owner.publish(f"{TASK.keygen('owner', 'session')}/0", b"session")
+    assert guardian.until(b"session") == [
+        (f"{TASK.keygen('guardian-1', 'seed-commitment')}/0", b"commitment")
+    ]  # its own, then the owner's: guardian-2's forgery never got through
 
 
 def login(fleet: Provisioned, name: str) -> dict[str, Path]:

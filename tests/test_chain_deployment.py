@@ -177,7 +177,14 @@ def test_status_counts_devices_and_tasks_from_the_logs(chain: EmbeddedChain) -> 
         registrar.register_device(Account.create().address)
     task_id = keccak(text="status")
     ChainClient.at(w3, record.address, owner, chain.lock).create_task(
-        task_id, SPEC, CONTEXT, aggregator.address, 4, epsilon_micros=1, budget_micros=1
+        task_id,
+        SPEC,
+        CONTEXT,
+        aggregator.address,
+        4,
+        epsilon_micros=1,
+        budget_micros=1,
+        min_cohort=2,
     )
     ChainClient.at(w3, record.address, aggregator, chain.lock).anchor_round(
         task_id, 1, keccak(b"r"), keccak(b"a"), 3

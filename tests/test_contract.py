@@ -28,7 +28,11 @@ from truscl.wire.update import UpdateRecord
 CONTRACTS_DIR = Path(__file__).resolve().parent.parent / "contracts"
 SPEC = keccak(text="spec")
 CONTEXT = keccak(text="context")
-PRIVACY = {"epsilon_micros": 3_976_000, "budget_micros": 8_000_000}  # the demo's figures
+PRIVACY = {
+    "epsilon_micros": 3_976_000,
+    "budget_micros": 8_000_000,
+    "min_cohort": 2,
+}  # the demo's figures
 
 
 @dataclass(frozen=True)
@@ -196,6 +200,7 @@ def test_a_task_whose_rounds_exceed_its_budget_is_refused(roles: Roles) -> None:
             12,
             epsilon_micros=8_000_001,
             budget_micros=8_000_000,
+            min_cohort=2,
         )
 
     assert "epsilonMicros=8000001" in str(refused.value)
@@ -351,6 +356,79 @@ def test_only_the_owner_publishes_models(roles: Roles, who: str) -> None:
     assert roles.auditor.model_hash(task_id, 0) is None
 
 
+@pytest.mark.parametrize("cohort", [0, 1])
+def test_a_task_whose_minimum_cohort_is_below_two_is_refused(roles: Roles, cohort: int) -> None:
+    task_id = keccak(text=f"cohort {cohort}")
+
+    with pytest.raises(ChainError, match="CohortTooSmall"):
+        roles.owner.create_task(
+            task_id,
+            SPEC,
+            CONTEXT,
+            roles.aggregator_account.address,
+            2,
+            **{**PRIVACY, "min_cohort": cohort},
+        )
+    with pytest.raises(ChainError, match="UnknownTask"):
+        roles.auditor.task(task_id)
+
+
+def test_the_minimum_cohort_is_a_term_of_the_task(roles: Roles) -> None:
+    task_id = keccak(text="cohort 4")
+    roles.owner.create_task(
+        task_id, SPEC, CONTEXT, roles.aggregator_account.address, 2, **{**PRIVACY, "min_cohort": 4}
+    )
+
+    assert roles.auditor.min_cohort(task_id) == 4
+
+
+# --- refused rounds ------------------------------------------------------------------------
+
+
+def test_a_refused_round_gets_the_previous_model_only(roles: Roles) -> None:
+    # Prepare: round 1 anchored, the owner refuses it (out of bounds)
+    task_id = new_task(roles, "refused", rounds=2)
+    initial = keccak(b"model 0")
+    roles.owner.publish_model(task_id, 0, initial)
+    roles.aggregator.anchor_round(task_id, 1, keccak(b"r1"), keccak(b"a1"), 3)
+
+    # Execute
+    roles.owner.refuse_round(task_id, 1, 1)
+
+    # Assert: recorded once; a model derived from the round is refused, the previous one is not
+    assert roles.auditor.round_refusal(task_id, 1) == 1
+    assert roles.auditor.round_refusal(task_id, 2) == 0
+    with pytest.raises(ChainError, match="RoundAlreadyRefused"):
+        roles.owner.refuse_round(task_id, 1, 2)
+    with pytest.raises(ChainError, match="NotPreviousModel"):
+        roles.owner.publish_model(task_id, 1, keccak(b"derived from round 1"))
+    roles.owner.publish_model(task_id, 1, initial)
+    assert roles.auditor.model_hash(task_id, 1) == initial
+
+
+def test_a_round_is_refused_only_by_its_owner_after_its_anchor_and_before_its_model(
+    roles: Roles,
+) -> None:
+    # Prepare
+    task_id = new_task(roles, "refusal rules", rounds=3)
+    roles.owner.publish_model(task_id, 0, keccak(b"m0"))
+    roles.aggregator.anchor_round(task_id, 1, keccak(b"r1"), keccak(b"a1"), 3)
+    roles.owner.publish_model(task_id, 1, keccak(b"m1"))
+    roles.aggregator.anchor_round(task_id, 2, keccak(b"r2"), keccak(b"a2"), 3)
+
+    # Execute / Assert
+    with pytest.raises(ChainError, match="NotTaskOwner"):
+        roles.aggregator.refuse_round(task_id, 2, 1)
+    with pytest.raises(ChainError, match="RoundNotAnchored"):
+        roles.owner.refuse_round(task_id, 3, 1)
+    with pytest.raises(ChainError, match="ModelAlreadyPublished"):
+        roles.owner.refuse_round(task_id, 1, 1)
+    for reason in (0, 5):
+        with pytest.raises(ChainError, match="UnknownRefusal"):
+            roles.owner.refuse_round(task_id, 2, reason)
+    assert roles.auditor.round_refusal(task_id, 2) == 0
+
+
 # --- Merkle proofs -------------------------------------------------------------------------
 
 TREE_SIZES = [1, 2, 3, 7, 8]
@@ -460,6 +538,8 @@ def test_gas_stays_well_within_the_limits(roles: Roles, chain: EmbeddedChain) ->
         ),
         "publishModel": gas_used(chain, roles.owner.publish_model(task_id, 1, keccak(b"m"))),
     }
+    roles.aggregator.anchor_round(task_id, 2, keccak(b"r2"), keccak(b"a2"), 100)
+    used["refuseRound"] = gas_used(chain, roles.owner.refuse_round(task_id, 2, 1))
 
     # Assert: a limit leaves room for a costlier chain, but not for a contract that bloated
     print(f"gas used: {used}")

@@ -43,7 +43,10 @@ def test_truscl_demo_with_defaults_meets_the_targets(tmp_path: Path) -> None:
     assert summary["delta"] == 1e-5
     assert summary["audit"]["verified"] == summary["audit"]["total"] == 10
     assert "round  10" in result.stdout and "audit: 10/10" in result.stdout
-    assert summary["processes"] == 7 and summary["stopped_cleanly"] is True
+    assert summary["processes"] == 8 and summary["stopped_cleanly"] is True  # with a guardian
+    assert summary["he_mode"] == "threshold" and summary["key_holders"] == ["guardian-1", "owner"]
+    assert summary["refused_rounds"] == []
+    assert 0 < summary["epsilon_pld"] < summary["epsilon"]  # the tight accountant, same events
 
 
 def test_a_round_with_a_dropout_closes_at_quorum(tmp_path: Path) -> None:
@@ -70,6 +73,18 @@ def test_a_round_with_a_dropout_closes_at_quorum(tmp_path: Path) -> None:
     # Assert
     assert [r["participants"] for r in summary["rounds"]] == [3, 2, 2]
     assert summary["audit"] == {"verified": 3, "total": 3, "problems": {}}
+    assert summary["he_mode"] == "threshold" and summary["refused_rounds"] == []
+
+
+def test_the_single_key_mode_still_runs_for_small_trials(tmp_path: Path) -> None:
+    config = DemoConfig(
+        devices=2, rounds=1, workdir=tmp_path, in_process=True, he_mode="single-key"
+    )
+
+    summary = run_demo(config, out=io.StringIO())
+
+    assert (summary["he_mode"], summary["key_holders"]) == ("single-key", [])
+    assert summary["audit"]["verified"] == summary["audit"]["total"] == 1
 
 
 def test_a_task_its_devices_budget_cannot_pay_for_is_refused_before_it_starts(

@@ -1,13 +1,14 @@
 """A deployment as a user makes it, every step a ``truscl`` command (docs/deploy.md, in order).
 
-Provision three devices and the broker (TLS, logins, ACL), start mosquitto from that
-configuration, deploy the contract on anvil, register the devices, create the task, run the
-owner, the aggregator and the three agents as separate processes, audit the two rounds, and stop
-everything with SIGTERM.
+Provision three devices and the broker (TLS, logins, ACL, a key guardian), start mosquitto from
+that configuration, deploy the contract on anvil, register the devices, generate the task's key
+with the guardian and create the task, run the owner, the guardian, the aggregator and the
+three agents as separate processes, audit the two rounds, and stop everything with SIGTERM.
 """
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import signal
 import socket
@@ -55,7 +56,7 @@ def serve(role: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
 def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_path: Path) -> None:
     node = NodeChain(anvil)  # the testnet faucet: it only pays for the roles' gas
     keys = {}
-    for role in ("admin", "owner", "aggregator"):
+    for role in ("admin", "owner", "aggregator", "guardian"):
         (tmp_path / role).mkdir()
         account = node.new_account()
         keys[role] = tmp_path / role / f"{role}.key"
@@ -70,7 +71,7 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
     ]
     truscl(
         "broker", "provision", "--out", broker_dir, "--devices", *addresses,
-        "--host", "127.0.0.1", "--port", port, "--bind", "127.0.0.1",
+        "--host", "127.0.0.1", "--port", port, "--bind", "127.0.0.1", "--guardians", "1",
     )  # fmt: skip
     mosquitto = subprocess.Popen([MOSQUITTO, "-c", str(broker_dir / "mosquitto.conf")])
     processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -91,11 +92,22 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
             task_file = task_file.replace(old, new)
         (tmp_path / "owner" / "task.toml").write_text(task_file)
         aggregator_address = load_account(keys["aggregator"]).address
+        guardian_address = load_account(keys["guardian"]).address
+        chosen = "0x" + secrets.token_hex(32)  # the task id, fixed before the key generation
         owner_toml = tmp_path / "owner" / "owner.toml"
         owner_toml.write_text(
             f'task_file = "task.toml"\naggregator = "{aggregator_address}"\n'
+            f'task = "{chosen}"\n'
             '[owner]\nkey = "owner.key"\nstate = "state"\n'
+            f'[guardians]\nguardian-1 = "{guardian_address}"\n'
             + identity(broker_dir, "owner", tmp_path / "owner")
+            + chain_table
+        )
+        guardian_toml = tmp_path / "guardian" / "guardian.toml"
+        guardian_toml.write_text(
+            f'task = "{chosen}"\nowner = "{load_account(keys["owner"]).address}"\n'
+            '[guardian]\nname = "guardian-1"\nkey = "guardian.key"\nstate = "state"\n'
+            + identity(broker_dir, "guardian-1", tmp_path / "guardian")
             + chain_table
         )
         # A task whose rounds its privacy budget cannot pay for is refused with the figures;
@@ -107,7 +119,14 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
             capture_output=True, text=True, timeout=120,
         )  # fmt: skip
         (tmp_path / "owner" / "task.toml").write_text(task_file)
+        # The key generation: the guardian joins while the owner's init runs
+        joining = subprocess.Popen(
+            [TRUSCL, "guardian", "init", "--config", str(guardian_toml)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
         task = truscl("owner", "init", "--config", owner_toml).strip()
+        guardian_context, joined = joining.communicate(timeout=300)
+        assert joining.returncode == 0, joined
         owner_status = truscl("owner", "status", "--config", owner_toml)
         # 5. The aggregator and the devices learn the task
         aggregator_toml = tmp_path / "aggregator" / "aggregator.toml"
@@ -127,6 +146,7 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
                 config.write(f"room = {index}\nseed = 5\ntime_scale = 60000\nhistory = 128\n")
         # 6. Every role as a service
         processes["owner"] = serve("owner", owner_toml, tmp_path / "owner.log")
+        processes["guardian"] = serve("guardian", guardian_toml, tmp_path / "guardian.log")
         processes["aggregator"] = serve("aggregator", aggregator_toml, tmp_path / "aggregator.log")
         for index, folder in enumerate(devices):
             processes[f"device-{index}"] = serve(
@@ -141,8 +161,10 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
         audit = truscl(
             "audit", "--rpc", anvil, "--contract", record.address, "--task", task,
             "--archive", tmp_path / "aggregator" / "archive",
+            "--keygen", tmp_path / "guardian" / "state" / "keygen.cbor",
         )  # fmt: skip
         status = truscl("agent", "status", "--config", devices[0] / "agent.toml")
+        guardian_status = truscl("guardian", "status", "--config", guardian_toml)
     finally:
         codes = {}
         for name, process in processes.items():
@@ -153,7 +175,12 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
 
     assert refused.returncode == 1 and "over the budget 2" in refused.stderr, refused.stderr
     assert "the budget allows" in owner_status and task in owner_status
+    assert task == chosen and "threshold (guardian-1, owner)" in owner_status
+    context = ChainClient.at(NodeChain(anvil).web3(), record.address).task(bytes.fromhex(task[2:]))
+    assert guardian_context.strip() == "0x" + context.context_hash.hex()
+    assert "decrypted rounds [1, 2]" in guardian_status and "refused   none" in guardian_status
     assert "audit: 2/2 rounds verified" in audit
+    assert "keygen: verified, the task's key was made by guardian-1, owner" in audit
     assert codes == dict.fromkeys(codes, 0), _logs(tmp_path)
     assert "registered on chain: yes" in status and "epsilon" in status
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from truscl.errors import ConfigError
-from truscl.server.config import AggregatorConfig, OwnerConfig
+from truscl.server.config import AggregatorConfig, GuardianConfig, OwnerConfig
 from truscl.server.owner import task_privacy
 from truscl.task import load_task_file
 
@@ -36,6 +36,7 @@ def test_the_example_task_file_makes_the_demo_terms() -> None:
         (lambda t: t.replace('"co2_ppm"]', '"co2"]'), "features must be"),
         (lambda t: t.replace('he_profile = "ckks-4096-60-49"', 'he_profile = "x"'), "he_profile"),
         (lambda t: t.replace("round_seconds = 60.0", "round_seconds = 0"), "round_seconds"),
+        (lambda t: t.replace("min_cohort = 2", "min_cohort = 1"), "min_cohort must be at least 2"),
     ],
 )
 def test_a_bad_task_file_is_refused_naming_the_key(
@@ -59,8 +60,62 @@ def test_the_example_service_files_load_and_resolve_paths(tmp_path: Path) -> Non
     )
 
     assert owner.broker.username == "owner" and owner.broker.ca is not None
+    assert owner.he_mode == "threshold" and [n for n, _ in owner.guardians] == ["guardian-1"]
     assert aggregator.expected_devices == 0 and aggregator.broker.port == 8883
     assert OwnerConfig.load(moved).key == tmp_path / "owner.key"
+
+
+def test_the_example_guardian_file_loads() -> None:
+    guardian = GuardianConfig.load(ROOT / "deploy" / "guardian.toml")
+
+    assert guardian.name == "guardian-1" and guardian.broker.username == "guardian-1"
+    assert guardian.task == "0x" + "00" * 31 + "01"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('he_mode = "threshold"', 'he_mode = "both"'), "he_mode must be"),
+        (lambda t: t.replace("task = ", "# task = "), "threshold mode (the default) needs task"),
+        (lambda t: t.replace("guardian-1 = ", "guardian-1 = '0x12' #"), "guardians.guardian-1"),
+        (lambda t: t.replace("guardian-1 = ", "owner = "), "the owner is a key holder"),
+        (
+            lambda t: t.replace('he_mode = "threshold"', 'he_mode = "single-key"'),
+            "[guardians] share a threshold key",
+        ),
+    ],
+)
+def test_a_bad_owner_file_is_refused_naming_the_key(
+    tmp_path: Path, edit: Callable[[str], str], message: str
+) -> None:
+    path = tmp_path / "owner.toml"
+    path.write_text(edit((ROOT / "deploy" / "owner.toml").read_text()))
+
+    with pytest.raises(ConfigError) as refused:
+        OwnerConfig.load(path)
+
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.replace('name = "guardian-1"', 'name = "owner"'), "guardian.name must not"),
+        (lambda t: t.replace('name = "guardian-1"', 'name = "a/b"'), "guardian.name"),
+        (lambda t: t.replace("owner = ", "owner = '0x1' #"), "owner must be an address"),
+        (lambda t: t.replace("state = ", "states = "), "guardian.state is required"),
+    ],
+)
+def test_a_bad_guardian_file_is_refused_naming_the_key(
+    tmp_path: Path, edit: Callable[[str], str], message: str
+) -> None:
+    path = tmp_path / "guardian.toml"
+    path.write_text(edit((ROOT / "deploy" / "guardian.toml").read_text()))
+
+    with pytest.raises(ConfigError) as refused:
+        GuardianConfig.load(path)
+
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""The owner, the aggregator and the agents as separate ``truscl`` processes on a real node.
+"""The owner, a key guardian, the aggregator and the agents as separate ``truscl`` processes on
+a real node.
 
 Each role runs from its own TOML file exactly as its systemd unit runs it, tells systemd
 (a notification socket here) when it is ready and feeds its watchdog; the owner is stopped and
@@ -30,7 +31,7 @@ def test_roles_as_services_complete_a_task_across_an_owner_restart(
 ) -> None:
     fleet = Fleet(tmp_path, anvil, devices=2, terms={"rounds": 3, "quorum": 2})
     sockets, env = {}, {}
-    for name in ("owner", "aggregator", "device-0"):
+    for name in ("owner", "guardian-1", "aggregator", "device-0"):
         sockets[name] = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sockets[name].bind(str(tmp_path / f"{name}.notify"))
         sockets[name].settimeout(60)
@@ -60,5 +61,10 @@ def test_roles_as_services_complete_a_task_across_an_owner_restart(
     assert (report.verified, report.total) == (3, 3), report.as_dict()
     owner_log = fleet.log("owner")
     assert "resumed at model 1" in owner_log and "released model 3" in owner_log
+    guardian_log = fleet.log("guardian-1")
+    partials = fleet.folders["owner"] / "state" / "partials"
+    for round_no in (1, 2, 3):
+        assert f"decrypted its part of round {round_no}" in guardian_log
+        assert (partials / f"{round_no}.partial").stat().st_mode & 0o777 == 0o600  # once each
     for index in range(2):
         assert "round 3 update included on chain" in fleet.log(f"device-{index}")

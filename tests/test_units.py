@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = ROOT / "systemd"
-ROLES = ("agent", "aggregator", "owner")
+ROLES = ("agent", "aggregator", "owner", "guardian")
 
 
 def settings(unit: Path) -> list[tuple[str, str, str]]:
@@ -89,7 +89,7 @@ def test_only_the_agent_reaches_devices_and_only_its_sensors() -> None:
             "/dev/gpiomem",
         )
     ]
-    for role in ("aggregator", "owner"):
+    for role in ("aggregator", "owner", "guardian"):
         server = UNITS / f"truscl-{role}.service"
         assert values(server, "Service", "PrivateDevices") == ["yes"]
         assert values(server, "Service", "DeviceAllow") == []

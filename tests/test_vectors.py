@@ -18,8 +18,11 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_utils import keccak
 
+from truscl.privacy.threshold import PartialDecryption
+from truscl.server.keygen import KeygenTerms
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_proof, merkle_root, split
+from truscl.wire.keyholders import SEED_COMMITMENT, SESSION, KeygenMessage, PartialMessage
 from truscl.wire.merkle import EMPTY_ROOT
 from truscl.wire.model import model_bytes
 from truscl.wire.receipt import Receipt
@@ -28,6 +31,8 @@ VECTORS = Path(__file__).resolve().parents[1] / "docs" / "vectors.json"
 DOMAIN = Domain(chain_id=31337, contract="0x5FbDB2315678afecb367f032d93F642f64180aa3")
 DEVICE = Account.from_key(keccak(text="truscl test vector: device"))
 AGGREGATOR = Account.from_key(keccak(text="truscl test vector: aggregator"))
+OWNER = Account.from_key(keccak(text="truscl test vector: owner"))
+GUARDIAN = Account.from_key(keccak(text="truscl test vector: guardian"))
 TASK = keccak(text="truscl test vector: task")
 
 
@@ -92,6 +97,29 @@ def compute() -> dict[str, Any]:
         feature_scales=(7.5, 25.0, 500.0, 800.0),
     )
     params = [0.5, -1.25, 3.0, 0.0, -0.001]
+    holders = (("guardian-1", GUARDIAN.address.lower()), ("owner", OWNER.address.lower()))
+    threshold_spec = TaskSpec(
+        **{
+            **spec.to_dict(),
+            "dp": spec.dp,
+            "key_holders": holders,
+            "keygen_digest": hexed(keccak(text="truscl test vector: transcript digest")),
+        }
+    )
+    session = KeygenMessage(
+        TASK, "owner", SESSION, KeygenTerms("ckks-4096-60-49", holders).encode()
+    ).signed(OWNER, DOMAIN)
+    commitment = KeygenMessage(
+        TASK, "guardian-1", SEED_COMMITMENT, keccak(text="truscl test vector: a commitment")
+    ).signed(GUARDIAN, DOMAIN)
+    aggregate_hash = keccak(text="truscl test vector: aggregate")
+    # A real partial is (ciphertexts, data primes, N) residues; two by four keep the vector short
+    tiny = PartialDecryption(
+        "guardian-1", aggregate_hash, np.arange(8, dtype=np.uint64).reshape(1, 2, 4)
+    )
+    partial = PartialMessage(TASK, 3, "guardian-1", aggregate_hash, tiny.to_bytes()).signed(
+        GUARDIAN, DOMAIN
+    )
     return {
         "domain": {
             "name": "truscl",
@@ -102,6 +130,8 @@ def compute() -> dict[str, Any]:
         "keys": {
             "device": hexed(bytes(DEVICE.key)),
             "aggregator": hexed(bytes(AGGREGATOR.key)),
+            "owner": hexed(bytes(OWNER.key)),
+            "guardian": hexed(bytes(GUARDIAN.key)),
         },
         "updates": [vector for _, vector in updates],
         "merkle": {
@@ -125,6 +155,27 @@ def compute() -> dict[str, Any]:
             "messages": [hexed(chunk) for chunk in split(blob, 1024)],
         },
         "spec": {"cbor": hexed(spec.encode()), "hash": hexed(spec.hash())},
+        "threshold_spec": {
+            "cbor": hexed(threshold_spec.encode()),
+            "hash": hexed(threshold_spec.hash()),
+        },
+        "keygen": [
+            {
+                "signer": account.address,
+                "data": hexed(message.data),
+                "cbor": hexed(message.encode()),
+                **digest(message.typed_data(DOMAIN)),
+                "signature": hexed(message.signature),
+            }
+            for message, account in ((session, OWNER), (commitment, GUARDIAN))
+        ],
+        "partial": {
+            "signer": GUARDIAN.address,
+            "partial": hexed(partial.partial),
+            "cbor": hexed(partial.encode()),
+            **digest(partial.typed_data(DOMAIN)),
+            "signature": hexed(partial.signature),
+        },
         "model": {
             "params": params,
             "bytes": hexed(model_bytes(np.asarray(params))),
@@ -147,6 +198,13 @@ def test_the_vectors_verify_as_a_third_party_would() -> None:
         assert update.signer(domain) == vector["device"]
     receipt = Receipt.decode(bytes.fromhex(stored["receipt"]["cbor"][2:]))
     receipt.verify(domain, stored["receipt"]["aggregator"])
+    for vector in stored["keygen"]:
+        KeygenMessage.decode(bytes.fromhex(vector["cbor"][2:])).verify(domain, vector["signer"])
+    partial = PartialMessage.decode(bytes.fromhex(stored["partial"]["cbor"][2:]))
+    partial.verify(domain, stored["partial"]["signer"])
+    assert PartialDecryption.from_bytes(partial.partial).polys.tolist() == [
+        [[0, 1, 2, 3], [4, 5, 6, 7]]
+    ]
     leaves = [bytes.fromhex(leaf[2:]) for leaf in stored["merkle"]["leaves"]]
     assert hexed(merkle_root(list(reversed(leaves)))) == stored["merkle"]["root"]
 

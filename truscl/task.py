@@ -69,10 +69,22 @@ class TaskSpec:
     max_message: int = DEFAULT_MAX_MESSAGE
     dp: DpTerms = field(default_factory=DpTerms)
     late_updates: bool = True  # an update that misses its round's close counts in the next
+    # The fewest accepted updates a round's aggregate may hold for any key holder to decrypt it
+    # (also a term on chain): an "aggregate" of one update would be that device's update.
+    min_cohort: int = 2
+    # Threshold mode: the key holders (broker identity name, Ethereum address) that share the
+    # CKKS secret key, all needed to decrypt, and the digest of the signed key-generation
+    # transcript that produced ``context_hash``. Both empty in single-key mode.
+    key_holders: tuple[tuple[str, str], ...] = ()
+    keygen_digest: str = ""
 
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.quorum < 1:
             raise ConfigError("rounds and quorum must be at least 1")
+        if self.min_cohort < 2:
+            raise ConfigError("min_cohort must be at least 2")
+        if bool(self.key_holders) != bool(self.keygen_digest) or len(self.key_holders) == 1:
+            raise ConfigError("a threshold key needs two or more holders and its transcript")
         if not (len(self.features) == len(self.feature_offsets) == len(self.feature_scales)):
             raise ConfigError("one offset and one scale per feature")
         self.scaler  # noqa: B018 - validates offsets and scales
@@ -97,6 +109,11 @@ class TaskSpec:
         return len(self.features) + 1
 
     @property
+    def he_mode(self) -> str:
+        """``threshold`` when the key is shared among holders, else ``single-key``."""
+        return "threshold" if self.key_holders else "single-key"
+
+    @property
     def sampling_rate(self) -> float:
         return self.dp.batch_size / self.window
 
@@ -110,6 +127,9 @@ class TaskSpec:
             fields["dp"] = DpTerms(**fields["dp"])
             for name in ("feature_offsets", "feature_scales", "features"):
                 fields[name] = tuple(fields[name])
+            fields["key_holders"] = tuple(
+                (str(name), str(address)) for name, address in fields.get("key_holders", ())
+            )
             return cls(**fields)
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"malformed task spec: {exc}") from None
@@ -167,6 +187,7 @@ def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
         "he_profile": reader.take(data, "he_profile", str, DEFAULT_PROFILE.name),
         "model": reader.take(data, "model", str, "logistic"),
         "late_updates": reader.take(data, "late_updates", bool, True),
+        "min_cohort": reader.take(data, "min_cohort", int, 2),
         "features": features,
         "context_hash": context_hash,
     }
@@ -177,6 +198,8 @@ def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
         raise reader.fail('model must be "logistic"')
     if fields["round_seconds"] <= 0:
         raise reader.fail("round_seconds must be > 0")
+    if fields["min_cohort"] < 2:
+        raise reader.fail("min_cohort must be at least 2 (one update alone is no aggregate)")
     try:
         scaler = FeatureScaler.from_ranges(ranges)
         return TaskSpec(

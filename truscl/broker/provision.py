@@ -43,6 +43,7 @@ TASK = re.compile(r"0x[0-9a-fA-F]{64}")
 AGGREGATOR = "aggregator"
 OWNER = "owner"
 ROLES = (AGGREGATOR, OWNER)
+GUARDIAN = re.compile(r"guardian-[1-9][0-9]*")  # key guardians: guardian-1, guardian-2, ...
 
 CA_DAYS = 3650
 LEAF_DAYS = 1825
@@ -116,9 +117,11 @@ def provision_broker(
     port: int = 8883,
     bind: str = "0.0.0.0",
     task: str | None = None,
+    guardians: int = 0,
 ) -> Provisioned:
-    """Write (or extend) a provisioned broker in ``out`` for ``devices``, the aggregator and the
-    owner; ``hosts`` are the names clients use for the broker (its certificate holds them all,
+    """Write (or extend) a provisioned broker in ``out`` for ``devices``, the aggregator, the
+    owner and ``guardians`` key guardians (``guardian-1`` ...: threshold mode needs at least
+    one); ``hosts`` are the names clients use for the broker (its certificate holds them all,
     the first goes into the clients' ``broker.toml``); ``task`` limits the ACL to one task."""
     # Everything is checked before anything is written, so a refusal leaves ``out`` as it was.
     names = [_device_name(d) for d in devices]
@@ -131,6 +134,8 @@ def provision_broker(
         raise ConfigError(f"{bind!r} is not an address to bind to")
     if task is not None and not TASK.fullmatch(task):
         raise ConfigError(f"{task!r} is not a task id (0x and 64 hex digits)")
+    if guardians < 0:
+        raise ConfigError("the number of guardians must not be negative")
     passwd_tool = shutil.which("mosquitto_passwd")
     if passwd_tool is None:
         raise ConfigError(
@@ -144,13 +149,19 @@ def provision_broker(
     out.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _load_or_create_ca(out)
     _ensure_broker_certificate(out, ca_key, ca_cert, hosts)
-    wanted = [*ROLES, *dict.fromkeys(names)]
+    guardian_names = [f"guardian-{n}" for n in range(1, guardians + 1)]
+    wanted = [*ROLES, *guardian_names, *dict.fromkeys(names)]
     added = []
     for name in wanted:
         if name not in existing:
             _issue_identity(clients, name, ca_key, ca_cert)
             added.append(name)
-    identities = (*ROLES, *sorted((set(existing) | set(names)) - set(ROLES)))
+    everyone = set(existing) | set(guardian_names) | set(names)
+    identities = (
+        *ROLES,
+        *sorted((n for n in everyone if GUARDIAN.fullmatch(n)), key=lambda n: int(n[9:])),
+        *sorted(n for n in everyone if _is_device_name(n)),
+    )
     for name in identities:
         _check_identity(clients / name, name, ca_cert)
         _write_client_toml(clients / name, hosts[0], port)
@@ -169,14 +180,16 @@ def _device_name(address: str) -> str:
 
 
 def _existing_identities(clients: Path) -> list[str]:
-    """The identities already issued: a folder under clients/ that is a role or an address."""
+    """The identities already issued: a folder under clients/ that is a role, a guardian or an
+    address."""
     if not clients.is_dir():
         return []
     found = []
     for entry in sorted(clients.iterdir()):
         if entry.name.startswith("."):
             continue  # an identity being issued when a run stopped: issued again
-        if not entry.is_dir() or not (entry.name in ROLES or _is_device_name(entry.name)):
+        known = entry.name in ROLES or GUARDIAN.fullmatch(entry.name) or _is_device_name(entry.name)
+        if not entry.is_dir() or not known:
             raise ConfigError(f"{entry} is not an identity this tool issued; move it away")
         found.append(entry.name)
     return found
@@ -470,10 +483,25 @@ def acl_text(identities: Sequence[str], task: str | None = None) -> str:
         elif name == OWNER:
             lines += [
                 "# The owner publishes the task and its models and reads only the aggregate:",
-                "# no device's update, and it writes no receipt.",
+                "# no device's update, and it writes no receipt. As a key holder it writes its",
+                "# own keygen messages and reads every holder's, and the guardians' partials.",
                 f"user {name}",
                 *(f"topic readwrite {base}/{t}" for t in ("spec", "context/+", "model")),
                 *(f"topic read {base}/{t}" for t in ("round", "aggregate")),
+                f"topic write {base}/keygen/{name}/+/+",
+                f"topic read {base}/keygen/+/+/+",
+                f"topic read {base}/partials/+/+",
+            ]
+        elif GUARDIAN.fullmatch(name):
+            lines += [
+                "# A key guardian: the task's public topics and the aggregate (no device's",
+                "# update), every holder's keygen messages; it writes only its own keygen",
+                "# messages and its own partial decryptions.",
+                f"user {name}",
+                *(f"topic read {base}/{t}" for t in (*reads_task, "aggregate")),
+                f"topic read {base}/keygen/+/+/+",
+                f"topic write {base}/keygen/{name}/+/+",
+                f"topic write {base}/partials/{name}/+",
             ]
         else:
             lines += [

@@ -51,6 +51,7 @@ GAS_LIMITS: Mapping[str, int] = {
     "createTask": 300_000,
     "anchorRound": 250_000,
     "publishModel": 120_000,
+    "refuseRound": 120_000,
 }
 
 _REVERTED_PREFIX = "execution reverted: "
@@ -202,9 +203,10 @@ class ChainClient:
         *,
         epsilon_micros: int,
         budget_micros: int,
+        min_cohort: int,
     ) -> str:
         """Create a task; the contract refuses one whose rounds would spend more epsilon than
-        its budget (``BudgetExceeded``)."""
+        its budget (``BudgetExceeded``) or whose minimum cohort is below 2."""
         fn = self._contract.functions.createTask(
             _b32(task_id),
             _b32(spec_hash),
@@ -213,8 +215,13 @@ class ChainClient:
             rounds,
             epsilon_micros,
             budget_micros,
+            min_cohort,
         )
         return self._transact("createTask", fn)
+
+    def min_cohort(self, task_id: bytes) -> int:
+        """The fewest accepted updates a round needs before any key holder decrypts it."""
+        return int(self._call(self._contract.functions.minCohort(_b32(task_id))))
 
     def task(self, task_id: bytes) -> TaskRecord:
         """The task's terms; ``ChainError`` (UnknownTask) if it was never created."""
@@ -289,6 +296,15 @@ class ChainClient:
     def publish_model(self, task_id: bytes, round: int, model_hash: bytes) -> str:
         fn = self._contract.functions.publishModel(_b32(task_id), round, _b32(model_hash))
         return self._transact("publishModel", fn)
+
+    def refuse_round(self, task_id: bytes, round: int, reason: int) -> str:
+        """Record on chain that no model derived from ``round``'s aggregate will be released."""
+        fn = self._contract.functions.refuseRound(_b32(task_id), round, reason)
+        return self._transact("refuseRound", fn)
+
+    def round_refusal(self, task_id: bytes, round: int) -> int:
+        """The reason code ``round`` was refused with (0: not refused)."""
+        return int(self._call(self._contract.functions.roundRefusal(_b32(task_id), round)))
 
     def model_hash(self, task_id: bytes, round: int) -> bytes | None:
         """Hash of the model published after ``round`` (0 = initial), ``None`` if none yet."""

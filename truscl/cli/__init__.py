@@ -12,10 +12,10 @@ import logging
 import sys
 from collections.abc import Callable
 
-from truscl.cli import agent, aggregator, audit, broker, chain, demo, owner
+from truscl.cli import agent, aggregator, audit, broker, chain, demo, guardian, owner
 from truscl.errors import TrusclError
 
-GROUPS = (demo, broker, chain, owner, aggregator, agent, audit)
+GROUPS = (demo, broker, chain, owner, guardian, aggregator, agent, audit)
 
 Handler = Callable[[argparse.Namespace], int]
 

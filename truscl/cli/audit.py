@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from truscl.cli.common import task_id
 from truscl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from truscl.chain import ChainClient
+    from truscl.server.archive import Archive
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,6 +24,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     audit.add_argument("--task", required=True, type=task_id, help="0x-prefixed task id")
     audit.add_argument("--archive", type=Path, required=True, help="the aggregator's archive")
     audit.add_argument("--json", type=Path, metavar="FILE", help="also write the report here")
+    audit.add_argument(
+        "--keygen", type=Path, metavar="FILE",
+        help="also check a threshold task's key: a key holder's keygen.cbor against the chain "
+        "and the archived spec",
+    )  # fmt: skip
     audit.set_defaults(handler=run)
 
 
@@ -38,4 +48,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"audit: {report.verified}/{report.total} rounds verified")
     if args.json:
         args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
-    return 0 if report.verified == report.total else 1
+    keygen_ok = args.keygen is None or _audit_keygen(args, chain, Archive(args.archive))
+    return 0 if report.verified == report.total and keygen_ok else 1
+
+
+def _audit_keygen(args: argparse.Namespace, chain: ChainClient, archive: Archive) -> bool:
+    from truscl.errors import TrusclError
+    from truscl.server.keygen import KeygenRecord, audit_keygen
+    from truscl.task import TaskSpec
+    from truscl.wire.signing import Domain
+
+    try:
+        record = KeygenRecord.decode(args.keygen.read_bytes())
+        spec = TaskSpec.decode(archive.spec(args.task))
+        task = chain.task(bytes.fromhex(args.task[2:]))
+        audit_keygen(record, spec, task, Domain(chain.chain_id, chain.address))
+    except (OSError, TrusclError) as exc:
+        print(f"keygen: FAILED: {exc}")
+        return False
+    holders = ", ".join(name for name, _ in record.terms.holders)
+    print(f"keygen: verified, the task's key was made by {holders}, each signing the transcript")
+    return True

@@ -16,7 +16,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="write a CA, certificates, logins, an ACL and mosquitto.conf for a fleet",
         description=(
             "Write (or extend: the CA and the identities already issued are kept) a broker "
-            "folder: one client folder each for the devices, the aggregator and the owner."
+            "folder: one client folder each for the devices, the aggregator, the owner and the "
+            "key guardians."
         ),
     )
     provision.add_argument("--out", type=Path, required=True, help="the broker's folder")
@@ -32,6 +33,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     provision.add_argument("--port", type=int, default=8883, help="TLS port (default 8883)")
     provision.add_argument("--bind", default="0.0.0.0", help="address to listen on")
     provision.add_argument("--task", type=task_id, help="allow only this task's topics")
+    provision.add_argument(
+        "--guardians", type=int, default=1, metavar="N",
+        help="key guardians guardian-1 .. guardian-N (default 1; threshold mode needs one or "
+        "more, 0 for a single-key owner)",
+    )  # fmt: skip
     provision.set_defaults(handler=run_provision)
 
 
@@ -45,6 +51,7 @@ def run_provision(args: argparse.Namespace) -> int:
         port=args.port,
         bind=args.bind,
         task=args.task,
+        guardians=args.guardians,
     )
     print(f"configuration: {done.conf}")
     print(f"ACL: {done.acl}")

@@ -40,6 +40,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="round deadline: after it a round closes with a quorum (default 20)",
     )
     demo.add_argument(
+        "--he-mode",
+        choices=("threshold", "single-key"),
+        default="threshold",
+        help="threshold (default): the owner and a key guardian share the CKKS key, both "
+        "needed to decrypt; single-key: the owner holds it all",
+    )
+    demo.add_argument(
         "--drop-device",
         type=int,
         metavar="ROUND",
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         round_seconds=args.round_seconds,
         rpc=args.rpc,
         in_process=args.in_process,
+        he_mode=args.he_mode,
     )
     summary = run_demo(config, out=sys.stdout)
     if args.json:

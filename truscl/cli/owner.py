@@ -62,11 +62,16 @@ def show_status(args: argparse.Namespace) -> int:
     status = owner_status(OwnerConfig.load(args.config))
     released = status["models_released"]
     anchored = status.get("rounds_anchored", f"unknown ({status.get('chain_error')})")
+    holders = status["key_holders"]
     print(
         f"task      {status['task']}\n"
+        f"keys      {status['he_mode']}"
+        + (f" ({', '.join(holders)})" if holders else "")
+        + f", minimum cohort {status['min_cohort']}\n"
         f"rounds    {status['rounds']} (quorum {status['quorum']}, "
         f"deadline {status['round_seconds']:g} s), {anchored} anchored, "
-        f"latest model {released[-1] if released else 'none'}\n"
+        f"latest model {released[-1] if released else 'none'}, "
+        f"refused {status.get('refused_rounds', 'unknown') or 'none'}\n"
         f"privacy   the task spends epsilon {status['epsilon_task']:.3f} of each device's "
         f"budget {status['epsilon_budget']:g} (delta {status['delta']:g}); "
         f"the budget allows {status['rounds_budget_allows']} rounds"

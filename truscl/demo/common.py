@@ -14,6 +14,7 @@ import numpy as np
 from truscl.agent.sensors import Reading, SensorSuite
 from truscl.errors import TrusclError
 from truscl.learning import FeatureScaler, LogisticModel, train_centralised
+from truscl.privacy.accounting import pld_epsilon
 from truscl.privacy.ckks import DEFAULT_PROFILE
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import SimulatedDevice
@@ -45,6 +46,7 @@ class DemoConfig:
     dp: DpTerms = field(default_factory=DpTerms)
     rpc: str | None = None  # a development node to use instead of starting anvil
     in_process: bool = False  # every role in this process, on the in-process EVM (or --rpc)
+    he_mode: str = "threshold"  # the owner and one key guardian share the key; or "single-key"
 
     @property
     def quorum(self) -> int:
@@ -142,23 +144,36 @@ def summarise(
     out: TextIO,
 ) -> dict[str, Any]:
     final = rows[-1].accuracy
+    dp = spec.dp
     summary: dict[str, Any] = {
         "rounds": [row.as_dict() for row in rows],
         "final_accuracy": round(final, 4),
         "baseline_accuracy": round(baseline, 4),
         "epsilon": round(rows[-1].epsilon, 4),
+        # the same DP events (every round's local steps) under the PLD accountant
+        "epsilon_pld": round(
+            pld_epsilon(
+                spec.sampling_rate, dp.noise_multiplier, dp.local_steps * len(rows), dp.delta
+            ),
+            4,
+        ),
         "delta": spec.dp.delta,
+        "he_mode": spec.he_mode,
+        "key_holders": [name for name, _ in spec.key_holders],
         "audit": audit,
         "devices": config.devices,
         "task": spec.task,
         "seconds": round(seconds, 1),
         **extra,
     }
+    holders = f" ({', '.join(summary['key_holders'])})" if spec.key_holders else ""
     print(
         f"final accuracy {final:.3f}, centralised non-private baseline {baseline:.3f} "
         f"({100 * final / baseline:.1f} %)\n"
         f"privacy: epsilon {summary['epsilon']:.3f} per device at delta {spec.dp.delta:g} "
-        f"(budget {spec.dp.epsilon_budget:g})\n"
+        f"(budget {spec.dp.epsilon_budget:g}; PLD accountant {summary['epsilon_pld']:.3f})\n"
+        f"keys: {spec.he_mode}{holders}; "
+        f"refused rounds: {summary.get('refused_rounds') or 'none'}\n"
         f"audit: {audit['verified']}/{audit['total']} rounds verified against the chain\n"
         f"time: {summary['seconds']} s",
         file=out,

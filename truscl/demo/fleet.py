@@ -1,11 +1,13 @@
 """``truscl demo``: the deployment a user runs, on one machine, each role its own OS process.
 
 The launcher does what an operator does: it makes each device's key, provisions the broker
-(a test CA, one TLS client identity and login per role and device, an ACL) and starts it,
-starts a development node (anvil) unless one is given, deploys the contract (its record in
-``deployment.json``), registers the devices, creates the task with ``owner init``, and starts
-``truscl owner run``, ``truscl aggregator run`` and one ``truscl agent run`` per device, each
-from its own TOML file, with its log in ``logs/``. It follows the task on the chain, reads each
+(a test CA, one TLS client identity and login per role, guardian and device, an ACL) and starts
+it, starts a development node (anvil) unless one is given, deploys the contract (its record in
+``deployment.json``), registers the devices, creates the task with ``owner init`` while
+``truscl guardian init`` joins its key generation (threshold mode, the default: the owner and
+one key guardian share the CKKS key), and starts ``truscl owner run``, ``truscl guardian run``,
+``truscl aggregator run`` and one ``truscl agent run`` per device, each from its own TOML file,
+with its log in ``logs/``. It follows the task on the chain, reads each
 round from the aggregator's archive and the owner's released models, audits the task, then stops
 every process with SIGTERM, as systemd would.
 
@@ -17,6 +19,7 @@ time; the centralised baseline is trained on the same rooms' readings over the s
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import subprocess
 import sys
@@ -66,6 +69,7 @@ from truscl.wire.model import model_from_bytes
 log = logging.getLogger(__name__)
 
 GAS_MONEY_WEI = 10**19
+GUARDIAN = "guardian-1"  # the demo's one key guardian (its broker identity and holder name)
 ROUND_SECONDS_REAL = 3.0  # real seconds in which a device takes a round's worth of readings
 TIME_SCALE = READINGS_PER_ROUND * READING_INTERVAL_S / ROUND_SECONDS_REAL
 POLL_S = 0.2
@@ -116,7 +120,12 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
             _device_address(workdir / "devices" / str(index)) for index in range(config.devices)
         ]
         broker = provision_broker(
-            workdir / "broker", addresses, hosts=("127.0.0.1",), port=free_port(), bind="127.0.0.1"
+            workdir / "broker",
+            addresses,
+            hosts=("127.0.0.1",),
+            port=free_port(),
+            bind="127.0.0.1",
+            guardians=1 if config.he_mode == "threshold" else 0,
         )
         stack.enter_context(Mosquitto.provisioned(broker.conf))
         rpc = config.rpc or stack.enter_context(Anvil(log=workdir / "logs" / "anvil.log")).url
@@ -151,6 +160,7 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
             rows.append(row)
             print(row.line(config.devices), file=out)
         report = audit_task(reader, Archive(archive), spec.task)
+        refused = [r for r in range(1, config.rounds + 1) if reader.round_refusal(spec.task_id, r)]
         codes = _stop_all(roles)
     unclean = {name: code for name, code in codes.items() if code != 0}
     if unclean:
@@ -164,7 +174,7 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         report.as_dict(),
         time.monotonic() - started,
         {
-            "he_mode": "single-key",
+            "refused_rounds": refused,
             "chain": rpc,
             "contract": contract.address,
             "workdir": str(workdir),
@@ -204,10 +214,11 @@ def _create_task(
     broker: Provisioned,
     rpc: str,
 ) -> TaskSpec:
-    """Write the owner's task file and configuration, then ``owner init``."""
+    """Write the owner's task file and configuration, then ``owner init`` (in threshold mode
+    with ``guardian init`` beside it: the key generation needs both)."""
     folder = workdir / "owner"
     folder.mkdir(parents=True, exist_ok=True)
-    _funded_key(node, folder / "owner.key")
+    owner = _funded_key(node, folder / "owner.key")
     aggregator = _funded_key(node, workdir / "aggregator" / "aggregator.key")
     ranges = dict(zip(FEATURES, SENSOR_RANGES, strict=True))
     (folder / "task.toml").write_text(
@@ -222,17 +233,60 @@ def _create_task(
             {"ranges": {k: list(v) for k, v in ranges.items()}, "dp": asdict(config.dp)},
         )
     )
-    (folder / "owner.toml").write_text(
+    chain = {"rpc": rpc, "contract": contract}
+    top: dict[str, Any] = {"task_file": "task.toml", "aggregator": aggregator.address}
+    tables: dict[str, dict[str, Any]] = {
+        "owner": {"key": "owner.key", "state": "state"},
+        "broker": broker_table(broker.settings("owner")),
+        "chain": chain,
+    }
+    joining: subprocess.Popen[bytes] | None = None
+    if config.he_mode == "single-key":
+        top["he_mode"] = "single-key"
+    else:
+        task = "0x" + secrets.token_hex(32)
+        guardian = _guardian_config(workdir, task, owner.address, broker, chain)
+        top["task"] = task
+        tables["guardians"] = {GUARDIAN: load_account(guardian.parent / "guardian.key").address}
+        joining = subprocess.Popen(
+            [sys.executable, "-m", "truscl.cli", "--log-level", "INFO",
+             "guardian", "init", "--config", str(guardian)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=(workdir / "logs" / "guardian-init.log").open("ab"),
+        )  # fmt: skip
+    (folder / "owner.toml").write_text(render_toml(top, tables))
+    try:
+        spec = init_task(OwnerConfig.load(folder / "owner.toml"))
+    except BaseException:
+        if joining is not None:  # it would wait for a key generation that will not come
+            stop_process(joining, STOP_TIMEOUT_S)
+        raise
+    if joining is not None and joining.wait(STOP_TIMEOUT_S) != 0:
+        log_text = (workdir / "logs" / "guardian-init.log").read_text(errors="replace")
+        raise DemoFailed(f"guardian init failed:\n{log_text[-2000:]}")
+    return spec
+
+
+def _guardian_config(
+    workdir: Path, task: str, owner: str, broker: Provisioned, chain: dict[str, str]
+) -> Path:
+    """The key guardian's folder: its key (it sends no transaction: no gas) and guardian.toml."""
+    folder = workdir / GUARDIAN
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "guardian.key").exists():
+        write_secret(folder / "guardian.key", bytes(Account.create().key))
+    (folder / "guardian.toml").write_text(
         render_toml(
-            {"task_file": "task.toml", "aggregator": aggregator.address},
+            {"task": task, "owner": owner},
             {
-                "owner": {"key": "owner.key", "state": "state"},
-                "broker": broker_table(broker.settings("owner")),
-                "chain": {"rpc": rpc, "contract": contract},
+                "guardian": {"name": GUARDIAN, "key": "guardian.key", "state": "state"},
+                "broker": broker_table(broker.settings(GUARDIAN)),
+                "chain": chain,
             },
         )
     )
-    return init_task(OwnerConfig.load(folder / "owner.toml"))
+    return folder / "guardian.toml"
 
 
 def _start_services(
@@ -262,6 +316,12 @@ def _start_services(
         Role("aggregator", ["aggregator", "run", "--config", str(aggregator_toml)],
              logs / "aggregator.log"),
     ]  # fmt: skip
+    if spec.key_holders:
+        guardian_toml = workdir / GUARDIAN / "guardian.toml"
+        roles.append(
+            Role(GUARDIAN, ["guardian", "run", "--config", str(guardian_toml)],
+                 logs / f"{GUARDIAN}.log")
+        )  # fmt: skip
     configs = []
     for index in range(config.devices):
         folder = workdir / "devices" / str(index)
@@ -313,12 +373,13 @@ def _wait_for_model(
     config: DemoConfig, chain: ChainClient, spec: TaskSpec, round_no: int, roles: list[Role]
 ) -> None:
     deadline = time.monotonic() + config.round_timeout
+    services = [r for r in roles if not r.name.startswith("device")]
     while chain.model_hash(spec.task_id, round_no) is None:
-        stopped = [r for r in roles[:2] if not r.running()]
+        stopped = [r for r in services if not r.running()]
         if stopped:
             raise DemoFailed(f"the {stopped[0].name} stopped:\n{stopped[0].tail()}")
         if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {r.name}\n{r.tail(5)}" for r in roles[:3])
+            tails = "\n".join(f"--- {r.name}\n{r.tail(5)}" for r in services)
             raise DemoFailed(
                 f"round {round_no} did not complete within {config.round_timeout}s\n{tails}"
             )

@@ -2,24 +2,28 @@
 MQTT and the chain.
 
 A real mosquitto broker (child process), an in-process EVM with the truscl contract (or a node
-given with ``--rpc``), the task owner, one aggregator and N simulated devices, each in its own
-threads. The harness plays the rooms: it advances each room's clock when the device reads its
-sensors, and keeps a copy of every reading only to train the centralised, non-private baseline
-the summary compares with.
+given with ``--rpc``), the task owner, a key guardian (threshold mode, the default: the two run
+the key generation over the broker, each in its own thread), one aggregator and N simulated
+devices, each in its own threads. The harness plays the rooms: it advances each room's clock
+when the device reads its sensors, and keeps a copy of every reading only to train the
+centralised, non-private baseline the summary compares with.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import secrets
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+from eth_account.signers.local import LocalAccount
 
 from truscl.agent.device import DeviceAgent
 from truscl.agent.sensors import Reading, SensorSuite
@@ -39,16 +43,30 @@ from truscl.demo.common import (
     summarise,
     test_set,
 )
+from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
 from truscl.learning import LogisticModel
-from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys
+from truscl.mqtt import BrokerSettings
+from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys, context_hash
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
-from truscl.server.owner import TaskOwner
+from truscl.server.config import OWNER_HOLDER
+from truscl.server.guardian import Guardian, GuardianRecords
+from truscl.server.keygen import (
+    HolderState,
+    KeygenBoard,
+    KeygenRecord,
+    KeygenTerms,
+    await_session,
+    publish_session,
+    run_keygen_holder,
+)
+from truscl.server.owner import HeKeys, TaskOwner
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import SimulatedDevice
 from truscl.sim.rooms import Room, make_rooms
+from truscl.wire.signing import Domain
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +124,10 @@ def run_in_process(
     contract = ChainClient.deploy(chain.web3(), admin, chain.lock)
 
     owner_account, aggregator_account = chain.new_account(), chain.new_account()
-    keys = OwnerKeys.generate(DEFAULT_PROFILE)
+    guardian_account = chain.new_account()
     (workdir / "owner").mkdir(exist_ok=True)
-    keys.save(workdir / "owner" / "secret-context")
+    task = "0x" + secrets.token_hex(32)
+    domain = Domain(contract.chain_id, contract.address)
 
     models: queue.Queue[tuple[int, np.ndarray]] = queue.Queue()
     broker = Mosquitto(workdir / "broker").start()
@@ -116,12 +135,32 @@ def run_in_process(
     suites: list[SensorSuite] = []
     owner: TaskOwner | None = None
     aggregator: Aggregator | None = None
+    guardian: Guardian | None = None
 
     def drop(round_no: int) -> None:
         if config.drop_device_at == round_no:
             agents[-1].stop()
 
     try:
+        terms: dict[str, Any] = {}
+        if config.he_mode == "threshold":
+            record = _keygen(
+                workdir, task, domain, broker.settings, owner_account, guardian_account
+            )
+            owner_state = HolderState(workdir / "owner")
+            keys = HeKeys(
+                share=owner_state.share(OWNER_HOLDER, DEFAULT_PROFILE.name),
+                public_context=owner_state.public_context(),
+                guardians={GUARDIAN: guardian_account.address.lower()},
+            )
+            terms = {
+                "key_holders": tuple((n, a.lower()) for n, a in record.terms.holders),
+                "keygen_digest": "0x" + record.transcript.digest().hex(),
+            }
+        else:
+            single = OwnerKeys.generate(DEFAULT_PROFILE)
+            single.save(workdir / "owner" / "secret-context")
+            keys = HeKeys.single_key(single)
         owner = TaskOwner(
             keys=keys,
             chain=chain.client(contract.address, owner_account),
@@ -129,12 +168,14 @@ def run_in_process(
             on_model=lambda r, params: models.put((r, params)),
         )
         spec = occupancy_spec(
-            owner.context_hash,
+            "0x" + context_hash(keys.public_context).hex(),
+            task=task,
             rounds=config.rounds,
             quorum=config.quorum,
             round_seconds=config.round_seconds,
             max_message=config.max_message,
             dp=config.dp,
+            **terms,
         )
         for index, sim in enumerate(sims):
             account = load_or_create_account(workdir / "devices" / str(index) / "device.key")
@@ -153,7 +194,7 @@ def run_in_process(
                     clock=clock,  # the devices read the deadlines on the aggregator's clock
                 ).start()
             )
-        aggregator = Aggregator(
+        built = Aggregator(
             spec=spec,
             public_context=owner.public_context,
             chain=chain.client(contract.address, aggregator_account),
@@ -166,7 +207,21 @@ def run_in_process(
         )
         drop(1)
         owner.create_task(spec, aggregator_account.address, model.init_params())
-        aggregator.start()
+        if terms:
+            guardian_state = HolderState(workdir / GUARDIAN)
+            guardian = Guardian(
+                task=task,
+                owner=owner_account.address,
+                name=GUARDIAN,
+                share=guardian_state.share(GUARDIAN, DEFAULT_PROFILE.name),
+                public_context=guardian_state.public_context(),
+                keygen_digest=bytes.fromhex(terms["keygen_digest"][2:]),
+                chain=chain.client(contract.address, guardian_account),
+                account=guardian_account,
+                broker=broker.settings,
+                records=GuardianRecords(workdir / GUARDIAN),
+            ).start()
+        aggregator = built.start()  # from here on it has threads to stop
         rows: list[RoundRow] = []
         print(
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, in one process, "
@@ -197,12 +252,16 @@ def run_in_process(
             )
             rows.append(row)
             print(row.line(config.devices), file=out)
-        report = audit_task(chain.client(contract.address), Archive(workdir / "archive"), spec.task)
+        reader = chain.client(contract.address)
+        report = audit_task(reader, Archive(workdir / "archive"), spec.task)
+        refused = [r for r in range(1, config.rounds + 1) if reader.round_refusal(spec.task_id, r)]
     finally:
         for agent in agents:
             agent.stop()
         if aggregator is not None:
             aggregator.stop()
+        if guardian is not None:
+            guardian.stop()
         if owner is not None:
             owner.stop()
         for suite in suites:
@@ -218,7 +277,7 @@ def run_in_process(
         report.as_dict(),
         time.monotonic() - started,
         {
-            "he_mode": "single-key",
+            "refused_rounds": refused,
             "chain": config.rpc or "embedded",
             "contract": contract.address,
             "workdir": str(workdir),
@@ -230,3 +289,48 @@ def run_in_process(
     else:
         print(f"keys, archive and broker log kept in {workdir}", file=out)
     return summary
+
+
+GUARDIAN = "guardian-1"
+
+
+def _keygen(
+    workdir: Path,
+    task: str,
+    domain: Domain,
+    broker: BrokerSettings,
+    owner: LocalAccount,
+    guardian: LocalAccount,
+) -> KeygenRecord:
+    """The owner's and the guardian's sides of the key generation, each in its own thread,
+    talking only through the broker, as their two processes would."""
+    holders = sorted(((OWNER_HOLDER, owner.address), (GUARDIAN, guardian.address)))
+    terms = KeygenTerms(DEFAULT_PROFILE.name, tuple(holders))
+    records: dict[str, KeygenRecord] = {}
+    failures: list[TrusclError] = []
+
+    def holder(name: str, account: LocalAccount) -> None:
+        try:
+            with KeygenBoard(
+                task=task, name=name, account=account, domain=domain, broker=broker
+            ) as board:
+                if name == OWNER_HOLDER:
+                    publish_session(board, terms)
+                    session = terms
+                else:
+                    session = await_session(board, OWNER_HOLDER, owner.address)
+                _, records[name] = run_keygen_holder(board, session, HolderState(workdir / name))
+        except TrusclError as exc:
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=holder, args=(name, account), name=f"keygen-{name}")
+        for name, account in ((GUARDIAN, guardian), (OWNER_HOLDER, owner))
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise DemoFailed(f"key generation failed: {failures[0]}")
+    return records[OWNER_HOLDER]

@@ -18,7 +18,9 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+import dp_accounting
 import numpy as np
+from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import (
     DEFAULT_RDP_ORDERS,
     _compute_rdp_poisson_subsampled_gaussian,
@@ -80,6 +82,24 @@ def _rdp_of_one_step(sampling_rate: float, noise_multiplier: float) -> np.ndarra
 def rdp_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
     """Epsilon of ``steps`` Poisson-subsampled Gaussian steps, by the RDP accountant."""
     return _epsilon([SpentRound(sampling_rate, noise_multiplier, steps)], delta)
+
+
+def pld_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
+    """The same events under dp-accounting's privacy-loss-distribution accountant.
+
+    PLD accounting is tight where RDP's conversion to (epsilon, delta) is not, so it reports a
+    smaller epsilon for the same steps (3.49 rather than 3.98 for the demo's ten rounds). Devices
+    budget with RDP, the conservative figure; this is for reports. About half a second per call.
+    """
+    SpentRound(sampling_rate, noise_multiplier, steps)  # validates the terms
+    if not 0 < delta < 1:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}")
+    step = dp_accounting.PoissonSampledDpEvent(
+        sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
+    )
+    accountant = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(step, steps))
+    return float(accountant.get_epsilon(delta))
 
 
 class PrivacyLedger:

@@ -1,6 +1,7 @@
 """CKKS profiles and key roles on TenSEAL 0.3.18: who may encrypt, add and decrypt.
 
-Three roles hold three different contexts. The task owner holds the only secret key; devices
+Three roles hold three different contexts. In single-key mode the task owner holds the only
+secret key (in threshold mode no context holds one: :mod:`truscl.privacy.threshold`); devices
 get the public context (encrypt only); the aggregator gets a context with no key at all, which
 is enough to add ciphertexts and nothing else. Every context a device or aggregator loads is
 checked to hold no secret key, and every ciphertext is checked against the task's parameters

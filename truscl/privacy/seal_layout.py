@@ -102,8 +102,9 @@ def ciphertext_polys(ciphertext: object) -> np.ndarray:
 def secret_key_ntt(context: ts.Context) -> np.ndarray:
     """An ordinary (single-key) context's secret key, ``(L + 1, N)`` in NTT form at key level.
 
-    Only the tripwire tests need this: it shows SEAL's own key in the representation the
-    threshold code computes with.
+    It shows SEAL's own key in the representation the threshold code computes with: the
+    tripwire tests compare the two, and single-key mode decrypts through the threshold path
+    with the whole key as one share (``KeyShare.from_context``).
     """
     if not context.is_private():
         raise HeError("context has no secret key")

@@ -364,6 +364,20 @@ class KeyShare:
     def generate(cls, holder_id: str, profile: CkksProfile = DEFAULT_PROFILE) -> KeyShare:
         return cls(holder_id, profile, _ternary(profile.poly_modulus_degree))
 
+    @classmethod
+    def from_context(cls, holder_id: str, context: ts.Context) -> KeyShare:
+        """A single-key context's whole secret key as a one-holder share.
+
+        Single-key mode decrypts through the same partial-decrypt-and-combine path as
+        threshold mode, so it reads every slot (not only the vector's values) and its release
+        is bounds-checked the same way.
+        """
+        profile = profile_of(context)
+        level = seal_layout.key_level(context)
+        row = seal_layout.secret_key_ntt(context)[0]
+        values = centered(ntt_for(level.degree, level.moduli[0]).inverse(row), level.moduli[0])
+        return cls(holder_id, profile, values)
+
     @property
     def coefficients(self) -> np.ndarray:
         return self._coefficients.copy()
@@ -695,6 +709,22 @@ def combine(
     plus noise, and that noise includes every holder's smudging, which (heuristically, see
     :data:`SMUDGING_SIGMA`) keeps the result from revealing the key shares.
     """
+    slots = combine_slots(context, aggregate, expected_size, partials, holders)
+    chunks = _aggregate_chunks(context, aggregate, expected_size, profile_of(context))
+    return np.concatenate([row[: chunk.values] for row, chunk in zip(slots, chunks, strict=True)])
+
+
+def combine_slots(
+    context: ts.Context,
+    aggregate: bytes,
+    expected_size: int,
+    partials: Collection[PartialDecryption],
+    holders: Collection[str],
+) -> np.ndarray:
+    """Every slot of every ciphertext, ``(chunks, slots)``: the vector's values first, then the
+    slots no value was encrypted in, which an honest sum leaves at noise level. A release check
+    needs them all: a crafted ciphertext shows up there as much as in the values.
+    """
     if sorted(p.holder_id for p in partials) != sorted(set(holders)):
         raise HeError("need exactly one partial decryption from each key holder")
     digest = context_hash(aggregate)
@@ -717,5 +747,5 @@ def combine(
         plain = seal_layout.load_plaintext(
             context, seal_layout.plaintext_bytes(chunk.parms_id, chunk.scale, total, version)
         )
-        values.append(seal_layout.decode(context, plain)[: chunk.values])
-    return np.concatenate(values)
+        values.append(seal_layout.decode(context, plain))
+    return np.stack(values)

@@ -61,6 +61,16 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
         "anchor_tx": str,
     },
     "spec": {"spec": dict},
+    # The key holders' messages (truscl.wire.keyholders), in threshold mode only.
+    "keygen": {"task": bytes, "holder": str, "step": str, "data": bytes, "signature": bytes},
+    "partial": {
+        "task": bytes,
+        "round": int,
+        "holder": str,
+        "aggregate": bytes,
+        "partial": bytes,
+        "signature": bytes,
+    },
 }
 
 

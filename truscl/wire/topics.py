@@ -57,3 +57,19 @@ class TaskTopics:
     @staticmethod
     def last_segment(topic: str) -> str:
         return topic.rsplit("/", 1)[-1]
+
+    def keygen(self, holder: str, step: str) -> str:
+        """Retained: one holder's message for one key-generation step (chunked sub-topics)."""
+        return f"{self.base}/keygen/{holder}/{step}"
+
+    @property
+    def all_keygen(self) -> str:
+        return f"{self.base}/keygen/+/+/+"
+
+    def partial(self, holder: str) -> str:
+        """Retained: a key holder's latest partial decryption (chunked sub-topics)."""
+        return f"{self.base}/partials/{holder}"
+
+    @property
+    def all_partials(self) -> str:
+        return f"{self.base}/partials/+/+"
