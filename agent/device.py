@@ -313,7 +313,7 @@ class DeviceAgent:
         )
         check_inclusion(ours.record if ours else None, message, ours.counted_in if ours else 0)
         assert ours is not None and ours.record is not None
-        if not self.chain.verify_update(ours.record, proof):
+        if not self.chain.verify_update(ours.record, proof, round_no):  # the counting round
             raise ProtocolError(f"round {round_no} root on chain does not include our update")
         self._apply(self._book.included(ours.round, message["anchor_tx"]))
         log.info("device %s: round %d update included on chain", self.name, ours.round)

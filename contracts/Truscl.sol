@@ -301,12 +301,16 @@ contract Truscl is AccessControl {
         return keccak256(bytes.concat(keccak256(abi.encode(update))));
     }
 
-    /// @notice Whether `update` was counted in its round: false too if the round is not anchored.
+    /// @notice Whether `update` was counted in round `countedIn`: its own round, or the next one
+    /// when it arrived after its own closed and the task carries late updates over. False too if
+    /// that round is not anchored.
     function verifyUpdate(
         Update calldata update,
+        uint32 countedIn,
         bytes32[] calldata proof
     ) external view returns (bool) {
-        RoundAnchor storage anchor = _anchors[update.task][update.round];
+        if (countedIn != update.round && countedIn != update.round + 1) return false;
+        RoundAnchor storage anchor = _anchors[update.task][countedIn];
         if (anchor.blockNumber == 0) return false;
         return MerkleProof.verifyCalldata(proof, anchor.updatesRoot, updateLeaf(update));
     }

@@ -504,6 +504,24 @@ def test_a_wrong_update_or_proof_does_not_verify(
     assert not roles.auditor.verify_update(record, [*proof[:-1], keccak(b"x")])
     assert not roles.auditor.verify_update(record, proof[:-1])
     assert not roles.auditor.verify_update(record._replace(round=4), proof)  # another root
+    assert not roles.auditor.verify_update(record, proof, counted_in=7)  # not its round or next
+
+
+def test_a_late_update_verifies_in_the_round_that_counted_it(roles: Roles) -> None:
+    # Prepare: an update made for round 1, counted in round 2 beside round 2's own updates
+    task_id = new_task(roles, "late update", rounds=3)
+    first = records(task_id, 1, 3)
+    (late,) = records(task_id, 1, 1)
+    second = [late, *records(task_id, 2, 2)]
+    for round_, tree in ((1, first), (2, second)):
+        root = merkle_root([r.leaf() for r in tree])
+        roles.aggregator.anchor_round(task_id, round_, root, keccak(b"agg"), len(tree))
+    proof = merkle_proof([r.leaf() for r in second], late.leaf())
+
+    # Execute / Assert: round 2's root counts it; its own round's does not; nor any later one
+    assert roles.auditor.verify_update(late, proof, counted_in=2)
+    assert not roles.auditor.verify_update(late, proof)
+    assert not roles.auditor.verify_update(late, proof, counted_in=3)
 
 
 def test_an_unanchored_round_verifies_nothing(

@@ -286,9 +286,16 @@ class ChainClient:
         """The contract's Merkle leaf for an update (equal to ``record.leaf()``)."""
         return bytes(self._call(self._contract.functions.updateLeaf(_update_tuple(record))))
 
-    def verify_update(self, record: UpdateRecord, proof: Sequence[bytes]) -> bool:
-        """Whether the update was counted in its round: false too if it is not anchored."""
-        fn = self._contract.functions.verifyUpdate(_update_tuple(record), [_b32(p) for p in proof])
+    def verify_update(
+        self, record: UpdateRecord, proof: Sequence[bytes], counted_in: int | None = None
+    ) -> bool:
+        """Whether the update was counted in round ``counted_in`` (default: its own round; the
+        next one for a late update): false too if that round is not anchored."""
+        fn = self._contract.functions.verifyUpdate(
+            _update_tuple(record),
+            record.round if counted_in is None else counted_in,
+            [_b32(p) for p in proof],
+        )
         return bool(self._call(fn))
 
     # --- global model ------------------------------------------------------------------------
