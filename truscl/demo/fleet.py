@@ -19,8 +19,10 @@ time; the centralised baseline is trained on the same rooms' readings over the s
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +77,7 @@ TIME_SCALE = READINGS_PER_ROUND * READING_INTERVAL_S / ROUND_SECONDS_REAL
 POLL_S = 0.2
 DEVICE_PROCESSES = 8  # beyond this many devices, device processes host several each
 STOP_TIMEOUT_S = 30.0
+STARTUP_TIMEOUT_S = 600.0  # a process's imports take seconds each, many at once on 2 cores
 
 
 @dataclass
@@ -85,20 +88,52 @@ class Role:
     command: list[str]
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    notify: socket.socket | None = None
+    notify_path: Path | None = None
 
     def start(self) -> None:
+        """Start it as systemd would a ``Type=notify`` unit: with a notification socket of its
+        own, on which the service says ``READY=1`` once it is connected."""
+        # In the temporary folder, not the workdir: a socket's path has at most 107 bytes.
+        path = Path(tempfile.gettempdir()) / f"truscl-{os.getpid()}-{self.name}.notify"
+        path.unlink(missing_ok=True)
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(path))
+        self.notify_path = path
         self.process = subprocess.Popen(
             [sys.executable, "-m", "truscl.cli", "--log-level", "INFO", *self.command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("ab"),
+            env={**os.environ, "NOTIFY_SOCKET": str(path)},
         )
+
+    def wait_ready(self, deadline: float) -> None:
+        """Until the service said READY=1; ``DemoFailed`` if it stopped or ``deadline`` passed."""
+        assert self.notify is not None
+        while True:
+            remaining = deadline - time.monotonic()
+            if not self.running():
+                raise DemoFailed(f"{self.name} stopped while starting:\n{self.tail()}")
+            if remaining <= 0:
+                raise DemoFailed(f"{self.name} did not start in time:\n{self.tail()}")
+            self.notify.settimeout(min(remaining, 1.0))
+            try:
+                if b"READY=1" in self.notify.recv(4096):
+                    return
+            except TimeoutError:
+                continue
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
     def stop(self) -> int | None:
         """SIGTERM, as systemd stops a unit; the exit code (None if it had to be killed)."""
+        if self.notify is not None:
+            self.notify.close()
+            self.notify = None
+        if self.notify_path is not None:
+            self.notify_path.unlink(missing_ok=True)
         return None if self.process is None else stop_process(self.process, STOP_TIMEOUT_S)
 
     def tail(self, lines: int = 15) -> str:
@@ -146,6 +181,9 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
             f"chain {rpc}, contract {contract.address}",
             file=out,
         )
+        starting = time.monotonic() + STARTUP_TIMEOUT_S
+        for role in roles:  # the rounds are timed from when every service is up
+            role.wait_ready(starting)
         reader = ChainClient.at(node.web3(), contract.address)
         rows = []
         round_started = time.monotonic()
