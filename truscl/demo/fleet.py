@@ -264,7 +264,7 @@ def _create_task(
             {
                 "rounds": config.rounds,
                 "quorum": config.quorum,
-                "round_seconds": config.round_seconds,
+                "round_seconds": config.deadline,
                 "window": WINDOW,
                 "max_message": config.max_message,
             },
@@ -410,7 +410,8 @@ def _simulated_sensors(config: DemoConfig, index: int) -> dict[str, Any]:
 def _wait_for_model(
     config: DemoConfig, chain: ChainClient, spec: TaskSpec, round_no: int, roles: list[Role]
 ) -> None:
-    deadline = time.monotonic() + config.round_timeout
+    timeout = max(config.round_timeout, 4 * config.deadline)
+    deadline = time.monotonic() + timeout
     services = [r for r in roles if not r.name.startswith("device")]
     while chain.model_hash(spec.task_id, round_no) is None:
         stopped = [r for r in services if not r.running()]
@@ -418,9 +419,7 @@ def _wait_for_model(
             raise DemoFailed(f"the {stopped[0].name} stopped:\n{stopped[0].tail()}")
         if time.monotonic() > deadline:
             tails = "\n".join(f"--- {r.name}\n{r.tail(5)}" for r in services)
-            raise DemoFailed(
-                f"round {round_no} did not complete within {config.round_timeout}s\n{tails}"
-            )
+            raise DemoFailed(f"round {round_no} did not complete within {timeout:g}s\n{tails}")
         time.sleep(POLL_S)
 
 
@@ -439,9 +438,11 @@ def _round_row(
     updates = [Update.decode(blob, len(blob)) for blob in blobs]
     model_file = workdir / "owner" / "state" / "models" / f"{round_no}.model"
     params = model_from_bytes(model_file.read_bytes(), spec.n_params)
+    late = sum(1 for update in updates if update.round != round_no)
     return RoundRow(
         round=round_no,
-        participants=len(updates),
+        participants=len(updates) - late,
+        late=late,
         accuracy=accuracy(params, X_test, y_test),
         epsilon=max(update.epsilon for update in updates),
         bytes=sum(len(blob) for blob in blobs),

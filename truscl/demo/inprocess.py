@@ -172,7 +172,7 @@ def run_in_process(
             task=task,
             rounds=config.rounds,
             quorum=config.quorum,
-            round_seconds=config.round_seconds,
+            round_seconds=config.deadline,
             max_message=config.max_message,
             dp=config.dp,
             **terms,
