@@ -28,7 +28,7 @@ import tenseal as ts
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from truscl.agent.contribution import UpdateInputs, make_update
+from truscl.agent.contribution import ROUND_SECRET_BYTES, UpdateInputs, data_root, make_update
 from truscl.agent.outbox import Outbox
 from truscl.agent.rounds import (
     Drop,
@@ -57,7 +57,6 @@ from truscl.wire import (
     TaskTopics,
     UpdateRecord,
     envelope,
-    merkle_root,
     verify_proof,
 )
 from truscl.wire.model import model_from_bytes
@@ -416,19 +415,22 @@ class DeviceAgent:
         self._apply(Step([], step.decisions))
 
     def _data_root(self, round_no: int, window: list[Reading]) -> bytes:
-        """Merkle root of the readings trained on, each leaf salted with a secret of this round.
+        """Merkle root of the readings trained on, each leaf salted with its own salt derived
+        from a secret of this round (:func:`truscl.agent.contribution.data_root`).
 
         The root commits the device to its data (a later data-contribution proof reveals the
-        salt and the readings it is asked about); without the salt, anyone holding a guess of
-        the readings could confirm it from the root, outside the DP guarantee.
+        salt of each leaf it is asked about, and that leaf's reading); without the salts,
+        anyone holding a guess of the readings could confirm it from the root, outside the DP
+        guarantee. The round secret is kept (0600) so that an update rebuilt after a restart
+        commits to the same data the same way.
         """
         path = self.workdir / "data-salts" / f"round-{round_no}"
-        if path.exists():  # a rebuilt update keeps the round's salt
-            salt = read_secret(path)
+        if path.exists():  # a rebuilt update keeps the round's secret
+            secret = read_secret(path)
         else:
-            salt = secrets.token_bytes(32)
-            write_secret(path, salt)
-        return merkle_root([keccak(salt + r.encode()) for r in window])
+            secret = secrets.token_bytes(ROUND_SECRET_BYTES)
+            write_secret(path, secret)
+        return data_root(secret, window)
 
     def _window(self, size: int) -> list[Reading]:
         """Take the readings made since the last round and keep the newest ``size``."""
