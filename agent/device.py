@@ -119,9 +119,9 @@ class DeviceAgent:
             self.outbox.rounds(), [(p.blob_id, p.round) for p in self.outbox.pending()]
         )
         self.ledger_path = self.workdir / LEDGER_FILE
-        self.ledger = (
-            PrivacyLedger.from_json(self.ledger_path.read_text())
-            if self.ledger_path.exists()
+        self.ledger = (  # 0600: how much a device contributed is its own business
+            PrivacyLedger.load(self.ledger_path)
+            if self.ledger_path.exists() or self.ledger_path.is_symlink()
             else PrivacyLedger()
         )
         self._clock = clock
@@ -269,7 +269,7 @@ class DeviceAgent:
                 raise ConfigError(f"the state file's charges {missing} do not follow the ledger")
             for _ in missing:
                 self.ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
-            write_atomically(self.ledger_path, self.ledger.to_json().encode())
+            self.ledger.save(self.ledger_path)
         log.warning("device %s: wrote %d charge(s) the ledger had lost", self.name, len(missing))
 
     def _on_context_chunk(self, payload: bytes) -> None:
@@ -390,7 +390,7 @@ class DeviceAgent:
             with self._lock:
                 self._apply(self._book.charged(round_no, len(self.ledger.rounds)))
                 self.ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
-                write_atomically(self.ledger_path, self.ledger.to_json().encode())
+                self.ledger.save(self.ledger_path)
         else:
             log.info(
                 "device %s: rebuilding round %d's update, already charged", self.name, round_no
