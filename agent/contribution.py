@@ -23,7 +23,7 @@ from eth_utils import keccak
 from truscl.agent.sensors import Reading
 from truscl.learning import LogisticModel
 from truscl.privacy.ckks import encrypt
-from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd
+from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_root
 
@@ -76,10 +76,17 @@ def make_update(
     context: ts.Context,
     account: LocalAccount,
     domain: Domain,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
 ) -> Update:
     """Train with DP-SGD on the window, clip the model delta to the task's bound, encrypt it
-    under the task's public key and sign the update (EIP-712) with the device's key."""
+    under the task's public key and sign the update (EIP-712) with the device's key.
+
+    The sampling and the noise come from ``rng``; by default a fresh OS-seeded generator for
+    this update alone (:func:`secure_generator`), which is what a device uses: one per round,
+    so no generator state outlives the round it protects. Tests pass a seeded one.
+    """
+    if rng is None:
+        rng = secure_generator()
     dp = spec.dp
     window = inputs.window
     X = spec.scaler.apply(np.array([r.features() for r in window]))

@@ -48,7 +48,6 @@ from truscl.keyfile import read_secret, write_secret
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.privacy.ckks import context_hash, load_context
-from truscl.privacy.dp import secure_generator
 from truscl.systemd import Heartbeat
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import (
@@ -130,7 +129,6 @@ class DeviceAgent:
         self._collect_new = collect
         self._heartbeat = heartbeat
         self._readings: deque[Reading] = deque()
-        self._rng = secure_generator()
         self._domain = Domain(chain.chain_id, chain.address)
         self._aggregator_address: str | None = None  # the task's, as the chain names it
         self._spec: TaskSpec | None = None
@@ -404,8 +402,9 @@ class DeviceAgent:
             epsilon_spent=spent,
             data_root=self._data_root(round_no, window),
         )
+        # No rng: make_update draws this round's noise from a fresh OS-seeded generator
         update = make_update(
-            spec, inputs, context=context, account=self.account, domain=self._domain, rng=self._rng
+            spec, inputs, context=context, account=self.account, domain=self._domain
         )
         blob = update.encode()
         step = self._book.built(round_no, keccak(blob), update.record(), self._clock())
