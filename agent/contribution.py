@@ -5,6 +5,10 @@ Kept apart from the agent so that what a device releases can be tested (and reas
 on its own: its only inputs are the model, the readings, the task's terms, the keys and the
 generator the DP noise is drawn from, and the privacy ledger has already been charged for it
 by the caller.
+
+The data commitment (``data_root``) is also computed here, from the round's secret and the
+window, so that its rule (docs/protocol.md, "The data commitment") has one implementation that
+the device, the tests and the worked examples share.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal as ts
 from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
 
 from truscl.agent.sensors import Reading
 from truscl.learning import LogisticModel
 from truscl.privacy.ckks import encrypt
-from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd
+from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
 from truscl.task import TaskSpec
-from truscl.wire import Domain, Update
+from truscl.wire import Domain, Update, merkle_root
 
 
 @dataclass(frozen=True)
@@ -31,7 +36,37 @@ class UpdateInputs:
     params: np.ndarray  # model ``round - 1``, as checked against the chain
     window: list[Reading]  # the readings trained on
     epsilon_spent: float  # the ledger's epsilon, this round's charge included
-    data_root: bytes  # Merkle root of the salted readings (see DeviceAgent._data_root)
+    data_root: bytes  # Merkle root of the salted readings (:func:`data_root`)
+
+
+ROUND_SECRET_BYTES = 32
+
+
+def data_salt(round_secret: bytes, index: int) -> bytes:
+    """The salt of the ``index``-th reading of a window: ``keccak(round_secret ‖ uint256(index))``.
+
+    One salt per leaf, not one per round: a data-contribution proof opens a leaf by revealing
+    its salt and reading, and with a shared salt that would let anyone test guesses of every
+    other reading of the window against its sibling leaves. keccak's preimage resistance keeps
+    the round secret, hence every other salt, hidden behind an opened one. ``index`` is 32
+    bytes big-endian, as ``abi.encodePacked(bytes32, uint256)``, so a contract can derive it.
+    """
+    if len(round_secret) != ROUND_SECRET_BYTES:
+        raise ValueError(f"a round secret is {ROUND_SECRET_BYTES} bytes, not {len(round_secret)}")
+    if not 0 <= index < 2**256:
+        raise ValueError(f"reading index {index} is out of range")
+    return keccak(round_secret + index.to_bytes(32, "big"))
+
+
+def data_leaf(round_secret: bytes, index: int, reading: Reading) -> bytes:
+    """``keccak(salt_index ‖ reading's canonical CBOR)``: the leaf of one trained-on reading."""
+    return keccak(data_salt(round_secret, index) + reading.encode())
+
+
+def data_root(round_secret: bytes, window: list[Reading]) -> bytes:
+    """Merkle root (docs/protocol.md's rules) of the window's leaves, reading ``i`` salted with
+    ``data_salt(round_secret, i)``; per-leaf salts also keep two equal readings apart."""
+    return merkle_root([data_leaf(round_secret, i, r) for i, r in enumerate(window)])
 
 
 def make_update(
@@ -41,10 +76,17 @@ def make_update(
     context: ts.Context,
     account: LocalAccount,
     domain: Domain,
-    rng: np.random.Generator,
+    rng: np.random.Generator | None = None,
 ) -> Update:
     """Train with DP-SGD on the window, clip the model delta to the task's bound, encrypt it
-    under the task's public key and sign the update (EIP-712) with the device's key."""
+    under the task's public key and sign the update (EIP-712) with the device's key.
+
+    The sampling and the noise come from ``rng``; by default a fresh OS-seeded generator for
+    this update alone (:func:`secure_generator`), which is what a device uses: one per round,
+    so no generator state outlives the round it protects. Tests pass a seeded one.
+    """
+    if rng is None:
+        rng = secure_generator()
     dp = spec.dp
     window = inputs.window
     X = spec.scaler.apply(np.array([r.features() for r in window]))

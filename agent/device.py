@@ -28,7 +28,7 @@ import tenseal as ts
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
-from truscl.agent.contribution import UpdateInputs, make_update
+from truscl.agent.contribution import ROUND_SECRET_BYTES, UpdateInputs, data_root, make_update
 from truscl.agent.outbox import Outbox
 from truscl.agent.rounds import (
     Drop,
@@ -48,7 +48,6 @@ from truscl.keyfile import read_secret, write_secret
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.privacy.ckks import context_hash, load_context
-from truscl.privacy.dp import secure_generator
 from truscl.systemd import Heartbeat
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import (
@@ -57,7 +56,6 @@ from truscl.wire import (
     TaskTopics,
     UpdateRecord,
     envelope,
-    merkle_root,
     verify_proof,
 )
 from truscl.wire.model import model_from_bytes
@@ -120,9 +118,9 @@ class DeviceAgent:
             self.outbox.rounds(), [(p.blob_id, p.round) for p in self.outbox.pending()]
         )
         self.ledger_path = self.workdir / LEDGER_FILE
-        self.ledger = (
-            PrivacyLedger.from_json(self.ledger_path.read_text())
-            if self.ledger_path.exists()
+        self.ledger = (  # 0600: how much a device contributed is its own business
+            PrivacyLedger.load(self.ledger_path)
+            if self.ledger_path.exists() or self.ledger_path.is_symlink()
             else PrivacyLedger()
         )
         self._clock = clock
@@ -131,7 +129,6 @@ class DeviceAgent:
         self._collect_new = collect
         self._heartbeat = heartbeat
         self._readings: deque[Reading] = deque()
-        self._rng = secure_generator()
         self._domain = Domain(chain.chain_id, chain.address)
         self._aggregator_address: str | None = None  # the task's, as the chain names it
         self._spec: TaskSpec | None = None
@@ -270,7 +267,7 @@ class DeviceAgent:
                 raise ConfigError(f"the state file's charges {missing} do not follow the ledger")
             for _ in missing:
                 self.ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
-            write_atomically(self.ledger_path, self.ledger.to_json().encode())
+            self.ledger.save(self.ledger_path)
         log.warning("device %s: wrote %d charge(s) the ledger had lost", self.name, len(missing))
 
     def _on_context_chunk(self, payload: bytes) -> None:
@@ -391,7 +388,7 @@ class DeviceAgent:
             with self._lock:
                 self._apply(self._book.charged(round_no, len(self.ledger.rounds)))
                 self.ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
-                write_atomically(self.ledger_path, self.ledger.to_json().encode())
+                self.ledger.save(self.ledger_path)
         else:
             log.info(
                 "device %s: rebuilding round %d's update, already charged", self.name, round_no
@@ -405,8 +402,9 @@ class DeviceAgent:
             epsilon_spent=spent,
             data_root=self._data_root(round_no, window),
         )
+        # No rng: make_update draws this round's noise from a fresh OS-seeded generator
         update = make_update(
-            spec, inputs, context=context, account=self.account, domain=self._domain, rng=self._rng
+            spec, inputs, context=context, account=self.account, domain=self._domain
         )
         blob = update.encode()
         step = self._book.built(round_no, keccak(blob), update.record(), self._clock())
@@ -416,19 +414,22 @@ class DeviceAgent:
         self._apply(Step([], step.decisions))
 
     def _data_root(self, round_no: int, window: list[Reading]) -> bytes:
-        """Merkle root of the readings trained on, each leaf salted with a secret of this round.
+        """Merkle root of the readings trained on, each leaf salted with its own salt derived
+        from a secret of this round (:func:`truscl.agent.contribution.data_root`).
 
         The root commits the device to its data (a later data-contribution proof reveals the
-        salt and the readings it is asked about); without the salt, anyone holding a guess of
-        the readings could confirm it from the root, outside the DP guarantee.
+        salt of each leaf it is asked about, and that leaf's reading); without the salts,
+        anyone holding a guess of the readings could confirm it from the root, outside the DP
+        guarantee. The round secret is kept (0600) so that an update rebuilt after a restart
+        commits to the same data the same way.
         """
         path = self.workdir / "data-salts" / f"round-{round_no}"
-        if path.exists():  # a rebuilt update keeps the round's salt
-            salt = read_secret(path)
+        if path.exists():  # a rebuilt update keeps the round's secret
+            secret = read_secret(path)
         else:
-            salt = secrets.token_bytes(32)
-            write_secret(path, salt)
-        return merkle_root([keccak(salt + r.encode()) for r in window])
+            secret = secrets.token_bytes(ROUND_SECRET_BYTES)
+            write_secret(path, secret)
+        return data_root(secret, window)
 
     def _window(self, size: int) -> list[Reading]:
         """Take the readings made since the last round and keep the newest ``size``."""

@@ -11,7 +11,8 @@ aggregator acknowledges it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,17 @@ from eth_utils import keccak
 
 from truscl.errors import ProtocolError
 from truscl.files import write_atomically
+
+# Per-task files naming a blob: the spec, the public context, and (when a key holder's
+# transcript is archived) the key-generation record.
+POINTERS = ("spec", "context", "keygen")
+_BLOB_ID = re.compile(r"[0-9a-f]{64}")
+_HASH = re.compile(r"(0x)?[0-9a-fA-F]{64}")  # the aggregator writes roots without 0x
+
+
+def is_blob_id(ident: object) -> bool:
+    """A blob's name: the hex keccak of its bytes, 64 lower-case digits (no path, no ``..``)."""
+    return isinstance(ident, str) and _BLOB_ID.fullmatch(ident) is not None
 
 
 @dataclass(frozen=True)
@@ -36,9 +48,31 @@ class RoundManifest:
 
     @classmethod
     def from_json(cls, text: str) -> RoundManifest:
-        data: dict[str, Any] = json.loads(text)
-        data["updates"] = tuple(data["updates"])
-        return cls(**data)
+        """Parse a manifest; ``ProtocolError`` saying what is wrong when it is not one.
+
+        Blob ids are checked to be ids, since they become file names: a manifest naming
+        ``../../x`` must not make an auditor read outside the archive.
+        """
+        try:
+            data: Any = json.loads(text)
+        except ValueError:
+            raise ProtocolError("not JSON") from None
+        expected = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != expected:
+            keys = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise ProtocolError(f"expected an object with keys {sorted(expected)}, got {keys}")
+        updates = data["updates"]
+        if not isinstance(updates, list) or not all(is_blob_id(u) for u in updates):
+            raise ProtocolError("updates must be a list of blob ids")
+        if not is_blob_id(data["aggregate"]):
+            raise ProtocolError("aggregate must be a blob id")
+        round_no = data["round"]
+        if isinstance(round_no, bool) or not isinstance(round_no, int) or round_no < 1:
+            raise ProtocolError("round must be a positive integer")
+        for key in ("task", "root", "aggregate_hash", "anchor_tx"):
+            if not isinstance(data[key], str) or not _HASH.fullmatch(data[key]):
+                raise ProtocolError(f"{key} must be 64 hex digits")
+        return cls(**{**data, "updates": tuple(updates)})
 
 
 class Archive:
@@ -55,6 +89,8 @@ class Archive:
         return ident
 
     def get(self, ident: str) -> bytes:
+        if not is_blob_id(ident):
+            raise ProtocolError(f"{ident[:24]!r} is not a blob id")
         path = self.root / "blobs" / ident
         blob = path.read_bytes()
         if keccak(blob).hex() != ident:
@@ -78,10 +114,16 @@ class Archive:
 
     def round(self, task: str, round_no: int) -> RoundManifest:
         path = self._task_dir(task) / f"{round_no}.json"
-        return RoundManifest.from_json(path.read_text())
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ProtocolError("not text") from None
+        return RoundManifest.from_json(text)
 
     def rounds(self, task: str) -> list[int]:
-        return sorted(int(p.stem) for p in self._task_dir(task).glob("*.json"))
+        """The rounds with a manifest (files that are not ``<round>.json`` are not rounds)."""
+        stems = (p.stem for p in self._task_dir(task).glob("*.json"))
+        return sorted(int(stem) for stem in stems if stem.isdecimal() and int(stem) > 0)
 
     def _task_dir(self, task: str) -> Path:
         path = self.root / "rounds" / task.lower()

@@ -1,6 +1,9 @@
 """RDP accounting against the published reference, and the device's persistent ledger."""
 
 import math
+import os
+import stat
+from pathlib import Path
 
 import dp_accounting
 import pytest
@@ -151,3 +154,53 @@ def test_the_pld_accountant_is_tighter_than_rdp_for_the_demos_task() -> None:
 
     assert 3.97 < rdp < 3.98
     assert 3.4 < pld < rdp  # PLD is tight; RDP's conversion costs ~12 % here
+
+
+def test_the_ledger_is_saved_0600_whatever_the_umask(tmp_path: Path) -> None:
+    # Prepare
+    ledger = PrivacyLedger()
+    ledger.record(0.02, 1.0, 50)
+    path = tmp_path / "privacy-ledger.json"
+    previous = os.umask(0o000)
+
+    # Execute
+    try:
+        ledger.save(path)
+    finally:
+        os.umask(previous)
+
+    # Assert
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert PrivacyLedger.load(path).rounds == ledger.rounds
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_a_ledger_others_can_read_is_tightened_on_load(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a ledger an older truscl wrote with the default 0644
+    ledger = PrivacyLedger()
+    ledger.record(0.02, 1.0, 50)
+    path = tmp_path / "privacy-ledger.json"
+    path.write_text(ledger.to_json())
+    path.chmod(0o644)
+
+    # Execute
+    loaded = PrivacyLedger.load(path)
+
+    # Assert: the charges are kept (refusing could end in a deleted ledger, a reset budget)
+    assert loaded.rounds == ledger.rounds
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "tightened to 0600" in caplog.text
+
+
+def test_a_symlinked_or_missing_ledger_is_refused_with_one_line(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    PrivacyLedger().save(target)
+    link = tmp_path / "privacy-ledger.json"
+    link.symlink_to(target)
+
+    with pytest.raises(ConfigError, match="is a symlink"):
+        PrivacyLedger.load(link)
+    with pytest.raises(ConfigError, match="cannot open privacy ledger"):
+        PrivacyLedger.load(tmp_path / "absent.json")

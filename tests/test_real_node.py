@@ -60,3 +60,15 @@ def test_truscl_audit_verifies_a_run_and_catches_a_cheating_archive(
     altered = truscl(*audit_args)
     assert altered.returncode == 1
     assert "does not match its name" in altered.stdout
+
+    # A deleted blob and a malformed manifest: one clear line each, no traceback, no errno,
+    # no path the user did not give
+    victim.unlink()
+    manifest_2 = manifest_path.with_name("2.json")
+    manifest_2.write_text("{")
+    broken = truscl(*audit_args)
+    assert broken.returncode == 1
+    assert f"update {manifest['updates'][0][:12]}… is missing from the archive" in broken.stdout
+    assert "the round's manifest is malformed: not JSON" in broken.stdout
+    assert "Traceback" not in broken.stderr and "Errno" not in broken.stdout
+    assert str(victim) not in broken.stdout + broken.stderr

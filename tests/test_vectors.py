@@ -18,10 +18,12 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_utils import keccak
 
+from truscl.agent.contribution import data_leaf, data_root, data_salt
+from truscl.agent.sensors import Reading
 from truscl.privacy.threshold import PartialDecryption
 from truscl.server.keygen import KeygenTerms
 from truscl.task import TaskSpec
-from truscl.wire import Domain, Update, merkle_proof, merkle_root, split
+from truscl.wire import Domain, Update, merkle_proof, merkle_root, split, verify_proof
 from truscl.wire.keyholders import SEED_COMMITMENT, SESSION, KeygenMessage, PartialMessage
 from truscl.wire.merkle import EMPTY_ROOT
 from truscl.wire.model import model_bytes
@@ -71,6 +73,30 @@ def update_vector(round_no: int, samples: int) -> tuple[Update, dict[str, Any]]:
         **digest(update.typed_data(DOMAIN)),
         "signature": hexed(update.signature),
         "leaf": hexed(update.leaf()),
+    }
+
+
+def data_vector() -> dict[str, Any]:
+    """A window of three readings committed under one round secret, and one leaf opened."""
+    secret = keccak(text="truscl test vector: round secret")
+    window = [
+        Reading(1704700800.0, 21.5, 40.25, 1013.25, 350.0, 640.0, True),
+        Reading(1704701100.0, 21.5, 40.25, 1013.25, 350.0, 640.0, True),  # same sensor values
+        Reading(1704701400.0, 20.75, 41.0, 1013.0, 0.0, 455.5, False),
+    ]
+    leaves = [data_leaf(secret, i, reading) for i, reading in enumerate(window)]
+    return {
+        "round_secret": hexed(secret),
+        "readings": [hexed(reading.encode()) for reading in window],
+        "salts": [hexed(data_salt(secret, i)) for i in range(len(window))],
+        "leaves": [hexed(leaf) for leaf in leaves],
+        "root": hexed(data_root(secret, window)),
+        "opened": {
+            "index": 1,
+            "salt": hexed(data_salt(secret, 1)),
+            "reading": hexed(window[1].encode()),
+            "proof": [hexed(p) for p in merkle_proof(leaves, leaves[1])],
+        },
     }
 
 
@@ -176,6 +202,7 @@ def compute() -> dict[str, Any]:
             **digest(partial.typed_data(DOMAIN)),
             "signature": hexed(partial.signature),
         },
+        "data": data_vector(),
         "model": {
             "params": params,
             "bytes": hexed(model_bytes(np.asarray(params))),
@@ -207,6 +234,23 @@ def test_the_vectors_verify_as_a_third_party_would() -> None:
     ]
     leaves = [bytes.fromhex(leaf[2:]) for leaf in stored["merkle"]["leaves"]]
     assert hexed(merkle_root(list(reversed(leaves)))) == stored["merkle"]["root"]
+
+
+def test_an_opened_data_leaf_verifies_from_its_salt_and_reading_alone() -> None:
+    # What a verifier of a data-contribution proof holds: the root (signed in the update), and
+    # the opened leaf's salt, reading and proof; never the round secret
+    data = json.loads(VECTORS.read_text())["data"]
+    opened = data["opened"]
+    salt, reading = bytes.fromhex(opened["salt"][2:]), bytes.fromhex(opened["reading"][2:])
+    secret = bytes.fromhex(data["round_secret"][2:])
+
+    leaf = keccak(salt + reading)
+
+    assert salt == keccak(secret + opened["index"].to_bytes(32, "big"))
+    assert verify_proof(leaf, [bytes.fromhex(p[2:]) for p in opened["proof"]],
+                        bytes.fromhex(data["root"][2:]))  # fmt: skip
+    # a correct guess of a sibling reading, salted with the opened salt, is no leaf of the tree
+    assert hexed(keccak(salt + bytes.fromhex(data["readings"][0][2:]))) not in data["leaves"]
 
 
 if __name__ == "__main__":

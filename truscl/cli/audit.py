@@ -33,6 +33,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def run(args: argparse.Namespace) -> int:
+    from eth_utils import keccak
+
     from truscl.chain import ChainClient
     from truscl.chain.rpc import connect
     from truscl.server.archive import Archive
@@ -41,15 +43,25 @@ def run(args: argparse.Namespace) -> int:
     if not (args.archive / "blobs").is_dir():
         raise ConfigError(f"{args.archive} is not an aggregator archive")
     chain = ChainClient.at(connect(args.rpc), args.contract)
-    report = audit_task(chain, Archive(args.archive), args.task)
+    extra: frozenset[str] = frozenset()
+    if args.keygen is not None and args.keygen.is_file():  # a key holder's copy: named
+        extra = frozenset({keccak(args.keygen.read_bytes()).hex()})
+    report = audit_task(chain, Archive(args.archive), args.task, extra)
+    for problem in report.problems:
+        print(f"task: FAILED: {problem}")
     for item in report.rounds:
         status = "verified" if item.verified else "FAILED: " + "; ".join(item.problems)
         print(f"round {item.round:3d}  {item.updates:3d} updates  {status}")
+    for note in report.notes:
+        print(f"note: {note}")
     print(f"audit: {report.verified}/{report.total} rounds verified")
     if args.json:
-        args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        try:
+            args.json.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot write {args.json}: {exc.strerror}") from None
     keygen_ok = args.keygen is None or _audit_keygen(args, chain, Archive(args.archive))
-    return 0 if report.verified == report.total and keygen_ok else 1
+    return 0 if report.ok and keygen_ok else 1
 
 
 def _audit_keygen(args: argparse.Namespace, chain: ChainClient, archive: Archive) -> bool:
@@ -63,7 +75,10 @@ def _audit_keygen(args: argparse.Namespace, chain: ChainClient, archive: Archive
         spec = TaskSpec.decode(archive.spec(args.task))
         task = chain.task(bytes.fromhex(args.task[2:]))
         audit_keygen(record, spec, task, Domain(chain.chain_id, chain.address))
-    except (OSError, TrusclError) as exc:
+    except OSError as exc:
+        print(f"keygen: FAILED: cannot read {args.keygen}: {exc.strerror}")
+        return False
+    except TrusclError as exc:
         print(f"keygen: FAILED: {exc}")
         return False
     holders = ", ".join(name for name, _ in record.terms.holders)

@@ -12,11 +12,16 @@ the pinned version; tests/test_accounting.py checks the result against the libra
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import logging
 import math
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -28,8 +33,12 @@ from dp_accounting.rdp.rdp_privacy_accountant import (
 )
 
 from truscl.errors import ConfigError
+from truscl.files import write_atomically
+
+log = logging.getLogger(__name__)
 
 _LEDGER_VERSION = 1
+LEDGER_MODE = 0o600  # how much a device has contributed is its own business
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,50 @@ class PrivacyLedger:
     ) -> float:
         """Epsilon the task would have spent after one more such run, for a budget check."""
         return _epsilon([*self._rounds, SpentRound(sampling_rate, noise_multiplier, steps)], delta)
+
+    def save(self, path: Path) -> None:
+        """Write the ledger atomically with mode 0600 from its first byte.
+
+        The ledger counts the rounds the device trained in, which tells how much it has
+        contributed (and, with the task's terms, roughly how much data it holds): nobody else
+        on the device needs it. Atomic, so a crash never leaves a ledger that reads as less
+        spent than it was.
+        """
+        write_atomically(Path(path), self.to_json().encode(), mode=LEDGER_MODE)
+
+    @classmethod
+    def load(cls, path: Path) -> PrivacyLedger:
+        """Read a ledger written by :meth:`save`; a ledger others can read is tightened to 0600.
+
+        Tightened, not refused: the file is the device's own record, not a credential, and what
+        a wide mode exposed cannot be taken back, whereas refusing would stop the device, and
+        an operator "fixing" that by deleting the ledger would reset the privacy budget to zero,
+        the one outcome worse than the exposure. A symlink or a file we cannot tighten (not
+        ours) is refused: the ledger must be the device's own regular file.
+        """
+        name = os.fspath(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ConfigError(f"privacy ledger {name} is a symlink") from None
+            raise ConfigError(f"cannot open privacy ledger {name}: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as handle:
+            status = os.fstat(fd)
+            if not stat.S_ISREG(status.st_mode):
+                raise ConfigError(f"privacy ledger {name} is not a regular file")
+            mode = stat.S_IMODE(status.st_mode)
+            if mode != LEDGER_MODE:
+                try:
+                    os.fchmod(fd, LEDGER_MODE)
+                except OSError as exc:
+                    raise ConfigError(
+                        f"privacy ledger {name} has mode {mode:04o} and cannot be made 0600: "
+                        f"{exc.strerror}"
+                    ) from None
+                log.warning("privacy ledger %s had mode %04o; tightened to 0600", name, mode)
+            text = handle.read().decode("utf-8", errors="replace")
+        return cls.from_json(text)
 
     def to_json(self) -> str:
         return json.dumps(

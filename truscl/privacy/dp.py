@@ -6,13 +6,15 @@ explicitly, normally :func:`secure_generator`. Nothing here touches numpy's glob
 
 from __future__ import annotations
 
-import secrets
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from truscl.errors import ConfigError
+
+SEED_BYTES = 32  # 256 bits: more than PCG64's 128-bit state, so no seed is ever reused
 
 
 class GradientModel(Protocol):
@@ -25,14 +27,18 @@ class GradientModel(Protocol):
 
 
 def secure_generator() -> np.random.Generator:
-    """A PCG64 generator seeded with 256 bits from the operating system's CSPRNG.
+    """A PCG64 generator seeded with 256 bits from the operating system's CSPRNG (os.urandom).
 
     ``np.random.normal`` draws from a global Mersenne Twister whose state can be recovered from
     its outputs and is often seeded predictably; an attacker who can predict the noise can
-    subtract it. A fresh OS-seeded generator per use makes the noise unpredictable, while still
-    letting tests pass a seeded generator to the same functions.
+    subtract it. PCG64 is not a CSPRNG either: whoever learns one generator's state (a memory
+    dump, a leak through many outputs) can replay all its later draws, so a device makes a
+    fresh one per round rather than one per process, and one round's noise says nothing of the
+    next's. Tests pass a seeded generator to the same functions instead. The seed is readable
+    as ``generator.bit_generator.seed_seq.entropy``.
     """
-    return np.random.Generator(np.random.PCG64(secrets.randbits(256)))
+    seed = int.from_bytes(os.urandom(SEED_BYTES), "big")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed)))
 
 
 def _check_bound(bound: float) -> None:
