@@ -204,3 +204,18 @@ def test_a_symlinked_or_missing_ledger_is_refused_with_one_line(tmp_path: Path) 
         PrivacyLedger.load(link)
     with pytest.raises(ConfigError, match="cannot open privacy ledger"):
         PrivacyLedger.load(tmp_path / "absent.json")
+
+
+def test_the_demos_task_under_each_accountant_and_relation() -> None:
+    # q = 32/864, sigma = 1.0, 10 rounds of 20 steps, delta = 1e-5: RDP is the device's
+    # conservative figure, PLD the tight one, replace-one the stronger neighbouring relation
+    q, sigma, steps = 32 / 864, 1.0, 200
+
+    rdp = rdp_epsilon(q, sigma, steps, DELTA)
+    pld = pld_epsilon(q, sigma, steps, DELTA)
+    replace_one = pld_epsilon(q, sigma, steps, DELTA, replace_one=True)
+
+    assert rdp == pytest.approx(3.976, abs=1e-3)
+    assert pld == pytest.approx(3.487, abs=1e-3)
+    assert replace_one == pytest.approx(5.079, abs=1e-3)
+    assert pld < rdp < replace_one

@@ -168,6 +168,17 @@ def summarise(
             ),
             4,
         ),
+        # the same events when neighbouring data differ by one reading replaced
+        "epsilon_replace_one": round(
+            pld_epsilon(
+                spec.sampling_rate,
+                dp.noise_multiplier,
+                dp.local_steps * len(rows),
+                dp.delta,
+                replace_one=True,
+            ),
+            4,
+        ),
         "delta": spec.dp.delta,
         "he_mode": spec.he_mode,
         "key_holders": [name for name, _ in spec.key_holders],
@@ -182,7 +193,8 @@ def summarise(
         f"final accuracy {final:.3f}, centralised non-private baseline {baseline:.3f} "
         f"({100 * final / baseline:.1f} %)\n"
         f"privacy: epsilon {summary['epsilon']:.3f} per device at delta {spec.dp.delta:g} "
-        f"(budget {spec.dp.epsilon_budget:g}; PLD accountant {summary['epsilon_pld']:.3f})\n"
+        f"(RDP, add/remove one reading; budget {spec.dp.epsilon_budget:g}); PLD accountant "
+        f"{summary['epsilon_pld']:.3f}, replace-one {summary['epsilon_replace_one']:.3f}\n"
         f"keys: {spec.he_mode}{holders}; "
         f"refused rounds: {summary.get('refused_rounds') or 'none'}\n"
         f"audit: {audit['verified']}/{audit['total']} rounds verified against the chain\n"
