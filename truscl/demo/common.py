@@ -156,29 +156,32 @@ def summarise(
 ) -> dict[str, Any]:
     final = rows[-1].accuracy
     dp = spec.dp
+    # The PLD figures for a device that took part in every round so far: the same DP events as
+    # the devices' RDP figure, under the tight accountant, for each neighbouring relation.
+    per_round = []
+    for count, row in enumerate(rows, start=1):
+        steps = dp.local_steps * count
+        per_round.append(
+            {
+                **row.as_dict(),
+                "epsilon_pld": round(
+                    pld_epsilon(spec.sampling_rate, dp.noise_multiplier, steps, dp.delta), 4
+                ),
+                "epsilon_replace_one": round(
+                    pld_epsilon(
+                        spec.sampling_rate, dp.noise_multiplier, steps, dp.delta, replace_one=True
+                    ),
+                    4,
+                ),
+            }
+        )
     summary: dict[str, Any] = {
-        "rounds": [row.as_dict() for row in rows],
+        "rounds": per_round,
         "final_accuracy": round(final, 4),
         "baseline_accuracy": round(baseline, 4),
         "epsilon": round(rows[-1].epsilon, 4),
-        # the same DP events (every round's local steps) under the PLD accountant
-        "epsilon_pld": round(
-            pld_epsilon(
-                spec.sampling_rate, dp.noise_multiplier, dp.local_steps * len(rows), dp.delta
-            ),
-            4,
-        ),
-        # the same events when neighbouring data differ by one reading replaced
-        "epsilon_replace_one": round(
-            pld_epsilon(
-                spec.sampling_rate,
-                dp.noise_multiplier,
-                dp.local_steps * len(rows),
-                dp.delta,
-                replace_one=True,
-            ),
-            4,
-        ),
+        "epsilon_pld": per_round[-1]["epsilon_pld"],
+        "epsilon_replace_one": per_round[-1]["epsilon_replace_one"],
         "delta": spec.dp.delta,
         "he_mode": spec.he_mode,
         "key_holders": [name for name, _ in spec.key_holders],
