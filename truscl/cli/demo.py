@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -57,6 +58,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run(args: argparse.Namespace) -> int:
     from truscl.demo import DemoConfig, run_demo
+
+    # SIGTERM unwinds like Ctrl-C, so the demo stops what it started (the services, the broker,
+    # anvil) instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     config = DemoConfig(
         devices=args.devices,
