@@ -321,7 +321,12 @@ class Soak:
         r, fleet = fault.round, self.fleet
         group, names = self._frozen_and_sent(fault)
         fleet.kill(group)
-        awaiting = [n for n, p in zip(names, self.phases(names, r), strict=True) if p == Phase.SENT]
+        awaiting = {}  # device -> the id of the update it had sent, from its state file
+        for name in names:
+            rounds, _ = fleet.device_state(name)
+            state = next((s for s in rounds if s.round == r), None)
+            if state is not None and state.phase == Phase.SENT and state.update_id is not None:
+                awaiting[name] = state.update_id.hex()
         fault.evidence["killed_awaiting_receipt"] = len(awaiting)
         fault.evidence["awaiting"] = awaiting
         fleet.resume("aggregator")
@@ -410,6 +415,12 @@ class Soak:
                 if state.round in anchored and state.update_id.hex() not in counted:
                     lost.append({"device": name, "round": state.round, "phase": state.phase})
         double = [{"device": d, "made_for": r, "times": n} for (d, r), n in made.items() if n > 1]
+        for fault in self.schedule.values():
+            if fault.kind == "device-kill":  # the very bytes sent before the kill were counted
+                awaiting = fault.evidence.get("awaiting", {})
+                fault.evidence["awaiting_counted_as_sent"] = sum(
+                    ident in counted for ident in awaiting.values()
+                )
         return {
             "sent": sent,
             "accepted": accepted,

@@ -50,7 +50,9 @@ def test_a_quick_soak_loses_nothing_and_counts_nothing_twice(tmp_path: Path) -> 
     faults = {f["kind"]: f for f in figures["faults"]}
     assert set(faults) == KINDS
     assert all(f["injected"] and f["recovered"] for f in faults.values()), faults
-    assert faults["device-kill"]["killed_awaiting_receipt"] >= 1
+    killed = faults["device-kill"]
+    assert killed["killed_awaiting_receipt"] >= 1
+    assert killed["awaiting_counted_as_sent"] == killed["killed_awaiting_receipt"]
     forged = faults["forged-receipts"]
     assert forged["forged"] >= 1 and forged["refused"] >= forged["forged"]
     assert forged["state_unchanged"]
