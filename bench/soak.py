@@ -49,7 +49,6 @@ fails.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -97,7 +96,8 @@ NOT_INJECTED = {
 HOLD = {"aggregator-kill": 0, "broker-restart": 0, "chain-gate": 0, "forged-receipts": 1}
 HOLD_PAUSED = {"device-kill": 2}  # held likewise, released while the aggregator is frozen
 SETTLED = (*HAS_UPDATE[1:], Phase.SKIPPED, Phase.ABANDONED)  # sent (or given up), not just built
-WAIT_S = 900.0
+WAIT_S = 900.0  # the longest any one step may take before the soak calls it stuck
+WAIT_QUICK_S = 240.0  # in --quick, so that a stuck run still reports within the test's timeout
 RSS_EVERY_S = 1.0
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 
@@ -148,7 +148,6 @@ class Soak:
 
     def start(self) -> None:
         fleet = self.fleet
-        _broker_may_write(fleet.broker.workdir)
         fleet.start(hold=("aggregator", *(f"device-{i}" for i in range(self.args.devices))))
         config = fleet.config("aggregator")
         config.write_text(config.read_text().replace(self.rpc, self.gate.url))
@@ -199,7 +198,8 @@ class Soak:
 
     # --- waiting ---------------------------------------------------------------------------
 
-    def wait(self, condition: Callable[[], bool], what: str, seconds: float = WAIT_S) -> None:
+    def wait(self, condition: Callable[[], bool], what: str, seconds: float = 0.0) -> None:
+        seconds = seconds or (WAIT_QUICK_S if self.args.quick else WAIT_S)
         deadline = time.monotonic() + seconds
         while not condition():
             if time.monotonic() > deadline:
@@ -455,16 +455,25 @@ class SoakFailed(Exception):
     pass
 
 
-def _broker_may_write(folder: Path) -> None:
-    """Let mosquitto write its persistence file (and log) in ``folder``. Started as root,
-    mosquitto drops to the ``mosquitto`` user, which cannot write in a folder root made: it then
-    persists nothing, silently, and a restart loses every retained message (the round
-    announcement too, which the aggregator publishes once), and the broker-restart fault would
-    test a broker that forgets."""
+def _broker_may_write(folder: Path) -> str:
+    """Let mosquitto write its persistence file (and log) in ``folder``; why it cannot, if so.
+
+    Started as root, mosquitto drops to the ``mosquitto`` user, which can neither write in a
+    folder root made nor reach one under a 0700 folder (pytest's and ``mkdtemp``'s): it then
+    persists nothing, silently, a restart loses every retained message, and the broker-restart
+    fault would test a broker that forgets (the round announcement, which the aggregator
+    publishes once, goes with it, and devices that had not yet seen it wait for ever)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0:
-        with contextlib.suppress(LookupError):
-            shutil.chown(folder, "mosquitto", "mosquitto")
+    if os.geteuid() != 0:
+        return ""
+    try:
+        shutil.chown(folder, "mosquitto", "mosquitto")
+    except LookupError:
+        return ""  # no such user: mosquitto keeps root's rights
+    for parent in folder.resolve().parents:
+        if not parent.stat().st_mode & 0o001:
+            return f"the mosquitto user cannot reach {folder} ({parent} is not o+x)"
+    return ""
 
 
 def _rss_mb(pid: int) -> float | None:
@@ -502,8 +511,15 @@ def main() -> int:
     if args.processes < 3 or args.devices < args.processes or args.rounds < len(KINDS) + 1:
         parser.error(f"needs 3+ processes, a device each, {len(KINDS) + 1}+ rounds")
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="truscl-soak-"))
+    if args.workdir is None:
+        workdir = Path(tempfile.mkdtemp(prefix="truscl-soak-"))
+        workdir.chmod(0o755)  # mosquitto, as its own user, keeps its state in it
+    else:
+        workdir = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
+    unreachable = _broker_may_write(workdir / "broker")
+    if unreachable:
+        parser.error(f"{unreachable}: give a --workdir it can reach")
     started = time.monotonic()
     failure = ""
     with Anvil(log=workdir / "anvil.log") as anvil:

@@ -33,9 +33,10 @@ def test_a_quick_soak_loses_nothing_and_counts_nothing_twice(tmp_path: Path) -> 
     except ConfigError:
         pytest.skip("anvil is not installed: run `npm ci` in contracts/ (scripts/test does)")
     out = tmp_path / "soak.json"
+    # its own folder (mode 0755, as the soak makes it): run as root, mosquitto persists as the
+    # mosquitto user, which cannot reach into pytest's 0700 tmp_path
     run = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--json", str(out),
-         "--workdir", str(tmp_path / "soak")],
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--json", str(out)],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.exists(), run.stdout[-3000:] + run.stderr[-3000:]
