@@ -169,6 +169,7 @@ class Aggregator:
         self._model_retry = Backoff(rng)
         self._last_closed = 0
         self._deadline_logged = False
+        self._announcement: bytes | None = None  # the open round's, to publish again
         self._terms_ready = threading.Event()
         self._retained_spec: TaskSpec | None = None
         self._context_chunks = Reassembler(max_message=MAX_MESSAGE_LIMIT)
@@ -180,6 +181,7 @@ class Aggregator:
             f"truscl-aggregator-{self.task[2:10]}",
             broker,
             on_message=lambda topic, payload: self._inbox.put((topic, payload)),
+            on_connected=lambda: self._inbox.put((_CONNECTED, b"")),
             subscriptions=[
                 self.topics.all_updates,
                 self.topics.model,
@@ -239,6 +241,9 @@ class Aggregator:
             self._last_closed = max(self._last_closed, delivered[-1].round)
         for journaled in self._journal.rounds("open"):
             self._open = self._rebuild(journaled)
+            self._announcement = _announcement(
+                journaled.round, journaled.model_hash, journaled.deadline
+            )
             log.info(
                 "aggregator: round %d resumed with %d updates, open until %.0f",
                 journaled.round,
@@ -340,6 +345,9 @@ class Aggregator:
                 log.exception("aggregator: unexpected failure on %s", topic or "tick")
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
+        if topic == _CONNECTED:
+            self._announce_again()
+            return
         if topic == self.topics.spec or topic.startswith(self.topics.context + "/"):
             if not self.has_terms:
                 self._on_terms(topic, payload)
@@ -400,12 +408,16 @@ class Aggregator:
         deadline = self._clock() + self.spec.round_seconds
         self._journal.open_round(round_no, model_hash, deadline)
         self._open = self._new_round(round_no, deadline)
-        self._publish(
-            self.topics.round,
-            envelope.encode("round", round=round_no, model_hash=model_hash, deadline=deadline),
-            retain=True,
-        )
+        self._announcement = _announcement(round_no, model_hash, deadline)
+        self._publish(self.topics.round, self._announcement, retain=True)
         log.info("aggregator: round %d open until %.0f", round_no, deadline)
+
+    def _announce_again(self) -> None:
+        """The open round's announcement, retained, on every (re)connection: a broker that
+        restarted without its retained messages would otherwise leave devices that had not yet
+        seen it unaware that the round exists, and the round would stall."""
+        if self._open is not None and self._announcement is not None:
+            self._publish(self.topics.round, self._announcement, retain=True)
 
     def _on_update_chunk(self, topic: str, payload: bytes) -> None:
         sender = TaskTopics.last_segment(topic)
@@ -675,6 +687,13 @@ class Aggregator:
         return self.chain.anchor_round(
             task_id, closed.round, closed.root, closed.aggregate_hash, len(closed.accepted)
         )
+
+
+_CONNECTED = "\x00connected"  # queued on every (re)connection; no MQTT topic holds a NUL
+
+
+def _announcement(round_no: int, model_hash: bytes, deadline: float) -> bytes:
+    return envelope.encode("round", round=round_no, model_hash=model_hash, deadline=deadline)
 
 
 def _delivery(info: paho.MQTTMessageInfo) -> str:

@@ -23,7 +23,7 @@ from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.task import TaskSpec
-from truscl.wire import Domain, TaskTopics, Update, split
+from truscl.wire import Domain, TaskTopics, Update, envelope, split
 from truscl.wire.receipt import Receipt
 
 pytestmark = pytest.mark.slow
@@ -170,3 +170,29 @@ def test_hostile_updates_are_rejected_with_reasons_and_the_service_goes_on(
     assert d.aggregator.stats[1].participants == 1
     assert d.aggregator.alive
     assert len(list((d.archive / "blobs").iterdir())) == 3  # spec, context, the honest update
+
+
+def test_a_broker_that_lost_its_retained_messages_gets_the_round_announced_again(
+    deployment: Deployment,
+) -> None:
+    # Prepare: round 1 is open; the broker keeps nothing across a restart (no persistence)
+    d = deployment
+    topics = TaskTopics(d.spec.task)
+    announced: queue.Queue[dict] = queue.Queue()
+    with MqttLink("first-look", d.broker.settings, lambda t, p: announced.put({}), [topics.round]):
+        announced.get(timeout=10)
+
+    # Execute: the broker restarts; a device that connects afterwards looks for the round
+    d.broker.stop()
+    d.broker.start()
+    late_device = MqttLink(
+        "late-device",
+        d.broker.settings,
+        lambda t, p: announced.put(envelope.decode(p, "round", 1024)),
+        [topics.round],
+    ).start()
+    try:
+        # Assert: the aggregator announced the open round again once it reconnected
+        assert announced.get(timeout=60)["round"] == 1
+    finally:
+        late_device.close()

@@ -3,6 +3,7 @@ deployment's configuration run in the foreground."""
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -114,6 +115,9 @@ class Mosquitto:
         config = self.workdir / "mosquitto.conf"
         config.write_text(
             f"listener {self.port} {self.host}\n"
+            # As root, mosquitto would drop to the `mosquitto` user, which cannot write its
+            # persistence file or log in a folder this process made: it stays who started it.
+            f"user {getpass.getuser()}\n"
             "allow_anonymous true\n"
             + (
                 f"persistence true\npersistence_location {self.workdir}/\n"
