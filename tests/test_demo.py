@@ -38,7 +38,10 @@ def test_truscl_demo_with_defaults_meets_the_targets(tmp_path: Path) -> None:
         assert row["participants"] == 5
         assert row["anchor_tx"].startswith("0x") and len(row["anchor_tx"]) == 66
         assert row["bytes"] > 0
-        assert row["epsilon_pld"] < row["epsilon"] < row["epsilon_replace_one"]
+        # the tight accountant spends less than RDP on the same events, and replacing a
+        # reading costs more than adding or removing one (not always more than RDP's figure)
+        assert row["epsilon_pld"] < row["epsilon"]
+        assert row["epsilon_pld"] < row["epsilon_replace_one"]
     assert summary["final_accuracy"] >= 0.95 * summary["baseline_accuracy"]
     assert 0 < summary["epsilon"] <= 8
     assert summary["delta"] == 1e-5
