@@ -31,7 +31,7 @@ from eth_utils import is_address, keccak
 
 from truscl.chain import ChainClient
 from truscl.errors import ChainError, ConfigError, ProtocolError, TrusclError
-from truscl.mqtt import BrokerSettings, MqttLink
+from truscl.mqtt import BrokerSettings, MqttLink, delivery
 from truscl.privacy.ckks import aggregator_context_bytes, load_context
 from truscl.server.archive import Archive, RoundManifest
 from truscl.server.journal import Journal, JournaledRound
@@ -627,7 +627,7 @@ class Aggregator:
             )
             if self._on_closed is not None:  # the round's results are out
                 self._on_closed(stats)
-        states = {_delivery(info) for info in self._deliveries[closed.round]}
+        states = {delivery(info) for info in self._deliveries[closed.round]}
         if "failed" in states:
             del self._deliveries[closed.round]  # published again on the next try
             raise DeliveryFailed(f"round {closed.round}: its results did not reach the broker")
@@ -694,11 +694,3 @@ _CONNECTED = "\x00connected"  # queued on every (re)connection; no MQTT topic ho
 
 def _announcement(round_no: int, model_hash: bytes, deadline: float) -> bytes:
     return envelope.encode("round", round=round_no, model_hash=model_hash, deadline=deadline)
-
-
-def _delivery(info: paho.MQTTMessageInfo) -> str:
-    """``done``, ``pending`` (the broker may still acknowledge it) or ``failed``."""
-    try:
-        return "done" if info.is_published() else "pending"
-    except RuntimeError:  # paho: the publish failed (made while disconnected)
-        return "failed"

@@ -222,19 +222,23 @@ class MqttLink:
             log.exception("%s: handler failed on a message from %s", self.client_id, msg.topic)
 
 
-def _acknowledged(info: paho.MQTTMessageInfo) -> bool:
-    """Whether the broker acknowledged the message. paho raises, rather than answer, for a
-    message published while disconnected (it may still go out after a reconnect, but it is
-    not known to have): that counts as not acknowledged."""
+def delivery(info: paho.MQTTMessageInfo) -> str:
+    """``done`` (the broker acknowledged it), ``pending`` (it may still) or ``failed``.
+
+    paho raises, rather than answer, for a message published while disconnected or dropped
+    from a full queue: it may still go out after a reconnect, but it is not known to have, so
+    a caller that must know republishes it.
+    """
     try:
-        return info.is_published()
+        return "done" if info.is_published() else "pending"
     except (RuntimeError, ValueError):
-        return False
+        return "failed"
+
+
+def _acknowledged(info: paho.MQTTMessageInfo) -> bool:
+    return delivery(info) == "done"
 
 
 def _settled(info: paho.MQTTMessageInfo) -> bool:
     """Acknowledged, or never to be acknowledged as far as paho can tell: nothing to wait for."""
-    try:
-        return info.is_published()
-    except (RuntimeError, ValueError):
-        return True
+    return delivery(info) != "pending"
