@@ -47,6 +47,7 @@ class DemoConfig:
     rpc: str | None = None  # a development node to use instead of starting anvil
     in_process: bool = False  # every role in this process, on the in-process EVM (or --rpc)
     he_mode: str = "threshold"  # the owner and one key guardian share the key; or "single-key"
+    log_format: str = "text"  # the services' logs: text, or json (one object per line)
 
     @property
     def quorum(self) -> int:
