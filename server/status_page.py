@@ -54,7 +54,7 @@ def status_html(figures: TaskFigures, explorer: str | None = None) -> bytes:
         )
     parts.append(
         "</table><h2>Devices</h2><table><tr><th>device</th><th>updates</th>"
-        "<th>last round</th><th>epsilon</th></tr>"
+        "<th>last update (round)</th><th>epsilon</th></tr>"
     )
     for d in figures.devices:
         parts.append(
@@ -64,6 +64,8 @@ def status_html(figures: TaskFigures, explorer: str | None = None) -> bytes:
     parts.append("</table><h2>Rejections</h2><table><tr><th>reason</th><th>count</th></tr>")
     for reason, count in sorted(figures.rejections.items()):
         parts.append(f"<tr><td class='t'>{_e(reason)}</td><td>{count}</td></tr>")
+    if not figures.rejections:
+        parts.append("<tr><td class='t'>none</td><td>0</td></tr>")
     parts.append("</table><p><a href='/metrics'>metrics</a></p></body></html>\n")
     return "".join(parts).encode()
 

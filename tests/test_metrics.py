@@ -16,6 +16,7 @@ from conftest import FleetRun
 from prometheus_client.parser import text_string_to_metric_families
 from test_aggregator import Deployment, deployment, signed_update
 
+from truscl.errors import ProtocolError
 from truscl.metrics import MetricsSettings
 from truscl.mqtt import MqttLink
 from truscl.server.archive import Archive
@@ -53,38 +54,52 @@ def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> N
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_the_aggregator_counts_what_it_accepts_and_refuses_by_reason(
-    deployment: Deployment,
-) -> None:
-    # Prepare: the metrics port as the service opens it, and a device connection
-    d = deployment
+def a_round_with_a_forgery(d: Deployment) -> tuple[list[Receipt], int]:
+    """A forged update, then the two registered devices' honest ones, which close round 1;
+    the receipts, once round 1 is anchored, and the bytes sent."""
     topics = TaskTopics(d.spec.task)
     receipts: queue.Queue[Receipt] = queue.Queue()
     honest, other, _ = d.devices
     good = [signed_update(d, honest), signed_update(d, other)]
     forged = replace(good[1], signature=good[0].signature)  # other's update, honest's signature
+
+    def on_message(topic: str, payload: bytes) -> None:
+        try:
+            receipts.put(Receipt.decode(payload))
+        except ProtocolError:  # the inclusion proofs that follow the round's anchor
+            pass
+
+    link = MqttLink(
+        "test-device",
+        d.broker.settings,
+        on_message=on_message,
+        subscriptions=[topics.base + "/receipts/+"],
+        max_message=1 << 20,
+    ).start()
+    sent = 0
+    try:
+        for sender, update in ((other, forged), (honest, good[0]), (other, good[1])):
+            for chunk in split(update.encode(), d.spec.max_message):
+                link.publish(topics.updates(sender.address), chunk)
+                sent += len(chunk)
+        answers = [receipts.get(timeout=30) for _ in range(3)]
+    finally:
+        link.close()
+    wait_for(lambda: bool(d.aggregator.stats[1].anchor_tx), "round 1 to be anchored")
+    return answers, sent
+
+
+@pytest.mark.slow
+def test_the_aggregator_counts_what_it_accepts_and_refuses_by_reason(
+    deployment: Deployment,
+) -> None:
+    # Prepare: the metrics port as the service opens it
+    d = deployment
     reader = TaskFigureReader(d.chain, Archive(d.archive), d.spec.task)
     with status_server(reader, MetricsSettings(port=0)) as server:
         before = scrape(server.port)
-        link = MqttLink(
-            "test-device",
-            d.broker.settings,
-            on_message=lambda _, payload: receipts.put(Receipt.decode(payload)),
-            subscriptions=[topics.base + "/receipts/+"],
-            max_message=1 << 20,
-        ).start()
-        sent = 0
-        try:
-            # Execute: the forged update, then both honest ones (the round closes on them)
-            for sender, update in ((other, forged), (honest, good[0]), (other, good[1])):
-                for chunk in split(update.encode(), d.spec.max_message):
-                    link.publish(topics.updates(sender.address), chunk)
-                    sent += len(chunk)
-            answers = [receipts.get(timeout=30) for _ in range(3)]
-        finally:
-            link.close()
-        wait_for(lambda: bool(d.aggregator.stats[1].anchor_tx), "round 1 to be anchored")
+        # Execute
+        answers, sent = a_round_with_a_forgery(d)
         after = scrape(server.port)
     # Assert: the counters moved by what happened, and by nothing else
     assert sorted((r.accepted, r.reason) for r in answers) == [
