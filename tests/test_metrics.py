@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
+import logging
 import queue
+import re
 import time
 import urllib.request
 from collections.abc import Callable
@@ -16,10 +19,13 @@ from conftest import FleetRun
 from prometheus_client.parser import text_string_to_metric_families
 from test_aggregator import Deployment, deployment, signed_update
 
-from truscl.errors import ProtocolError
+from truscl import logs
+from truscl.agent.config import AgentConfig
+from truscl.errors import ConfigError, ProtocolError
 from truscl.metrics import MetricsSettings
 from truscl.mqtt import MqttLink
 from truscl.server.archive import Archive
+from truscl.server.config import AggregatorConfig, OwnerConfig
 from truscl.server.figures import TaskFigureReader
 from truscl.server.status_page import status_server
 from truscl.wire import TaskTopics, split
@@ -194,3 +200,57 @@ def test_a_json_demo_leaks_no_key_material_into_logs_or_metrics(fleet_run: Fleet
         for line in path.read_text().splitlines():
             entry = json.loads(line)
             assert {"time", "level", "logger", "message"} <= set(entry), line
+
+
+def test_the_metrics_table_is_optional_local_by_default_and_checked(tmp_path: Path) -> None:
+    # Prepare: the reference files, and the aggregator's without its [metrics] table
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    aggregator_text = (deploy / "aggregator.toml").read_text()
+    bare = tmp_path / "bare.toml"
+    bare.write_text(aggregator_text[: aggregator_text.index("[metrics]")])
+
+    def aggregator_with(table: str) -> Path:
+        path = tmp_path / "aggregator.toml"
+        path.write_text(bare.read_text() + table)
+        return path
+
+    # Execute / Assert
+    assert AggregatorConfig.load(bare).metrics is None
+    assert AggregatorConfig.load(deploy / "aggregator.toml").metrics == MetricsSettings(9101)
+    assert OwnerConfig.load(deploy / "owner.toml").metrics == MetricsSettings(9102)
+    assert AgentConfig.load(deploy / "agent.toml").metrics == MetricsSettings(9103)
+    explorer = AggregatorConfig.load(aggregator_with('[metrics]\nport = 1\nexplorer = "x/{tx}"'))
+    assert explorer.metrics == MetricsSettings(1, "127.0.0.1", "x/{tx}")
+    for table, complaint in (
+        ("[metrics]\nbind = '0.0.0.0'", "metrics.port"),
+        ("[metrics]\nport = 70000", "metrics.port"),
+        ("[metrics]\nport = 1\nexplorer = 'https://x/'", "{tx}"),
+        ("[metrics]\nport = 1\nhost = 'a'", "metrics.host"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(complaint)):
+            AggregatorConfig.load(aggregator_with(table))
+
+
+def test_json_logs_are_one_object_per_line_with_extras_and_tracebacks() -> None:
+    # Prepare
+    stream = io.StringIO()
+    logs.configure("INFO", "json", stream)
+    log = logging.getLogger("truscl.test")
+    try:
+        # Execute: a message with arguments and extras, a quote and a newline, a failure
+        log.info('round %d closed\nwith "%s"', 3, "quotes", extra={"round": 3})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("it failed")
+        log.debug("not at INFO")
+    finally:
+        logs.configure("WARNING")
+    # Assert
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    first, second = (json.loads(line) for line in lines)
+    assert first["message"] == 'round 3 closed\nwith "quotes"' and first["round"] == 3
+    assert (first["level"], first["logger"]) == ("INFO", "truscl.test")
+    assert first["time"].endswith("+00:00")
+    assert second["level"] == "ERROR" and "ValueError: boom" in second["exception"]
