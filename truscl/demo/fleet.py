@@ -58,6 +58,7 @@ from truscl.demo.common import (
 )
 from truscl.keyfile import load_account, load_or_create_account, write_secret
 from truscl.processes import stop_process
+from truscl.progress import Progress
 from truscl.report import write_report
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
@@ -193,16 +194,18 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         reader = ChainClient.at(node.web3(), contract.address)
         rows = []
         round_started = time.monotonic()
-        for round_no in range(1, config.rounds + 1):
-            if config.drop_device_at == round_no:
-                dropped = roles[-1]  # the last device, alone in its process
-                dropped.stop()
-                print(f"  ({dropped.name} stops before round {round_no})", file=out)
-            _wait_for_model(config, reader, spec, round_no, roles)
-            seconds, round_started = time.monotonic() - round_started, time.monotonic()
-            row = _round_row(spec, Archive(archive), workdir, round_no, X_test, y_test, seconds)
-            rows.append(row)
-            print(row.line(config.devices), file=out)
+        with Progress("rounds", config.rounds, plain=False) as progress:  # a bar on a terminal
+            for round_no in range(1, config.rounds + 1):
+                if config.drop_device_at == round_no:
+                    dropped = roles[-1]  # the last device, alone in its process
+                    dropped.stop()
+                    progress.print(f"  ({dropped.name} stops before round {round_no})", out)
+                _wait_for_model(config, reader, spec, round_no, roles)
+                seconds, round_started = time.monotonic() - round_started, time.monotonic()
+                row = _round_row(spec, Archive(archive), workdir, round_no, X_test, y_test, seconds)
+                rows.append(row)
+                progress.print(row.line(config.devices), out)
+                progress.advance(f"round {round_no}, accuracy {row.accuracy:.3f}")
         report = audit_task(reader, Archive(archive), spec.task)
         refused = [r for r in range(1, config.rounds + 1) if reader.round_refusal(spec.task_id, r)]
         _scrape(roles, workdir / "metrics")
