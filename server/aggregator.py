@@ -522,7 +522,10 @@ class Aggregator:
         metrics.UPDATES_REJECTED.labels(reason).inc()
         if self.has_terms:
             round_no = self._open.terms.round if self._open is not None else self._last_closed
-            self._journal.count_rejection(round_no, reason)
+            try:
+                self._journal.count_rejection(round_no, reason)
+            except sqlite3.Error as exc:  # a count lost is no reason to withhold the receipt
+                log.warning("aggregator: cannot count a rejection in the journal: %s", exc)
 
     def _reject_chunk(self, sender: str, exc: ChunkRejected) -> None:
         self._count_rejection(exc.reason)

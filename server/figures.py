@@ -47,6 +47,7 @@ class TaskFigureReader:
         self.task = task.lower()
         self._blobs: dict[str, _Blob] = {}
         self._gas: dict[str, int] = {}
+        self._released: dict[int, tuple[str | None, int]] = {}
 
     def spec(self) -> TaskSpec | None:
         try:
@@ -82,7 +83,7 @@ class TaskFigureReader:
                 size += blob.size
                 seen.setdefault(entry.device, []).append((entry.made_for, number, blob.epsilon))
             tx = journaled.anchor_tx
-            model = self.chain.model_hash(spec.task_id, number)
+            model, refused = self._release(spec, number) if tx else (None, 0)
             rounds.append(
                 RoundFigures(
                     round=number,
@@ -93,8 +94,8 @@ class TaskFigureReader:
                     rejections=rejections.get(number, {}),
                     anchor_tx=tx,
                     gas=None if tx is None else self._gas_used(tx),
-                    model_hash=None if model is None else "0x" + model.hex(),
-                    refused=self.chain.round_refusal(spec.task_id, number) if tx else 0,
+                    model_hash=model,
+                    refused=refused,
                     accuracy=accuracy.get(number),
                 )
             )
@@ -119,6 +120,18 @@ class TaskFigureReader:
             data = self.archive.get(ident)
             self._blobs[ident] = _Blob(len(data), Update.decode(data, len(data)).epsilon)
         return self._blobs[ident]
+
+    def _release(self, spec: TaskSpec, round_no: int) -> tuple[str | None, int]:
+        """The hash of the model released after an anchored round, and the owner's refusal
+        code (0: none); final once the model is on chain, so read once from then on."""
+        if round_no in self._released:
+            return self._released[round_no]
+        model = self.chain.model_hash(spec.task_id, round_no)
+        if model is None:
+            return None, 0
+        release = "0x" + model.hex(), self.chain.round_refusal(spec.task_id, round_no)
+        self._released[round_no] = release
+        return release
 
     def _gas_used(self, tx: str) -> int:
         if tx not in self._gas:

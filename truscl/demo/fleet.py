@@ -55,15 +55,14 @@ from truscl.demo.common import (
     baseline_accuracy,
     summarise,
     test_set,
+    write_demo_report,
 )
 from truscl.keyfile import load_account, load_or_create_account, write_secret
 from truscl.processes import stop_process
 from truscl.progress import Progress
-from truscl.report import write_report
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
 from truscl.server.config import OwnerConfig
-from truscl.server.figures import TaskFigureReader, model_accuracy
 from truscl.server.owner import ModelStore
 from truscl.server.owner_service import init_task
 from truscl.sim.fleet import MONDAY_2024_01_08
@@ -209,9 +208,10 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         report = audit_task(reader, Archive(archive), spec.task)
         refused = [r for r in range(1, config.rounds + 1) if reader.round_refusal(spec.task_id, r)]
         _scrape(roles, workdir / "metrics")
-        # Without a workdir (deleted at the end), the report gets a folder of its own.
-        out_dir = workdir / "report" if config.workdir else Path(tempfile.mkdtemp(prefix="truscl-"))
-        summary_md = _write_report(reader, spec, workdir, X_test, y_test, out_dir)
+        models = ModelStore(workdir / "owner" / "state" / "models").all(spec.n_params)
+        summary_md = write_demo_report(
+            config, reader, Archive(archive), spec, models, (X_test, y_test), workdir
+        )
         codes = _stop_all(roles)
     unclean = {name: code for name, code in codes.items() if code != 0}
     if unclean:
@@ -490,26 +490,6 @@ def _scrape(roles: list[Role], folder: Path) -> None:
                     (folder / f"{role.name}.{suffix}").write_bytes(response.read())
             except OSError as exc:
                 log.warning("demo: cannot read %s: %s", url, exc)
-
-
-def _write_report(
-    chain: ChainClient,
-    spec: TaskSpec,
-    workdir: Path,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
-    out: Path,
-) -> Path:
-    """``truscl report`` of the task, with the demo's held-out week as the evaluation set
-    (kept as ``test-set.npz`` beside it, so the command can be run again by hand)."""
-    np.savez(workdir / "test-set.npz", X=X_test, y=y_test)
-    models = ModelStore(workdir / "owner" / "state" / "models").all(spec.n_params)
-    reader = TaskFigureReader(chain, Archive(workdir / "aggregator" / "archive"), spec.task)
-    figures = reader.read(
-        model_accuracy(spec, models, X_test, y_test),
-        f"of each released model on the demo's held-out week ({len(y_test)} readings)",
-    )
-    return write_report(figures, out)
 
 
 def _stop_all(roles: list[Role]) -> dict[str, int | None]:
