@@ -14,6 +14,7 @@ from truscl.agent.hardware import backend_names
 from truscl.agent.sensors import Wiring
 from truscl.config import ADDRESS, TASK, TomlReader
 from truscl.errors import ConfigError
+from truscl.metrics import MetricsSettings
 from truscl.mqtt import BrokerSettings
 
 
@@ -35,6 +36,7 @@ class AgentConfig:
     time_scale: float
     start: float | None  # simulated: epoch second the room's clock starts at (None: now)
     history: int  # simulated: readings the device had already taken when it starts
+    metrics: MetricsSettings | None = None  # [metrics]: where to serve /metrics (absent: off)
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -71,6 +73,7 @@ class AgentConfig:
             time_scale=reader.number(sensors, "sensors.time_scale", 1.0),
             start=reader.take(sensors, "sensors.start", (int, float), None),
             history=reader.take(sensors, "sensors.history", int, 0),
+            metrics=MetricsSettings.read(reader),
         )
         reader.no_leftovers()
         if config.hardware not in backend_names():

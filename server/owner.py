@@ -29,8 +29,9 @@ from typing import Any
 import numpy as np
 from eth_utils import keccak
 
+from truscl import metrics
 from truscl.chain import ChainClient
-from truscl.errors import ConfigError, HeError, ProtocolError, SignatureError
+from truscl.errors import ChainError, ConfigError, HeError, ProtocolError, SignatureError
 from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
 from truscl.mqtt import BrokerSettings, MqttLink
@@ -397,6 +398,7 @@ class TaskOwner:
         spec = self._spec
         assert spec is not None
         self.refusals[reason.name.lower()] += 1
+        metrics.ROUNDS_REFUSED.inc()
         log.warning(
             "owner: refused round %d (%s); %d round(s) refused so far",
             round_no,
@@ -417,12 +419,15 @@ class TaskOwner:
             self.store.put(round_no, params)
         anchored = self.chain.model_hash(spec.task_id, round_no)
         if anchored is None:
-            self.chain.publish_model(spec.task_id, round_no, model_hash)
+            metrics.ANCHOR_ATTEMPTS.labels("model").inc()
+            with metrics.ANCHOR_FAILURES.labels("model").count_exceptions(ChainError):
+                self.chain.publish_model(spec.task_id, round_no, model_hash)
         elif anchored != model_hash:
             raise ProtocolError(f"model {round_no} on chain is not the one this owner stored")
         self.models[round_no] = params
         self._publish_model(round_no, data)
         log.info("owner: released model %d (%s)", round_no, model_hash.hex()[:16])
+        metrics.MODELS_RELEASED.inc()
         if self._on_model is not None:
             self._on_model(round_no, params)
 

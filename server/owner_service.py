@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import threading
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from truscl import metrics
 from truscl.chain import ChainClient
 from truscl.chain.rpc import connect
 from truscl.errors import ChainError, ConfigError
@@ -191,10 +193,14 @@ def run_owner(config: OwnerConfig, stop: threading.Event) -> None:
     )
     owner.resume(spec)
     log.info("owner: serving task %s", spec.task)
+    running = ExitStack()
     try:
+        if config.metrics is not None:
+            running.enter_context(metrics.MetricsServer(config.metrics))
         supervise(stop, [heartbeat], status=f"serving task {spec.task}")
     finally:
         owner.stop()
+        running.close()
         log.info("owner: stopped")
 
 

@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from truscl.cli.common import log_format_option
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser(
@@ -53,6 +55,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="ROUND",
         help="stop the last device before this round, to show a round closing at quorum",
     )
+    log_format_option(demo)
     demo.set_defaults(handler=run)
 
 
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         rpc=args.rpc,
         in_process=args.in_process,
         he_mode=args.he_mode,
+        log_format=getattr(args, "log_format", "text"),
     )
     summary = run_demo(config, out=sys.stdout)
     if args.json:

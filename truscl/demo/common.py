@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -12,10 +14,14 @@ from typing import Any, TextIO
 import numpy as np
 
 from truscl.agent.sensors import Reading, SensorSuite
+from truscl.chain import ChainClient
 from truscl.errors import TrusclError
 from truscl.learning import FeatureScaler, LogisticModel, train_centralised
 from truscl.privacy.accounting import pld_epsilon
 from truscl.privacy.ckks import DEFAULT_PROFILE
+from truscl.report import write_report
+from truscl.server.archive import Archive
+from truscl.server.figures import TaskFigureReader, model_accuracy
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import SimulatedDevice
 from truscl.sim.rooms import Room, RoomProfile
@@ -47,6 +53,7 @@ class DemoConfig:
     rpc: str | None = None  # a development node to use instead of starting anvil
     in_process: bool = False  # every role in this process, on the in-process EVM (or --rpc)
     he_mode: str = "threshold"  # the owner and one key guardian share the key; or "single-key"
+    log_format: str = "text"  # the services' logs: text, or json (one object per line)
 
     @property
     def quorum(self) -> int:
@@ -205,3 +212,29 @@ def summarise(
         file=out,
     )
     return summary
+
+
+def write_demo_report(
+    config: DemoConfig,
+    chain: ChainClient,
+    archive: Archive,
+    spec: TaskSpec,
+    models: Mapping[int, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    workdir: Path,
+) -> Path:
+    """``truscl report`` of the demo's task, its held-out week as the evaluation set; the
+    summary's path. With ``--workdir`` in ``report/`` there, beside the set (``test-set.npz``,
+    for running the command again by hand); without, in a folder of its own, which outlives
+    the temporary workdir."""
+    X_test, y_test = test
+    if config.workdir is None:
+        out = Path(tempfile.mkdtemp(prefix="truscl-report-"))
+    else:
+        out = workdir / "report"
+        np.savez(workdir / "test-set.npz", X=X_test, y=y_test)
+    figures = TaskFigureReader(chain, archive, spec.task).read(
+        model_accuracy(spec, models, X_test, y_test),
+        f"of each released model on the demo's held-out week ({len(y_test)} readings)",
+    )
+    return write_report(figures, out)

@@ -42,6 +42,7 @@ from truscl.demo.common import (
     occupancy_spec,
     summarise,
     test_set,
+    write_demo_report,
 )
 from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
@@ -223,6 +224,7 @@ def run_in_process(
             ).start()
         aggregator = built.start()  # from here on it has threads to stop
         rows: list[RoundRow] = []
+        released_models = {}  # round: the model released after it
         print(
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, in one process, "
             f"broker 127.0.0.1:{broker.port}, contract {contract.address}",
@@ -239,6 +241,7 @@ def run_in_process(
                 raise DemoFailed(
                     f"round {round_no} did not complete within {config.round_timeout}s"
                 ) from None
+            released_models[released] = params
             stats = aggregator.stats[released]  # complete before the owner saw the aggregate
             seconds, round_started = time.monotonic() - round_started, time.monotonic()
             row = RoundRow(
@@ -255,6 +258,15 @@ def run_in_process(
         reader = chain.client(contract.address)
         report = audit_task(reader, Archive(workdir / "archive"), spec.task)
         refused = [r for r in range(1, config.rounds + 1) if reader.round_refusal(spec.task_id, r)]
+        summary_md = write_demo_report(
+            config,
+            reader,
+            Archive(workdir / "archive"),
+            spec,
+            released_models,
+            (X_test, y_test),
+            workdir,
+        )
     finally:
         for agent in agents:
             agent.stop()
@@ -281,9 +293,11 @@ def run_in_process(
             "chain": config.rpc or "embedded",
             "contract": contract.address,
             "workdir": str(workdir),
+            "report": str(summary_md),
         },
         out,
     )
+    print(f"report: {summary_md}", file=out)
     if config.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
