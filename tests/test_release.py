@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from test_guardian import crafted_ciphertext
 
@@ -45,11 +43,11 @@ def test_an_honest_sum_at_the_clip_is_released(owner_keys: OwnerKeys) -> None:
 
 def test_a_long_vector_over_two_ciphertexts_is_released(owner_keys: OwnerKeys) -> None:
     context = load_context(owner_keys.public_context_bytes())
-    values = np.full(3000, 0.05)
-    slots = slots_of(owner_keys, encrypt(context, values), 3000)
+    values = np.full(5000, 0.05)
+    slots = slots_of(owner_keys, encrypt(context, values), 5000)
 
-    assert slots.shape == (2, 2048)
-    assert bounds(updates=1, n_params=3000).check(slots) is None
+    assert slots.shape == (2, 4096)
+    assert bounds(updates=1, n_params=5000).check(slots) is None
 
 
 def test_an_l2_norm_above_the_clip_is_refused(owner_keys: OwnerKeys) -> None:
@@ -61,23 +59,23 @@ def test_an_l2_norm_above_the_clip_is_refused(owner_keys: OwnerKeys) -> None:
     )
 
 
-def test_the_crafted_ciphertext_is_refused(owner_keys: OwnerKeys, tmp_path: Path) -> None:
+def test_the_crafted_ciphertext_is_refused(owner_keys: OwnerKeys) -> None:
     context = load_context(owner_keys.public_context_bytes())
-    evil = crafted_ciphertext(context, np.full(N_PARAMS, 0.5), tmp_path / "ct")
+    evil = crafted_ciphertext(context, np.full(N_PARAMS, 0.5))
     honest = [encrypt(context, np.full(N_PARAMS, 0.5)) for _ in range(2)]
     total = sum_ciphertexts(context, [evil, *honest], N_PARAMS)
 
     assert bounds(updates=3).check(slots_of(owner_keys, total)) == Refusal.OUT_OF_BOUNDS
 
 
-def test_slots_that_are_no_replica_of_the_values_are_refused(owner_keys: OwnerKeys) -> None:
-    # Values within bounds, but a slot beyond the model's carries something else: an update
+def test_values_beyond_the_model_that_are_not_zero_are_refused(owner_keys: OwnerKeys) -> None:
+    # Values within bounds, but a value beyond the model's carries something: an update
     # encrypted as a full vector rather than the model's five values
     context = load_context(owner_keys.public_context_bytes())
-    full = np.zeros(2048)
+    full = np.zeros(4096)
     full[:N_PARAMS] = 0.5
-    full[1000] = 0.01
-    slots = slots_of(owner_keys, encrypt(context, full), 2048)
+    full[1001] = 0.01  # an imaginary part
+    slots = slots_of(owner_keys, encrypt(context, full), 4096)
 
     assert bounds(updates=1).check(slots) == Refusal.PADDING
     assert bounds(updates=1).check(slots_of(owner_keys, encrypt(context, full[:5]))) is None
