@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sealapi
 
+from truscl.privacy import seal_layout
 from truscl.privacy.ckks import (
     DEFAULT_PROFILE,
     PROFILES,
@@ -40,17 +42,25 @@ from truscl.privacy.ckks import (
     aggregator_context_bytes,
     decrypt,
     encrypt,
+    load_ciphertext,
     load_context,
     sum_ciphertexts,
 )
 from truscl.privacy.release import noise_slack
-from truscl.privacy.threshold import KeyShare, combine, run_keygen
+from truscl.privacy.threshold import (
+    SMUDGING_SIGMA,
+    KeyShare,
+    centered,
+    combine,
+    ntt_for,
+    run_keygen,
+)
 from truscl.task import DpTerms
 
 COMPACT = "ckks-4096-40-40"
 TARGETS = {DEFAULT_PROFILE.name: 16.1, COMPACT: 12.1}
 PEER = "NVIDIA FLARE's CKKS context through TenSEAL"
-PEER_CONTEXT = {"poly_modulus_degree": 8192, "coeff_mod_bit_sizes": [60, 40, 40], "scale_bits": 40}
+PEER_DEGREE, PEER_PRIMES, PEER_SCALE_BITS = 8192, [60, 40, 40], 40
 BASELINE = "one real per slot (ts.ckks_vector, default profile)"
 # Targets are per parameter in full ciphertexts: 102,400 = 25 ciphertexts of 4,096 values. A
 # vector's last ciphertext costs as much however few values it carries (at 100,000 the 25th
@@ -70,10 +80,10 @@ def _tenseal_vector_bytes(context: ts.Context, values: np.ndarray) -> int:
 def _peer_context() -> ts.Context:
     context = ts.context(
         ts.SCHEME_TYPE.CKKS,
-        poly_modulus_degree=PEER_CONTEXT["poly_modulus_degree"],
-        coeff_mod_bit_sizes=PEER_CONTEXT["coeff_mod_bit_sizes"],
+        poly_modulus_degree=PEER_DEGREE,
+        coeff_mod_bit_sizes=PEER_PRIMES,
     )
-    context.global_scale = 2.0 ** PEER_CONTEXT["scale_bits"]
+    context.global_scale = 2.0**PEER_SCALE_BITS
     return context
 
 
@@ -98,7 +108,11 @@ def bytes_per_param(sizes: tuple[int, ...]) -> dict[str, Any]:
         "bytes_per_param": ours,
         BASELINE: {str(n): _tenseal_vector_bytes(default, values[n]) / n for n in sizes},
         PEER: {
-            "context": PEER_CONTEXT,
+            "context": {
+                "poly_modulus_degree": PEER_DEGREE,
+                "coeff_mod_bit_sizes": PEER_PRIMES,
+                "scale_bits": PEER_SCALE_BITS,
+            },
             "bytes_per_param": {str(n): _tenseal_vector_bytes(peer, values[n]) / n for n in sizes},
         },
     }
@@ -123,6 +137,10 @@ def decryption_error(profile: CkksProfile, size: int) -> dict[str, float | str]:
         "release_slack_1_holder": noise_slack(profile, 1),
     }
     if not profile.threshold:
+        # What threshold mode's sigma would cost, per holder: why the profile is single-key only
+        partial = share.partial_decrypt(owner.context, total, size, sigma=SMUDGING_SIGMA)
+        flooded = combine(owner.context, total, size, [partial], ["owner"])
+        result["one_holder_at_threshold_sigma_2^20"] = float(np.max(np.abs(flooded - truth)))
         result["threshold"] = "refused: single-key only"
         return result
     pair = [KeyShare.generate(h, profile) for h in ("guardian", "owner")]
@@ -134,6 +152,37 @@ def decryption_error(profile: CkksProfile, size: int) -> dict[str, float | str]:
     result["threshold_2_holders"] = float(np.max(np.abs(shared - truth)))
     result["release_slack_2_holders"] = noise_slack(profile, 2)
     return result
+
+
+def aggregate_noise(profile: CkksProfile, size: int) -> dict[str, float]:
+    """The noise the smudging hides, per plaintext coefficient (log2 of its standard deviation
+    and of its largest magnitude): a sum of ten updates decrypted by SEAL with the whole key,
+    minus SEAL's encoding of the true sum, both taken out of NTT form. It does not depend on
+    the scale, so a smaller scale leaves less room between it and a usable smudging sigma."""
+    rng = np.random.default_rng(3)
+    updates = _updates(min(size, profile.values_per_ciphertext), rng)
+    owner = OwnerKeys.generate(profile)
+    context = owner.context
+    seal_context = context.seal_context().data
+    total = _sum(owner.public_context_bytes(), updates)
+    (ciphertext,) = load_ciphertext(context, total, updates[0].size).ciphertexts
+    decrypted, expected = sealapi.Plaintext(), sealapi.Plaintext()
+    sealapi.Decryptor(seal_context, context.secret_key().data).decrypt(ciphertext, decrypted)
+    sealapi.CKKSEncoder(seal_context).encode(
+        seal_layout.to_slots(np.sum(updates, axis=0)), context.global_scale, expected
+    )
+    level = seal_layout.first_level(context)
+    q = level.moduli[0]
+    ntt = ntt_for(level.degree, q)
+    noise = np.zeros(level.degree)
+    for plain, sign in ((decrypted, 1), (expected, -1)):
+        residues = seal_layout.plaintext_residues(plain, level)[0]
+        noise += sign * centered(ntt.inverse(residues), q).astype(np.float64)
+    return {
+        "log2_std": float(np.log2(noise.std())),
+        "log2_max": float(np.log2(np.max(np.abs(noise)))),
+        "log2_smudging_sigma": float(profile.smudging_bits),
+    }
 
 
 def _sum(public: bytes, updates: list[np.ndarray]) -> bytes:
@@ -166,6 +215,9 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "update_l2_norm": DpTerms().update_clip,
         **{name: decryption_error(PROFILES[name], error_size) for name in TARGETS},
     }
+    figures["aggregate_noise_per_coefficient"] = {
+        name: aggregate_noise(PROFILES[name], error_size) for name in TARGETS
+    }
     return figures
 
 
@@ -191,6 +243,12 @@ def _table(figures: dict[str, Any]) -> str:
             for key, value in errors[name].items()
         )
         lines.append(f"  {name}: {parts}")
+    lines.append("\naggregate noise per coefficient (sum of ten, before smudging), log2:")
+    for name, noise in figures["aggregate_noise_per_coefficient"].items():
+        lines.append(
+            f"  {name}: std 2^{noise['log2_std']:.1f}, max 2^{noise['log2_max']:.1f}, "
+            f"smudging sigma 2^{noise['log2_smudging_sigma']:.0f}"
+        )
     lines.append(f"\ntargets met: {figures['meets_targets']}")
     return "\n".join(lines)
 

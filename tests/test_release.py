@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 from test_guardian import crafted_ciphertext
 
-from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys, encrypt, load_context, sum_ciphertexts
+from truscl.privacy.ckks import (
+    DEFAULT_PROFILE,
+    PROFILES,
+    OwnerKeys,
+    encrypt,
+    load_context,
+    sum_ciphertexts,
+)
 from truscl.privacy.release import Refusal, ReleaseBounds, noise_slack
 from truscl.privacy.threshold import KeyShare, combine_slots
 
@@ -79,3 +86,26 @@ def test_values_beyond_the_model_that_are_not_zero_are_refused(owner_keys: Owner
 
     assert bounds(updates=1).check(slots) == Refusal.PADDING
     assert bounds(updates=1).check(slots_of(owner_keys, encrypt(context, full[:5]))) is None
+
+
+def test_the_compact_profile_releases_an_honest_sum_and_refuses_a_crafted_one() -> None:
+    # Prepare: single-key mode under ckks-4096-40-40 (scale 2^26, smudging sigma 2^12)
+    compact = PROFILES["ckks-4096-40-40"]
+    owner_keys = OwnerKeys.generate(compact)
+    context = load_context(owner_keys.public_context_bytes())
+    update = np.zeros(N_PARAMS)
+    update[2] = 5.0
+    honest = [encrypt(context, update) for _ in range(3)]
+    evil = crafted_ciphertext(context, np.full(N_PARAMS, 0.5), offset=2**37)
+    compact_bounds = ReleaseBounds(N_PARAMS, 3, 5.0, noise_slack(compact, 1))
+
+    # Execute
+    released = slots_of(owner_keys, sum_ciphertexts(context, honest, N_PARAMS))
+    crafted = slots_of(owner_keys, sum_ciphertexts(context, [evil, *honest[1:]], N_PARAMS))
+
+    # Assert: the release is within the profile's slack of the truth; the crafted sum is refused
+    assert compact_bounds.check(released) is None
+    np.testing.assert_allclose(
+        released.reshape(-1)[:N_PARAMS], 3 * update, atol=compact_bounds.slack
+    )
+    assert compact_bounds.check(crafted) == Refusal.OUT_OF_BOUNDS

@@ -17,7 +17,7 @@ import tenseal.sealapi as sealapi
 import tenseal.sealapi.util as sealutil
 import zstandard
 
-from truscl.errors import HeError
+from truscl.errors import ConfigError, HeError
 from truscl.privacy import (
     DEFAULT_PROFILE,
     PROFILES,
@@ -38,6 +38,7 @@ from truscl.privacy import (
     sum_ciphertexts,
     threshold,
 )
+from truscl.server.keygen import KeygenTerms
 
 HOLDERS = ("guardian-a", "guardian-b", "owner")
 SIZE = 100
@@ -544,3 +545,5 @@ def test_a_single_key_only_profile_cannot_be_shared() -> None:
         KeyShare.generate("owner", compact)
     with pytest.raises(HeError, match="single-key only"):
         threshold.collective_public_context(compact, b"s" * 32, {})
+    with pytest.raises(ConfigError, match="single-key only"):  # before any session is published
+        KeygenTerms(compact.name, (("guardian", "0x" + "1" * 40), ("owner", "0x" + "2" * 40)))

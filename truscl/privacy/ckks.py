@@ -9,6 +9,12 @@ before it is added, so a malformed update fails loudly instead of poisoning the 
 
 No Galois or relinearisation keys are ever kept: adding needs neither, and Galois keys alone
 would cost 17-300 MB per context.
+
+Contexts are TenSEAL's; ciphertexts are SEAL's own, through ``tenseal.sealapi``: devices encode
+two values per complex slot with SEAL's ``CKKSEncoder`` and encrypt with the public key, the
+aggregator adds with SEAL's ``Evaluator``, and each ciphertext travels as SEAL saves it (zstd),
+in the small container of :func:`pack_vector`. Half the bytes per value of ``ts.ckks_vector``,
+which puts one real in each slot. SEAL's layouts stay in :mod:`truscl.privacy.seal_layout`.
 """
 
 from __future__ import annotations
@@ -111,12 +117,18 @@ class CkksProfile:
 PROFILES: dict[str, CkksProfile] = {
     profile.name: profile
     for profile in (
-        # One 60-bit data prime at scale 2^40: max error 1.8e-8 for a sum of 10 fresh
-        # encryptions, ~32 B per value; cannot multiply, so weights are applied before.
+        # One 60-bit data prime at scale 2^40: max error ~1.5e-8 for a sum of 10 fresh
+        # encryptions, 16.03 B per value in full ciphertexts of 4096 values (65,659 bytes);
+        # cannot multiply, so weights are applied before. The one threshold decryption uses.
         CkksProfile("ckks-4096-60-49", 4096, (60, 49), 40),
-        # Same precision and 32 B per value in full ciphertexts, but 4096 slots: a short
-        # vector costs 128 KB instead of 64 KB. For models above 2048 parameters.
+        # Same precision and bytes per value in full ciphertexts, but 8192 values each: a short
+        # vector costs 128 KB instead of 64 KB.
         CkksProfile("ckks-8192-60-49", 8192, (60, 49), 40),
+        # Compact: one 40-bit data prime at scale 2^26, 12.0 B per value in full ciphertexts;
+        # max error ~2.5e-4 for a sum of 10 (bound 5e-3). Threshold smudging (sigma 2^20) would
+        # cost ~0.7 per value per holder here: single-key only, its owner smudging with 2^12,
+        # ~2^4.5 above the aggregate's own noise (max ~2^7.5 per coefficient); released error
+        # up to ~1e-2 per value. Measured by bench/wire.py.
         CkksProfile(
             "ckks-4096-40-40",
             4096,
@@ -124,7 +136,7 @@ PROFILES: dict[str, CkksProfile] = {
             26,
             smudging_bits=12,
             threshold=False,
-            encryption_noise=1e-3,
+            encryption_noise=5e-3,
         ),
     )
 }

@@ -109,6 +109,11 @@ def ciphertext_polys(ciphertext: object) -> np.ndarray:
     return _flat(ciphertext, size * primes * degree).reshape(size, primes, degree)
 
 
+def plaintext_residues(plain: sealapi.Plaintext, level: RnsLevel) -> np.ndarray:
+    """An NTT-form CKKS plaintext at ``level`` as an ``(L, N)`` array of residues."""
+    return _flat(plain, len(level.moduli) * level.degree).reshape(len(level.moduli), level.degree)
+
+
 def secret_key_ntt(context: ts.Context) -> np.ndarray:
     """An ordinary (single-key) context's secret key, ``(L + 1, N)`` in NTT form at key level.
 
@@ -118,9 +123,7 @@ def secret_key_ntt(context: ts.Context) -> np.ndarray:
     """
     if not context.is_private():
         raise HeError("context has no secret key")
-    level = key_level(context)
-    plain = context.secret_key().data.data()
-    return _flat(plain, len(level.moduli) * level.degree).reshape(len(level.moduli), level.degree)
+    return plaintext_residues(context.secret_key().data.data(), key_level(context))
 
 
 def public_key_polys(context: ts.Context) -> np.ndarray:
