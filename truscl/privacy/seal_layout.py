@@ -198,9 +198,14 @@ def plaintext_bytes(
     return _seal_object(meta + _dyn_array(residues, version), version)
 
 
+# Memory-backed where there is one (Linux), so that no ciphertext or combined decryption touches
+# a Raspberry Pi's SD card; the directories are private (0700) and live for one call.
+_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
 def _saved(save: Callable[[str], None]) -> bytes:
     """Run SEAL's path-only ``save`` (Assumption 8) into a private temporary directory."""
-    with tempfile.TemporaryDirectory(prefix="truscl-seal-") as directory:
+    with tempfile.TemporaryDirectory(prefix="truscl-seal-", dir=_SCRATCH) as directory:
         path = os.path.join(directory, "object")
         save(path)
         with open(path, "rb") as file:
@@ -210,7 +215,7 @@ def _saved(save: Callable[[str], None]) -> bytes:
 def _load(load: Callable[[str], None], data: bytes) -> None:
     """Run SEAL's path-only ``load`` (Assumption 8) on ``data``, from a private temporary
     directory; SEAL's own errors become ``HeError``."""
-    with tempfile.TemporaryDirectory(prefix="truscl-seal-") as directory:
+    with tempfile.TemporaryDirectory(prefix="truscl-seal-", dir=_SCRATCH) as directory:
         path = os.path.join(directory, "object")
         with open(path, "wb") as file:
             file.write(data)
