@@ -69,6 +69,28 @@ def data_root(round_secret: bytes, window: list[Reading]) -> bytes:
     return merkle_root([data_leaf(round_secret, i, r) for i, r in enumerate(window)])
 
 
+def private_delta(
+    spec: TaskSpec,
+    params: np.ndarray,
+    features: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """The model delta a device releases: DP-SGD under the task's terms on its window
+    (``features`` in the spec's order, unscaled), clipped to the task's update bound."""
+    dp = spec.dp
+    config = DpSgdConfig(
+        clip_norm=dp.clip_norm,
+        noise_multiplier=dp.noise_multiplier,
+        sampling_rate=spec.sampling_rate,
+        steps=dp.local_steps,
+        learning_rate=dp.learning_rate,
+    )
+    X = spec.scaler.apply(features)
+    trained = dp_sgd(LogisticModel(len(spec.features)), params, X, labels, config, rng)
+    return clip_by_l2(trained - params, dp.update_clip)
+
+
 def make_update(
     spec: TaskSpec,
     inputs: UpdateInputs,
@@ -87,19 +109,10 @@ def make_update(
     """
     if rng is None:
         rng = secure_generator()
-    dp = spec.dp
     window = inputs.window
-    X = spec.scaler.apply(np.array([r.features() for r in window]))
-    y = np.array([r.label() for r in window], dtype=np.float64)
-    config = DpSgdConfig(
-        clip_norm=dp.clip_norm,
-        noise_multiplier=dp.noise_multiplier,
-        sampling_rate=spec.sampling_rate,
-        steps=dp.local_steps,
-        learning_rate=dp.learning_rate,
-    )
-    trained = dp_sgd(LogisticModel(len(spec.features)), inputs.params, X, y, config, rng)
-    delta = clip_by_l2(trained - inputs.params, dp.update_clip)
+    features = np.array([r.features() for r in window])
+    labels = np.array([r.label() for r in window], dtype=np.float64)
+    delta = private_delta(spec, inputs.params, features, labels, rng)
     return Update(
         task=spec.task_id,
         round=inputs.round,

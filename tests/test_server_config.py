@@ -30,7 +30,7 @@ def test_the_example_task_file_makes_the_demo_terms() -> None:
     [
         (lambda t: t.replace("rounds = 10", 'rounds = "10"'), "rounds has the wrong type"),
         (lambda t: t.replace("quorum = 3", "quorums = 3"), "quorum is required"),
-        (lambda t: t + "colour = 1\n", "unknown key dp.colour"),
+        (lambda t: t + "colour = 1\n", "unknown key optimiser.colour"),
         (lambda t: t.replace("clip_norm = 1.0", "clip_norm = -1.0"), "clip_norm"),
         (lambda t: t.replace("co2_ppm = [400.0, 2000.0]", "co2_ppm = [1]"), "ranges.co2_ppm"),
         (lambda t: t.replace('"co2_ppm"]', '"co2"]'), "features must be"),

@@ -16,7 +16,7 @@ from eth_utils import keccak
 
 from truscl.config import TomlReader
 from truscl.errors import ConfigError
-from truscl.learning import FeatureScaler
+from truscl.learning import FeatureScaler, OptimiserTerms
 from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, MIN_MESSAGE
 
 FEATURES = ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
@@ -68,6 +68,7 @@ class TaskSpec:
     round_seconds: float = 30.0
     max_message: int = DEFAULT_MAX_MESSAGE
     dp: DpTerms = field(default_factory=DpTerms)
+    optimiser: OptimiserTerms = field(default_factory=OptimiserTerms)  # the owner's, per round
     late_updates: bool = True  # an update that misses its round's close counts in the next
     # The fewest accepted updates a round's aggregate may hold for any key holder to decrypt it
     # (also a term on chain): an "aggregate" of one update would be that device's update.
@@ -125,6 +126,7 @@ class TaskSpec:
         try:
             fields = dict(data)
             fields["dp"] = DpTerms(**fields["dp"])
+            fields["optimiser"] = OptimiserTerms(**fields["optimiser"])
             for name in ("feature_offsets", "feature_scales", "features"):
                 fields[name] = tuple(fields[name])
             fields["key_holders"] = tuple(
@@ -151,11 +153,25 @@ class TaskSpec:
         return keccak(self.encode())
 
 
+def _terms(reader: TomlReader, table: str, defaults: Any) -> dict[str, Any]:
+    """A table of terms (``[dp]``, ``[optimiser]``) as keyword arguments for its dataclass:
+    each key of ``defaults`` typed as its default value, and absent keys left at it."""
+    values = reader.table(table)
+    fields = {}
+    for name, value in asdict(defaults).items():
+        kind: type | tuple[type, ...] = (
+            type(value) if isinstance(value, str | int) else (int, float)
+        )
+        fields[name] = reader.take(values, f"{table}.{name}", kind, value)
+    return fields
+
+
 def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
     """The owner's task file (TOML) as a spec for ``task`` under the HE context ``context_hash``.
 
     The file states what an operator decides (rounds, quorum, deadline, features and their
-    physical ranges, DP terms); the task id and the context hash come from ``owner init``.
+    physical ranges, DP terms, server optimiser); the task id and the context hash come from
+    ``owner init``.
     """
     from truscl.privacy.ckks import DEFAULT_PROFILE, PROFILES  # TenSEAL: only when needed
 
@@ -171,12 +187,8 @@ def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
         if len(pair) != 2 or not all(isinstance(v, int | float) for v in pair):
             raise reader.fail(f"ranges.{name} must be [low, high]")
         ranges.append((float(pair[0]), float(pair[1])))
-    dp_table = reader.table("dp")
-    defaults = DpTerms()
-    dp_fields = {}
-    for name, value in asdict(defaults).items():
-        kind: type | tuple[type, ...] = int if isinstance(value, int) else (int, float)
-        dp_fields[name] = reader.take(dp_table, f"dp.{name}", kind, value)
+    dp_fields = _terms(reader, "dp", DpTerms())
+    optimiser_fields = _terms(reader, "optimiser", OptimiserTerms())
     fields: dict[str, Any] = {
         "task": task,
         "rounds": reader.take(data, "rounds", int),
@@ -207,6 +219,7 @@ def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
             feature_offsets=scaler.offset,
             feature_scales=scaler.scale,
             dp=DpTerms(**dp_fields),
+            optimiser=OptimiserTerms(**optimiser_fields),
         )
     except ConfigError as exc:
         raise reader.fail(str(exc)) from None
