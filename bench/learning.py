@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from truscl.agent.contribution import private_delta
-from truscl.agent.sensors import SensorSuite
+from truscl.agent.sensors import Reading, SensorSuite
 from truscl.demo.common import (
     READING_INTERVAL_S,
     READINGS_PER_ROUND,
@@ -45,17 +45,18 @@ from truscl.demo.common import (
     test_set,
 )
 from truscl.learning import (
+    FEATURES,
     FeatureScaler,
-    LogisticModel,
     OptimiserState,
     OptimiserTerms,
     train_centralised,
 )
+from truscl.learning.features import DEFAULT_FEATURES
 from truscl.server.owner import next_model, task_privacy
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import SimulatedDevice
 from truscl.sim.rooms import ARCHETYPES, SHIFT_ARCHETYPES, Room, RoomProfile, make_rooms
-from truscl.task import FEATURES, TaskSpec
+from truscl.task import TaskSpec
 
 TARGET_RATIO = 0.95
 EPSILON_LIMIT = 8.0
@@ -65,6 +66,17 @@ OPTIMISERS = {
     "fedavgm": OptimiserTerms("fedavgm", learning_rate=0.5, momentum=0.9),
     "fedadam": OptimiserTerms("fedadam", learning_rate=1.0, tau=0.1),
 }
+HARD_FEATURES = ("temperature_c", "humidity_pct", "co2_ppm", "hour_sin", "hour_cos")
+
+
+def feature_range(name: str) -> tuple[float, float]:
+    """A sensor's physical range, or a derived feature's natural one."""
+    if name in DEFAULT_FEATURES:
+        return SENSOR_RANGES[DEFAULT_FEATURES.index(name)]
+    natural = FEATURES[name].natural_range
+    if natural is None:
+        raise ValueError(f"no range for {name}")
+    return natural
 
 
 @dataclass(frozen=True)
@@ -77,8 +89,7 @@ class Task:
     rounds: int
 
     def spec(self, optimiser: OptimiserTerms) -> TaskSpec:
-        ranges = [SENSOR_RANGES[FEATURES.index(name)] for name in self.features]
-        scaler = FeatureScaler.from_ranges(ranges)
+        scaler = FeatureScaler.from_ranges([feature_range(name) for name in self.features])
         return TaskSpec(
             task="0x" + "00" * 32,
             rounds=self.rounds,
@@ -92,76 +103,62 @@ class Task:
             optimiser=optimiser,
         )
 
-    @property
-    def columns(self) -> list[int]:
-        return [FEATURES.index(name) for name in self.features]
-
 
 TASKS = (
-    Task("default", ARCHETYPES, FEATURES, 10),
-    Task("hard", SHIFT_ARCHETYPES, ("temperature_c", "humidity_pct", "co2_ppm"), 10),
+    Task("default", ARCHETYPES, DEFAULT_FEATURES, 10),
+    Task("hard", SHIFT_ARCHETYPES, HARD_FEATURES, 10),
 )
 
 
 @dataclass(frozen=True)
 class Fleet:
-    """What a task's devices sensed (one array per device, all features) and the test week."""
+    """What a task's devices sensed (their valid readings, in time order) and the test week."""
 
-    features: list[np.ndarray]
-    labels: list[np.ndarray]
-    X_test: np.ndarray
-    y_test: np.ndarray
+    readings: list[list[Reading]]
+    test: list[Reading]
 
 
 def sense(task: Task, devices: int, seed: int) -> Fleet:
     """Every reading the devices train on over the task, through the simulated drivers."""
     profiles = make_rooms(devices, seed, task.rooms)
     count = WINDOW + (task.rounds - 1) * READINGS_PER_ROUND
-    features, labels = [], []
+    fleet = []
     for index, profile in enumerate(profiles):
         room = Room(profile, seed=seed * 1000 + index, start=MONDAY_2024_01_08)
         device = SimulatedDevice(room, seed=seed * 1000 + 500 + index)
-        rows, marks = [], []
+        readings = []
         with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
             for _ in range(count):
                 device.step(READING_INTERVAL_S)
-                reading = suite.read(device.now)
-                if reading.valid:  # as the agent: only valid readings are training data
-                    rows.append(reading.features())
-                    marks.append(reading.label())
-        features.append(np.array(rows))
-        labels.append(np.array(marks, dtype=np.float64))
-    X_test, y_test = test_set(profiles, seed)
-    return Fleet(features, labels, X_test, y_test)
+                readings.append(suite.read(device.now))
+        fleet.append([r for r in readings if r.valid])  # as the agent: valid readings only
+    return Fleet(fleet, test_set(profiles, seed))
 
 
-def centralised(task: Task, fleet: Fleet) -> float:
+def centralised(spec: TaskSpec, fleet: Fleet) -> float:
     """Accuracy of the same model trained on all readings pooled, without DP."""
-    spec = task.spec(OptimiserTerms())
-    model = LogisticModel(len(task.features))
-    X = spec.scaler.apply(np.concatenate(fleet.features)[:, task.columns])
-    y = np.concatenate(fleet.labels)
-    params = train_centralised(model, X, y, epochs=CENTRALISED_EPOCHS, lr=1.0)
-    return model.accuracy(params, spec.scaler.apply(fleet.X_test[:, task.columns]), fleet.y_test)
+    model = spec.make_model()
+    pooled = [reading for readings in fleet.readings for reading in readings]
+    params = train_centralised(
+        model, spec.inputs(pooled), spec.targets(pooled), epochs=CENTRALISED_EPOCHS, lr=1.0
+    )
+    return model.accuracy(params, spec.inputs(fleet.test), spec.targets(fleet.test))
 
 
-def federate(task: Task, fleet: Fleet, optimiser: OptimiserTerms, seed: int) -> list[float]:
+def federate(spec: TaskSpec, fleet: Fleet, seed: int) -> list[float]:
     """Accuracy on the test week after each round of federated training."""
-    spec = task.spec(optimiser)
-    model = LogisticModel(len(task.features))
-    X_test = spec.scaler.apply(fleet.X_test[:, task.columns])
+    model = spec.make_model()
+    X_test, y_test = spec.inputs(fleet.test), spec.targets(fleet.test)
     rng = np.random.default_rng(seed)
     params, state = model.init_params(), OptimiserState()
     accuracy = []
-    for round_no in range(1, task.rounds + 1):
+    for round_no in range(1, spec.rounds + 1):
         start = (round_no - 1) * READINGS_PER_ROUND
         total = np.zeros_like(params)
-        for rows, marks in zip(fleet.features, fleet.labels, strict=True):
-            window = slice(start, start + WINDOW)
-            features = rows[window][:, task.columns]
-            total += private_delta(spec, params, features, marks[window], rng)
-        params, state = next_model(spec, params, state, total, len(fleet.features))
-        accuracy.append(model.accuracy(params, X_test, fleet.y_test))
+        for readings in fleet.readings:
+            total += private_delta(spec, params, readings[start : start + WINDOW], rng)
+        params, state = next_model(spec, params, state, total, len(fleet.readings))
+        accuracy.append(model.accuracy(params, X_test, y_test))
     return accuracy
 
 
@@ -191,9 +188,9 @@ def run(devices: int, seeds: list[int], quick: bool) -> dict[str, Any]:
         runs: dict[str, list[tuple[list[float], float]]] = {name: [] for name in OPTIMISERS}
         for seed in seeds:
             fleet = sense(task, devices, seed)
-            central = centralised(task, fleet)
+            central = centralised(spec, fleet)
             for name, terms in OPTIMISERS.items():
-                runs[name].append((federate(task, fleet, terms, seed), central))
+                runs[name].append((federate(replace(spec, optimiser=terms), fleet, seed), central))
         for name, seeded in runs.items():
             ratios = [accuracy[-1] / central for accuracy, central in seeded]
             results[name][task.name] = {
