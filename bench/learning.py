@@ -10,12 +10,13 @@ would get from the same noise. The noise comes from seeded generators so that a 
 repeated (devices use :func:`truscl.privacy.dp.secure_generator`); every optimiser of a seed
 sees the same draws.
 
-The harder task drops the light sensor (temperature, humidity and CO2 are left) and gives each
-device a room used at other hours (by day, by night, at weekends, in the evening, from dawn:
-:data:`truscl.sim.rooms.SHIFT_ARCHETYPES`), so what one device learns does not hold for the
-next. Centralised training is the same model on every device's readings pooled, without DP,
-trained to convergence. Target: on the harder task, the best optimiser reaches at least 95 %
-of centralised accuracy for every seed, at epsilon at most 8.
+The harder task drops the light sensor (temperature, humidity and CO2 are left, with the hour
+of day as ``hour_sin`` and ``hour_cos``) and gives each device a room used at other hours (by
+day, by night, at weekends, in the evening, from dawn: ``SHIFT_ARCHETYPES`` of
+:mod:`truscl.sim.rooms`), so what one device learns, above all about the hour, does not hold
+for the next. Centralised training is the same model on every device's readings pooled,
+without DP, trained to convergence. Target: on the harder task, the best optimiser reaches at
+least 95 % of centralised accuracy for every seed, at epsilon at most 8.
 
     .venv/bin/python bench/learning.py [--json FILE] [--quick]
 
