@@ -10,7 +10,7 @@ import pytest
 
 from truscl.errors import ConfigError, ProtocolError
 from truscl.learning import OptimiserState, OptimiserTerms, server_step
-from truscl.server.owner import RELEASE_DECIMALS, next_model
+from truscl.server.owner import RELEASE_DECIMALS, ModelStore, next_model
 from truscl.task import TaskSpec, load_task_file
 
 X0 = np.array([1.0, -2.0])
@@ -138,6 +138,23 @@ def test_the_owner_rounds_and_averages_before_stepping() -> None:
     assert RELEASE_DECIMALS < 9
     assert params.tolist() == [0.5, -0.25, 0.125, 0.0, 1.0]
     assert state.moments[0].tolist() == params.tolist()
+
+
+def test_the_model_store_keeps_each_model_with_its_optimiser_state(tmp_path: Path) -> None:
+    # Prepare
+    store = ModelStore(tmp_path / "models")
+    _, state = server_step(OptimiserTerms("fedadam"), X0, D1, OptimiserState())
+
+    # Execute
+    store.put(1, X0 + D1, state)
+    (tmp_path / "models" / "2.model").write_bytes((X0 + D2).astype("<f8").tobytes())
+
+    # Assert: read back exactly; a model stored without a state is refused, not guessed at
+    again = ModelStore(tmp_path / "models")
+    assert again.state(1).to_bytes() == state.to_bytes()
+    assert np.array_equal(again.all(2)[1], X0 + D1)
+    with pytest.raises(ProtocolError, match="model 2 is stored without its optimiser state"):
+        again.state(2)
 
 
 def test_the_task_file_names_the_optimiser(tmp_path: Path) -> None:

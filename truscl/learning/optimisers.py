@@ -28,8 +28,10 @@ OPTIMISERS = ("fedavg", "fedavgm", "fedadam")
 @dataclass(frozen=True)
 class OptimiserTerms:
     """The server optimiser a task names (its ``[optimiser]`` table); the defaults are plain
-    federated averaging. ``momentum`` is FedAvgM's, ``beta1``, ``beta2`` and ``tau`` (the
-    adaptivity: how small a parameter's step may get) FedAdam's; each ignores the others'."""
+    federated averaging. ``momentum`` is FedAvgM's, ``beta1``, ``beta2`` and ``tau`` FedAdam's
+    (``tau``, the adaptivity: the smaller, the nearer every parameter's step comes to
+    ``learning_rate`` whatever the size of its deltas); each ignores the others'. ``tau``'s
+    default suits deltas of the size the occupancy tasks' devices send (bench/learning.py)."""
 
     name: str = "fedavg"
     learning_rate: float = 1.0  # the server's, not the devices'
