@@ -164,7 +164,8 @@ def federate(spec: TaskSpec, fleet: Fleet, seed: int) -> list[float]:
 
 
 def swing(accuracy: list[float]) -> float:
-    """Mean change of accuracy from one round to the next over the last half of the rounds."""
+    """Mean change of accuracy from one round to the next over the last half of the rounds: a
+    curve still climbing counts here as much as one that swings, so read it with the curve."""
     tail = accuracy[len(accuracy) // 2 :]
     return float(np.mean(np.abs(np.diff(tail)))) if len(tail) > 1 else 0.0
 
