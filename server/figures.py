@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from truscl.chain import ChainClient
-from truscl.learning import LogisticModel
 from truscl.report import DeviceFigures, RoundFigures, TaskFigures
 from truscl.server.archive import Archive
 from truscl.server.journal import Journal
@@ -142,8 +141,7 @@ class TaskFigureReader:
 def model_accuracy(
     spec: TaskSpec, models: Mapping[int, np.ndarray], X: np.ndarray, y: np.ndarray
 ) -> dict[int, float]:
-    """Accuracy of each released model (round: model released after it) on raw features ``X``
-    in the order of ``spec.features``, scaled as the devices scale theirs."""
-    model = LogisticModel(len(spec.features))
-    inputs = spec.scaler.apply(X)
-    return {r: model.accuracy(params, inputs, y) for r, params in models.items() if r > 0}
+    """Accuracy of each released model (round: model released after it) on ``X``, the task's
+    inputs (its features built and scaled as the devices build theirs: ``spec.inputs``)."""
+    model = spec.make_model()
+    return {r: model.accuracy(params, X, y) for r, params in models.items() if r > 0}
