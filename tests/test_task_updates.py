@@ -92,10 +92,11 @@ def test_an_mlp_update_carries_every_parameter(
 def test_an_mlp_larger_than_one_ciphertext_is_summed_decrypted_and_released(
     owner_keys: OwnerKeys, public_context: ts.Context
 ) -> None:
-    # Prepare: 6 inputs, 300 hidden units: 2,401 parameters, over 2,048 slots
+    # Prepare: 6 inputs, 600 hidden units: 4,801 parameters, over one ciphertext's 4,096 values
     features = ("temperature_c", "humidity_pct", "light_lux", "co2_ppm", "hour_sin", "hour_cos")
-    spec = spec_with(owner_keys, features, model="mlp", hidden=(300, 2))
-    assert spec.n_params == 6 * 300 + 300 + 300 * 2 + 2 + 2 + 1 > DEFAULT_PROFILE.slot_count
+    spec = spec_with(owner_keys, features, model="mlp", hidden=(600, 2))
+    per_ciphertext = DEFAULT_PROFILE.values_per_ciphertext
+    assert spec.n_params == 6 * 600 + 600 + 600 * 2 + 2 + 2 + 1 > per_ciphertext
     start = initial_model(spec)
     updates = [update_for(spec, public_context, start, readings) for readings in (64, 128)]
     # Execute: the aggregator's sum and the owner's release check, on the task's n_params
@@ -105,7 +106,7 @@ def test_an_mlp_larger_than_one_ciphertext_is_summed_decrypted_and_released(
     slots = combine_slots(owner_keys.context, total, spec.n_params, [partial], ["owner"])
     bounds = ReleaseBounds(spec.n_params, 2, spec.dp.update_clip, noise_slack(DEFAULT_PROFILE, 1))
     # Assert: two ciphertexts, released, and their sum is the sum of the two deltas
-    assert slots.shape == (2, DEFAULT_PROFILE.slot_count)
+    assert slots.shape == (2, per_ciphertext)
     assert bounds.check(slots) is None
     each = [decrypted(owner_keys, u.ciphertext, spec.n_params) for u in updates]
     np.testing.assert_allclose(slots.reshape(-1)[: spec.n_params], each[0] + each[1], atol=1e-3)
