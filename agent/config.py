@@ -11,10 +11,20 @@ from pathlib import Path
 from typing import Any
 
 from truscl.agent.hardware import backend_names
+from truscl.agent.litert import BACKENDS
 from truscl.agent.sensors import Wiring
 from truscl.config import ADDRESS, TASK, TomlReader
 from truscl.errors import ConfigError
 from truscl.mqtt import BrokerSettings
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """``[output]``: the pin (BCM) of an LED or relay that shows the predicted occupancy."""
+
+    pin: int
+    threshold: float = 0.5
+    active_high: bool = True
 
 
 @dataclass(frozen=True)
@@ -35,6 +45,8 @@ class AgentConfig:
     time_scale: float
     start: float | None  # simulated: epoch second the room's clock starts at (None: now)
     history: int  # simulated: readings the device had already taken when it starts
+    training: str = "numpy"  # "numpy" (the reference) or "litert"
+    output: OutputSettings | None = None  # the occupancy LED or relay, if wired
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -49,6 +61,7 @@ class AgentConfig:
         data, source = reader.data, reader.source
         device = reader.table("device")
         chain, sensors = reader.table("chain"), reader.table("sensors")
+        training, output = reader.table("training"), reader.table("output")
         config = cls(
             task=reader.pattern(data, "task", TASK, "0x and 64 hex digits"),
             key=reader.path(device, "device.key"),
@@ -71,6 +84,14 @@ class AgentConfig:
             time_scale=reader.number(sensors, "sensors.time_scale", 1.0),
             start=reader.take(sensors, "sensors.start", (int, float), None),
             history=reader.take(sensors, "sensors.history", int, 0),
+            training=reader.take(training, "training.backend", str, "numpy"),
+            output=None
+            if not output
+            else OutputSettings(
+                pin=reader.take(output, "output.pin", int),
+                threshold=reader.number(output, "output.threshold", 0.5),
+                active_high=reader.take(output, "output.active_high", bool, True),
+            ),
         )
         reader.no_leftovers()
         if config.hardware not in backend_names():
@@ -80,4 +101,9 @@ class AgentConfig:
             raise ConfigError(f"{source}: sensors.interval and sensors.time_scale must be > 0")
         if config.room < 0 or config.history < 0:
             raise ConfigError(f"{source}: sensors.room and sensors.history must not be negative")
+        if config.training not in BACKENDS:
+            names = ", ".join(f'"{n}"' for n in BACKENDS)
+            raise ConfigError(f"{source}: training.backend must be one of {names}")
+        if config.output is not None and not 0 <= config.output.threshold <= 1:
+            raise ConfigError(f"{source}: output.threshold must be within 0 and 1")
         return config

@@ -20,10 +20,10 @@ import tenseal as ts
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
+from truscl.agent.litert import Trainer, numpy_trainer
 from truscl.agent.sensors import Reading
-from truscl.learning import LogisticModel
 from truscl.privacy.ckks import encrypt
-from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
+from truscl.privacy.dp import DpSgdConfig, clip_by_l2, secure_generator
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_root
 
@@ -77,6 +77,7 @@ def make_update(
     account: LocalAccount,
     domain: Domain,
     rng: np.random.Generator | None = None,
+    train: Trainer | None = None,
 ) -> Update:
     """Train with DP-SGD on the window, clip the model delta to the task's bound, encrypt it
     under the task's public key and sign the update (EIP-712) with the device's key.
@@ -84,6 +85,8 @@ def make_update(
     The sampling and the noise come from ``rng``; by default a fresh OS-seeded generator for
     this update alone (:func:`secure_generator`), which is what a device uses: one per round,
     so no generator state outlives the round it protects. Tests pass a seeded one.
+    ``train`` is the DP-SGD backend (:class:`truscl.agent.litert.ModelRuntime`); numpy's
+    :func:`dp_sgd` by default.
     """
     if rng is None:
         rng = secure_generator()
@@ -98,7 +101,9 @@ def make_update(
         steps=dp.local_steps,
         learning_rate=dp.learning_rate,
     )
-    trained = dp_sgd(LogisticModel(len(spec.features)), inputs.params, X, y, config, rng)
+    if train is None:
+        train = numpy_trainer(spec)
+    trained = train(inputs.params, X, y, config, rng)
     delta = clip_by_l2(trained - inputs.params, dp.update_clip)
     return Update(
         task=spec.task_id,
