@@ -237,6 +237,7 @@ class SensorSuite:
         wiring: Wiring = DEFAULT_WIRING,
         calibration: AnalogCalibration = DEFAULT_CALIBRATION,
     ) -> None:
+        self.pin_factory = pin_factory  # also drives the agent's outputs (agent.output)
         self._bus = i2c_bus
         self._address = wiring.bme280_address
         self._calibration = calibration
