@@ -34,7 +34,7 @@ class UpdateInputs:
 
     round: int
     params: np.ndarray  # model ``round - 1``, as checked against the chain
-    window: list[Reading]  # the readings trained on
+    window: list[Reading]  # the readings trained on: min_readings to window of them
     epsilon_spent: float  # the ledger's epsilon, this round's charge included
     data_root: bytes  # Merkle root of the salted readings (:func:`data_root`)
 
@@ -79,7 +79,8 @@ def make_update(
     rng: np.random.Generator | None = None,
     train: Trainer | None = None,
 ) -> Update:
-    """Train with DP-SGD on the window, clip the model delta to the task's bound, encrypt it
+    """Train the task's model with DP-SGD on the window, at the sampling rate its size gives
+    (the rate the ledger was charged at), clip the model delta to the task's bound, encrypt it
     under the task's public key and sign the update (EIP-712) with the device's key.
 
     The sampling and the noise come from ``rng``; by default a fresh OS-seeded generator for
@@ -92,15 +93,14 @@ def make_update(
         rng = secure_generator()
     dp = spec.dp
     window = inputs.window
-    X = spec.scaler.apply(np.array([r.features() for r in window]))
-    y = np.array([r.label() for r in window], dtype=np.float64)
     config = DpSgdConfig(
         clip_norm=dp.clip_norm,
         noise_multiplier=dp.noise_multiplier,
-        sampling_rate=spec.sampling_rate,
+        sampling_rate=spec.sampling_rate_for(len(window)),
         steps=dp.local_steps,
         learning_rate=dp.learning_rate,
     )
+    X, y = spec.inputs(window), spec.targets(window)
     if train is None:
         train = numpy_trainer(spec)
     trained = train(inputs.params, X, y, config, rng)

@@ -20,7 +20,7 @@ import cbor2
 from gpiozero import MCP3008, MotionSensor
 from gpiozero.pins import Factory
 
-from truscl.agent.health import Fault, PlausibilityCheck, Status
+from truscl.agent.health import SENSORS, Fault, PlausibilityCheck, Status
 from truscl.datasheets import (
     BME280_CHIP_ID,
     DEFAULT_CALIBRATION,
@@ -46,9 +46,6 @@ from truscl.datasheets import (
     Wiring,
 )
 from truscl.errors import SensorError
-
-FEATURES: tuple[str, ...] = ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
-"""Order of ``Reading.features()``: the model's input columns, fixed for every device."""
 
 READING_SCHEMA = 1
 """First element of ``Reading.encode()``, so a changed layout can never collide with an old leaf."""
@@ -188,10 +185,6 @@ class Reading:
         """True when every sensor was healthy: only valid readings are training data."""
         return not self.faults
 
-    def features(self) -> tuple[float, ...]:
-        """Model inputs in ``FEATURES`` order (pressure is weather, not occupancy: left out)."""
-        return (self.temperature_c, self.humidity_pct, self.light_lux, self.co2_ppm)
-
     def label(self) -> int:
         """1 when the PIR saw motion: the occupancy label."""
         return int(self.motion)
@@ -254,6 +247,12 @@ class SensorSuite:
                 MCP3008(channel=wiring.co2_channel, pin_factory=pin_factory)
             )
             opened.pop_all()  # construction succeeded: the suite owns them until close()
+
+    @property
+    def parts(self) -> frozenset[str]:
+        """The sensors this suite reads (named as :data:`truscl.agent.health.SENSORS`): what a
+        task's features may need of this device."""
+        return frozenset(SENSORS)
 
     @classmethod
     def on_pi(cls, wiring: Wiring = DEFAULT_WIRING) -> SensorSuite:

@@ -86,6 +86,7 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             heartbeat=heartbeat,
             runtime=runtime,
             output=output,
+            sensors=sensors.suite.parts,
         )
         log.info("agent %s (%s) starting for task %s", agent.name, account.address, config.task)
         agent.start(broker_timeout=None)  # the broker may come later: paho keeps trying

@@ -12,12 +12,12 @@ from truscl.agent.health import Fault, Status
 from truscl.agent.sensors import (
     DEFAULT_CALIBRATION,
     DEFAULT_WIRING,
-    FEATURES,
     Bme280,
     Reading,
     SensorSuite,
 )
 from truscl.errors import SensorError
+from truscl.learning.features import DEFAULT_FEATURES, feature_matrix
 from truscl.sim import FakeBme280Bus, make_fleet
 from truscl.sim.hardware import TYPICAL_CALIBRATION, SimulatedDevice
 
@@ -206,8 +206,7 @@ def test_reading_features_label_and_encoding() -> None:
     encoded = reading.encode()
 
     # Assert
-    assert FEATURES == ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
-    assert reading.features() == (21.5, 40.25, 350.0, 812.5)
+    assert feature_matrix(DEFAULT_FEATURES, [reading]).tolist() == [[21.5, 40.25, 350.0, 812.5]]
     assert reading.label() == 1
     assert encoded == Reading(1.7e9, 21.5, 40.25, 1001.5, 350.0, 812.5, True).encode()
     assert cbor2.loads(encoded) == [1, 1.7e9, 21.5, 40.25, 1001.5, 350.0, 812.5, True]

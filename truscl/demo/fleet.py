@@ -28,11 +28,10 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 from eth_account import Account
 
 from truscl.agent.provision import provision_agent
@@ -45,14 +44,13 @@ from truscl.config import broker_table, render_toml
 from truscl.demo.common import (
     READING_INTERVAL_S,
     READINGS_PER_ROUND,
-    SENSOR_RANGES,
-    WINDOW,
     DemoConfig,
     DemoFailed,
     RoundRow,
     accuracy,
     baseline_accuracy,
     summarise,
+    task_toml,
     test_set,
 )
 from truscl.keyfile import load_account, load_or_create_account, write_secret
@@ -64,7 +62,7 @@ from truscl.server.owner_service import init_task
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import SimulatedDevice
 from truscl.sim.rooms import Room, RoomProfile, make_rooms
-from truscl.task import FEATURES, TaskSpec
+from truscl.task import TaskSpec
 from truscl.wire import Update
 from truscl.wire.model import model_from_bytes
 
@@ -147,7 +145,7 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
     (workdir / "logs").mkdir(exist_ok=True)
     started = time.monotonic()
     profiles = make_rooms(config.devices, config.seed)
-    X_test, y_test = test_set(profiles, config.seed)
+    test = test_set(profiles, config.seed)
     roles: list[Role] = []
     with ExitStack() as stack:
         stack.callback(_stop_all, roles)
@@ -194,7 +192,7 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
                 print(f"  ({dropped.name} stops before round {round_no})", file=out)
             _wait_for_model(config, reader, spec, round_no, roles)
             seconds, round_started = time.monotonic() - round_started, time.monotonic()
-            row = _round_row(spec, Archive(archive), workdir, round_no, X_test, y_test, seconds)
+            row = _round_row(spec, Archive(archive), workdir, round_no, test, seconds)
             rows.append(row)
             print(row.line(config.devices), file=out)
         report = audit_task(reader, Archive(archive), spec.task)
@@ -203,7 +201,10 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
     unclean = {name: code for name, code in codes.items() if code != 0}
     if unclean:
         print(f"warning: not every process stopped cleanly: {unclean}", file=out)
-    baseline = baseline_accuracy(_pooled(profiles, config), X_test, y_test)
+    initial = model_from_bytes(
+        (workdir / "owner" / "state" / "models" / "0.model").read_bytes(), spec.n_params
+    )
+    baseline = baseline_accuracy(spec, _pooled(profiles, config, spec.window), test, initial)
     summary = summarise(
         config,
         rows,
@@ -258,19 +259,7 @@ def _create_task(
     folder.mkdir(parents=True, exist_ok=True)
     owner = _funded_key(node, folder / "owner.key")
     aggregator = _funded_key(node, workdir / "aggregator" / "aggregator.key")
-    ranges = dict(zip(FEATURES, SENSOR_RANGES, strict=True))
-    (folder / "task.toml").write_text(
-        render_toml(
-            {
-                "rounds": config.rounds,
-                "quorum": config.quorum,
-                "round_seconds": config.deadline,
-                "window": WINDOW,
-                "max_message": config.max_message,
-            },
-            {"ranges": {k: list(v) for k, v in ranges.items()}, "dp": asdict(config.dp)},
-        )
-    )
+    (folder / "task.toml").write_text(task_toml(config))
     chain = {"rpc": rpc, "contract": contract}
     top: dict[str, Any] = {"task_file": "task.toml", "aggregator": aggregator.address}
     tables: dict[str, dict[str, Any]] = {
@@ -370,7 +359,7 @@ def _start_services(
             contract=contract,
             task=spec.task,
             name=f"device-{index}",
-            sensors=_simulated_sensors(config, index),
+            sensors=_simulated_sensors(config, index, spec.window),
         )
         configs.append(device.config)
     for group in _device_processes(len(configs), alone_last=config.drop_device_at is not None):
@@ -395,7 +384,7 @@ def _device_processes(devices: int, alone_last: bool) -> list[list[int]]:
     return [g for g in groups if g] + ([last] if last else [])
 
 
-def _simulated_sensors(config: DemoConfig, index: int) -> dict[str, Any]:
+def _simulated_sensors(config: DemoConfig, index: int, window: int) -> dict[str, Any]:
     return {
         "hardware": "simulated",
         "interval": READING_INTERVAL_S,
@@ -403,7 +392,7 @@ def _simulated_sensors(config: DemoConfig, index: int) -> dict[str, Any]:
         "seed": config.seed,
         "time_scale": TIME_SCALE,
         "start": MONDAY_2024_01_08,
-        "history": WINDOW,
+        "history": window,
     }
 
 
@@ -428,8 +417,7 @@ def _round_row(
     archive: Archive,
     workdir: Path,
     round_no: int,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
+    test: list[Reading],
     seconds: float,
 ) -> RoundRow:
     """A round as the aggregator archived it and the owner released it."""
@@ -443,7 +431,7 @@ def _round_row(
         round=round_no,
         participants=len(updates) - late,
         late=late,
-        accuracy=accuracy(params, X_test, y_test),
+        accuracy=accuracy(spec, params, test),
         epsilon=max(update.epsilon for update in updates),
         bytes=sum(len(blob) for blob in blobs),
         anchor_tx=manifest.anchor_tx,
@@ -457,11 +445,11 @@ def _stop_all(roles: list[Role]) -> dict[str, int | None]:
     return {role.name: role.stop() for role in reversed(roles)}
 
 
-def _pooled(profiles: list[RoomProfile], config: DemoConfig) -> list[Reading]:
+def _pooled(profiles: list[RoomProfile], config: DemoConfig, window: int) -> list[Reading]:
     """The readings the devices sensed over the task, replayed from the same rooms and seeds
     as the ``simulated`` backend (the devices' own copies never leave them)."""
     readings = []
-    count = WINDOW + config.rounds * READINGS_PER_ROUND
+    count = window + config.rounds * READINGS_PER_ROUND
     for index, profile in enumerate(profiles):
         room = Room(profile, seed=config.seed * 1000 + index, start=MONDAY_2024_01_08)
         device = SimulatedDevice(room, seed=config.seed * 1000 + 500 + index)
