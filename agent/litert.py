@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from truscl.errors import ConfigError
-from truscl.learning import LogisticModel
+from truscl.learning import LogisticModel, MlpModel
 from truscl.privacy.dp import DpSgdConfig, dp_sgd
 from truscl.task import TaskSpec
 
@@ -64,20 +64,19 @@ def model_file(layers: Sequence[int]) -> Path:
 
 
 def layers_of(spec: TaskSpec) -> tuple[int, ...] | None:
-    """The layer widths of the task's model, input first; None for a model with no MLP shape."""
-    if spec.model == "logistic":
-        return (len(spec.features), 1)
+    """The layer widths of the task's model, input first (logistic regression is the MLP with
+    no hidden layer); None for a model of another kind."""
+    model = spec.make_model()
+    if isinstance(model, MlpModel):
+        return (model.n_features, *model.hidden, 1)
+    if isinstance(model, LogisticModel):
+        return (model.n_features, 1)
     return None
 
 
-def numpy_model(spec: TaskSpec) -> LogisticModel:
-    """The task's model in numpy, the reference backend."""
-    return LogisticModel(len(spec.features))
-
-
 def numpy_trainer(spec: TaskSpec) -> Trainer:
-    """:func:`dp_sgd` with the task's numpy model bound."""
-    return functools.partial(dp_sgd, numpy_model(spec))
+    """:func:`dp_sgd` with the task's numpy model bound: the reference backend."""
+    return functools.partial(dp_sgd, spec.make_model())
 
 
 def _batch_rows(count: int) -> int:
@@ -202,4 +201,4 @@ class ModelRuntime:
 
     def predictor(self, spec: TaskSpec) -> Predictor:
         model = self.litert(spec)
-        return numpy_model(spec).predict_proba if model is None else model.predict_proba
+        return spec.make_model().predict_proba if model is None else model.predict_proba

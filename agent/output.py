@@ -10,7 +10,6 @@ sensors use, so a simulated device drives a mock pin the same way.
 from __future__ import annotations
 
 import logging
-import math
 from types import TracebackType
 from typing import Self
 
@@ -54,10 +53,9 @@ class OccupancyOutput:
         already shown are not predicted again, and a reading with a missing value is skipped."""
         if self._shown == (round_no, reading.timestamp):
             return
-        features = reading.features()
-        if not all(math.isfinite(v) for v in features):
+        X = spec.inputs([reading])
+        if not np.isfinite(X).all():
             return
-        X = spec.scaler.apply(np.array([features]))
         probability = float(self._runtime.predictor(spec)(params, X)[0])
         self._shown, self.probability = (round_no, reading.timestamp), probability
         on = probability >= self._threshold

@@ -9,7 +9,6 @@ absolute (measured: about 2e-8 relative for the logistic model).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 import time
@@ -24,7 +23,7 @@ from truscl.agent.output import OccupancyOutput
 from truscl.agent.sensors import Reading
 from truscl.demo import occupancy_spec
 from truscl.errors import ConfigError
-from truscl.learning import LogisticModel
+from truscl.learning import LogisticModel, Model, make_model
 from truscl.privacy.ckks import OwnerKeys
 from truscl.privacy.dp import DpSgdConfig, dp_sgd
 from truscl.sim.hardware import SimulatedBoard
@@ -37,44 +36,6 @@ CONFIG = DpSgdConfig(
 )
 
 
-class NumpyMlp:
-    """Test-only numpy MLP (tanh hidden layers, logit out), the layout of the .tflite models:
-    per layer ``W`` (n_in, n_out) in C order, then ``b``."""
-
-    def __init__(self, layers: tuple[int, ...]) -> None:
-        self.shapes = list(itertools.pairwise(layers))
-        self.n_params = sum(i * o + o for i, o in self.shapes)
-
-    def _unflatten(self, params: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        out, start = [], 0
-        for i, o in self.shapes:
-            w = params[start : start + i * o].reshape(i, o)
-            out.append((w, params[start + i * o : start + i * o + o]))
-            start += i * o + o
-        return out
-
-    def logits(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
-        h = X
-        layers = self._unflatten(params)
-        for k, (w, b) in enumerate(layers):
-            h = h @ w + b if k == len(layers) - 1 else np.tanh(h @ w + b)
-        return h[:, 0]
-
-    def per_example_grads(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
-        layers = self._unflatten(params)
-        inputs, h = [], X
-        for k, (w, b) in enumerate(layers):
-            inputs.append(h)
-            h = h @ w + b if k == len(layers) - 1 else np.tanh(h @ w + b)
-        delta = (0.5 * (1 + np.tanh(0.5 * h[:, 0])) - y)[:, None]
-        parts: list[np.ndarray] = []
-        for k in reversed(range(len(layers))):
-            grad_w = np.einsum("ni,no->nio", inputs[k], delta).reshape(len(X), layers[k][0].size)
-            parts = [grad_w, delta, *parts]
-            delta = (delta @ layers[k][0].T) * (1 - inputs[k] ** 2)
-        return np.concatenate(parts, axis=1)
-
-
 def data(n_features: int, n: int = 864, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     X = rng.uniform(-1, 1, (n, n_features))
@@ -82,27 +43,11 @@ def data(n_features: int, n: int = 864, seed: int = 1) -> tuple[np.ndarray, np.n
     return X, y
 
 
-def test_the_numpy_mlp_reference_has_the_gradient_of_its_loss() -> None:
-    # Prepare: the test's reference model checked by central differences
-    model = NumpyMlp((3, 8, 1))
-    params = np.random.default_rng(2).normal(0, 0.5, model.n_params)
-    X, y = data(3, n=4)
-
-    def loss(p: np.ndarray, row: int) -> float:
-        z = model.logits(p, X[row : row + 1])[0]
-        return float(np.logaddexp(0, z) - y[row] * z)
-
-    # Execute
-    grads = model.per_example_grads(params, X, y)
-    # Assert
-    eye = np.eye(model.n_params) * 1e-6
-    for row in range(len(X)):
-        numeric = [(loss(params + e, row) - loss(params - e, row)) / 2e-6 for e in eye]
-        np.testing.assert_allclose(grads[row], numeric, rtol=1e-5, atol=1e-8)
-
-
-def reference(layers: tuple[int, ...]) -> LogisticModel | NumpyMlp:
-    return LogisticModel(layers[0]) if len(layers) == 2 else NumpyMlp(layers)
+def reference(layers: tuple[int, ...]) -> Model:
+    """The numpy model (truscl.learning's registry) of the .tflite file for ``layers``."""
+    if len(layers) == 2:
+        return make_model("logistic", layers[0])
+    return make_model("mlp", layers[0], layers[1:-1])
 
 
 @pytest.mark.parametrize("layers", SHAPES)
@@ -143,10 +88,7 @@ def test_infer_predicts_what_numpy_predicts(layers: tuple[int, ...]) -> None:
     params = np.random.default_rng(4).normal(0, 1.0, numpy_model.n_params)
     X, _ = data(layers[0], n=50)
 
-    if isinstance(numpy_model, LogisticModel):
-        expected = numpy_model.predict_proba(params, X)
-    else:
-        expected = 0.5 * (1 + np.tanh(0.5 * numpy_model.logits(params, X)))
+    expected = numpy_model.predict_proba(params, X)
     np.testing.assert_allclose(litert.predict_proba(params, X), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(litert.get_weights(), params, rtol=1e-6)  # set_weights kept them
 
@@ -283,9 +225,7 @@ def test_the_output_pin_follows_the_prediction(backend: str) -> None:
         # Execute / Assert: a new reading, then a new model, each drives the pin
         output.show(task, 1, co2_only, reading(co2_ppm=1800, timestamp=1.0))
         assert pin.state and output.is_on and output.probability is not None
-        expected = LogisticModel(4).predict_proba(
-            co2_only, task.scaler.apply(np.array([reading(1800, 1.0).features()]))
-        )[0]
+        expected = LogisticModel(4).predict_proba(co2_only, task.inputs([reading(1800, 1.0)]))[0]
         assert output.probability == pytest.approx(expected, rel=1e-5)
         output.show(task, 1, co2_only, reading(co2_ppm=450, timestamp=2.0))
         assert not pin.state
