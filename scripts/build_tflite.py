@@ -8,9 +8,11 @@ came from:
     /work/tf-venv/bin/python scripts/build_tflite.py 4 1
     /work/tf-venv/bin/python scripts/build_tflite.py 4 8 1
     /work/tf-venv/bin/python scripts/build_tflite.py 3 8 1
+    /work/tf-venv/bin/python scripts/build_tflite.py 4 8 4 1
 
 The arguments are the layer widths, input first, output (1, the logit) last: ``4 1`` is the
-logistic model, ``4 8 1`` an MLP with one hidden layer of 8 tanh units. The file is written to
+logistic model, ``4 8 1`` an MLP with one hidden layer of 8 tanh units, ``4 8 4 1`` one
+with two (deploy/task.toml's example). The file is written to
 agent/models/mlp-4-8-1.tflite (one name per shape; ``--out`` to put it elsewhere).
 
 The model holds its parameters as resource variables and has four signatures:

@@ -16,21 +16,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from eth_account import Account
+from harness import synthetic_readings
 
 from truscl.agent.config import AgentConfig
+from truscl.agent.contribution import UpdateInputs, make_update
 from truscl.agent.litert import LiteRtModel, ModelRuntime, model_file
 from truscl.agent.output import OccupancyOutput
 from truscl.agent.sensors import Reading
 from truscl.demo import occupancy_spec
 from truscl.errors import ConfigError
 from truscl.learning import LogisticModel, Model, make_model
-from truscl.privacy.ckks import OwnerKeys
+from truscl.privacy.ckks import OwnerKeys, context_hash, decrypt, load_context
 from truscl.privacy.dp import DpSgdConfig, dp_sgd
 from truscl.sim.hardware import SimulatedBoard
-from truscl.task import TaskSpec
+from truscl.task import DpTerms, TaskSpec
+from truscl.wire import Domain
 
 RTOL, ATOL = 1e-5, 1e-6
-SHAPES = [(4, 1), (4, 8, 1), (3, 8, 1)]
+SHAPES = [(4, 1), (4, 8, 1), (3, 8, 1), (4, 8, 4, 1)]
 CONFIG = DpSgdConfig(
     clip_norm=1.0, noise_multiplier=1.0, sampling_rate=32 / 864, steps=20, learning_rate=2.0
 )
@@ -102,14 +106,17 @@ def test_a_model_refuses_parameters_of_another_shape() -> None:
 # -- the agent's choice of backend ---------------------------------------------------------
 
 
-def spec() -> TaskSpec:
-    return occupancy_spec("0x" + "00" * 32)
+def spec(hidden: tuple[int, ...] = ()) -> TaskSpec:
+    return occupancy_spec("0x" + "00" * 32, model="mlp" if hidden else "logistic", hidden=hidden)
 
 
-def test_the_litert_runtime_trains_the_tasks_model_with_its_tflite_file() -> None:
-    task = spec()
+@pytest.mark.parametrize("hidden", [(), (8,), (8, 4)])
+def test_the_litert_runtime_trains_the_tasks_model_with_its_tflite_file(
+    hidden: tuple[int, ...],
+) -> None:
+    task = spec(hidden)
     X, y = data(4)
-    start = np.zeros(task.n_params)
+    start = task.make_model().init_params()
     trained = ModelRuntime("litert").trainer(task)(start, X, y, CONFIG, np.random.default_rng(5))
     expected = ModelRuntime("numpy").trainer(task)(start, X, y, CONFIG, np.random.default_rng(5))
     np.testing.assert_allclose(trained, expected, rtol=RTOL, atol=ATOL)
@@ -131,6 +138,52 @@ def test_without_a_model_file_litert_warns_once_and_numpy_trains(
     assert all(np.array_equal(t, expected) for t in trained)  # numpy's result, bit for bit
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1 and "mlp-4-1.tflite" in warnings[0] and "numpy" in warnings[0]
+
+
+def test_a_shape_without_a_tflite_file_is_trained_by_numpy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="truscl.agent.litert")
+    task = spec(hidden=(5,))  # no mlp-4-5-1.tflite is built
+    X, y = data(4)
+    start = task.make_model().init_params()
+    trained = ModelRuntime("litert").trainer(task)(start, X, y, CONFIG, np.random.default_rng(5))
+    expected = dp_sgd(task.make_model(), start, X, y, CONFIG, np.random.default_rng(5))
+    assert np.array_equal(trained, expected)
+    assert "mlp-4-5-1.tflite" in caplog.text
+
+
+def test_make_update_trains_through_litert(owner_keys: OwnerKeys) -> None:
+    # Prepare: the same update made with either backend and the same generator seed
+    task = occupancy_spec(
+        "0x" + context_hash(owner_keys.public_context_bytes()).hex(),
+        model="mlp",
+        hidden=(8,),
+        window=128,
+        dp=DpTerms(batch_size=16),
+    )
+    context = load_context(owner_keys.public_context_bytes())
+    inputs = UpdateInputs(
+        round=1,
+        params=task.make_model().init_params(),
+        window=synthetic_readings(128),
+        epsilon_spent=1.0,
+        data_root=b"\x07" * 32,
+    )
+    account, domain = Account.create(), Domain(31337, "0x" + "11" * 20)
+
+    def delta(backend: str) -> np.ndarray:
+        update = make_update(
+            task, inputs, context=context, account=account, domain=domain,
+            rng=np.random.default_rng(21), train=ModelRuntime(backend).trainer(task),
+        )  # fmt: skip
+        return decrypt(owner_keys, update.ciphertext, task.n_params)
+
+    # Execute
+    litert, numpy = delta("litert"), delta("numpy")
+    # Assert: the owner decrypts the same delta, to CKKS's precision
+    assert np.linalg.norm(numpy) > 0.1
+    np.testing.assert_allclose(litert, numpy, atol=1e-4)
 
 
 def test_without_a_litert_runtime_numpy_trains(
