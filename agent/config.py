@@ -104,6 +104,9 @@ class AgentConfig:
         if config.training not in BACKENDS:
             names = ", ".join(f'"{n}"' for n in BACKENDS)
             raise ConfigError(f"{source}: training.backend must be one of {names}")
-        if config.output is not None and not 0 <= config.output.threshold <= 1:
-            raise ConfigError(f"{source}: output.threshold must be within 0 and 1")
+        if config.output is not None:
+            if not 0 <= config.output.threshold <= 1:
+                raise ConfigError(f"{source}: output.threshold must be within 0 and 1")
+            if config.output.pin == config.wiring.pir_pin:
+                raise ConfigError(f"{source}: output.pin is the PIR's pin (sensors.pir_pin)")
         return config

@@ -58,9 +58,10 @@ def interpreter_class() -> type[Any] | None:
     return Interpreter
 
 
-def model_file(layers: Sequence[int]) -> Path:
-    """Where the .tflite file of a model with these layer widths is (it may not exist)."""
-    return MODELS / ("mlp-" + "-".join(str(n) for n in layers) + ".tflite")
+def model_file(layers: Sequence[int], models: Path = MODELS) -> Path:
+    """Where the .tflite file of a model with these layer widths is (it may not exist); the
+    name is scripts/build_tflite.py's."""
+    return models / ("mlp-" + "-".join(str(n) for n in layers) + ".tflite")
 
 
 def layers_of(spec: TaskSpec) -> tuple[int, ...] | None:
@@ -185,14 +186,14 @@ class ModelRuntime:
         if layers is None:
             log.warning("LiteRT: no .tflite shape for the %r model; training with numpy", model)
             return None
-        path = self._models / model_file(layers).name
+        path = model_file(layers, self._models)
         if not path.is_file():
             log.warning("LiteRT: no model file %s for the task's model; using numpy", path)
             return None
         try:
             return LiteRtModel(path)
-        except ConfigError as exc:
-            log.warning("LiteRT: %s; using numpy", exc)
+        except (ConfigError, ValueError, RuntimeError) as exc:  # no runtime, or a broken file
+            log.warning("LiteRT: cannot use %s (%s); using numpy", path.name, exc)
             return None
 
     def trainer(self, spec: TaskSpec) -> Trainer:

@@ -205,6 +205,22 @@ def test_without_a_litert_runtime_numpy_trains(
     assert "no LiteRT runtime" in warning and "numpy" in warning
 
 
+def test_a_broken_model_file_is_refused_and_numpy_trains(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_file((4, 1), tmp_path).write_bytes(b"TFL3" + bytes(60))  # not a flatbuffer model
+    task = spec()
+    X, y = data(4)
+    start = np.zeros(task.n_params)
+    runtime = ModelRuntime("litert", models=tmp_path)
+    trained = runtime.trainer(task)(start, X, y, CONFIG, np.random.default_rng(5))
+    assert runtime.litert(task) is None
+    assert np.array_equal(
+        trained, dp_sgd(LogisticModel(4), start, X, y, CONFIG, np.random.default_rng(5))
+    )
+    assert "cannot use mlp-4-1.tflite" in caplog.text
+
+
 def test_an_unknown_backend_is_refused() -> None:
     with pytest.raises(ConfigError, match="numpy, litert"):
         ModelRuntime("tensorflow")
@@ -250,6 +266,7 @@ def test_the_config_picks_the_backend_and_the_output(tmp_path: Path) -> None:
         ('[output]\npin = "GPIO17"\n', "output.pin has the wrong type"),
         ("[output]\npin = 17\nthreshold = 1.5\n", "output.threshold must be within 0 and 1"),
         ("[output]\npin = 17\nactive_high = 1\n", "output.active_high has the wrong type"),
+        ("[output]\npin = 4\n", "output.pin is the PIR's pin"),
     ],
 )
 def test_every_training_and_output_mistake_is_named(
