@@ -185,20 +185,18 @@ def summarise(
     final = rows[-1].accuracy
     dp = spec.dp
     # The PLD figures for a device that took part in every round so far: the same DP events as
-    # the devices' RDP figure, under the tight accountant, for each neighbouring relation.
+    # the devices' RDP figure, under the tight accountant, for each neighbouring relation. The
+    # demo's devices start with a full window, so every round trains on ``window`` readings.
+    rate = spec.sampling_rate_for(spec.window)
     per_round = []
     for count, row in enumerate(rows, start=1):
         steps = dp.local_steps * count
         per_round.append(
             {
                 **row.as_dict(),
-                "epsilon_pld": round(
-                    pld_epsilon(spec.sampling_rate, dp.noise_multiplier, steps, dp.delta), 4
-                ),
+                "epsilon_pld": round(pld_epsilon(rate, dp.noise_multiplier, steps, dp.delta), 4),
                 "epsilon_replace_one": round(
-                    pld_epsilon(
-                        spec.sampling_rate, dp.noise_multiplier, steps, dp.delta, replace_one=True
-                    ),
+                    pld_epsilon(rate, dp.noise_multiplier, steps, dp.delta, replace_one=True),
                     4,
                 ),
             }
