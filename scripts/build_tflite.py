@@ -9,6 +9,8 @@ came from:
     /work/tf-venv/bin/python scripts/build_tflite.py 4 8 1
     /work/tf-venv/bin/python scripts/build_tflite.py 3 8 1
     /work/tf-venv/bin/python scripts/build_tflite.py 4 8 4 1
+    /work/tf-venv/bin/python scripts/build_tflite.py 6 8 4 1   # deploy/tasks/mlp.toml
+    /work/tf-venv/bin/python scripts/build_tflite.py 3 1       # deploy/tasks/three-features.toml
 
 The arguments are the layer widths, input first, output (1, the logit) last: ``4 1`` is the
 logistic model, ``4 8 1`` an MLP with one hidden layer of 8 tanh units, ``4 8 4 1`` one

@@ -30,9 +30,10 @@ from truscl.learning import LogisticModel, Model, make_model
 from truscl.privacy.ckks import OwnerKeys, context_hash, decrypt, load_context
 from truscl.privacy.dp import DpSgdConfig, dp_sgd
 from truscl.sim.hardware import SimulatedBoard
-from truscl.task import DpTerms, TaskSpec
+from truscl.task import DpTerms, TaskSpec, load_task_file
 from truscl.wire import Domain
 
+ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6
 SHAPES = [(4, 1), (4, 8, 1), (3, 8, 1), (4, 8, 4, 1)]
 CONFIG = DpSgdConfig(
@@ -95,6 +96,16 @@ def test_infer_predicts_what_numpy_predicts(layers: tuple[int, ...]) -> None:
     expected = numpy_model.predict_proba(params, X)
     np.testing.assert_allclose(litert.predict_proba(params, X), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(litert.get_weights(), params, rtol=1e-6)  # set_weights kept them
+
+
+@pytest.mark.parametrize(
+    "task_file",
+    [ROOT / "deploy" / "task.toml", *sorted((ROOT / "deploy" / "tasks").glob("*.toml"))],
+)
+def test_every_example_task_has_its_tflite_model(task_file: Path) -> None:
+    task = load_task_file(task_file, task="0x" + "ab" * 32, context_hash="0x" + "cd" * 32)
+    model = ModelRuntime("litert").litert(task)
+    assert model is not None and model.n_params == task.n_params
 
 
 def test_a_model_refuses_parameters_of_another_shape() -> None:
