@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from truscl.agent.hardware import backend_names
+from truscl.agent.health import SENSORS
 from truscl.agent.litert import BACKENDS
 from truscl.agent.sensors import Wiring
 from truscl.config import ADDRESS, TASK, TomlReader
@@ -45,6 +46,7 @@ class AgentConfig:
     time_scale: float
     start: float | None  # simulated: epoch second the room's clock starts at (None: now)
     history: int  # simulated: readings the device had already taken when it starts
+    parts: tuple[str, ...] = SENSORS  # the sensors fitted: a task needing another is refused
     training: str = "numpy"  # "numpy" (the reference) or "litert"
     output: OutputSettings | None = None  # the occupancy LED or relay, if wired
 
@@ -84,6 +86,7 @@ class AgentConfig:
             time_scale=reader.number(sensors, "sensors.time_scale", 1.0),
             start=reader.take(sensors, "sensors.start", (int, float), None),
             history=reader.take(sensors, "sensors.history", int, 0),
+            parts=tuple(reader.take(sensors, "sensors.parts", list, list(SENSORS))),
             training=reader.take(training, "training.backend", str, "numpy"),
             output=None
             if not output
@@ -99,6 +102,10 @@ class AgentConfig:
             raise ConfigError(f"{source}: sensors.hardware must be one of {names}")
         if config.interval <= 0 or config.time_scale <= 0:
             raise ConfigError(f"{source}: sensors.interval and sensors.time_scale must be > 0")
+        named = all(isinstance(part, str) for part in config.parts)
+        if not named or not set(config.parts) <= set(SENSORS):
+            names = ", ".join(f'"{n}"' for n in SENSORS)
+            raise ConfigError(f"{source}: sensors.parts may only name {names}")
         if config.room < 0 or config.history < 0:
             raise ConfigError(f"{source}: sensors.room and sensors.history must not be negative")
         if config.training not in BACKENDS:
@@ -107,6 +114,6 @@ class AgentConfig:
         if config.output is not None:
             if not 0 <= config.output.threshold <= 1:
                 raise ConfigError(f"{source}: output.threshold must be within 0 and 1")
-            if config.output.pin == config.wiring.pir_pin:
+            if "pir" in config.parts and config.output.pin == config.wiring.pir_pin:
                 raise ConfigError(f"{source}: output.pin is the PIR's pin (sensors.pir_pin)")
         return config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import cbor2
 import pytest
@@ -16,7 +17,7 @@ from truscl.agent.sensors import (
     Reading,
     SensorSuite,
 )
-from truscl.errors import SensorError
+from truscl.errors import ConfigError, SensorError
 from truscl.learning.features import DEFAULT_FEATURES, feature_matrix
 from truscl.sim import FakeBme280Bus, make_fleet
 from truscl.sim.hardware import TYPICAL_CALIBRATION, SimulatedDevice
@@ -117,6 +118,23 @@ def test_impossible_values_are_sensor_errors(
 @pytest.fixture
 def device() -> SimulatedDevice:
     return make_fleet(1, seed=3)[0]
+
+
+def test_a_suite_without_some_parts_reads_the_others(device: SimulatedDevice) -> None:
+    # Prepare: no CO2 sensor and no PIR fitted
+    with SensorSuite(device.pin_factory, device.i2c_bus, parts=("bme280", "light")) as suite:
+        device.pir_pin.drive_high()
+        # Execute
+        reading = suite.read(device.now)
+        parts = suite.parts
+
+    # Assert: valid, the missing quantities unknown rather than faults
+    assert parts == {"bme280", "light"}
+    assert reading.valid and reading.encode()
+    assert math.isnan(reading.co2_ppm) and reading.motion is False
+    assert 0 < reading.light_lux and 15 < reading.temperature_c < 30
+    with pytest.raises(ConfigError, match="unknown sensor 'sht31'"):
+        SensorSuite(device.pin_factory, device.i2c_bus, parts=("sht31",))
 
 
 def test_suite_sees_the_pir_pin(device: SimulatedDevice) -> None:
