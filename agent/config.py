@@ -12,11 +12,21 @@ from typing import Any
 
 from truscl.agent.hardware import backend_names
 from truscl.agent.health import SENSORS
+from truscl.agent.litert import BACKENDS
 from truscl.agent.sensors import Wiring
 from truscl.config import ADDRESS, TASK, TomlReader
 from truscl.errors import ConfigError
 from truscl.metrics import MetricsSettings
 from truscl.mqtt import BrokerSettings
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """``[output]``: the pin (BCM) of an LED or relay that shows the predicted occupancy."""
+
+    pin: int
+    threshold: float = 0.5
+    active_high: bool = True
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,8 @@ class AgentConfig:
     history: int  # simulated: readings the device had already taken when it starts
     metrics: MetricsSettings | None = None  # [metrics]: where to serve /metrics (absent: off)
     parts: tuple[str, ...] = SENSORS  # the sensors fitted: a task needing another is refused
+    training: str = "numpy"  # "numpy" (the reference) or "litert"
+    output: OutputSettings | None = None  # the occupancy LED or relay, if wired
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -53,6 +65,7 @@ class AgentConfig:
         data, source = reader.data, reader.source
         device = reader.table("device")
         chain, sensors = reader.table("chain"), reader.table("sensors")
+        training, output = reader.table("training"), reader.table("output")
         config = cls(
             task=reader.pattern(data, "task", TASK, "0x and 64 hex digits"),
             key=reader.path(device, "device.key"),
@@ -77,6 +90,14 @@ class AgentConfig:
             history=reader.take(sensors, "sensors.history", int, 0),
             metrics=MetricsSettings.read(reader),
             parts=tuple(reader.take(sensors, "sensors.parts", list, list(SENSORS))),
+            training=reader.take(training, "training.backend", str, "numpy"),
+            output=None
+            if not output
+            else OutputSettings(
+                pin=reader.take(output, "output.pin", int),
+                threshold=reader.number(output, "output.threshold", 0.5),
+                active_high=reader.take(output, "output.active_high", bool, True),
+            ),
         )
         reader.no_leftovers()
         if config.hardware not in backend_names():
@@ -90,4 +111,12 @@ class AgentConfig:
             raise ConfigError(f"{source}: sensors.parts may only name {names}")
         if config.room < 0 or config.history < 0:
             raise ConfigError(f"{source}: sensors.room and sensors.history must not be negative")
+        if config.training not in BACKENDS:
+            names = ", ".join(f'"{n}"' for n in BACKENDS)
+            raise ConfigError(f"{source}: training.backend must be one of {names}")
+        if config.output is not None:
+            if not 0 <= config.output.threshold <= 1:
+                raise ConfigError(f"{source}: output.threshold must be within 0 and 1")
+            if "pir" in config.parts and config.output.pin == config.wiring.pir_pin:
+                raise ConfigError(f"{source}: output.pin is the PIR's pin (sensors.pir_pin)")
         return config

@@ -21,9 +21,10 @@ import tenseal as ts
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
+from truscl.agent.litert import Trainer, numpy_trainer
 from truscl.agent.sensors import Reading
 from truscl.privacy.ckks import encrypt
-from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
+from truscl.privacy.dp import DpSgdConfig, clip_by_l2, secure_generator
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_root
 
@@ -70,11 +71,16 @@ def data_root(round_secret: bytes, window: list[Reading]) -> bytes:
 
 
 def private_delta(
-    spec: TaskSpec, params: np.ndarray, window: Sequence[Reading], rng: np.random.Generator
+    spec: TaskSpec,
+    params: np.ndarray,
+    window: Sequence[Reading],
+    rng: np.random.Generator,
+    train: Trainer | None = None,
 ) -> np.ndarray:
     """The model delta a device releases: the task's model trained with DP-SGD on the window,
     at the sampling rate its size gives (the rate the ledger was charged at), then clipped to
-    the task's update bound."""
+    the task's update bound. ``train`` is the DP-SGD backend
+    (:class:`truscl.agent.litert.ModelRuntime`'s); numpy's :func:`dp_sgd` by default."""
     dp = spec.dp
     config = DpSgdConfig(
         clip_norm=dp.clip_norm,
@@ -84,7 +90,9 @@ def private_delta(
         learning_rate=dp.learning_rate,
     )
     X, y = spec.inputs(window), spec.targets(window)
-    trained = dp_sgd(spec.make_model(), params, X, y, config, rng)
+    if train is None:
+        train = numpy_trainer(spec)
+    trained = train(params, X, y, config, rng)
     return clip_by_l2(trained - params, dp.update_clip)
 
 
@@ -96,6 +104,7 @@ def make_update(
     account: LocalAccount,
     domain: Domain,
     rng: np.random.Generator | None = None,
+    train: Trainer | None = None,
 ) -> Update:
     """The window's :func:`private_delta`, encrypted under the task's public key and signed
     (EIP-712) with the device's key.
@@ -106,7 +115,7 @@ def make_update(
     """
     if rng is None:
         rng = secure_generator()
-    delta = private_delta(spec, inputs.params, inputs.window, rng)
+    delta = private_delta(spec, inputs.params, inputs.window, rng, train)
     return Update(
         task=spec.task_id,
         round=inputs.round,

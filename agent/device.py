@@ -30,7 +30,9 @@ from eth_utils import keccak
 
 from truscl.agent.contribution import ROUND_SECRET_BYTES, UpdateInputs, data_root, make_update
 from truscl.agent.health import SENSORS
+from truscl.agent.litert import ModelRuntime
 from truscl.agent.outbox import Outbox
+from truscl.agent.output import OccupancyOutput
 from truscl.agent.rounds import (
     Drop,
     Phase,
@@ -106,6 +108,8 @@ class DeviceAgent:
         name: str | None = None,
         heartbeat: Heartbeat | None = None,
         clock: Callable[[], float] = time.time,
+        runtime: ModelRuntime | None = None,
+        output: OccupancyOutput | None = None,
         sensors: Collection[str] = SENSORS,
     ) -> None:
         """``sensors``: the parts this device has (its suite's), which a task's features and
@@ -133,6 +137,8 @@ class DeviceAgent:
         self._budget_spent = False
         self._waiting_for_data: int | None = None
         self._collect_new = collect
+        self._runtime = runtime or ModelRuntime()  # trains (numpy or LiteRT)
+        self._output = output  # shows the newest model's prediction of the newest reading
         self._heartbeat = heartbeat
         self._readings: deque[Reading] = deque()
         self._domain = Domain(chain.chain_id, chain.address)
@@ -222,6 +228,17 @@ class DeviceAgent:
         if self._spec is not None:
             terms = Terms(self._spec.rounds, self._spec.late_updates)
             self._apply(self._book.tick(self._clock(), terms))
+            self._show_occupancy(self._spec)
+
+    def _show_occupancy(self, spec: TaskSpec) -> None:
+        """Drive the output from the newest global model and the newest reading."""
+        if self._output is None or not self._models:
+            return
+        window = self._window(spec.window)
+        if window:
+            newest = max(self._models)
+            params = model_from_bytes(self._models[newest], spec.n_params)
+            self._output.show(spec, newest, params, window[-1])
 
     def _apply(self, step: Step) -> None:
         """Write the step's states, then carry out its decisions (each may step further)."""
@@ -445,7 +462,12 @@ class DeviceAgent:
         )
         # No rng: make_update draws this round's noise from a fresh OS-seeded generator
         update = make_update(
-            spec, inputs, context=context, account=self.account, domain=self._domain
+            spec,
+            inputs,
+            context=context,
+            account=self.account,
+            domain=self._domain,
+            train=self._runtime.trainer(spec),
         )
         blob = update.encode()
         step = self._book.built(round_no, keccak(blob), update.record(), self._clock())

@@ -240,6 +240,7 @@ class SensorSuite:
         if unknown:
             raise ConfigError(f"unknown sensor {unknown[0]!r} (known: {', '.join(SENSORS)})")
         self._parts = frozenset(parts)
+        self.pin_factory = pin_factory  # also drives the agent's outputs (agent.output)
         self._bus = i2c_bus
         self._address = wiring.bme280_address
         self._calibration = calibration

@@ -18,6 +18,8 @@ from truscl.agent.config import AgentConfig
 from truscl.agent.device import DeviceAgent
 from truscl.agent.hardware import load_backend
 from truscl.agent.health import SensorHealth, Status
+from truscl.agent.litert import ModelRuntime
+from truscl.agent.output import OccupancyOutput
 from truscl.agent.provision import NO_TASK
 from truscl.agent.sampling import Sampler
 from truscl.chain import ChainClient
@@ -59,8 +61,18 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
     sensors = load_backend(config.hardware)(config)
     sampler: Sampler | None = None
     agent: DeviceAgent | None = None
+    output: OccupancyOutput | None = None
+    runtime = ModelRuntime(config.training)
     heartbeat = Heartbeat(account.address)
     try:
+        if config.output is not None:
+            output = OccupancyOutput(
+                config.output.pin,
+                sensors.suite.pin_factory,
+                runtime,
+                threshold=config.output.threshold,
+                active_high=config.output.active_high,
+            )
         sampler = Sampler(
             sensors.read,
             sensors.period,
@@ -77,6 +89,8 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             collect=sampler.drain,
             name=config.name,
             heartbeat=heartbeat,
+            runtime=runtime,
+            output=output,
             sensors=sensors.suite.parts,
         )
         log.info("agent %s (%s) starting for task %s", agent.name, account.address, config.task)
@@ -89,6 +103,8 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             log.info("agent %s stopped", agent.name)
         if sampler is not None:
             sampler.stop()
+        if output is not None:
+            output.close()
         sensors.close()
 
 

@@ -111,7 +111,7 @@ class MlpModel:
             weights, _ = layers[index]
             layer_input = inputs[index]
             grads.append(error)  # the bias, written before its weights as we go backwards
-            grads.append(np.einsum("ni,no->nio", layer_input, error).reshape(n, -1))
+            grads.append(np.einsum("ni,no->nio", layer_input, error).reshape(n, weights.size))
             if index:
                 error = (error @ weights.T) * (1.0 - layer_input**2)
         return np.concatenate(grads[::-1], axis=1)
