@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -47,6 +48,10 @@ class DemoConfig:
     rpc: str | None = None  # a development node to use instead of starting anvil
     in_process: bool = False  # every role in this process, on the in-process EVM (or --rpc)
     he_mode: str = "threshold"  # the owner and one key guardian share the key; or "single-key"
+    data: Path | None = None  # a recorded trace (CSV) to split across the devices
+    split_by: str = "day"  # how: "day" or "device-column"
+    test: Path | None = None  # the held-out trace (default: the last day of --data)
+    trace_map: Path | None = None  # the traces' column map (default: FILE.toml beside --data)
 
     @property
     def quorum(self) -> int:
@@ -81,7 +86,7 @@ def occupancy_spec(context_hash: str, **terms: Any) -> TaskSpec:
 def test_set(profiles: list[RoomProfile], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A held-out week from the same rooms (other days, other randomness), read through the
     same drivers."""
-    rows, labels = [], []
+    readings = []
     start = MONDAY_2024_01_08 + 28 * 86400
     for index, profile in enumerate(profiles):
         room = Room(profile, seed=seed * 1000 + 300 + index, start=start)
@@ -89,10 +94,16 @@ def test_set(profiles: list[RoomProfile], seed: int) -> tuple[np.ndarray, np.nda
         with SensorSuite(held_out.pin_factory, held_out.i2c_bus) as suite:
             for _ in range(int(TEST_DAYS * 86400 / READING_INTERVAL_S)):
                 held_out.step(READING_INTERVAL_S)
-                reading = suite.read(held_out.now)
-                rows.append(reading.features())
-                labels.append(reading.label())
-    return np.array(rows), np.array(labels, dtype=np.float64)
+                readings.append(suite.read(held_out.now))
+    return examples(readings)
+
+
+def examples(readings: Iterable[Reading]) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of the valid readings (a faulty one is no one's training or test
+    data)."""
+    valid = [r for r in readings if r.valid]
+    X = np.array([r.features() for r in valid]).reshape(len(valid), len(SENSOR_RANGES))
+    return X, np.array([r.label() for r in valid], dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -138,9 +149,8 @@ def baseline_accuracy(pooled: list[Reading], X_test: np.ndarray, y_test: np.ndar
     """Centralised, non-private training on every device's readings pooled in one place."""
     model = LogisticModel(len(SENSOR_RANGES))
     scaler = FeatureScaler.from_ranges(SENSOR_RANGES)
-    X = scaler.apply(np.array([r.features() for r in pooled]))
-    y = np.array([r.label() for r in pooled], dtype=np.float64)
-    params = train_centralised(model, X, y, epochs=500, lr=1.0)
+    X, y = examples(pooled)
+    params = train_centralised(model, scaler.apply(X), y, epochs=500, lr=1.0)
     return model.accuracy(params, scaler.apply(X_test), y_test)
 
 
