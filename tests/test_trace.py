@@ -4,6 +4,7 @@ split of a trace across devices (``truscl demo --data``)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import subprocess
@@ -17,6 +18,7 @@ from truscl.agent.hardware import load_backend
 from truscl.agent.health import Status
 from truscl.agent.sensors import Reading
 from truscl.datasheets import DEFAULT_CALIBRATION
+from truscl.demo import DemoConfig, run_demo
 from truscl.demo.common import WINDOW, examples
 from truscl.demo.data import RecordedTrace
 from truscl.errors import ConfigError
@@ -414,3 +416,25 @@ def test_truscl_demo_runs_on_a_recorded_trace(tmp_path: Path) -> None:
     assert 0.0 < summary["final_accuracy"] <= 1.0 and 0.0 < summary["baseline_accuracy"] <= 1.0
     assert summary["audit"]["verified"] == summary["audit"]["total"] == 2
     assert "held out: the last day of each source (2024-01-10)" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_in_process_demo_runs_on_a_trace_split_by_its_device_column(tmp_path: Path) -> None:
+    # Prepare: two rooms over three days, the last one held out
+    config = DemoConfig(
+        devices=5,
+        rounds=2,
+        in_process=True,
+        data=recorded(tmp_path, rooms=2, days=3),
+        split_by="device-column",
+        workdir=tmp_path / "run",
+    )
+    out = io.StringIO()
+    # Execute
+    summary = run_demo(config, out)
+    # Assert
+    assert summary["devices"] == 2
+    assert [row["participants"] for row in summary["rounds"]] == [2, 2]
+    assert 0.0 < summary["final_accuracy"] <= 1.0 and 0.0 < summary["baseline_accuracy"] <= 1.0
+    assert summary["audit"]["verified"] == summary["audit"]["total"] == 2
+    assert "one device per value of column 'device' (2 devices)" in out.getvalue()

@@ -30,9 +30,9 @@ from truscl.demo.common import (
     test_set,
 )
 from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import SimulatedDevice
+from truscl.sim.hardware import FakeHardware, SimulatedDevice
 from truscl.sim.rooms import Room, make_rooms
-from truscl.sim.trace import Trace, TraceError, TraceMap, map_beside, replay
+from truscl.sim.trace import Trace, TraceError, TraceMap, TracePlayer, map_beside, replay
 
 SPLITS = ("day", "device-column")
 
@@ -68,8 +68,15 @@ class DemoData(Protocol):
 def demo_data(config: DemoConfig) -> DemoData:
     if config.data is None:
         return SimulatedRooms(config.devices, config.seed)
-    return RecordedTrace.split(config.data, config.split_by, config.devices, config.test,
-                               config.trace_map)  # fmt: skip
+    return recorded_trace(config)
+
+
+def recorded_trace(config: DemoConfig) -> RecordedTrace:
+    """``config.data`` split as the demo's options say."""
+    assert config.data is not None
+    return RecordedTrace.split(
+        config.data, config.split_by, config.devices, config.test, config.trace_map
+    )
 
 
 class SimulatedRooms:
@@ -216,6 +223,10 @@ class RecordedTrace:
             "time_scale": spacing / read_period,
             "history": self.window,
         }
+
+    def player(self, index: int) -> TracePlayer:
+        """Device ``index``'s part on fake hardware of its own, for a device in this process."""
+        return TracePlayer(self.parts[index].trace, FakeHardware())
 
     def test_set(self) -> tuple[np.ndarray, np.ndarray]:
         """The held-out rows as the drivers read them (valid readings only)."""

@@ -4,9 +4,10 @@ MQTT and the chain.
 A real mosquitto broker (child process), an in-process EVM with the truscl contract (or a node
 given with ``--rpc``), the task owner, a key guardian (threshold mode, the default: the two run
 the key generation over the broker, each in its own thread), one aggregator and N simulated
-devices, each in its own threads. The harness plays the rooms: it advances each room's clock
-when the device reads its sensors, and keeps a copy of every reading only to train the
-centralised, non-private baseline the summary compares with.
+devices, each in its own threads. The harness plays the rooms (or each device's part of a
+recorded trace, ``--data``): it advances each room's clock when the device reads its sensors,
+and keeps a copy of every reading only to train the centralised, non-private baseline the
+summary compares with.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -43,6 +45,7 @@ from truscl.demo.common import (
     summarise,
     test_set,
 )
+from truscl.demo.data import RecordedTrace, recorded_trace
 from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
 from truscl.learning import LogisticModel
@@ -64,7 +67,7 @@ from truscl.server.keygen import (
 )
 from truscl.server.owner import HeKeys, TaskOwner
 from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import SimulatedDevice
+from truscl.sim.hardware import FakeHardware, SimulatedDevice
 from truscl.sim.rooms import Room, make_rooms
 from truscl.wire.signing import Domain
 
@@ -72,24 +75,33 @@ log = logging.getLogger(__name__)
 
 
 def sensor_source(
-    device: SimulatedDevice, suite: SensorSuite, pooled: list[Reading]
+    advance: Callable[[], float], suite: SensorSuite, pooled: list[Reading], window: int = WINDOW
 ) -> Callable[[], list[Reading]]:
-    """The readings a device made since its last round, in simulated time.
+    """The valid readings a device made since its last round, in simulated time (a faulty one
+    is never training data, as the service's sampler never queues one); ``advance`` puts the
+    next moment on the device's wires and returns its time.
 
     The first call returns a full window, as if the device had been sensing for days before
     the task began; each later call, the six hours of readings taken since.
     """
 
     def collect() -> list[Reading]:
-        fresh = READINGS_PER_ROUND if pooled else WINDOW
-        readings = []
-        for _ in range(fresh):
-            device.step(READING_INTERVAL_S)
-            readings.append(suite.read(device.now))
+        fresh = READINGS_PER_ROUND if pooled else window
+        readings = [suite.read(advance()) for _ in range(fresh)]
         pooled.extend(readings)
-        return readings
+        return [reading for reading in readings if reading.valid]
 
     return collect
+
+
+def room_clock(device: SimulatedDevice) -> Callable[[], float]:
+    """Advance ``device``'s room by one reading interval."""
+
+    def advance() -> float:
+        device.step(READING_INTERVAL_S)
+        return device.now
+
+    return advance
 
 
 def run_in_process(
@@ -110,13 +122,26 @@ def run_in_process(
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="truscl-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    profiles = make_rooms(config.devices, config.seed)
-    sims = [
-        SimulatedDevice(Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08), seed=i)
-        for i, p in enumerate(profiles)
-    ]
-    X_test, y_test = test_set(profiles, config.seed)
-    pooled: list[list[Reading]] = [[] for _ in sims]
+    hardware: list[tuple[str, FakeHardware, Callable[[], float]]] = []
+    recorded: RecordedTrace | None = None
+    if config.data is None:
+        profiles = make_rooms(config.devices, config.seed)
+        for i, p in enumerate(profiles):
+            room = Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08)
+            sim = SimulatedDevice(room, seed=i)
+            hardware.append((sim.name, sim, room_clock(sim)))
+        X_test, y_test = test_set(profiles, config.seed)
+        window = WINDOW
+    else:
+        recorded = recorded_trace(config)
+        print(f"truscl demo: {recorded.note}", file=out)
+        config = replace(config, devices=recorded.devices)
+        for i in range(recorded.devices):
+            player = recorded.player(i)
+            hardware.append((f"device-{i}", player.hardware, player.advance))
+        X_test, y_test = recorded.test_set()
+        window = recorded.window
+    pooled: list[list[Reading]] = [[] for _ in hardware]
     model = LogisticModel(len(SENSOR_RANGES))
 
     chain: DevChain = NodeChain(config.rpc) if config.rpc else EmbeddedChain()
@@ -175,12 +200,13 @@ def run_in_process(
             round_seconds=config.deadline,
             max_message=config.max_message,
             dp=config.dp,
+            window=window,
             **terms,
         )
-        for index, sim in enumerate(sims):
+        for index, (name, device, advance) in enumerate(hardware):
             account = load_or_create_account(workdir / "devices" / str(index) / "device.key")
             contract.register_device(account.address)
-            suite = SensorSuite(sim.pin_factory, sim.i2c_bus)
+            suite = SensorSuite(device.pin_factory, device.i2c_bus)
             suites.append(suite)
             agents.append(
                 DeviceAgent(
@@ -189,8 +215,8 @@ def run_in_process(
                     chain=chain.client(contract.address),
                     broker=broker.settings,
                     workdir=workdir / "devices" / str(index),
-                    collect=sensor_source(sim, suite, pooled[index]),
-                    name=sim.name,
+                    collect=sensor_source(advance, suite, pooled[index], window),
+                    name=name,
                     clock=clock,  # the devices read the deadlines on the aggregator's clock
                 ).start()
             )
@@ -268,7 +294,12 @@ def run_in_process(
             suite.close()
         broker.stop()
 
-    baseline = baseline_accuracy([r for readings in pooled for r in readings], X_test, y_test)
+    # The baseline's data: what the devices read (simulated rooms), or every device's part
+    if recorded is None:
+        training = [r for readings in pooled for r in readings]
+    else:
+        training = recorded.pooled(config.rounds)
+    baseline = baseline_accuracy(training, X_test, y_test)
     summary = summarise(
         config,
         rows,
