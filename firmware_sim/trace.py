@@ -6,7 +6,7 @@ naming the device that recorded each row. A small TOML file beside it (``FILE.to
 
     [timestamp]
     column = "date"
-    format = "iso8601"   # or "epoch" (seconds); an ISO time without an offset is UTC
+    format = "iso8601"   # or "epoch" (seconds, the default); ISO without an offset is UTC
 
     [temperature]
     column = "Temperature"
@@ -78,13 +78,12 @@ UNITS: dict[str, dict[str, Callable[[float], float]]] = {
 """Each quantity a map may name, its units and their conversion to the part's unit."""
 REQUIRED = ("temperature", "humidity", "light", "co2", "motion")
 TIMESTAMP_FORMATS = ("epoch", "iso8601")
-CO2_SPAN_PPM = DEFAULT_CALIBRATION.co2_span_ppm
 PHYSICAL_RANGES = {
     "temperature": TEMPERATURE_RANGE_C,
     "humidity": HUMIDITY_RANGE_PCT,
     "pressure": PRESSURE_RANGE_HPA,
     "light": (0.0, DEFAULT_CALIBRATION.lux(DEFAULT_CALIBRATION.adc_vref)),
-    "co2": (0.0, CO2_SPAN_PPM),
+    "co2": (0.0, DEFAULT_CALIBRATION.co2_span_ppm),
 }
 """What each part measures; a trace's value beyond it reaches the drivers as the part shows it."""
 
@@ -242,7 +241,7 @@ class Trace:
         if not samples:
             raise TraceError(f"{source}: no usable row")
         trace = cls(tuple(samples), source, skipped)
-        trace.warn_out_of_range()
+        trace._warn_out_of_range()
         return trace
 
     def select(self, device: str | None = None, days: Iterable[str] | None = None) -> Trace:
@@ -273,7 +272,7 @@ class Trace:
             raise TraceError(f"{self.source}: a replay needs at least two rows of one device")
         return statistics.median(positive)
 
-    def warn_out_of_range(self) -> None:
+    def _warn_out_of_range(self) -> None:
         """Log how many values lie beyond what the parts can measure: they are replayed as
         they are, and the drivers see them as the part would show them."""
         outside: dict[str, int] = {}
@@ -343,12 +342,16 @@ class TracePlayer:
     """
 
     def __init__(self, trace: Trace, hardware: FakeHardware) -> None:
+        if len(trace.devices()) > 1:
+            raise TraceError(
+                f"{trace.source} holds the rows of {len(trace.devices())} devices: a device "
+                "replays one (sensors.trace_device)"
+            )
         self.trace = trace
         self.hardware = hardware
         self.spacing = trace.spacing()
         self._next = 0
         self._offset = 0.0
-        self.loops = 0
 
     def advance(self) -> float:
         """Expose the next row; its (shifted) timestamp, for stamping the reading."""
@@ -356,7 +359,6 @@ class TracePlayer:
         if self._next == len(samples):
             self._next = 0
             self._offset += samples[-1].timestamp - samples[0].timestamp + self.spacing
-            self.loops += 1
             log.info(
                 "%s: all %d rows replayed; again from the first", self.trace.source, len(samples)
             )

@@ -309,6 +309,14 @@ def test_the_trace_backend_replays_a_devices_rows_then_starts_again(tmp_path: Pa
     assert [r.co2_ppm for r in again] == [r.co2_ppm for r in played[:2]]
 
 
+def test_a_device_replays_one_devices_rows(tmp_path: Path) -> None:
+    recorded(tmp_path, rooms=2, days=1)
+    config = agent_config(tmp_path, 'hardware = "trace"\ntrace = "rooms.csv"')
+
+    with pytest.raises(TraceError, match=r"2 devices: a device replays one \(sensors.trace_device"):
+        load_backend("trace")(config)
+
+
 @pytest.mark.parametrize(
     "sensors, message",
     [
