@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from truscl.agent.hardware import backend_names
+from truscl.agent.health import SENSORS
 from truscl.agent.sensors import Wiring
 from truscl.config import ADDRESS, TASK, TomlReader
 from truscl.errors import ConfigError
@@ -63,6 +64,7 @@ class AgentConfig:
     time_scale: float
     start: float | None  # simulated: epoch second the room's clock starts at (None: now)
     history: int  # simulated, trace: readings the device had already taken when it starts
+    parts: tuple[str, ...] = SENSORS  # the sensors fitted: a task needing another is refused
     trace: TraceSettings | None = None  # trace: the recorded data it replays
 
     @classmethod
@@ -100,6 +102,7 @@ class AgentConfig:
             time_scale=reader.number(sensors, "sensors.time_scale", 1.0),
             start=reader.take(sensors, "sensors.start", (int, float), None),
             history=reader.take(sensors, "sensors.history", int, 0),
+            parts=tuple(reader.take(sensors, "sensors.parts", list, list(SENSORS))),
             trace=TraceSettings.read(reader, sensors),
         )
         reader.no_leftovers()
@@ -110,6 +113,10 @@ class AgentConfig:
             raise ConfigError(f'{source}: sensors.trace goes with sensors.hardware = "trace"')
         if config.interval <= 0 or config.time_scale <= 0:
             raise ConfigError(f"{source}: sensors.interval and sensors.time_scale must be > 0")
+        named = all(isinstance(part, str) for part in config.parts)
+        if not named or not set(config.parts) <= set(SENSORS):
+            names = ", ".join(f'"{n}"' for n in SENSORS)
+            raise ConfigError(f"{source}: sensors.parts may only name {names}")
         if config.room < 0 or config.history < 0:
             raise ConfigError(f"{source}: sensors.room and sensors.history must not be negative")
         return config

@@ -21,7 +21,6 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
 from truscl.agent.sensors import Reading
-from truscl.learning import LogisticModel
 from truscl.privacy.ckks import encrypt
 from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
 from truscl.task import TaskSpec
@@ -34,7 +33,7 @@ class UpdateInputs:
 
     round: int
     params: np.ndarray  # model ``round - 1``, as checked against the chain
-    window: list[Reading]  # the readings trained on
+    window: list[Reading]  # the readings trained on: min_readings to window of them
     epsilon_spent: float  # the ledger's epsilon, this round's charge included
     data_root: bytes  # Merkle root of the salted readings (:func:`data_root`)
 
@@ -78,7 +77,8 @@ def make_update(
     domain: Domain,
     rng: np.random.Generator | None = None,
 ) -> Update:
-    """Train with DP-SGD on the window, clip the model delta to the task's bound, encrypt it
+    """Train the task's model with DP-SGD on the window, at the sampling rate its size gives
+    (the rate the ledger was charged at), clip the model delta to the task's bound, encrypt it
     under the task's public key and sign the update (EIP-712) with the device's key.
 
     The sampling and the noise come from ``rng``; by default a fresh OS-seeded generator for
@@ -89,16 +89,15 @@ def make_update(
         rng = secure_generator()
     dp = spec.dp
     window = inputs.window
-    X = spec.scaler.apply(np.array([r.features() for r in window]))
-    y = np.array([r.label() for r in window], dtype=np.float64)
     config = DpSgdConfig(
         clip_norm=dp.clip_norm,
         noise_multiplier=dp.noise_multiplier,
-        sampling_rate=spec.sampling_rate,
+        sampling_rate=spec.sampling_rate_for(len(window)),
         steps=dp.local_steps,
         learning_rate=dp.learning_rate,
     )
-    trained = dp_sgd(LogisticModel(len(spec.features)), inputs.params, X, y, config, rng)
+    X, y = spec.inputs(window), spec.targets(window)
+    trained = dp_sgd(spec.make_model(), inputs.params, X, y, config, rng)
     delta = clip_by_l2(trained - inputs.params, dp.update_clip)
     return Update(
         task=spec.task_id,

@@ -72,6 +72,7 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             collect=sampler.drain,
             name=config.name,
             heartbeat=heartbeat,
+            sensors=sensors.suite.parts,
         )
         log.info("agent %s (%s) starting for task %s", agent.name, account.address, config.task)
         agent.start(broker_timeout=None)  # the broker may come later: paho keeps trying

@@ -87,6 +87,7 @@ def test_a_fleet_deployed_step_by_step_runs_two_audited_rounds(anvil: str, tmp_p
         for old, new in (
             ("rounds = 10", "rounds = 2"),
             ("window = 864", "window = 128"),
+            ("min_readings = 576", "min_readings = 128"),
             ("batch_size = 32", "batch_size = 16"),
         ):
             task_file = task_file.replace(old, new)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from truscl.agent.sensors import SensorSuite
+from truscl.learning.features import DEFAULT_FEATURES, feature_matrix
 from truscl.sim import MONDAY_2024_01_08, Room, RoomState, make_fleet, make_rooms
 
 FIVE_MINUTES = 300.0
@@ -96,7 +97,7 @@ def fleet_data(n: int, seed: int, readings: int) -> dict[str, tuple[np.ndarray, 
                 rows.append(suite.read(device.now))
         assert [r.faults for r in rows if not r.valid] == []  # healthy hardware, no alarms
         data[device.name] = (
-            np.array([r.features() for r in rows]),
+            feature_matrix(DEFAULT_FEATURES, rows),
             np.array([r.label() for r in rows]),
         )
     return data

@@ -19,7 +19,6 @@ from truscl.agent.health import Status
 from truscl.agent.sensors import Reading
 from truscl.datasheets import DEFAULT_CALIBRATION
 from truscl.demo import DemoConfig, run_demo
-from truscl.demo.common import WINDOW, examples
 from truscl.demo.data import RecordedTrace
 from truscl.errors import ConfigError
 from truscl.sim.fleet import MONDAY_2024_01_08, make_fleet
@@ -350,17 +349,17 @@ def test_days_are_dealt_round_robin_and_the_last_day_is_held_out(tmp_path: Path)
         ("2024-01-09", "2024-01-11"),
     ]
     assert {s.day for s in data.test.samples} == {"2024-01-12"}
-    assert data.window == min(WINDOW, *(len(part.trace.samples) for part in data.parts)) == 575
+    assert data.most_readings == 2 * PER_DAY - 1  # the first day starts at 00:05
     assert "held out: the last day" in data.note
     # each device's sensors table is a configuration the trace backend replays its part from
     for index, part in enumerate(data.parts):
-        table = data.sensors(index, read_period=0.05)
+        table = data.sensors(index, 0.05, window=data.most_readings)
         lines = "\n".join(f"{k} = {json.dumps(str(v) if isinstance(v, Path) else v)}"
                           for k, v in table.items() if v is not None)  # fmt: skip
         sensors = load_backend("trace")(agent_config(tmp_path, lines))
         sensors.close()
         assert [r.timestamp for r in sensors.history] == [
-            s.timestamp for s in part.trace.samples[: data.window]
+            s.timestamp for s in part.trace.samples[: data.most_readings]
         ]
         assert sensors.period == pytest.approx(0.05)
 
@@ -376,9 +375,8 @@ def test_a_device_column_split_gives_each_source_its_own_device(tmp_path: Path) 
     assert data.devices == 3
     assert [part.device for part in data.parts] == sorted(Trace.load(path).devices())
     assert all(len(part.trace.samples) == 3 * PER_DAY - 1 for part in data.parts)
-    X, y = data.test_set()
-    assert X.shape == (300, 4) and y.shape == (300,)
-    assert len(examples(data.pooled(rounds=1))[1]) == 3 * (3 * PER_DAY - 1)
+    assert len(data.test_set()) == 3 * 100
+    assert len(data.pooled(rounds=1, window=100)) == 3 * (3 * PER_DAY - 1)
 
 
 def test_a_split_that_cannot_be_made_is_refused_before_anything_starts(tmp_path: Path) -> None:

@@ -50,6 +50,14 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "needed to decrypt; single-key: the owner holds it all",
     )
     demo.add_argument(
+        "--task",
+        type=Path,
+        metavar="FILE",
+        help="learn what this task file (TOML, as deploy/task.toml) names: features, label, "
+        "model, ranges, window, min_readings, DP terms; rounds, quorum, deadline and message "
+        "size stay the demo's options",
+    )
+    demo.add_argument(
         "--drop-device",
         type=int,
         metavar="ROUND",
@@ -106,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         rpc=args.rpc,
         in_process=args.in_process,
         he_mode=args.he_mode,
+        task_file=args.task,
         data=args.data,
         split_by=args.split_by,
         test=args.test,

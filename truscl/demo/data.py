@@ -18,15 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from truscl.agent.sensors import Reading, SensorSuite
 from truscl.demo.common import (
     READING_INTERVAL_S,
     READINGS_PER_ROUND,
-    WINDOW,
     DemoConfig,
-    examples,
     test_set,
 )
 from truscl.sim.fleet import MONDAY_2024_01_08
@@ -44,8 +40,9 @@ class DemoData(Protocol):
     def devices(self) -> int: ...
 
     @property
-    def window(self) -> int:
-        """Readings a device trains on (the task's ``window``)."""
+    def most_readings(self) -> int | None:
+        """The most readings one device has before its data repeats (None: no limit); the
+        task's window is capped at it."""
         ...
 
     @property
@@ -53,14 +50,14 @@ class DemoData(Protocol):
         """One line for the demo's output on where the data comes from."""
         ...
 
-    def sensors(self, index: int, read_period: float) -> dict[str, Any]:
+    def sensors(self, index: int, read_period: float, window: int) -> dict[str, Any]:
         """The ``[sensors]`` table of device ``index``, reading once every ``read_period`` real
-        seconds."""
+        seconds, with a task's ``window`` of readings already taken."""
         ...
 
-    def test_set(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def test_set(self) -> list[Reading]: ...
 
-    def pooled(self, rounds: int) -> list[Reading]:
+    def pooled(self, rounds: int, window: int) -> list[Reading]:
         """Every device's training readings of a run of ``rounds``, for the baseline."""
         ...
 
@@ -83,7 +80,7 @@ class SimulatedRooms:
     """One simulated room per device, starting on a Monday with three days of readings behind
     it; the test set is a later week of the same rooms."""
 
-    window = WINDOW
+    most_readings = None
 
     def __init__(self, devices: int, seed: int) -> None:
         self.devices = devices
@@ -91,7 +88,7 @@ class SimulatedRooms:
         self.profiles = make_rooms(devices, seed)
         self.note = f"{devices} simulated rooms"
 
-    def sensors(self, index: int, read_period: float) -> dict[str, Any]:
+    def sensors(self, index: int, read_period: float, window: int) -> dict[str, Any]:
         return {
             "hardware": "simulated",
             "interval": READING_INTERVAL_S,
@@ -99,17 +96,17 @@ class SimulatedRooms:
             "seed": self.seed,
             "time_scale": READING_INTERVAL_S / read_period,
             "start": MONDAY_2024_01_08,
-            "history": WINDOW,
+            "history": window,
         }
 
-    def test_set(self) -> tuple[np.ndarray, np.ndarray]:
+    def test_set(self) -> list[Reading]:
         return test_set(self.profiles, self.seed)
 
-    def pooled(self, rounds: int) -> list[Reading]:
+    def pooled(self, rounds: int, window: int) -> list[Reading]:
         """The readings the devices sensed over the task, replayed from the same rooms and
         seeds as the ``simulated`` backend (the devices' own copies never leave them)."""
         readings = []
-        count = WINDOW + rounds * READINGS_PER_ROUND
+        count = window + rounds * READINGS_PER_ROUND
         for index, profile in enumerate(self.profiles):
             room = Room(profile, seed=self.seed * 1000 + index, start=MONDAY_2024_01_08)
             device = SimulatedDevice(room, seed=self.seed * 1000 + 500 + index)
@@ -144,10 +141,9 @@ class RecordedTrace:
         return len(self.parts)
 
     @property
-    def window(self) -> int:
-        """The demo's window, or less when a device's part is shorter: a device waits for a
-        full window before it trains."""
-        return min(WINDOW, *(len(part.trace.samples) for part in self.parts))
+    def most_readings(self) -> int:
+        """The shortest device's part: a longer window would hold rows read twice."""
+        return min(len(part.trace.samples) for part in self.parts)
 
     @classmethod
     def split(
@@ -210,7 +206,7 @@ class RecordedTrace:
         note = f"trace {path}: {len(train.samples)} rows, {how}; {held_out}"
         return cls(path, map_path, tuple(parts), test, note)
 
-    def sensors(self, index: int, read_period: float) -> dict[str, Any]:
+    def sensors(self, index: int, read_period: float, window: int) -> dict[str, Any]:
         part = self.parts[index]
         spacing = part.trace.spacing()
         return {
@@ -221,17 +217,18 @@ class RecordedTrace:
             "trace_days": list(part.days),
             "interval": spacing,
             "time_scale": spacing / read_period,
-            "history": self.window,
+            "history": window,
         }
 
     def player(self, index: int) -> TracePlayer:
         """Device ``index``'s part on fake hardware of its own, for a device in this process."""
         return TracePlayer(self.parts[index].trace, FakeHardware())
 
-    def test_set(self) -> tuple[np.ndarray, np.ndarray]:
+    def test_set(self) -> list[Reading]:
         """The held-out rows as the drivers read them (valid readings only)."""
-        return examples(replay(self.test))
+        return [reading for reading in replay(self.test) if reading.valid]
 
-    def pooled(self, rounds: int) -> list[Reading]:
-        """Every row of every device's part, as the drivers read them."""
-        return [reading for part in self.parts for reading in replay(part.trace)]
+    def pooled(self, rounds: int, window: int) -> list[Reading]:
+        """Every row of every device's part, as the drivers read them (valid readings only)."""
+        parts = (replay(part.trace) for part in self.parts)
+        return [reading for readings in parts for reading in readings if reading.valid]

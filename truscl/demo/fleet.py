@@ -29,14 +29,14 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 from eth_account import Account
 
 from truscl.agent.provision import provision_agent
+from truscl.agent.sensors import Reading
 from truscl.broker import Mosquitto, free_port
 from truscl.broker.provision import Provisioned, provision_broker
 from truscl.chain import ChainClient, NodeChain, deploy
@@ -44,13 +44,13 @@ from truscl.chain.anvil import Anvil
 from truscl.config import broker_table, render_toml
 from truscl.demo.common import (
     READINGS_PER_ROUND,
-    SENSOR_RANGES,
     DemoConfig,
     DemoFailed,
     RoundRow,
     accuracy,
     baseline_accuracy,
     summarise,
+    task_toml,
 )
 from truscl.demo.data import DemoData
 from truscl.keyfile import load_account, load_or_create_account, write_secret
@@ -59,7 +59,7 @@ from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
 from truscl.server.config import OwnerConfig
 from truscl.server.owner_service import init_task
-from truscl.task import FEATURES, TaskSpec
+from truscl.task import TaskSpec
 from truscl.wire import Update
 from truscl.wire.model import model_from_bytes
 
@@ -140,7 +140,7 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
     started = time.monotonic()
-    X_test, y_test = data.test_set()
+    test = data.test_set()
     roles: list[Role] = []
     with ExitStack() as stack:
         stack.callback(_stop_all, roles)
@@ -165,7 +165,7 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
         for address in addresses:
             contract.register_device(address)
 
-        spec = _create_task(config, data.window, workdir, node, contract.address, broker, rpc)
+        spec = _create_task(config, data, workdir, node, contract.address, broker, rpc)
         archive = workdir / "aggregator" / "archive"
         roles += _start_services(config, data, workdir, spec, contract.address, broker, rpc)
         print(
@@ -188,7 +188,7 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
                 print(f"  ({dropped.name} stops before round {round_no})", file=out)
             _wait_for_model(config, reader, spec, round_no, roles)
             seconds, round_started = time.monotonic() - round_started, time.monotonic()
-            row = _round_row(spec, Archive(archive), workdir, round_no, X_test, y_test, seconds)
+            row = _round_row(spec, Archive(archive), workdir, round_no, test, seconds)
             rows.append(row)
             print(row.line(config.devices), file=out)
         report = audit_task(reader, Archive(archive), spec.task)
@@ -197,7 +197,10 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
     unclean = {name: code for name, code in codes.items() if code != 0}
     if unclean:
         print(f"warning: not every process stopped cleanly: {unclean}", file=out)
-    baseline = baseline_accuracy(data.pooled(config.rounds), X_test, y_test)
+    initial = model_from_bytes(
+        (workdir / "owner" / "state" / "models" / "0.model").read_bytes(), spec.n_params
+    )
+    baseline = baseline_accuracy(spec, data.pooled(config.rounds, spec.window), test, initial)
     summary = summarise(
         config,
         rows,
@@ -240,7 +243,7 @@ def _funded_key(node: NodeChain, path: Path) -> Any:
 
 def _create_task(
     config: DemoConfig,
-    window: int,
+    data: DemoData,
     workdir: Path,
     node: NodeChain,
     contract: str,
@@ -253,19 +256,7 @@ def _create_task(
     folder.mkdir(parents=True, exist_ok=True)
     owner = _funded_key(node, folder / "owner.key")
     aggregator = _funded_key(node, workdir / "aggregator" / "aggregator.key")
-    ranges = dict(zip(FEATURES, SENSOR_RANGES, strict=True))
-    (folder / "task.toml").write_text(
-        render_toml(
-            {
-                "rounds": config.rounds,
-                "quorum": config.quorum,
-                "round_seconds": config.deadline,
-                "window": window,
-                "max_message": config.max_message,
-            },
-            {"ranges": {k: list(v) for k, v in ranges.items()}, "dp": asdict(config.dp)},
-        )
-    )
+    (folder / "task.toml").write_text(task_toml(config, data.most_readings))
     chain = {"rpc": rpc, "contract": contract}
     top: dict[str, Any] = {"task_file": "task.toml", "aggregator": aggregator.address}
     tables: dict[str, dict[str, Any]] = {
@@ -366,7 +357,7 @@ def _start_services(
             contract=contract,
             task=spec.task,
             name=f"device-{index}",
-            sensors=data.sensors(index, ROUND_SECONDS_REAL / READINGS_PER_ROUND),
+            sensors=data.sensors(index, ROUND_SECONDS_REAL / READINGS_PER_ROUND, spec.window),
         )
         configs.append(device.config)
     for group in _device_processes(len(configs), alone_last=config.drop_device_at is not None):
@@ -412,8 +403,7 @@ def _round_row(
     archive: Archive,
     workdir: Path,
     round_no: int,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
+    test: list[Reading],
     seconds: float,
 ) -> RoundRow:
     """A round as the aggregator archived it and the owner released it."""
@@ -427,7 +417,7 @@ def _round_row(
         round=round_no,
         participants=len(updates) - late,
         late=late,
-        accuracy=accuracy(params, X_test, y_test),
+        accuracy=accuracy(spec, params, test),
         epsilon=max(update.epsilon for update in updates),
         bytes=sum(len(blob) for blob in blobs),
         anchor_tx=manifest.anchor_tx,

@@ -34,23 +34,20 @@ from truscl.chain import ChainClient, DevChain, EmbeddedChain, NodeChain
 from truscl.demo.common import (
     READING_INTERVAL_S,
     READINGS_PER_ROUND,
-    SENSOR_RANGES,
-    WINDOW,
     DemoConfig,
     DemoFailed,
     RoundRow,
     accuracy,
     baseline_accuracy,
-    occupancy_spec,
+    demo_spec,
     summarise,
     test_set,
 )
 from truscl.demo.data import RecordedTrace, recorded_trace
 from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
-from truscl.learning import LogisticModel
 from truscl.mqtt import BrokerSettings
-from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys, context_hash
+from truscl.privacy.ckks import PROFILES, OwnerKeys, context_hash
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
@@ -66,6 +63,7 @@ from truscl.server.keygen import (
     run_keygen_holder,
 )
 from truscl.server.owner import HeKeys, TaskOwner
+from truscl.server.owner_service import UNBOUND_CONTEXT, initial_model
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import FakeHardware, SimulatedDevice
 from truscl.sim.rooms import Room, make_rooms
@@ -75,13 +73,13 @@ log = logging.getLogger(__name__)
 
 
 def sensor_source(
-    advance: Callable[[], float], suite: SensorSuite, pooled: list[Reading], window: int = WINDOW
+    advance: Callable[[], float], suite: SensorSuite, pooled: list[Reading], window: int
 ) -> Callable[[], list[Reading]]:
     """The valid readings a device made since its last round, in simulated time (a faulty one
     is never training data, as the service's sampler never queues one); ``advance`` puts the
     next moment on the device's wires and returns its time.
 
-    The first call returns a full window, as if the device had been sensing for days before
+    The first call returns a full ``window``, as if the device had been sensing for days before
     the task began; each later call, the six hours of readings taken since.
     """
 
@@ -130,8 +128,7 @@ def run_in_process(
             room = Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08)
             sim = SimulatedDevice(room, seed=i)
             hardware.append((sim.name, sim, room_clock(sim)))
-        X_test, y_test = test_set(profiles, config.seed)
-        window = WINDOW
+        test = test_set(profiles, config.seed)
     else:
         recorded = recorded_trace(config)
         print(f"truscl demo: {recorded.note}", file=out)
@@ -139,10 +136,8 @@ def run_in_process(
         for i in range(recorded.devices):
             player = recorded.player(i)
             hardware.append((f"device-{i}", player.hardware, player.advance))
-        X_test, y_test = recorded.test_set()
-        window = recorded.window
+        test = recorded.test_set()
     pooled: list[list[Reading]] = [[] for _ in hardware]
-    model = LogisticModel(len(SENSOR_RANGES))
 
     chain: DevChain = NodeChain(config.rpc) if config.rpc else EmbeddedChain()
     admin = chain.new_account()
@@ -167,14 +162,23 @@ def run_in_process(
             agents[-1].stop()
 
     try:
+        most = None if recorded is None else recorded.most_readings
+        draft = demo_spec(config, workdir / "owner", task, UNBOUND_CONTEXT, most)
+        profile = PROFILES[draft.he_profile]
         terms: dict[str, Any] = {}
         if config.he_mode == "threshold":
             record = _keygen(
-                workdir, task, domain, broker.settings, owner_account, guardian_account
+                workdir,
+                task,
+                domain,
+                broker.settings,
+                owner_account,
+                guardian_account,
+                profile.name,
             )
             owner_state = HolderState(workdir / "owner")
             keys = HeKeys(
-                share=owner_state.share(OWNER_HOLDER, DEFAULT_PROFILE.name),
+                share=owner_state.share(OWNER_HOLDER, profile.name),
                 public_context=owner_state.public_context(),
                 guardians={GUARDIAN: guardian_account.address.lower()},
             )
@@ -183,7 +187,7 @@ def run_in_process(
                 "keygen_digest": "0x" + record.transcript.digest().hex(),
             }
         else:
-            single = OwnerKeys.generate(DEFAULT_PROFILE)
+            single = OwnerKeys.generate(profile)
             single.save(workdir / "owner" / "secret-context")
             keys = HeKeys.single_key(single)
         owner = TaskOwner(
@@ -192,17 +196,7 @@ def run_in_process(
             broker=broker.settings,
             on_model=lambda r, params: models.put((r, params)),
         )
-        spec = occupancy_spec(
-            "0x" + context_hash(keys.public_context).hex(),
-            task=task,
-            rounds=config.rounds,
-            quorum=config.quorum,
-            round_seconds=config.deadline,
-            max_message=config.max_message,
-            dp=config.dp,
-            window=window,
-            **terms,
-        )
+        spec = replace(draft, context_hash="0x" + context_hash(keys.public_context).hex(), **terms)
         for index, (name, device, advance) in enumerate(hardware):
             account = load_or_create_account(workdir / "devices" / str(index) / "device.key")
             contract.register_device(account.address)
@@ -215,7 +209,7 @@ def run_in_process(
                     chain=chain.client(contract.address),
                     broker=broker.settings,
                     workdir=workdir / "devices" / str(index),
-                    collect=sensor_source(advance, suite, pooled[index], window),
+                    collect=sensor_source(advance, suite, pooled[index], spec.window),
                     name=name,
                     clock=clock,  # the devices read the deadlines on the aggregator's clock
                 ).start()
@@ -232,14 +226,15 @@ def run_in_process(
             on_closed=lambda stats: drop(stats.round + 1),
         )
         drop(1)
-        owner.create_task(spec, aggregator_account.address, model.init_params())
+        initial = initial_model(spec)
+        owner.create_task(spec, aggregator_account.address, initial)
         if terms:
             guardian_state = HolderState(workdir / GUARDIAN)
             guardian = Guardian(
                 task=task,
                 owner=owner_account.address,
                 name=GUARDIAN,
-                share=guardian_state.share(GUARDIAN, DEFAULT_PROFILE.name),
+                share=guardian_state.share(GUARDIAN, profile.name),
                 public_context=guardian_state.public_context(),
                 keygen_digest=bytes.fromhex(terms["keygen_digest"][2:]),
                 chain=chain.client(contract.address, guardian_account),
@@ -270,7 +265,7 @@ def run_in_process(
             row = RoundRow(
                 round=released,
                 participants=stats.participants,
-                accuracy=accuracy(params, X_test, y_test),
+                accuracy=accuracy(spec, params, test),
                 epsilon=stats.epsilon,
                 bytes=stats.bytes_in,
                 anchor_tx=stats.anchor_tx,
@@ -296,10 +291,10 @@ def run_in_process(
 
     # The baseline's data: what the devices read (simulated rooms), or every device's part
     if recorded is None:
-        training = [r for readings in pooled for r in readings]
+        everyone = [r for readings in pooled for r in readings]
     else:
-        training = recorded.pooled(config.rounds)
-    baseline = baseline_accuracy(training, X_test, y_test)
+        everyone = recorded.pooled(config.rounds, spec.window)
+    baseline = baseline_accuracy(spec, everyone, test, initial)
     summary = summarise(
         config,
         rows,
@@ -332,11 +327,12 @@ def _keygen(
     broker: BrokerSettings,
     owner: LocalAccount,
     guardian: LocalAccount,
+    profile: str,
 ) -> KeygenRecord:
     """The owner's and the guardian's sides of the key generation, each in its own thread,
     talking only through the broker, as their two processes would."""
     holders = sorted(((OWNER_HOLDER, owner.address), (GUARDIAN, guardian.address)))
-    terms = KeygenTerms(DEFAULT_PROFILE.name, tuple(holders))
+    terms = KeygenTerms(profile, tuple(holders))
     records: dict[str, KeygenRecord] = {}
     failures: list[TrusclError] = []
 
