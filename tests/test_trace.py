@@ -17,6 +17,7 @@ from truscl.agent.config import AgentConfig
 from truscl.agent.hardware import load_backend
 from truscl.agent.health import Status
 from truscl.agent.sensors import Reading
+from truscl.cli import main
 from truscl.datasheets import DEFAULT_CALIBRATION
 from truscl.demo import DemoConfig, run_demo
 from truscl.demo.data import RecordedTrace
@@ -397,6 +398,11 @@ def _without_device(path: Path) -> Path:
 
 
 # --- truscl demo --data ------------------------------------------------------------------------
+
+
+def test_the_trace_options_of_truscl_demo_need_data(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--split-by", "device-column"]) == 1
+    assert "--split-by, --test and --map go with --data" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ class DemoData(Protocol):
 
     @property
     def note(self) -> str:
-        """One line for the demo's output on where the data comes from."""
+        """A line for the demo's output on where the data comes from ("": the default)."""
         ...
 
     def sensors(self, index: int, read_period: float, window: int) -> dict[str, Any]:
@@ -86,7 +86,7 @@ class SimulatedRooms:
         self.devices = devices
         self.seed = seed
         self.profiles = make_rooms(devices, seed)
-        self.note = f"{devices} simulated rooms"
+        self.note = ""
 
     def sensors(self, index: int, read_period: float, window: int) -> dict[str, Any]:
         return {

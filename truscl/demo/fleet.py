@@ -168,8 +168,9 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
         spec = _create_task(config, data, workdir, node, contract.address, broker, rpc)
         archive = workdir / "aggregator" / "archive"
         roles += _start_services(config, data, workdir, spec, contract.address, broker, rpc)
+        if data.note:
+            print(f"truscl demo: {data.note}", file=out)
         print(
-            f"truscl demo: {data.note}\n"
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, "
             f"{len(roles)} processes, broker mqtts://127.0.0.1:{broker.port} (TLS, ACL), "
             f"chain {rpc}, contract {contract.address}",
