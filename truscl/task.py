@@ -19,7 +19,13 @@ from eth_utils import keccak
 from truscl.config import TomlReader
 from truscl.errors import ConfigError
 from truscl.learning import MODELS, FeatureScaler, Model, feature_matrix, labels, make_model
-from truscl.learning.features import DEFAULT_FEATURES, DEFAULT_LABEL, FEATURES, check_names
+from truscl.learning.features import (
+    DEFAULT_FEATURES,
+    DEFAULT_LABEL,
+    FEATURES,
+    Sample,
+    check_names,
+)
 from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, MIN_MESSAGE
 
 MAX_MESSAGE_LIMIT = 1024 * 1024  # the largest MQTT payload a task may ask for
@@ -135,11 +141,11 @@ class TaskSpec:
         """Parameters of the task's model: the length of every update and released model."""
         return self.make_model().n_params
 
-    def inputs(self, readings: Sequence[Any]) -> np.ndarray:
+    def inputs(self, readings: Sequence[Sample]) -> np.ndarray:
         """The model's scaled inputs for ``readings`` (rows), the task's features in order."""
         return self.scaler.apply(feature_matrix(self.features, readings))
 
-    def targets(self, readings: Sequence[Any]) -> np.ndarray:
+    def targets(self, readings: Sequence[Sample]) -> np.ndarray:
         """The 0/1 labels of ``readings``."""
         return labels(self.label, readings)
 
