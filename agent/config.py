@@ -30,6 +30,34 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class TraceSettings:
+    """What the ``trace`` backend replays: a CSV trace, its column map (default: ``FILE.toml``
+    beside ``FILE.csv``), and optionally only the rows of one device (the value of the map's
+    device column) and of some calendar days (UTC, ``YYYY-MM-DD``)."""
+
+    path: Path
+    map: Path | None
+    device: str | None
+    days: tuple[str, ...] | None
+
+    @classmethod
+    def read(cls, reader: TomlReader, sensors: dict[str, Any]) -> TraceSettings | None:
+        path = reader.optional_path(sensors, "sensors.trace")
+        trace_map = reader.optional_path(sensors, "sensors.trace_map")
+        device = reader.take(sensors, "sensors.trace_device", str, None)
+        days = reader.take(sensors, "sensors.trace_days", list, None)
+        if days is not None and not all(isinstance(day, str) for day in days):
+            raise reader.fail("sensors.trace_days must be a list of dates (YYYY-MM-DD)")
+        if path is None:
+            if trace_map is not None or device is not None or days is not None:
+                raise reader.fail(
+                    "sensors.trace_map, trace_device and trace_days need sensors.trace"
+                )
+            return None
+        return cls(path, trace_map, device, None if days is None else tuple(days))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     task: str
     key: Path
@@ -38,7 +66,7 @@ class AgentConfig:
     broker: BrokerSettings
     rpc: str
     contract: str
-    hardware: str  # "pi" or "simulated"
+    hardware: str  # "pi", "simulated" or "trace"
     interval: float
     wiring: Wiring
     i2c_bus: int
@@ -46,11 +74,12 @@ class AgentConfig:
     seed: int
     time_scale: float
     start: float | None  # simulated: epoch second the room's clock starts at (None: now)
-    history: int  # simulated: readings the device had already taken when it starts
+    history: int  # simulated, trace: readings the device had already taken when it starts
     metrics: MetricsSettings | None = None  # [metrics]: where to serve /metrics (absent: off)
     parts: tuple[str, ...] = SENSORS  # the sensors fitted: a task needing another is refused
     training: str = "numpy"  # "numpy" (the reference) or "litert"
     output: OutputSettings | None = None  # the occupancy LED or relay, if wired
+    trace: TraceSettings | None = None  # trace: the recorded data it replays
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -98,11 +127,14 @@ class AgentConfig:
                 threshold=reader.number(output, "output.threshold", 0.5),
                 active_high=reader.take(output, "output.active_high", bool, True),
             ),
+            trace=TraceSettings.read(reader, sensors),
         )
         reader.no_leftovers()
         if config.hardware not in backend_names():
             names = ", ".join(f'"{n}"' for n in backend_names())
             raise ConfigError(f"{source}: sensors.hardware must be one of {names}")
+        if (config.hardware == "trace") != (config.trace is not None):
+            raise ConfigError(f'{source}: sensors.trace goes with sensors.hardware = "trace"')
         if config.interval <= 0 or config.time_scale <= 0:
             raise ConfigError(f"{source}: sensors.interval and sensors.time_scale must be > 0")
         named = all(isinstance(part, str) for part in config.parts)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from truscl.cli.common import log_format_option
+from truscl.errors import ConfigError
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -64,11 +65,41 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="stop the last device before this round, to show a round closing at quorum",
     )
     log_format_option(demo)
+    demo.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE.csv",
+        help="replay this recorded trace through the devices' drivers instead of simulated "
+        "rooms, split across the devices (docs/traces.md)",
+    )
+    demo.add_argument(
+        "--split-by",
+        choices=("day", "device-column"),
+        default="day",
+        help="with --data: deal calendar days round-robin to --devices devices (default), or "
+        "one device per value of the map's device column (--devices is then that count)",
+    )
+    demo.add_argument(
+        "--test",
+        type=Path,
+        metavar="FILE.csv",
+        help="with --data: evaluate on this held-out trace (default: hold out the last day)",
+    )
+    demo.add_argument(
+        "--map",
+        type=Path,
+        metavar="FILE.toml",
+        help="with --data: the column map of --data and --test (default: the .toml file "
+        "beside --data, same name)",
+    )
     demo.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from truscl.demo import DemoConfig, run_demo
+
+    if args.data is None and (args.test or args.map or args.split_by != "day"):
+        raise ConfigError("--split-by, --test and --map go with --data")
 
     # SIGTERM unwinds like Ctrl-C, so the demo stops what it started (the services, the broker,
     # anvil) instead of leaving them running.
@@ -87,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
         he_mode=args.he_mode,
         log_format=getattr(args, "log_format", "text"),
         task_file=args.task,
+        data=args.data,
+        split_by=args.split_by,
+        test=args.test,
+        trace_map=args.map,
     )
     summary = run_demo(config, out=sys.stdout)
     if args.json:

@@ -57,6 +57,10 @@ class DemoConfig:
     he_mode: str = "threshold"  # the owner and one key guardian share the key; or "single-key"
     log_format: str = "text"  # the services' logs: text, or json (one object per line)
     task_file: Path | None = None  # what to learn (features, model, DP terms...); None: occupancy
+    data: Path | None = None  # a recorded trace (CSV) to split across the devices
+    split_by: str = "day"  # how: "day" or "device-column"
+    test: Path | None = None  # the held-out trace (default: the last day of --data)
+    trace_map: Path | None = None  # the traces' column map (default: FILE.toml beside --data)
 
     @property
     def quorum(self) -> int:
@@ -88,10 +92,11 @@ def occupancy_spec(context_hash: str, **terms: Any) -> TaskSpec:
     return TaskSpec(**{**fields, **terms})
 
 
-def task_toml(config: DemoConfig) -> str:
+def task_toml(config: DemoConfig, most_readings: int | None = None) -> str:
     """The demo's task file: ``config.task_file`` (or the occupancy task on the sensors' ranges
     and ``config.dp``), with the run's shape (rounds, quorum, deadline, message size) set by
-    the demo's options."""
+    the demo's options. ``most_readings`` caps the window (and ``min_readings``) where the data
+    holds fewer readings per device (a recorded trace's shortest part)."""
     shape = {
         "rounds": config.rounds,
         "quorum": config.quorum,
@@ -100,17 +105,29 @@ def task_toml(config: DemoConfig) -> str:
     }
     if config.task_file is None:
         ranges = {name: list(r) for name, r in zip(DEFAULT_FEATURES, SENSOR_RANGES, strict=True)}
-        return render_toml({**shape, "window": WINDOW}, {"ranges": ranges, "dp": asdict(config.dp)})
-    data = read_toml(config.task_file)
-    top = {key: value for key, value in data.items() if not isinstance(value, dict)}
-    tables = {key: value for key, value in data.items() if isinstance(value, dict)}
+        top: dict[str, Any] = {"window": WINDOW}
+        tables: dict[str, Any] = {"ranges": ranges, "dp": asdict(config.dp)}
+    else:
+        data = read_toml(config.task_file)
+        top = {key: value for key, value in data.items() if not isinstance(value, dict)}
+        tables = {key: value for key, value in data.items() if isinstance(value, dict)}
+    if most_readings is not None:
+        top["window"] = min(top.get("window", WINDOW), most_readings)
+        if "min_readings" in top:
+            top["min_readings"] = min(top["min_readings"], most_readings)
     return render_toml({**top, **shape}, tables)
 
 
-def demo_spec(config: DemoConfig, folder: Path, task: str, context_hash: str) -> TaskSpec:
+def demo_spec(
+    config: DemoConfig,
+    folder: Path,
+    task: str,
+    context_hash: str,
+    most_readings: int | None = None,
+) -> TaskSpec:
     """The spec ``owner init`` makes of :func:`task_toml` (written to ``folder``)."""
     path = folder / "task.toml"
-    path.write_text(task_toml(config))
+    path.write_text(task_toml(config, most_readings))
     return load_task_file(path, task=task, context_hash=context_hash)
 
 

@@ -12,8 +12,9 @@ round from the aggregator's archive and the owner's released models, audits the 
 every process with SIGTERM, as systemd would.
 
 Devices read simulated rooms through the real drivers (the ``simulated`` hardware backend),
-starting on a fixed date with three days of readings behind them, and sensing in accelerated
-time; the centralised baseline is trained on the same rooms' readings over the same span.
+starting on a fixed date with three days of readings behind them, or their part of a recorded
+trace (the ``trace`` backend, :mod:`truscl.demo.data`), sensing in accelerated time; the
+centralised baseline is trained on the devices' training data pooled.
 """
 
 from __future__ import annotations
@@ -36,14 +37,13 @@ from typing import Any, TextIO
 from eth_account import Account
 
 from truscl.agent.provision import provision_agent
-from truscl.agent.sensors import Reading, SensorSuite
+from truscl.agent.sensors import Reading
 from truscl.broker import Mosquitto, free_port
 from truscl.broker.provision import Provisioned, provision_broker
 from truscl.chain import ChainClient, NodeChain, deploy
 from truscl.chain.anvil import Anvil
 from truscl.config import broker_table, render_toml
 from truscl.demo.common import (
-    READING_INTERVAL_S,
     READINGS_PER_ROUND,
     DemoConfig,
     DemoFailed,
@@ -52,9 +52,9 @@ from truscl.demo.common import (
     baseline_accuracy,
     summarise,
     task_toml,
-    test_set,
     write_demo_report,
 )
+from truscl.demo.data import DemoData
 from truscl.keyfile import load_account, load_or_create_account, write_secret
 from truscl.processes import stop_process
 from truscl.progress import Progress
@@ -63,9 +63,6 @@ from truscl.server.audit import audit_task
 from truscl.server.config import OwnerConfig
 from truscl.server.owner import ModelStore
 from truscl.server.owner_service import init_task
-from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import SimulatedDevice
-from truscl.sim.rooms import Room, RoomProfile, make_rooms
 from truscl.task import TaskSpec
 from truscl.wire import Update
 from truscl.wire.model import model_from_bytes
@@ -75,7 +72,6 @@ log = logging.getLogger(__name__)
 GAS_MONEY_WEI = 10**19
 GUARDIAN = "guardian-1"  # the demo's one key guardian (its broker identity and holder name)
 ROUND_SECONDS_REAL = 3.0  # real seconds in which a device takes a round's worth of readings
-TIME_SCALE = READINGS_PER_ROUND * READING_INTERVAL_S / ROUND_SECONDS_REAL
 POLL_S = 0.2
 DEVICE_PROCESSES = 8  # beyond this many devices, device processes host several each
 STOP_TIMEOUT_S = 30.0
@@ -145,13 +141,12 @@ class Role:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
+def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]:
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="truscl-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
     started = time.monotonic()
-    profiles = make_rooms(config.devices, config.seed)
-    test = test_set(profiles, config.seed)
+    test = data.test_set()
     roles: list[Role] = []
     with ExitStack() as stack:
         stack.callback(_stop_all, roles)
@@ -176,9 +171,11 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         for address in addresses:
             contract.register_device(address)
 
-        spec = _create_task(config, workdir, node, contract.address, broker, rpc)
+        spec = _create_task(config, data, workdir, node, contract.address, broker, rpc)
         archive = workdir / "aggregator" / "archive"
-        roles += _start_services(config, workdir, spec, contract.address, broker, rpc)
+        roles += _start_services(config, data, workdir, spec, contract.address, broker, rpc)
+        if data.note:
+            print(f"truscl demo: {data.note}", file=out)
         print(
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, "
             f"{len(roles)} processes, broker mqtts://127.0.0.1:{broker.port} (TLS, ACL), "
@@ -217,7 +214,7 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
     initial = model_from_bytes(
         (workdir / "owner" / "state" / "models" / "0.model").read_bytes(), spec.n_params
     )
-    baseline = baseline_accuracy(spec, _pooled(profiles, config, spec.window), test, initial)
+    baseline = baseline_accuracy(spec, data.pooled(config.rounds, spec.window), test, initial)
     summary = summarise(
         config,
         rows,
@@ -262,6 +259,7 @@ def _funded_key(node: NodeChain, path: Path) -> Any:
 
 def _create_task(
     config: DemoConfig,
+    data: DemoData,
     workdir: Path,
     node: NodeChain,
     contract: str,
@@ -274,7 +272,7 @@ def _create_task(
     folder.mkdir(parents=True, exist_ok=True)
     owner = _funded_key(node, folder / "owner.key")
     aggregator = _funded_key(node, workdir / "aggregator" / "aggregator.key")
-    (folder / "task.toml").write_text(task_toml(config))
+    (folder / "task.toml").write_text(task_toml(config, data.most_readings))
     chain = {"rpc": rpc, "contract": contract}
     top: dict[str, Any] = {"task_file": "task.toml", "aggregator": aggregator.address}
     tables: dict[str, dict[str, Any]] = {
@@ -334,6 +332,7 @@ def _guardian_config(
 
 def _start_services(
     config: DemoConfig,
+    data: DemoData,
     workdir: Path,
     spec: TaskSpec,
     contract: str,
@@ -379,7 +378,7 @@ def _start_services(
             contract=contract,
             task=spec.task,
             name=f"device-{index}",
-            sensors=_simulated_sensors(config, index, spec.window),
+            sensors=data.sensors(index, ROUND_SECONDS_REAL / READINGS_PER_ROUND, spec.window),
         )
         configs.append(device.config)
     for group in _device_processes(len(configs), alone_last=config.drop_device_at is not None):
@@ -405,18 +404,6 @@ def _device_processes(devices: int, alone_last: bool) -> list[list[int]]:
     count = min(len(indices), DEVICE_PROCESSES - len(last))
     groups = [indices[i::count] for i in range(count)] if count else []
     return [g for g in groups if g] + ([last] if last else [])
-
-
-def _simulated_sensors(config: DemoConfig, index: int, window: int) -> dict[str, Any]:
-    return {
-        "hardware": "simulated",
-        "interval": READING_INTERVAL_S,
-        "room": index,
-        "seed": config.seed,
-        "time_scale": TIME_SCALE,
-        "start": MONDAY_2024_01_08,
-        "history": window,
-    }
 
 
 def _wait_for_model(
@@ -484,18 +471,3 @@ def _stop_all(roles: list[Role]) -> dict[str, int | None]:
     """Devices first, then the aggregator, then the owner: the order systemd stops them in
     when they go down together is irrelevant to correctness, but this one logs least noise."""
     return {role.name: role.stop() for role in reversed(roles)}
-
-
-def _pooled(profiles: list[RoomProfile], config: DemoConfig, window: int) -> list[Reading]:
-    """The readings the devices sensed over the task, replayed from the same rooms and seeds
-    as the ``simulated`` backend (the devices' own copies never leave them)."""
-    readings = []
-    count = window + config.rounds * READINGS_PER_ROUND
-    for index, profile in enumerate(profiles):
-        room = Room(profile, seed=config.seed * 1000 + index, start=MONDAY_2024_01_08)
-        device = SimulatedDevice(room, seed=config.seed * 1000 + 500 + index)
-        with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
-            for _ in range(count):
-                device.step(READING_INTERVAL_S)
-                readings.append(suite.read(device.now))
-    return readings

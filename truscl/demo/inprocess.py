@@ -4,9 +4,10 @@ MQTT and the chain.
 A real mosquitto broker (child process), an in-process EVM with the truscl contract (or a node
 given with ``--rpc``), the task owner, a key guardian (threshold mode, the default: the two run
 the key generation over the broker, each in its own thread), one aggregator and N simulated
-devices, each in its own threads. The harness plays the rooms: it advances each room's clock
-when the device reads its sensors, and keeps a copy of every reading only to train the
-centralised, non-private baseline the summary compares with.
+devices, each in its own threads. The harness plays the rooms (or each device's part of a
+recorded trace, ``--data``): it advances each room's clock when the device reads its sensors,
+and keeps a copy of every reading only to train the centralised, non-private baseline the
+summary compares with.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from truscl.demo.common import (
     test_set,
     write_demo_report,
 )
+from truscl.demo.data import RecordedTrace, recorded_trace
 from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
 from truscl.mqtt import BrokerSettings
@@ -64,7 +66,7 @@ from truscl.server.keygen import (
 from truscl.server.owner import HeKeys, TaskOwner
 from truscl.server.owner_service import UNBOUND_CONTEXT, initial_model
 from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import SimulatedDevice
+from truscl.sim.hardware import FakeHardware, SimulatedDevice
 from truscl.sim.rooms import Room, make_rooms
 from truscl.wire.signing import Domain
 
@@ -72,9 +74,11 @@ log = logging.getLogger(__name__)
 
 
 def sensor_source(
-    device: SimulatedDevice, suite: SensorSuite, pooled: list[Reading], window: int
+    advance: Callable[[], float], suite: SensorSuite, pooled: list[Reading], window: int
 ) -> Callable[[], list[Reading]]:
-    """The readings a device made since its last round, in simulated time.
+    """The valid readings a device made since its last round, in simulated time (a faulty one
+    is never training data, as the service's sampler never queues one); ``advance`` puts the
+    next moment on the device's wires and returns its time.
 
     The first call returns a full ``window``, as if the device had been sensing for days before
     the task began; each later call, the six hours of readings taken since.
@@ -82,14 +86,21 @@ def sensor_source(
 
     def collect() -> list[Reading]:
         fresh = READINGS_PER_ROUND if pooled else window
-        readings = []
-        for _ in range(fresh):
-            device.step(READING_INTERVAL_S)
-            readings.append(suite.read(device.now))
+        readings = [suite.read(advance()) for _ in range(fresh)]
         pooled.extend(readings)
-        return readings
+        return [reading for reading in readings if reading.valid]
 
     return collect
+
+
+def room_clock(device: SimulatedDevice) -> Callable[[], float]:
+    """Advance ``device``'s room by one reading interval."""
+
+    def advance() -> float:
+        device.step(READING_INTERVAL_S)
+        return device.now
+
+    return advance
 
 
 def run_in_process(
@@ -110,13 +121,24 @@ def run_in_process(
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="truscl-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    profiles = make_rooms(config.devices, config.seed)
-    sims = [
-        SimulatedDevice(Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08), seed=i)
-        for i, p in enumerate(profiles)
-    ]
-    test = test_set(profiles, config.seed)
-    pooled: list[list[Reading]] = [[] for _ in sims]
+    hardware: list[tuple[str, FakeHardware, Callable[[], float]]] = []
+    recorded: RecordedTrace | None = None
+    if config.data is None:
+        profiles = make_rooms(config.devices, config.seed)
+        for i, p in enumerate(profiles):
+            room = Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08)
+            sim = SimulatedDevice(room, seed=i)
+            hardware.append((sim.name, sim, room_clock(sim)))
+        test = test_set(profiles, config.seed)
+    else:
+        recorded = recorded_trace(config)
+        print(f"truscl demo: {recorded.note}", file=out)
+        config = replace(config, devices=recorded.devices)
+        for i in range(recorded.devices):
+            player = recorded.player(i)
+            hardware.append((f"device-{i}", player.hardware, player.advance))
+        test = recorded.test_set()
+    pooled: list[list[Reading]] = [[] for _ in hardware]
 
     chain: DevChain = NodeChain(config.rpc) if config.rpc else EmbeddedChain()
     admin = chain.new_account()
@@ -141,7 +163,8 @@ def run_in_process(
             agents[-1].stop()
 
     try:
-        draft = demo_spec(config, workdir / "owner", task, UNBOUND_CONTEXT)
+        most = None if recorded is None else recorded.most_readings
+        draft = demo_spec(config, workdir / "owner", task, UNBOUND_CONTEXT, most)
         profile = PROFILES[draft.he_profile]
         terms: dict[str, Any] = {}
         if config.he_mode == "threshold":
@@ -175,10 +198,10 @@ def run_in_process(
             on_model=lambda r, params: models.put((r, params)),
         )
         spec = replace(draft, context_hash="0x" + context_hash(keys.public_context).hex(), **terms)
-        for index, sim in enumerate(sims):
+        for index, (name, device, advance) in enumerate(hardware):
             account = load_or_create_account(workdir / "devices" / str(index) / "device.key")
             contract.register_device(account.address)
-            suite = SensorSuite(sim.pin_factory, sim.i2c_bus)
+            suite = SensorSuite(device.pin_factory, device.i2c_bus)
             suites.append(suite)
             agents.append(
                 DeviceAgent(
@@ -187,8 +210,8 @@ def run_in_process(
                     chain=chain.client(contract.address),
                     broker=broker.settings,
                     workdir=workdir / "devices" / str(index),
-                    collect=sensor_source(sim, suite, pooled[index], spec.window),
-                    name=sim.name,
+                    collect=sensor_source(advance, suite, pooled[index], spec.window),
+                    name=name,
                     clock=clock,  # the devices read the deadlines on the aggregator's clock
                 ).start()
             )
@@ -278,7 +301,11 @@ def run_in_process(
             suite.close()
         broker.stop()
 
-    everyone = [r for readings in pooled for r in readings]
+    # The baseline's data: what the devices read (simulated rooms), or every device's part
+    if recorded is None:
+        everyone = [r for readings in pooled for r in readings]
+    else:
+        everyone = recorded.pooled(config.rounds, spec.window)
     baseline = baseline_accuracy(spec, everyone, test, initial)
     summary = summarise(
         config,
