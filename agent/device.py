@@ -41,7 +41,7 @@ from truscl.agent.rounds import (
     Train,
 )
 from truscl.agent.sensors import Reading
-from truscl.chain import ChainClient
+from truscl.chain.reader import ChainReader
 from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
@@ -97,7 +97,7 @@ class DeviceAgent:
         *,
         account: LocalAccount,
         task: str,
-        chain: ChainClient,
+        chain: ChainReader,
         broker: BrokerSettings,
         workdir: Path,
         collect: Callable[[], list[Reading]],

@@ -17,8 +17,7 @@ from truscl.agent.device import DeviceAgent
 from truscl.agent.hardware import load_backend
 from truscl.agent.provision import NO_TASK
 from truscl.agent.sampling import Sampler
-from truscl.chain import ChainClient
-from truscl.chain.rpc import connect
+from truscl.chain.reader import RpcReader
 from truscl.errors import ConfigError
 from truscl.keyfile import load_or_create_account
 from truscl.systemd import Heartbeat, supervise
@@ -50,7 +49,7 @@ def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> None:
 @contextmanager
 def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
     account = load_or_create_account(config.key)
-    chain = ChainClient.at(connect(config.rpc), config.contract)
+    chain = RpcReader(config.rpc, config.contract)  # a device reads; web3 stays off it
     sensors = load_backend(config.hardware)(config)
     sampler: Sampler | None = None
     agent: DeviceAgent | None = None
@@ -83,3 +82,4 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
         if sampler is not None:
             sampler.stop()
         sensors.close()
+        chain.close()
