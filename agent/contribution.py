@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
-from eth_account.signers.local import LocalAccount
 
 from truscl.agent.sensors import Reading
 from truscl.learning import LogisticModel
@@ -26,6 +25,7 @@ from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_root
 from truscl.wire.merkle import keccak256
+from truscl.wire.signing import Signer
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def make_update(
     inputs: UpdateInputs,
     *,
     context: ts.Context,
-    account: LocalAccount,
+    account: Signer,
     domain: Domain,
     rng: np.random.Generator | None = None,
 ) -> Update:

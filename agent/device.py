@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import tenseal as ts
-from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
 from truscl.agent.contribution import ROUND_SECRET_BYTES, UpdateInputs, data_root, make_update
@@ -60,6 +59,7 @@ from truscl.wire import (
 )
 from truscl.wire.model import model_from_bytes
 from truscl.wire.receipt import Receipt
+from truscl.wire.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class DeviceAgent:
     def __init__(
         self,
         *,
-        account: LocalAccount,
+        account: Signer,
         task: str,
         chain: ChainReader,
         broker: BrokerSettings,

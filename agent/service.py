@@ -19,7 +19,7 @@ from truscl.agent.provision import NO_TASK
 from truscl.agent.sampling import Sampler
 from truscl.chain.reader import RpcReader
 from truscl.errors import ConfigError
-from truscl.keyfile import load_or_create_account
+from truscl.keyfile import load_or_create_signing_key
 from truscl.systemd import Heartbeat, supervise
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> None:
 
 @contextmanager
 def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
-    account = load_or_create_account(config.key)
+    account = load_or_create_signing_key(config.key)  # signs messages only: no eth-account
     chain = RpcReader(config.rpc, config.contract)  # a device reads; web3 stays off it
     sensors = load_backend(config.hardware)(config)
     sampler: Sampler | None = None

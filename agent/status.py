@@ -17,7 +17,7 @@ from truscl.agent.outbox import Outbox
 from truscl.agent.rounds import Phase
 from truscl.chain.reader import RpcReader
 from truscl.errors import ChainError
-from truscl.keyfile import load_account
+from truscl.keyfile import load_signing_key
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.task import TaskSpec
 
@@ -25,7 +25,7 @@ CHAIN_TIMEOUT_S = 5.0
 
 
 def agent_status(config: AgentConfig) -> dict[str, Any]:
-    account = load_account(config.key)
+    account = load_signing_key(config.key)
     state = config.state
     status: dict[str, Any] = {
         "address": account.address,

@@ -117,16 +117,16 @@ class _Probe:
 
 # --- the probes, run in the pinned children ------------------------------------------------------
 
-HEAVY = ("web3", "eth_tester", "eth", "dp_accounting", "scipy", "requests")
+HEAVY = ("web3", "eth_tester", "eth", "dp_accounting", "scipy", "requests", "eth_account")
 
 
 def _probe_round(context_file: Path, rounds: int) -> dict[str, Any]:
     import secrets
 
     import numpy as np
-    from eth_account import Account
 
     from truscl.agent.contribution import UpdateInputs, data_root, make_update
+    from truscl.keyfile import load_or_create_signing_key
     from truscl.learning import LogisticModel
     from truscl.privacy.accounting import PrivacyLedger
     from truscl.privacy.ckks import encrypt, load_context
@@ -135,7 +135,7 @@ def _probe_round(context_file: Path, rounds: int) -> dict[str, Any]:
 
     spec, window = _default_task(context_file)
     context = load_context(context_file.read_bytes())
-    account = Account.create()
+    account = load_or_create_signing_key(context_file.with_name("device.key"))
     domain = Domain(31337, "0x" + "11" * 20)
     dp, q = spec.dp, spec.sampling_rate
     ledger = PrivacyLedger()
@@ -194,10 +194,10 @@ def _probe_rss(context_file: Path) -> dict[str, Any]:
     import secrets
 
     import numpy as np
-    from eth_account import Account
 
     import truscl.agent.service  # noqa: F401 - every module the agent loads is the point
     from truscl.agent.contribution import UpdateInputs, data_root, make_update
+    from truscl.keyfile import load_or_create_signing_key
     from truscl.privacy.accounting import PrivacyLedger
     from truscl.privacy.ckks import load_context
     from truscl.wire import Domain
@@ -211,7 +211,7 @@ def _probe_rss(context_file: Path) -> dict[str, Any]:
         1, np.zeros(spec.n_params), window, ledger.epsilon(dp.delta),
         data_root(secrets.token_bytes(32), window),
     )  # fmt: skip
-    account = Account.create()
+    account = load_or_create_signing_key(context_file.with_name("device.key"))
     update = make_update(
         spec, inputs, context=context, account=account, domain=Domain(31337, "0x" + "11" * 20)
     )

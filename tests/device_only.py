@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import sys
 
-# In the server extra (or brought by it) and not in the device extra.
-SERVER_ONLY = ("web3", "eth_tester", "eth", "dp_accounting", "scipy", "requests", "py_evm")
+# In the server extra (or brought by it) and not in the device extra, or installed and unused.
+SERVER_ONLY = (
+    *("web3", "eth_tester", "eth", "py_evm", "requests", "dp_accounting", "scipy"),
+    *("eth_account", "eth_keyfile", "py_ecc"),  # a device signs messages only, never a transaction
+)
 
 DEVICE_ONLY = f"""
 import sys

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils import is_address, keccak, to_checksum_address
 
@@ -33,6 +32,7 @@ from truscl.contracts import load_artifact
 from truscl.errors import ChainError, ConfigError
 
 if TYPE_CHECKING:  # web3 only where a chain is reached: a device reads a record without it
+    from eth_account.signers.local import LocalAccount
     from web3 import Web3
 
 # Blocks per eth_getLogs request: public providers cap the range (often at a few thousand), a
