@@ -63,6 +63,13 @@ def table(results: dict[str, dict[str, Any]], not_run: dict[str, str]) -> str:
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     lines += [f"not run: {name} ({why})" for name, why in not_run.items()]
+    for figures in results.values():  # parts of a module that did not run (a device count)
+        for key, value in figures.items():
+            if key.endswith("_not_run") and isinstance(value, dict):
+                lines += [
+                    f"not run: {key.removesuffix('_not_run')}[{sub}] ({why})"
+                    for sub, why in value.items()
+                ]
     return "\n".join(line.rstrip() for line in lines)
 
 

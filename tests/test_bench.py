@@ -77,3 +77,19 @@ def test_rows_and_targets() -> None:
     assert as_rows("x", True) == [] and as_rows("x", "text") == []
     assert Target(2.0, "s").met(2.0) and not Target(2.0, "s").met(2.1)
     assert Target(10.0, "/s", at_most=False).met(11.0)
+
+
+def test_a_device_count_that_did_not_run_is_in_the_table() -> None:
+    from bench.__main__ import table
+
+    results = {
+        "round_latency": {
+            "round_latency_s": {"10": 2.5},
+            "round_latency_not_run": {"100": "not finished within 1200 s"},
+        }
+    }
+
+    lines = table(results, {}).splitlines()
+
+    assert any(line.startswith("round_latency_s[10]") for line in lines)
+    assert "not run: round_latency[100] (not finished within 1200 s)" in lines
