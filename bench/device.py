@@ -126,7 +126,6 @@ def _probe_round(context_file: Path, rounds: int) -> dict[str, Any]:
     import numpy as np
 
     from truscl.agent.contribution import UpdateInputs, data_root, make_update
-    from truscl.keyfile import load_or_create_signing_key
     from truscl.learning import LogisticModel
     from truscl.privacy.accounting import PrivacyLedger
     from truscl.privacy.ckks import encrypt, load_context
@@ -135,7 +134,7 @@ def _probe_round(context_file: Path, rounds: int) -> dict[str, Any]:
 
     spec, window = _default_task(context_file)
     context = load_context(context_file.read_bytes())
-    account = load_or_create_signing_key(context_file.with_name("device.key"))
+    account = _device_key(context_file.with_name("device.key"))
     domain = Domain(31337, "0x" + "11" * 20)
     dp, q = spec.dp, spec.sampling_rate
     ledger = PrivacyLedger()
@@ -197,7 +196,6 @@ def _probe_rss(context_file: Path) -> dict[str, Any]:
 
     import truscl.agent.service  # noqa: F401 - every module the agent loads is the point
     from truscl.agent.contribution import UpdateInputs, data_root, make_update
-    from truscl.keyfile import load_or_create_signing_key
     from truscl.privacy.accounting import PrivacyLedger
     from truscl.privacy.ckks import load_context
     from truscl.wire import Domain
@@ -211,7 +209,7 @@ def _probe_rss(context_file: Path) -> dict[str, Any]:
         1, np.zeros(spec.n_params), window, ledger.epsilon(dp.delta),
         data_root(secrets.token_bytes(32), window),
     )  # fmt: skip
-    account = load_or_create_signing_key(context_file.with_name("device.key"))
+    account = _device_key(context_file.with_name("device.key"))
     update = make_update(
         spec, inputs, context=context, account=account, domain=Domain(31337, "0x" + "11" * 20)
     )
@@ -227,6 +225,15 @@ def _probe_rss_floor(context_file: Path) -> dict[str, Any]:
     context = ts.context_from(context_file.read_bytes())
     ts.ckks_vector(context, np.zeros(5).tolist()).serialize()
     return _memory()
+
+
+def _device_key(path: Path) -> Any:
+    """The device's key as the agent loads it; a ``--source`` tree from before the device's
+    own signing key (main before issue 9) loads an eth-account ``LocalAccount``."""
+    from truscl import keyfile
+
+    load = getattr(keyfile, "load_or_create_signing_key", None) or keyfile.load_or_create_account
+    return load(path)
 
 
 def _memory() -> dict[str, float]:
