@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from truscl.agent.hardware import backend_names
+from truscl.agent.health import SENSORS
 from truscl.agent.sensors import Wiring
 from truscl.config import ADDRESS, TASK, TomlReader
 from truscl.errors import ConfigError
+from truscl.metrics import MetricsSettings
 from truscl.mqtt import BrokerSettings
 
 
@@ -35,6 +37,8 @@ class AgentConfig:
     time_scale: float
     start: float | None  # simulated: epoch second the room's clock starts at (None: now)
     history: int  # simulated: readings the device had already taken when it starts
+    metrics: MetricsSettings | None = None  # [metrics]: where to serve /metrics (absent: off)
+    parts: tuple[str, ...] = SENSORS  # the sensors fitted: a task needing another is refused
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -71,6 +75,8 @@ class AgentConfig:
             time_scale=reader.number(sensors, "sensors.time_scale", 1.0),
             start=reader.take(sensors, "sensors.start", (int, float), None),
             history=reader.take(sensors, "sensors.history", int, 0),
+            metrics=MetricsSettings.read(reader),
+            parts=tuple(reader.take(sensors, "sensors.parts", list, list(SENSORS))),
         )
         reader.no_leftovers()
         if config.hardware not in backend_names():
@@ -78,6 +84,10 @@ class AgentConfig:
             raise ConfigError(f"{source}: sensors.hardware must be one of {names}")
         if config.interval <= 0 or config.time_scale <= 0:
             raise ConfigError(f"{source}: sensors.interval and sensors.time_scale must be > 0")
+        named = all(isinstance(part, str) for part in config.parts)
+        if not named or not set(config.parts) <= set(SENSORS):
+            names = ", ".join(f'"{n}"' for n in SENSORS)
+            raise ConfigError(f"{source}: sensors.parts may only name {names}")
         if config.room < 0 or config.history < 0:
             raise ConfigError(f"{source}: sensors.room and sensors.history must not be negative")
         return config

@@ -11,10 +11,13 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 
+from truscl import metrics
 from truscl.agent.config import AgentConfig
 from truscl.agent.device import DeviceAgent
 from truscl.agent.hardware import load_backend
+from truscl.agent.health import SensorHealth, Status
 from truscl.agent.provision import NO_TASK
 from truscl.agent.sampling import Sampler
 from truscl.chain.reader import RpcReader
@@ -41,6 +44,8 @@ def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> None:
                 "`truscl owner init`) and `chain.contract` (from `truscl chain deploy`)"
             )
     with ExitStack() as running:
+        for settings in {c.metrics for c in configs if c.metrics is not None}:
+            running.enter_context(metrics.MetricsServer(settings))
         heartbeats = [running.enter_context(_running_agent(config)) for config in configs]
         names = ", ".join(heartbeat.name for heartbeat in heartbeats)
         supervise(stop, heartbeats, status=f"device {names}")
@@ -71,8 +76,10 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             collect=sampler.drain,
             name=config.name,
             heartbeat=heartbeat,
+            sensors=sensors.suite.parts,
         )
         log.info("agent %s (%s) starting for task %s", agent.name, account.address, config.task)
+        _export(account.address, agent, sampler)
         agent.start(broker_timeout=None)  # the broker may come later: paho keeps trying
         yield heartbeat
     finally:
@@ -83,3 +90,14 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             sampler.stop()
         sensors.close()
         chain.close()
+
+
+def _export(address: str, agent: DeviceAgent, sampler: Sampler) -> None:
+    """The device's figures as metrics, read when scraped: epsilon spent, sensors' health."""
+    metrics.EPSILON_SPENT.labels(address).set_function(agent.epsilon)
+    for name, health in sampler.health.sensors.items():
+        metrics.SENSOR_HEALTHY.labels(address, name).set_function(partial(_healthy, health))
+
+
+def _healthy(health: SensorHealth) -> float:
+    return float(health.status is Status.OK)

@@ -26,7 +26,7 @@ def open_simulated(config: AgentConfig) -> Sensors:
         seed=config.seed * 1000 + 500 + config.room,
         wiring=config.wiring,
     )
-    suite = SensorSuite(simulated.pin_factory, simulated.i2c_bus, config.wiring)
+    suite = SensorSuite(simulated.pin_factory, simulated.i2c_bus, config.wiring, parts=config.parts)
 
     def read() -> Reading:
         simulated.step(config.interval)

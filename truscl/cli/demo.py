@@ -8,6 +8,8 @@ import signal
 import sys
 from pathlib import Path
 
+from truscl.cli.common import log_format_option
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser(
@@ -48,11 +50,20 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "needed to decrypt; single-key: the owner holds it all",
     )
     demo.add_argument(
+        "--task",
+        type=Path,
+        metavar="FILE",
+        help="learn what this task file (TOML, as deploy/task.toml) names: features, label, "
+        "model, ranges, window, min_readings, DP terms; rounds, quorum, deadline and message "
+        "size stay the demo's options",
+    )
+    demo.add_argument(
         "--drop-device",
         type=int,
         metavar="ROUND",
         help="stop the last device before this round, to show a round closing at quorum",
     )
+    log_format_option(demo)
     demo.set_defaults(handler=run)
 
 
@@ -74,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         rpc=args.rpc,
         in_process=args.in_process,
         he_mode=args.he_mode,
+        log_format=getattr(args, "log_format", "text"),
+        task_file=args.task,
     )
     summary = run_demo(config, out=sys.stdout)
     if args.json:

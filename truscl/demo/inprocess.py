@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -32,22 +33,20 @@ from truscl.chain import ChainClient, DevChain, EmbeddedChain, NodeChain
 from truscl.demo.common import (
     READING_INTERVAL_S,
     READINGS_PER_ROUND,
-    SENSOR_RANGES,
-    WINDOW,
     DemoConfig,
     DemoFailed,
     RoundRow,
     accuracy,
     baseline_accuracy,
-    occupancy_spec,
+    demo_spec,
     summarise,
     test_set,
+    write_demo_report,
 )
 from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
-from truscl.learning import LogisticModel
 from truscl.mqtt import BrokerSettings
-from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys, context_hash
+from truscl.privacy.ckks import PROFILES, OwnerKeys, context_hash
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
@@ -63,6 +62,7 @@ from truscl.server.keygen import (
     run_keygen_holder,
 )
 from truscl.server.owner import HeKeys, TaskOwner
+from truscl.server.owner_service import UNBOUND_CONTEXT, initial_model
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import SimulatedDevice
 from truscl.sim.rooms import Room, make_rooms
@@ -72,16 +72,16 @@ log = logging.getLogger(__name__)
 
 
 def sensor_source(
-    device: SimulatedDevice, suite: SensorSuite, pooled: list[Reading]
+    device: SimulatedDevice, suite: SensorSuite, pooled: list[Reading], window: int
 ) -> Callable[[], list[Reading]]:
     """The readings a device made since its last round, in simulated time.
 
-    The first call returns a full window, as if the device had been sensing for days before
+    The first call returns a full ``window``, as if the device had been sensing for days before
     the task began; each later call, the six hours of readings taken since.
     """
 
     def collect() -> list[Reading]:
-        fresh = READINGS_PER_ROUND if pooled else WINDOW
+        fresh = READINGS_PER_ROUND if pooled else window
         readings = []
         for _ in range(fresh):
             device.step(READING_INTERVAL_S)
@@ -115,9 +115,8 @@ def run_in_process(
         SimulatedDevice(Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08), seed=i)
         for i, p in enumerate(profiles)
     ]
-    X_test, y_test = test_set(profiles, config.seed)
+    test = test_set(profiles, config.seed)
     pooled: list[list[Reading]] = [[] for _ in sims]
-    model = LogisticModel(len(SENSOR_RANGES))
 
     chain: DevChain = NodeChain(config.rpc) if config.rpc else EmbeddedChain()
     admin = chain.new_account()
@@ -142,14 +141,22 @@ def run_in_process(
             agents[-1].stop()
 
     try:
+        draft = demo_spec(config, workdir / "owner", task, UNBOUND_CONTEXT)
+        profile = PROFILES[draft.he_profile]
         terms: dict[str, Any] = {}
         if config.he_mode == "threshold":
             record = _keygen(
-                workdir, task, domain, broker.settings, owner_account, guardian_account
+                workdir,
+                task,
+                domain,
+                broker.settings,
+                owner_account,
+                guardian_account,
+                profile.name,
             )
             owner_state = HolderState(workdir / "owner")
             keys = HeKeys(
-                share=owner_state.share(OWNER_HOLDER, DEFAULT_PROFILE.name),
+                share=owner_state.share(OWNER_HOLDER, profile.name),
                 public_context=owner_state.public_context(),
                 guardians={GUARDIAN: guardian_account.address.lower()},
             )
@@ -158,7 +165,7 @@ def run_in_process(
                 "keygen_digest": "0x" + record.transcript.digest().hex(),
             }
         else:
-            single = OwnerKeys.generate(DEFAULT_PROFILE)
+            single = OwnerKeys.generate(profile)
             single.save(workdir / "owner" / "secret-context")
             keys = HeKeys.single_key(single)
         owner = TaskOwner(
@@ -167,16 +174,7 @@ def run_in_process(
             broker=broker.settings,
             on_model=lambda r, params: models.put((r, params)),
         )
-        spec = occupancy_spec(
-            "0x" + context_hash(keys.public_context).hex(),
-            task=task,
-            rounds=config.rounds,
-            quorum=config.quorum,
-            round_seconds=config.deadline,
-            max_message=config.max_message,
-            dp=config.dp,
-            **terms,
-        )
+        spec = replace(draft, context_hash="0x" + context_hash(keys.public_context).hex(), **terms)
         for index, sim in enumerate(sims):
             account = load_or_create_account(workdir / "devices" / str(index) / "device.key")
             contract.register_device(account.address)
@@ -189,7 +187,7 @@ def run_in_process(
                     chain=chain.client(contract.address),
                     broker=broker.settings,
                     workdir=workdir / "devices" / str(index),
-                    collect=sensor_source(sim, suite, pooled[index]),
+                    collect=sensor_source(sim, suite, pooled[index], spec.window),
                     name=sim.name,
                     clock=clock,  # the devices read the deadlines on the aggregator's clock
                 ).start()
@@ -206,14 +204,15 @@ def run_in_process(
             on_closed=lambda stats: drop(stats.round + 1),
         )
         drop(1)
-        owner.create_task(spec, aggregator_account.address, model.init_params())
+        initial = initial_model(spec)
+        owner.create_task(spec, aggregator_account.address, initial)
         if terms:
             guardian_state = HolderState(workdir / GUARDIAN)
             guardian = Guardian(
                 task=task,
                 owner=owner_account.address,
                 name=GUARDIAN,
-                share=guardian_state.share(GUARDIAN, DEFAULT_PROFILE.name),
+                share=guardian_state.share(GUARDIAN, profile.name),
                 public_context=guardian_state.public_context(),
                 keygen_digest=bytes.fromhex(terms["keygen_digest"][2:]),
                 chain=chain.client(contract.address, guardian_account),
@@ -223,6 +222,7 @@ def run_in_process(
             ).start()
         aggregator = built.start()  # from here on it has threads to stop
         rows: list[RoundRow] = []
+        released_models = {}  # round: the model released after it
         print(
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, in one process, "
             f"broker 127.0.0.1:{broker.port}, contract {contract.address}",
@@ -239,12 +239,13 @@ def run_in_process(
                 raise DemoFailed(
                     f"round {round_no} did not complete within {config.round_timeout}s"
                 ) from None
+            released_models[released] = params
             stats = aggregator.stats[released]  # complete before the owner saw the aggregate
             seconds, round_started = time.monotonic() - round_started, time.monotonic()
             row = RoundRow(
                 round=released,
                 participants=stats.participants,
-                accuracy=accuracy(params, X_test, y_test),
+                accuracy=accuracy(spec, params, test),
                 epsilon=stats.epsilon,
                 bytes=stats.bytes_in,
                 anchor_tx=stats.anchor_tx,
@@ -255,6 +256,15 @@ def run_in_process(
         reader = chain.client(contract.address)
         report = audit_task(reader, Archive(workdir / "archive"), spec.task)
         refused = [r for r in range(1, config.rounds + 1) if reader.round_refusal(spec.task_id, r)]
+        summary_md = write_demo_report(
+            config,
+            reader,
+            Archive(workdir / "archive"),
+            spec,
+            released_models,
+            test,
+            workdir,
+        )
     finally:
         for agent in agents:
             agent.stop()
@@ -268,7 +278,8 @@ def run_in_process(
             suite.close()
         broker.stop()
 
-    baseline = baseline_accuracy([r for readings in pooled for r in readings], X_test, y_test)
+    everyone = [r for readings in pooled for r in readings]
+    baseline = baseline_accuracy(spec, everyone, test, initial)
     summary = summarise(
         config,
         rows,
@@ -281,9 +292,11 @@ def run_in_process(
             "chain": config.rpc or "embedded",
             "contract": contract.address,
             "workdir": str(workdir),
+            "report": str(summary_md),
         },
         out,
     )
+    print(f"report: {summary_md}", file=out)
     if config.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
@@ -301,11 +314,12 @@ def _keygen(
     broker: BrokerSettings,
     owner: LocalAccount,
     guardian: LocalAccount,
+    profile: str,
 ) -> KeygenRecord:
     """The owner's and the guardian's sides of the key generation, each in its own thread,
     talking only through the broker, as their two processes would."""
     holders = sorted(((OWNER_HOLDER, owner.address), (GUARDIAN, guardian.address)))
-    terms = KeygenTerms(DEFAULT_PROFILE.name, tuple(holders))
+    terms = KeygenTerms(profile, tuple(holders))
     records: dict[str, KeygenRecord] = {}
     failures: list[TrusclError] = []
 
