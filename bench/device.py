@@ -9,7 +9,8 @@ baseline measured in the same run, interleaved with it:
   accountant (the budget check and the epsilon after the charge), the data commitment (salts and
   Merkle tree over the window), ``make_update`` (DP-SGD, clipping, CKKS encryption, EIP-712
   signature) and the update's encoding. Disk writes (state file, ledger) are left out. The
-  parts are timed apart too (``device_round_parts_s``), and the accountant's first call, which
+  parts are timed apart too (``device_round_parts_s``; ``dp_sgd`` is ``private_delta``, the
+  DP-SGD run and the clipping), and the accountant's first call, which
   fills its cache, separately (``device_accountant_first_s``). Baseline: one CKKS encryption of
   the same vector, the floor no device round can go below.
 - ``device_import_s``: median wall time of ``python -c "import truscl.agent.service"`` (every
@@ -22,7 +23,7 @@ baseline measured in the same run, interleaved with it:
     .venv/bin/python -m bench.device [--quick] [--json FILE] [--source DIR]
 
 ``--source DIR`` measures another checkout's tree (e.g. main's) with this environment, for a
-before/after comparison.
+before/after comparison (a tree with ``private_delta`` and ``TaskSpec.sampling_rate_for``).
 """
 
 from __future__ import annotations
@@ -125,18 +126,17 @@ def _probe_round(context_file: Path, rounds: int) -> dict[str, Any]:
 
     import numpy as np
 
-    from truscl.agent.contribution import UpdateInputs, data_root, make_update
-    from truscl.learning import LogisticModel
+    from truscl.agent.contribution import UpdateInputs, data_root, make_update, private_delta
     from truscl.privacy.accounting import PrivacyLedger
     from truscl.privacy.ckks import encrypt, load_context
-    from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
+    from truscl.privacy.dp import secure_generator
     from truscl.wire import Domain
 
     spec, window = _default_task(context_file)
     context = load_context(context_file.read_bytes())
     account = _device_key(context_file.with_name("device.key"))
     domain = Domain(31337, "0x" + "11" * 20)
-    dp, q = spec.dp, spec.sampling_rate
+    dp, q = spec.dp, spec.sampling_rate_for(len(window))
     ledger = PrivacyLedger()
     params = np.zeros(spec.n_params)
 
@@ -149,9 +149,6 @@ def _probe_round(context_file: Path, rounds: int) -> dict[str, Any]:
         k: [] for k in ("accountant", "merkle", "make_update", "encode", "dp_sgd", "encrypt")
     }
     rng = secure_generator()
-    X = spec.scaler.apply(np.array([r.features() for r in window]))
-    y = np.array([r.label() for r in window], dtype=np.float64)
-    config = DpSgdConfig(dp.clip_norm, dp.noise_multiplier, q, dp.local_steps, dp.learning_rate)
     for round_no in range(1, rounds + 1):
         t0 = time.perf_counter()
         ledger.epsilon_if(q, dp.noise_multiplier, dp.local_steps, dp.delta)
@@ -173,8 +170,7 @@ def _probe_round(context_file: Path, rounds: int) -> dict[str, Any]:
             parts[name].append(seconds)
         # make_update's own parts, timed apart on the same inputs
         t5 = time.perf_counter()
-        trained = dp_sgd(LogisticModel(len(spec.features)), params, X, y, config, rng)
-        delta = clip_by_l2(trained - params, dp.update_clip)
+        delta = private_delta(spec, params, window, rng)
         t6 = time.perf_counter()
         encrypt(context, delta)
         t7 = time.perf_counter()
@@ -204,7 +200,7 @@ def _probe_rss(context_file: Path) -> dict[str, Any]:
     context = load_context(context_file.read_bytes())
     dp = spec.dp
     ledger = PrivacyLedger()
-    ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
+    ledger.record(spec.sampling_rate_for(len(window)), dp.noise_multiplier, dp.local_steps)
     inputs = UpdateInputs(
         1, np.zeros(spec.n_params), window, ledger.epsilon(dp.delta),
         data_root(secrets.token_bytes(32), window),
