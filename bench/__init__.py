@@ -3,10 +3,11 @@ the same run, and ``python -m bench`` runs them all and sets each figure beside 
 
 A benchmark module is one of :data:`MODULES`; it offers
 
-- ``figures(quick: bool) -> dict[str, Any]``: its figures, JSON-ready, under the issue's keys
-  (a number, or a mapping such as ``{"10": ..., "100": ...}`` per device count or profile),
-  plus whatever context a reader needs (baselines, parts, how the run was made);
-- optionally ``TARGETS: dict[str, Target]`` for its keys, merged into :data:`TARGETS`.
+- ``figures(quick: bool) -> dict[str, Any]`` (``measure`` in bench/wire.py; bench/learning.py's
+  ``run`` is called as its ``main`` does): its figures, JSON-ready, under the issue's keys (a
+  number, or a mapping such as ``{"10": ..., "100": ...}`` per device count or profile), plus
+  whatever context a reader needs (baselines, parts, how the run was made);
+- optionally ``TARGETS`` with :class:`Target` values for its keys, merged into :data:`TARGETS`.
 
 The import of a module and its ``figures`` stay cheap to start: heavy imports go inside the
 function, so that one benchmark's imports never weigh on another's figures.
@@ -58,15 +59,13 @@ REQUIRED_KEYS = {
 
 
 def as_rows(key: str, value: Any) -> list[tuple[str, float]]:
-    """The numbers a figure holds, one row each: ``key`` itself, or ``key[sub]`` per entry."""
+    """The numbers a figure holds, one row each: ``key`` itself, or ``key[sub]`` per entry of
+    a mapping (``key[sub][subsub]`` one level deeper, as bytes per parameter by profile and size).
+    """
     if isinstance(value, bool):
         return []
     if isinstance(value, int | float):
         return [(key, float(value))]
     if isinstance(value, dict):
-        return [
-            (f"{key}[{sub}]", float(v))
-            for sub, v in value.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        ]
+        return [row for sub, v in value.items() for row in as_rows(f"{key}[{sub}]", v)]
     return []

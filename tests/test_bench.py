@@ -49,8 +49,11 @@ def test_quick_run_writes_every_required_key(tmp_path: Path) -> None:
                 key,
                 value,
             )
-        elif key == "bytes_per_param":
-            assert value and all(_is_number(v) for v in value.values()), value
+        elif key == "bytes_per_param":  # by profile, then by update size
+            assert value and all(
+                by_size and all(_is_number(v) for v in by_size.values())
+                for by_size in value.values()
+            ), value
         else:
             assert _is_number(value) and value > 0, (key, value)
     assert "10" in figures["round_latency_s"] and figures["gas_per_round"]["10"] > 0
@@ -75,6 +78,7 @@ def test_rows_and_targets() -> None:
     assert as_rows("x", 1.5) == [("x", 1.5)]
     assert as_rows("x", {"10": 2, "100": 3.0, "note": "n"}) == [("x[10]", 2.0), ("x[100]", 3.0)]
     assert as_rows("x", True) == [] and as_rows("x", "text") == []
+    assert as_rows("x", {"a": {"1": 4}}) == [("x[a][1]", 4.0)]
     assert Target(2.0, "s").met(2.0) and not Target(2.0, "s").met(2.1)
     assert Target(10.0, "/s", at_most=False).met(11.0)
 
