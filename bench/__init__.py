@@ -58,7 +58,7 @@ REQUIRED_KEYS = {
 }
 
 
-def as_rows(key: str, value: Any) -> list[tuple[str, float]]:
+def as_rows(key: str, value: Any, depth: int = 2) -> list[tuple[str, float]]:
     """The numbers a figure holds, one row each: ``key`` itself, or ``key[sub]`` per entry of
     a mapping (``key[sub][subsub]`` one level deeper, as bytes per parameter by profile and size).
     """
@@ -66,6 +66,6 @@ def as_rows(key: str, value: Any) -> list[tuple[str, float]]:
         return []
     if isinstance(value, int | float):
         return [(key, float(value))]
-    if isinstance(value, dict):
-        return [row for sub, v in value.items() for row in as_rows(f"{key}[{sub}]", v)]
+    if isinstance(value, dict) and depth > 0:  # deeper structures stay in the JSON alone
+        return [row for sub, v in value.items() for row in as_rows(f"{key}[{sub}]", v, depth - 1)]
     return []

@@ -79,6 +79,7 @@ def test_rows_and_targets() -> None:
     assert as_rows("x", {"10": 2, "100": 3.0, "note": "n"}) == [("x[10]", 2.0), ("x[100]", 3.0)]
     assert as_rows("x", True) == [] and as_rows("x", "text") == []
     assert as_rows("x", {"a": {"1": 4}}) == [("x[a][1]", 4.0)]
+    assert as_rows("x", {"a": {"b": {"c": 1}}}) == []
     assert Target(2.0, "s").met(2.0) and not Target(2.0, "s").met(2.1)
     assert Target(10.0, "/s", at_most=False).met(11.0)
 
