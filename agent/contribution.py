@@ -18,8 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
-from eth_account.signers.local import LocalAccount
-from eth_utils import keccak
 
 from truscl.agent.litert import Trainer, numpy_trainer
 from truscl.agent.sensors import Reading
@@ -27,6 +25,8 @@ from truscl.privacy.ckks import encrypt
 from truscl.privacy.dp import DpSgdConfig, clip_by_l2, secure_generator
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_root
+from truscl.wire.merkle import keccak256
+from truscl.wire.signing import Signer
 
 
 @dataclass(frozen=True)
@@ -56,12 +56,12 @@ def data_salt(round_secret: bytes, index: int) -> bytes:
         raise ValueError(f"a round secret is {ROUND_SECRET_BYTES} bytes, not {len(round_secret)}")
     if not 0 <= index < 2**256:
         raise ValueError(f"reading index {index} is out of range")
-    return keccak(round_secret + index.to_bytes(32, "big"))
+    return keccak256(round_secret + index.to_bytes(32, "big"))
 
 
 def data_leaf(round_secret: bytes, index: int, reading: Reading) -> bytes:
     """``keccak(salt_index ‖ reading's canonical CBOR)``: the leaf of one trained-on reading."""
-    return keccak(data_salt(round_secret, index) + reading.encode())
+    return keccak256(data_salt(round_secret, index) + reading.encode())
 
 
 def data_root(round_secret: bytes, window: list[Reading]) -> bytes:
@@ -101,7 +101,7 @@ def make_update(
     inputs: UpdateInputs,
     *,
     context: ts.Context,
-    account: LocalAccount,
+    account: Signer,
     domain: Domain,
     rng: np.random.Generator | None = None,
     train: Trainer | None = None,

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import tenseal as ts
-from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
 from truscl.agent.contribution import ROUND_SECRET_BYTES, UpdateInputs, data_root, make_update
@@ -44,7 +43,7 @@ from truscl.agent.rounds import (
     Train,
 )
 from truscl.agent.sensors import Reading
-from truscl.chain import ChainClient
+from truscl.chain.reader import ChainReader
 from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
@@ -64,6 +63,7 @@ from truscl.wire import (
 )
 from truscl.wire.model import model_from_bytes
 from truscl.wire.receipt import Receipt
+from truscl.wire.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ class DeviceAgent:
     def __init__(
         self,
         *,
-        account: LocalAccount,
+        account: Signer,
         task: str,
-        chain: ChainClient,
+        chain: ChainReader,
         broker: BrokerSettings,
         workdir: Path,
         collect: Callable[[], list[Reading]],

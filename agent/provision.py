@@ -14,7 +14,7 @@ from typing import Any
 from truscl.config import TomlReader, broker_table, render_toml
 from truscl.errors import ConfigError
 from truscl.files import write_atomically
-from truscl.keyfile import load_or_create_account, write_secret
+from truscl.keyfile import load_or_create_signing_key, write_secret
 from truscl.mqtt import BrokerSettings
 
 NO_TASK = "0x" + "00" * 32  # a placeholder until the owner has created the task
@@ -42,7 +42,7 @@ def provision_agent(
     relative to ``out``, so the folder can be copied whole to the device."""
     out.mkdir(parents=True, exist_ok=True)
     key = out / "device.key"
-    account = load_or_create_account(key)
+    account = load_or_create_signing_key(key)
     broker = _localise(broker, out / "broker")
     config = out / "agent.toml"
     config.write_text(
@@ -69,7 +69,7 @@ def device_broker(
     if identity is None:
         return BrokerSettings(host or "localhost", port or 1883)
     settings = TomlReader.load(identity / "broker.toml").broker()
-    address = load_or_create_account(out / "device.key").address.lower()
+    address = load_or_create_signing_key(out / "device.key").address.lower()
     if settings.username != address:
         raise ConfigError(
             f"{identity} is the broker identity of {settings.username}, "

@@ -22,10 +22,9 @@ from truscl.agent.litert import ModelRuntime
 from truscl.agent.output import OccupancyOutput
 from truscl.agent.provision import NO_TASK
 from truscl.agent.sampling import Sampler
-from truscl.chain import ChainClient
-from truscl.chain.rpc import connect
+from truscl.chain.reader import RpcReader
 from truscl.errors import ConfigError
-from truscl.keyfile import load_or_create_account
+from truscl.keyfile import load_or_create_signing_key
 from truscl.systemd import Heartbeat, supervise
 
 log = logging.getLogger(__name__)
@@ -56,8 +55,8 @@ def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> None:
 
 @contextmanager
 def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
-    account = load_or_create_account(config.key)
-    chain = ChainClient.at(connect(config.rpc), config.contract)
+    account = load_or_create_signing_key(config.key)  # signs messages only: no eth-account
+    chain = RpcReader(config.rpc, config.contract)  # a device reads; web3 stays off it
     sensors = load_backend(config.hardware)(config)
     sampler: Sampler | None = None
     agent: DeviceAgent | None = None
@@ -106,6 +105,7 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
         if output is not None:
             output.close()
         sensors.close()
+        chain.close()
 
 
 def _export(address: str, agent: DeviceAgent, sampler: Sampler) -> None:

@@ -15,10 +15,9 @@ from truscl.agent.device import LEDGER_FILE, OUTBOX_FILE, SPEC_FILE
 from truscl.agent.health import describe_health, read_health
 from truscl.agent.outbox import Outbox
 from truscl.agent.rounds import Phase
-from truscl.chain import ChainClient
-from truscl.chain.rpc import connect
+from truscl.chain.reader import RpcReader
 from truscl.errors import ChainError
-from truscl.keyfile import load_account
+from truscl.keyfile import load_signing_key
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.task import TaskSpec
 
@@ -26,7 +25,7 @@ CHAIN_TIMEOUT_S = 5.0
 
 
 def agent_status(config: AgentConfig) -> dict[str, Any]:
-    account = load_account(config.key)
+    account = load_signing_key(config.key)
     state = config.state
     status: dict[str, Any] = {
         "address": account.address,
@@ -57,8 +56,11 @@ def agent_status(config: AgentConfig) -> dict[str, Any]:
         for phase in Phase:
             status["rounds"][str(phase)] = [s.round for s in rounds if s.phase == phase]
     try:
-        chain = ChainClient.at(connect(config.rpc, CHAIN_TIMEOUT_S), config.contract)
-        status["registered"] = chain.is_device(account.address)
+        chain = RpcReader(config.rpc, config.contract, CHAIN_TIMEOUT_S)
+        try:
+            status["registered"] = chain.is_device(account.address)
+        finally:
+            chain.close()
     except ChainError as exc:
         status["registered"] = None
         status["chain_error"] = str(exc)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import task_owner
+from device_only import TRUSCL_ON_A_DEVICE
 
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, NodeChain
@@ -24,7 +25,8 @@ from truscl.server.audit import audit_task
 from truscl.task import DpTerms
 
 pytestmark = pytest.mark.slow
-AGENT = [sys.executable, "-m", "truscl.cli", "--log-level", "INFO", "agent", "run"]
+# The agents run as on a device with only the `device` extra: no web3, no dp-accounting.
+AGENT = [*TRUSCL_ON_A_DEVICE, "--log-level", "INFO", "agent", "run"]
 
 CONFIG = """
 task = "{task}"

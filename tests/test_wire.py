@@ -290,7 +290,7 @@ def test_everything_about_an_update_follows_the_table() -> None:
 
 
 def test_the_contract_struct_takes_the_record_in_table_order() -> None:
-    from truscl.chain.client import _update_tuple
+    from truscl.chain.reader import update_tuple
     from truscl.contracts import load_artifact
 
     (leaf_fn,) = [i for i in load_artifact()["abi"] if i.get("name") == "updateLeaf"]
@@ -300,7 +300,7 @@ def test_the_contract_struct_takes_the_record_in_table_order() -> None:
     assert [(c["name"], c["type"]) for c in components] == [
         (f.name, f.sol_type) for f in UPDATE_FIELDS
     ]
-    assert len(_update_tuple(record)) == len(components)
+    assert len(update_tuple(record)) == len(components)
 
 
 @pytest.mark.parametrize(

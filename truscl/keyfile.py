@@ -19,11 +19,13 @@ import os
 import re
 import stat
 from pathlib import Path
-
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
+from typing import TYPE_CHECKING
 
 from truscl.errors import ConfigError
+from truscl.wire.signing import SigningKey
+
+if TYPE_CHECKING:  # eth-account is loaded by the roles that send transactions, not by a device
+    from eth_account.signers.local import LocalAccount
 
 
 def write_secret(path: str | os.PathLike[str], data: bytes) -> None:
@@ -94,16 +96,29 @@ def load_account(path: str | os.PathLike[str]) -> LocalAccount:
     An operator's key pays gas and holds roles on a shared chain, so a missing file is an
     error rather than a fresh, unfunded, unregistered key.
     """
-    key = parse_key(read_secret(path), os.fspath(path))
-    try:
-        account: LocalAccount = Account.from_key(key)
-    except ValueError as exc:  # zero, or not below the curve order
-        raise ConfigError(f"key file {os.fspath(path)} holds no valid key: {exc}") from None
+    from eth_account import Account
+
+    account: LocalAccount = Account.from_key(load_signing_key(path).key)
     return account
 
 
 def load_or_create_account(path: str | os.PathLike[str]) -> LocalAccount:
-    """The device's (or a role's) Ethereum key, made on first start (32 raw bytes)."""
-    if not Path(path).exists():
-        write_secret(path, Account.create().key)
+    """A role's Ethereum key, made on first start (32 raw bytes)."""
+    load_or_create_signing_key(path)
     return load_account(path)
+
+
+def load_signing_key(path: str | os.PathLike[str]) -> SigningKey:
+    """An existing key that signs messages only (a device's): no transactions, no eth-account."""
+    key = parse_key(read_secret(path), os.fspath(path))
+    try:
+        return SigningKey.from_key(key)
+    except ValueError as exc:  # zero, or not below the curve order
+        raise ConfigError(f"key file {os.fspath(path)} holds no valid key: {exc}") from None
+
+
+def load_or_create_signing_key(path: str | os.PathLike[str]) -> SigningKey:
+    """The device's key, made on first start (32 raw bytes)."""
+    if not Path(path).exists():
+        write_secret(path, SigningKey.create().key)
+    return load_signing_key(path)

@@ -17,8 +17,6 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from eth_abi import decode as abi_decode
-from eth_abi.exceptions import DecodingError
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress, HexStr
 from eth_utils import keccak
@@ -28,10 +26,11 @@ from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError
 from web3.types import TxParams, TxReceipt
 
+from truscl.chain.reader import TaskRecord, b32, custom_errors, update_tuple
 from truscl.chain.rpc import rpc_errors
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError
-from truscl.wire.update import UPDATE_FIELDS, UpdateRecord
+from truscl.wire.update import UpdateRecord
 
 try:
     from eth_tester.exceptions import TransactionFailed
@@ -59,21 +58,6 @@ _REVERTED_PREFIX = "execution reverted: "
 # each answer small.
 LOG_SPAN = 5_000
 REGISTRAR_ROLE = keccak(text="REGISTRAR_ROLE")  # the contract's constant of the same name
-
-
-@dataclass(frozen=True)
-class TaskRecord:
-    """A task's terms as the contract holds them."""
-
-    task_id: bytes
-    owner: ChecksumAddress
-    aggregator: ChecksumAddress
-    spec_hash: bytes
-    context_hash: bytes
-    rounds: int
-    rounds_anchored: int
-    epsilon_micros: int  # what all the task's rounds spend of a device's privacy (x 1e6)
-    epsilon_budget_micros: int  # the per-device budget the spec names (x 1e6)
 
 
 @dataclass(frozen=True)
@@ -107,7 +91,7 @@ class ChainClient:
         self._contract: Contract = w3.eth.contract(
             address=Web3.to_checksum_address(address), abi=artifact["abi"]
         )
-        self._errors = _custom_errors(artifact["abi"])
+        self._errors = custom_errors(artifact["abi"])
         self.node = node_name(w3)
 
     @classmethod
@@ -208,9 +192,9 @@ class ChainClient:
         """Create a task; the contract refuses one whose rounds would spend more epsilon than
         its budget (``BudgetExceeded``) or whose minimum cohort is below 2."""
         fn = self._contract.functions.createTask(
-            _b32(task_id),
-            _b32(spec_hash),
-            _b32(context_hash),
+            b32(task_id),
+            b32(spec_hash),
+            b32(context_hash),
             _addr(aggregator),
             rounds,
             epsilon_micros,
@@ -221,12 +205,12 @@ class ChainClient:
 
     def min_cohort(self, task_id: bytes) -> int:
         """The fewest accepted updates a round needs before any key holder decrypts it."""
-        return int(self._call(self._contract.functions.minCohort(_b32(task_id))))
+        return int(self._call(self._contract.functions.minCohort(b32(task_id))))
 
     def task(self, task_id: bytes) -> TaskRecord:
         """The task's terms; ``ChainError`` (UnknownTask) if it was never created."""
         owner, aggregator, spec_hash, context_hash, rounds, anchored, epsilon, budget = self._call(
-            self._contract.functions.getTask(_b32(task_id))
+            self._contract.functions.getTask(b32(task_id))
         )
         return TaskRecord(
             task_id=task_id,
@@ -251,14 +235,14 @@ class ChainClient:
         updates: int,
     ) -> str:
         fn = self._contract.functions.anchorRound(
-            _b32(task_id), round, _b32(updates_root), _b32(aggregate_hash), updates
+            b32(task_id), round, b32(updates_root), b32(aggregate_hash), updates
         )
         return self._transact("anchorRound", fn)
 
     def round_anchor(self, task_id: bytes, round: int) -> RoundAnchor | None:
         """The anchor of ``round``, or ``None`` while it is not anchored."""
         root, aggregate, updates, block = self._call(
-            self._contract.functions.getRoundAnchor(_b32(task_id), round)
+            self._contract.functions.getRoundAnchor(b32(task_id), round)
         )
         if block == 0:
             return None
@@ -274,7 +258,7 @@ class ChainClient:
         logs = self._read(
             lambda: list(
                 event.get_logs(
-                    argument_filters={"taskId": _b32(task_id), "round": round}, from_block=0
+                    argument_filters={"taskId": b32(task_id), "round": round}, from_block=0
                 )
             )
         )
@@ -289,7 +273,7 @@ class ChainClient:
 
     def update_leaf(self, record: UpdateRecord) -> bytes:
         """The contract's Merkle leaf for an update (equal to ``record.leaf()``)."""
-        return bytes(self._call(self._contract.functions.updateLeaf(_update_tuple(record))))
+        return bytes(self._call(self._contract.functions.updateLeaf(update_tuple(record))))
 
     def verify_update(
         self, record: UpdateRecord, proof: Sequence[bytes], counted_in: int | None = None
@@ -297,30 +281,30 @@ class ChainClient:
         """Whether the update was counted in round ``counted_in`` (default: its own round; the
         next one for a late update): false too if that round is not anchored."""
         fn = self._contract.functions.verifyUpdate(
-            _update_tuple(record),
+            update_tuple(record),
             record.round if counted_in is None else counted_in,
-            [_b32(p) for p in proof],
+            [b32(p) for p in proof],
         )
         return bool(self._call(fn))
 
     # --- global model ------------------------------------------------------------------------
 
     def publish_model(self, task_id: bytes, round: int, model_hash: bytes) -> str:
-        fn = self._contract.functions.publishModel(_b32(task_id), round, _b32(model_hash))
+        fn = self._contract.functions.publishModel(b32(task_id), round, b32(model_hash))
         return self._transact("publishModel", fn)
 
     def refuse_round(self, task_id: bytes, round: int, reason: int) -> str:
         """Record on chain that no model derived from ``round``'s aggregate will be released."""
-        fn = self._contract.functions.refuseRound(_b32(task_id), round, reason)
+        fn = self._contract.functions.refuseRound(b32(task_id), round, reason)
         return self._transact("refuseRound", fn)
 
     def round_refusal(self, task_id: bytes, round: int) -> int:
         """The reason code ``round`` was refused with (0: not refused)."""
-        return int(self._call(self._contract.functions.roundRefusal(_b32(task_id), round)))
+        return int(self._call(self._contract.functions.roundRefusal(b32(task_id), round)))
 
     def model_hash(self, task_id: bytes, round: int) -> bytes | None:
         """Hash of the model published after ``round`` (0 = initial), ``None`` if none yet."""
-        value = bytes(self._call(self._contract.functions.modelHash(_b32(task_id), round)))
+        value = bytes(self._call(self._contract.functions.modelHash(b32(task_id), round)))
         return None if value == bytes(32) else value
 
     # --- plumbing ----------------------------------------------------------------------------
@@ -413,36 +397,6 @@ def _send(w3: Web3, account: LocalAccount, tx: TxParams, name: str) -> TxReceipt
     return receipt
 
 
-@dataclass(frozen=True)
-class _CustomError:
-    """A custom error of the ABI, to render revert data as ``Name(arg=value, ...)``."""
-
-    name: str
-    arg_names: list[str]
-    arg_types: list[str]
-
-    def describe(self, payload: bytes) -> str:
-        try:
-            values = abi_decode(self.arg_types, payload)
-        except DecodingError:
-            return self.name
-        args = ", ".join(f"{n}={_show(v)}" for n, v in zip(self.arg_names, values, strict=True))
-        return f"{self.name}({args})"
-
-
-def _custom_errors(abi: Sequence[Mapping[str, Any]]) -> dict[bytes, _CustomError]:
-    """Custom errors by 4-byte selector."""
-    errors: dict[bytes, _CustomError] = {}
-    for item in abi:
-        if item["type"] == "error":
-            types = [arg["type"] for arg in item["inputs"]]
-            selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
-            errors[selector] = _CustomError(
-                item["name"], [arg["name"] for arg in item["inputs"]], types
-            )
-    return errors
-
-
 def _revert_data(exc: Exception) -> bytes | None:
     """Raw revert data: a node puts it in ``data``, eth-tester in the message as a bytes repr."""
     if isinstance(exc, ContractLogicError) and isinstance(exc.data, str):
@@ -457,27 +411,9 @@ def _revert_data(exc: Exception) -> bytes | None:
     return None
 
 
-def _show(value: Any) -> str:
-    return "0x" + value.hex() if isinstance(value, bytes) else str(value)
-
-
 def _hex(value: bytes) -> str:
     return "0x" + bytes(value).hex()
 
 
 def _addr(address: str) -> ChecksumAddress:
     return Web3.to_checksum_address(address)
-
-
-def _b32(value: bytes) -> bytes:
-    if len(value) != 32:
-        raise ChainError(f"expected 32 bytes, got {len(value)}")
-    return bytes(value)
-
-
-def _update_tuple(record: UpdateRecord) -> tuple[object, ...]:
-    """The contract's ``Update`` struct, in the order of ``UPDATE_FIELDS``."""
-    return tuple(
-        _b32(cast(bytes, value)) if field.sol_type == "bytes32" else value
-        for field, value in zip(UPDATE_FIELDS, record, strict=True)
-    )

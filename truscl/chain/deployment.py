@@ -23,16 +23,17 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
-from eth_utils import is_address, keccak
-from web3 import Web3
+from eth_utils import is_address, keccak, to_checksum_address
 
-from truscl.chain.client import ChainClient, contract_address, deploy_transaction
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError, ConfigError
+
+if TYPE_CHECKING:  # web3 only where a chain is reached: a device reads a record without it
+    from eth_account.signers.local import LocalAccount
+    from web3 import Web3
 
 # Blocks per eth_getLogs request: public providers cap the range (often at a few thousand), a
 # local node does not care.
@@ -49,7 +50,7 @@ def artifact_code_hash() -> str:
 
 def code_hash(w3: Web3, address: str) -> str | None:
     """keccak-256 of the code at ``address``, or ``None`` when no contract lives there."""
-    code = bytes(w3.eth.get_code(Web3.to_checksum_address(address)))
+    code = bytes(w3.eth.get_code(to_checksum_address(address)))
     return _hex(keccak(code)) if code else None
 
 
@@ -136,6 +137,8 @@ class Deployment:
         if found != artifact_code_hash():
             problems.append(f"the code at {self.address} is not this truscl's Truscl contract")
             return problems  # its ABI may differ: do not call it
+        from truscl.chain.client import ChainClient
+
         block = ChainClient.at(w3, self.address).deployment_block()
         if block != self.deployment_block:
             problems.append(
@@ -172,6 +175,8 @@ def deploy(
             f"account {account.address} has no funds on chain {w3.eth.chain_id}; "
             "fund it to pay for the deployment"
         )
+    from truscl.chain.client import contract_address, deploy_transaction
+
     receipt = deploy_transaction(w3, account, lock)
     if rpc_url is None:
         endpoint = getattr(w3.provider, "endpoint_uri", None)
@@ -225,7 +230,7 @@ def status(
     ``span`` blocks. A contract whose code is not this truscl's is described (chain,
     code hash) but not read further: its events and getters may mean something else.
     """
-    contract = Web3.to_checksum_address(address)
+    contract = to_checksum_address(address)
     chain_id = w3.eth.chain_id
     found = code_hash(w3, contract)
     if found is None:
@@ -233,6 +238,8 @@ def status(
     latest = w3.eth.block_number
     if found != artifact_code_hash():
         return Status(rpc_url, chain_id, contract, found, False, None, latest, 0)
+    from truscl.chain.client import ChainClient
+
     client = ChainClient.at(w3, contract)
     first = client.deployment_block()
     events = w3.eth.contract(address=contract, abi=load_artifact("Truscl")["abi"]).events
@@ -265,7 +272,7 @@ def _hex(value: bytes) -> str:
 def _address(value: Any, name: str, key: str) -> ChecksumAddress:
     if not isinstance(value, str) or not is_address(value):
         raise ConfigError(f"{name}: {key} must be an address (0x and 40 hex digits)")
-    return Web3.to_checksum_address(value)
+    return to_checksum_address(value)
 
 
 def _count(value: Any, name: str, key: str, minimum: int = 0) -> int:

@@ -22,6 +22,7 @@ from web3.exceptions import (
 )
 from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
+from truscl.chain.reader import one_line
 from truscl.errors import ChainError, ConfigError, TrusclError
 
 DEFAULT_TIMEOUT = 10.0  # seconds per request: a testnet provider answers well within it
@@ -70,17 +71,17 @@ def rpc_errors(url: str) -> Iterator[None]:
         status = exc.response.status_code if exc.response is not None else "?"
         raise ChainError(f"the server at {url} answered HTTP {status}, not JSON-RPC") from None
     except requests.RequestException as exc:
-        raise ChainError(f"request to {url} failed: {_one_line(str(exc))}") from None
+        raise ChainError(f"request to {url} failed: {one_line(str(exc))}") from None
     except TimeExhausted as exc:
-        raise ChainError(f"the node at {url}: {_one_line(str(exc))}") from None
+        raise ChainError(f"the node at {url}: {one_line(str(exc))}") from None
     except ContractLogicError as exc:
-        raise ChainError(f"call reverted on {url}: {_one_line(str(exc))}") from None
+        raise ChainError(f"call reverted on {url}: {one_line(str(exc))}") from None
     except Web3RPCError as exc:
         raise ChainError(f"the node at {url} refused: {_rpc_message(exc)}") from None
     except Web3Exception as exc:
-        raise ChainError(f"unexpected answer from {url}: {_one_line(str(exc))}") from None
+        raise ChainError(f"unexpected answer from {url}: {one_line(str(exc))}") from None
     except ValueError as exc:  # a body that is not JSON: a web server, not a node
-        raise ChainError(f"{url} is not a JSON-RPC endpoint: {_one_line(str(exc))}") from None
+        raise ChainError(f"{url} is not a JSON-RPC endpoint: {one_line(str(exc))}") from None
     except OSError as exc:
         raise ChainError(f"cannot reach {url}: {exc.strerror or exc}") from None
 
@@ -95,10 +96,5 @@ def _rpc_message(exc: Web3RPCError) -> str:
     response = exc.rpc_response or {}
     error = response.get("error") if isinstance(response, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return _one_line(error["message"])
-    return _one_line(str(exc))
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
+        return one_line(error["message"])
+    return one_line(str(exc))

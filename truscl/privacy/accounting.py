@@ -1,13 +1,12 @@
-"""Privacy accounting with dp-accounting's RDP accountant, and a device's per-task ledger.
+"""Privacy accounting by RDP, and a device's per-task ledger.
 
-The accountant is Google's ``dp_accounting`` rather than our own formulas so that the epsilon a
-device reports is the one anyone can recompute. Its RDP of one Poisson-subsampled Gaussian step
-costs hundreds of milliseconds per (sampling rate, noise multiplier) on a Pi, and a device asks
-for an epsilon every round; RDP composes by addition, so the per-order RDP of one step is
-computed once per mechanism and multiplied by the steps spent. That uses two of dp-accounting's
-module-level functions (``_compute_rdp_poisson_subsampled_gaussian``, ``compute_epsilon``) of
-the pinned version; tests/test_accounting.py checks the result against the library's own
-``RdpAccountant`` so that an upgrade that changes either trips a test.
+The epsilon a device reports must be the one anyone can recompute with Google's
+``dp_accounting``: :mod:`truscl.privacy.rdp` ports its RDP of the Poisson-subsampled Gaussian and
+its conversion to (epsilon, delta), at its default orders, and tests/test_rdp.py checks the port
+against the library's own ``RdpAccountant``. The device thus never imports dp-accounting (seconds
+on a Pi: scipy and the PLD module). RDP composes by addition, so the per-order RDP of one step is
+computed once per mechanism and multiplied by the steps spent. PLD accounting, for reports, still
+comes from dp-accounting (a server dependency), imported only when asked for.
 """
 
 from __future__ import annotations
@@ -23,17 +22,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import dp_accounting
-import numpy as np
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp.rdp_privacy_accountant import (
-    DEFAULT_RDP_ORDERS,
-    _compute_rdp_poisson_subsampled_gaussian,
-    compute_epsilon,
-)
-
 from truscl.errors import ConfigError
 from truscl.files import write_atomically
+from truscl.privacy.rdp import RDP_ORDERS, epsilon_from_rdp, rdp_poisson_subsampled_gaussian
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +58,19 @@ def _epsilon(rounds: list[SpentRound], delta: float) -> float:
         steps_by_mechanism[(spent.sampling_rate, spent.noise_multiplier)] += spent.steps
     if not steps_by_mechanism:
         return 0.0
-    rdp = sum(
-        (steps * _rdp_of_one_step(q, sigma) for (q, sigma), steps in steps_by_mechanism.items()),
-        np.zeros(len(DEFAULT_RDP_ORDERS)),
-    )
-    epsilon, _ = compute_epsilon(DEFAULT_RDP_ORDERS, rdp, delta)
-    return float(epsilon)
+    rdp = [0.0] * len(RDP_ORDERS)
+    for (q, sigma), steps in steps_by_mechanism.items():
+        rdp = [
+            total + steps * one for total, one in zip(rdp, _rdp_of_one_step(q, sigma), strict=True)
+        ]
+    epsilon, _ = epsilon_from_rdp(RDP_ORDERS, rdp, delta)
+    return epsilon
 
 
 @functools.lru_cache(maxsize=64)
-def _rdp_of_one_step(sampling_rate: float, noise_multiplier: float) -> np.ndarray:
-    """Per-order RDP of one Poisson-subsampled Gaussian step (read-only: it is cached)."""
-    rdp = np.asarray(
-        _compute_rdp_poisson_subsampled_gaussian(
-            sampling_rate, noise_multiplier, DEFAULT_RDP_ORDERS
-        ),
-        dtype=np.float64,
-    )
-    rdp.setflags(write=False)
-    return rdp
+def _rdp_of_one_step(sampling_rate: float, noise_multiplier: float) -> tuple[float, ...]:
+    """Per-order RDP of one Poisson-subsampled Gaussian step, at :data:`RDP_ORDERS`."""
+    return rdp_poisson_subsampled_gaussian(sampling_rate, noise_multiplier)
 
 
 def rdp_epsilon(sampling_rate: float, noise_multiplier: float, steps: int, delta: float) -> float:
@@ -109,6 +94,9 @@ def pld_epsilon(
     added or removed (5.08 for the demo's ten rounds): dp-accounting's PLD accountant supports
     that relation for Poisson-sampled Gaussians directly (its RDP accountant does not).
     """
+    import dp_accounting  # a server dependency: seconds to import, never on a device
+    from dp_accounting.pld import PLDAccountant
+
     SpentRound(sampling_rate, noise_multiplier, steps)  # validates the terms
     if not 0 < delta < 1:
         raise ConfigError(f"delta must be in (0, 1), got {delta}")

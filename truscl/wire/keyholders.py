@@ -16,12 +16,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
 from truscl.errors import ProtocolError, SignatureError
 from truscl.wire import envelope
-from truscl.wire.signing import DOMAIN_TYPE, SIGNATURE_BYTES, Domain, recover_typed, sign_typed
+from truscl.wire.signing import (
+    DOMAIN_TYPE,
+    SIGNATURE_BYTES,
+    Domain,
+    Signer,
+    recover_typed,
+    sign_typed,
+)
 
 # The steps of a key generation, in order. ``session`` is the owner's call (the holders and the
 # CKKS profile); every holder then publishes one message per later step, and waits for every
@@ -113,7 +119,7 @@ class KeygenMessage:
             },
         }
 
-    def signed(self, account: LocalAccount, domain: Domain) -> KeygenMessage:
+    def signed(self, account: Signer, domain: Domain) -> KeygenMessage:
         return replace(self, signature=sign_typed(account, self.typed_data(domain)))
 
     def verify(self, domain: Domain, address: str) -> None:
@@ -166,7 +172,7 @@ class PartialMessage:
             },
         }
 
-    def signed(self, account: LocalAccount, domain: Domain) -> PartialMessage:
+    def signed(self, account: Signer, domain: Domain) -> PartialMessage:
         return replace(self, signature=sign_typed(account, self.typed_data(domain)))
 
     def verify(self, domain: Domain, address: str) -> None:

@@ -4,21 +4,37 @@ Pairs are hashed in sorted order (``keccak(min(a, b) ++ max(a, b))``), so a proo
 list of sibling hashes and verification needs no left/right flags; the contract verifies the
 same proofs with ``MerkleProof.verify``. Leaves are sorted before the tree is built, so the root
 does not depend on the order in which updates arrived (nor on how workers split the load).
+
+A device builds one tree over its window of readings every round (864 leaves by default, each
+itself two hashes), so the hash is called thousands of times: :data:`keccak256` is the fastest
+keccak installed, safe-pysha3's C one (the ``device`` extra brings it; about 1 us a call) or
+else eth-hash's (about 10 times that, most of it per-call overhead).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from eth_utils import keccak
+from collections.abc import Callable, Sequence
 
 from truscl.errors import ProtocolError
 
 EMPTY_ROOT = b"\x00" * 32
 
 
+def _fastest_keccak() -> Callable[[bytes], bytes]:
+    try:
+        from sha3 import keccak_256
+    except ImportError:
+        from eth_hash.auto import keccak
+
+        return keccak
+    return lambda data: keccak_256(data).digest()
+
+
+keccak256: Callable[[bytes], bytes] = _fastest_keccak()
+
+
 def hash_pair(a: bytes, b: bytes) -> bytes:
-    return keccak(a + b) if a < b else keccak(b + a)
+    return keccak256(a + b) if a < b else keccak256(b + a)
 
 
 def _check(leaves: Sequence[bytes]) -> list[bytes]:
@@ -34,7 +50,7 @@ def _layers(leaves: Sequence[bytes]) -> list[list[bytes]]:
     layers = [_check(leaves)]
     while len(layers[-1]) > 1:
         level = layers[-1]
-        nxt = [hash_pair(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        nxt = [hash_pair(a, b) for a, b in zip(level[0::2], level[1::2], strict=False)]
         if len(level) % 2:
             nxt.append(level[-1])  # an odd node moves up unchanged
         layers.append(nxt)

@@ -12,12 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
 from truscl.errors import ProtocolError, SignatureError
 from truscl.wire import envelope
-from truscl.wire.signing import DOMAIN_TYPE, SIGNATURE_BYTES, Domain, recover_typed, sign_typed
+from truscl.wire.signing import (
+    DOMAIN_TYPE,
+    SIGNATURE_BYTES,
+    Domain,
+    Signer,
+    recover_typed,
+    sign_typed,
+)
 
 RECEIPT_TYPES = {
     "EIP712Domain": DOMAIN_TYPE,
@@ -65,7 +71,7 @@ class Receipt:
             },
         }
 
-    def signed(self, account: LocalAccount, domain: Domain) -> Receipt:
+    def signed(self, account: Signer, domain: Domain) -> Receipt:
         return replace(self, signature=sign_typed(account, self.typed_data(domain)))
 
     def verify(self, domain: Domain, aggregator: str) -> None:

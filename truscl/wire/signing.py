@@ -4,17 +4,23 @@ ECDSA signatures are malleable: for a valid (r, s) the twin (r, n - s) verifies 
 signed message would have two encodings, two blob ids, two archive entries. Ethereum rejects
 the high-s twin since EIP-2, and so does every truscl verifier (the aggregator, the devices,
 the audit): a signature whose s is above n/2 is refused.
+
+Hashing (EIP-712, for the flat structs of atomic types truscl signs) and the secp256k1 work
+(libsecp256k1 through coincurve, RFC 6979 nonces: the signatures eth-account makes, byte for
+byte) are done here rather than through eth-account, whose import (its keystore module loads
+BLS pairing code) takes longer than a device's whole round; tests/test_signing.py checks both
+against eth-account. Any key with ``address`` and ``key`` signs: a role's ``LocalAccount`` or
+a device's :class:`SigningKey`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from eth_account import Account
-from eth_account.messages import encode_typed_data
-from eth_account.signers.local import LocalAccount
-from eth_utils import to_checksum_address
+import coincurve
+from eth_abi import encode as abi_encode
+from eth_utils import keccak, to_checksum_address
 
 from truscl.errors import SignatureError
 
@@ -46,9 +52,79 @@ class Domain:
         }
 
 
-def sign_typed(account: LocalAccount, typed_data: dict[str, Any]) -> bytes:
-    message = encode_typed_data(full_message=typed_data)
-    return bytes(account.sign_message(message).signature)  # eth-account signs low-s
+class Signer(Protocol):
+    """A secp256k1 key and its Ethereum address (eth-account's ``LocalAccount`` is one)."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def key(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A private key and its address, without eth-account: what a device signs with."""
+
+    key: bytes
+    address: str
+
+    @classmethod
+    def from_key(cls, key: bytes) -> SigningKey:
+        """``ValueError`` for a key that is zero or not below the curve order."""
+        if len(key) != 32 or not 0 < int.from_bytes(key, "big") < SECP256K1_N:
+            raise ValueError("a secp256k1 private key is 32 bytes, in (0, n)")
+        public = coincurve.PrivateKey(bytes(key)).public_key.format(compressed=False)
+        return cls(bytes(key), _address(public))
+
+    @classmethod
+    def create(cls) -> SigningKey:
+        return cls.from_key(coincurve.PrivateKey().secret)
+
+
+def typed_data_hash(typed_data: dict[str, Any]) -> bytes:
+    """The EIP-712 digest ``keccak(0x1901 ‖ domainSeparator ‖ hashStruct(message))``.
+
+    Only what truscl signs: structs whose members are atomic types or strings (no arrays, no
+    nested structs), which keeps ``encodeType`` to the primary type alone.
+    """
+    types = typed_data["types"]
+    domain = _hash_struct("EIP712Domain", types["EIP712Domain"], typed_data["domain"])
+    primary = typed_data["primaryType"]
+    message = _hash_struct(primary, types[primary], typed_data["message"])
+    return keccak(b"\x19\x01" + domain + message)
+
+
+def _hash_struct(name: str, members: list[dict[str, str]], values: dict[str, Any]) -> bytes:
+    kinds, encoded = ["bytes32"], [keccak(text=_encode_type(name, members))]
+    for member in members:
+        kind, value = member["type"], values[member["name"]]
+        if kind == "string":
+            kind, value = "bytes32", keccak(text=value)
+        elif kind == "bytes":
+            kind, value = "bytes32", keccak(value)
+        elif kind.endswith("]") or kind[0].isupper():
+            raise ValueError(f"EIP-712 type {kind} of {name}.{member['name']} is not supported")
+        kinds.append(kind)
+        encoded.append(value)
+    return keccak(abi_encode(kinds, encoded))
+
+
+def _encode_type(name: str, members: list[dict[str, str]]) -> str:
+    fields = ",".join(f"{member['type']} {member['name']}" for member in members)
+    return f"{name}({fields})"
+
+
+def _address(public_key: bytes) -> str:
+    """The checksum address of an uncompressed public key (0x04 ‖ x ‖ y)."""
+    return to_checksum_address(keccak(public_key[1:])[-20:])
+
+
+def sign_typed(account: Signer, typed_data: dict[str, Any]) -> bytes:
+    """r ‖ s ‖ v, low-s (libsecp256k1 normalises s), v = 27 + recovery id."""
+    digest = typed_data_hash(typed_data)
+    signature = coincurve.PrivateKey(bytes(account.key)).sign_recoverable(digest, hasher=None)
+    return signature[:64] + bytes([27 + signature[64]])
 
 
 def recover_typed(typed_data: dict[str, Any], signature: bytes) -> str:
@@ -58,8 +134,13 @@ def recover_typed(typed_data: dict[str, Any], signature: bytes) -> str:
         raise SignatureError(f"a signature is {SIGNATURE_BYTES} bytes, not {len(signature)}")
     if int.from_bytes(signature[32:64], "big") > SECP256K1_N // 2:
         raise SignatureError("high-s signature (EIP-2): the malleable twin of a valid one")
+    if signature[64] not in (27, 28):
+        raise SignatureError(f"unrecoverable signature: v is {signature[64]}, not 27 or 28")
     try:
-        message = encode_typed_data(full_message=typed_data)
-        return str(Account.recover_message(message, signature=signature))
-    except Exception as exc:  # eth_keys raises several types for bad signatures
+        digest = typed_data_hash(typed_data)
+        public = coincurve.PublicKey.from_signature_and_message(
+            signature[:64] + bytes([signature[64] - 27]), digest, hasher=None
+        )
+    except Exception as exc:  # coincurve raises ValueError or its own for bad signatures
         raise SignatureError(f"unrecoverable signature: {exc}") from None
+    return _address(public.format(compressed=False))

@@ -14,7 +14,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 from eth_abi import encode as abi_encode
-from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
 
 from truscl.errors import ProtocolError, SignatureError
@@ -23,6 +22,7 @@ from truscl.wire.signing import (
     DOMAIN_TYPE,
     SIGNATURE_BYTES,
     Domain,
+    Signer,
     recover_typed,
     sign_typed,
 )
@@ -169,7 +169,7 @@ class Update:
     def leaf(self) -> bytes:
         return self.record().leaf()
 
-    def signed(self, account: LocalAccount, domain: Domain) -> Update:
+    def signed(self, account: Signer, domain: Domain) -> Update:
         if account.address != self.device_address:
             raise SignatureError("a device signs only its own updates")
         return replace(self, signature=sign_typed(account, self.typed_data(domain)))
