@@ -36,7 +36,7 @@ import numpy as np
 from eth_account import Account
 
 from truscl.agent.provision import provision_agent
-from truscl.agent.sensors import Reading, SensorSuite
+from truscl.agent.sensors import Reading
 from truscl.broker import Mosquitto, free_port
 from truscl.broker.provision import Provisioned, provision_broker
 from truscl.chain import ChainClient, NodeChain, deploy
@@ -52,6 +52,7 @@ from truscl.demo.common import (
     RoundRow,
     accuracy,
     baseline_accuracy,
+    sensed_readings,
     summarise,
     test_set,
 )
@@ -62,8 +63,7 @@ from truscl.server.audit import audit_task
 from truscl.server.config import OwnerConfig
 from truscl.server.owner_service import init_task
 from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import SimulatedDevice
-from truscl.sim.rooms import Room, RoomProfile, make_rooms
+from truscl.sim.rooms import RoomProfile, make_rooms
 from truscl.task import FEATURES, TaskSpec
 from truscl.wire import Update
 from truscl.wire.model import model_from_bytes
@@ -458,15 +458,6 @@ def _stop_all(roles: list[Role]) -> dict[str, int | None]:
 
 
 def _pooled(profiles: list[RoomProfile], config: DemoConfig) -> list[Reading]:
-    """The readings the devices sensed over the task, replayed from the same rooms and seeds
-    as the ``simulated`` backend (the devices' own copies never leave them)."""
-    readings = []
+    """The readings every device sensed over the task."""
     count = WINDOW + config.rounds * READINGS_PER_ROUND
-    for index, profile in enumerate(profiles):
-        room = Room(profile, seed=config.seed * 1000 + index, start=MONDAY_2024_01_08)
-        device = SimulatedDevice(room, seed=config.seed * 1000 + 500 + index)
-        with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
-            for _ in range(count):
-                device.step(READING_INTERVAL_S)
-                readings.append(suite.read(device.now))
-    return readings
+    return [r for i, p in enumerate(profiles) for r in sensed_readings(p, i, config.seed, count)]
