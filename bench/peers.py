@@ -65,6 +65,8 @@ def figures(
     clients = clients or (QUICK_CLIENTS if quick else CLIENTS)
     rounds = rounds or (QUICK_ROUNDS if quick else ROUNDS)
     repeats = repeats or (QUICK_REPEATS if quick else REPEATS)
+    from truscl.task import DpTerms
+
     flower: list[dict[str, Any]] = []
     truscl: list[dict[str, Any]] = []
     not_run: dict[str, str] = {}
@@ -80,7 +82,11 @@ def figures(
             truscl.append(_truscl(clients, rounds))
     result: dict[str, Any] = {
         "peers": {
-            "flower": _summary(flower, "flwr " + _flower_version()) if flower else None,
+            "flower": (
+                _summary(flower, "flwr " + _flower_version())
+                if flower
+                else {"not_run": not_run["flower"]}
+            ),
             "truscl": _summary(truscl, "truscl demo"),
             "clients": clients,
             "rounds": rounds,
@@ -88,7 +94,8 @@ def figures(
                 f"interleaved in one run, Flower first, {repeats} each; Flower's deployment "
                 f"engine (SuperLink + {clients} SuperNodes on 127.0.0.1, --insecure, FedAvg, "
                 "no privacy) and truscl demo (fleet: DP-SGD, threshold CKKS, signed updates, "
-                "anvil) on the demo's rooms, window and test set, 20 local steps each round"
+                f"anvil) on the demo's rooms, window and test set, {DpTerms().local_steps} local "
+                "steps each round"
             ),
         },
         "truscl_demo_round_s": _median_round(truscl),
@@ -159,6 +166,7 @@ def _flower(data: Path, folder: Path, clients: int, rounds: int) -> dict[str, An
     """One Flower run on fresh processes: its figures, or ``FlowerFailed`` and why."""
     from truscl.broker import free_port
     from truscl.demo.common import READINGS_PER_ROUND, WINDOW
+    from truscl.task import DpTerms
 
     if shutil.which("flower-superlink", path=_bin()) is None:
         raise FlowerFailed("flwr is not installed (pip install -e '.[bench]')")
@@ -187,9 +195,12 @@ def _flower(data: Path, folder: Path, clients: int, rounds: int) -> dict[str, An
             stack.enter_context(_Process(node, env, logs / f"supernode-{index}.log"))
         _wait_for_nodes(env, clients, started + STARTUP_TIMEOUT_S, logs)
         startup = time.monotonic() - started
+        dp = DpTerms()  # the demo's training terms, less its privacy
         config = (
             f'data-dir="{data}" num-rounds={rounds} num-clients={clients} '
-            f"window={WINDOW} readings-per-round={READINGS_PER_ROUND}"
+            f"window={WINDOW} readings-per-round={READINGS_PER_ROUND} "
+            f"local-steps={dp.local_steps} learning-rate={dp.learning_rate} "
+            f"batch-size={dp.batch_size}"
         )
         run = ["flwr", "run", str(APP), "bench", "--stream", "--run-config", config]
         began = time.monotonic()
