@@ -146,6 +146,20 @@ def test_set(profiles: list[RoomProfile], seed: int) -> list[Reading]:
     return readings
 
 
+def sensed_readings(profile: RoomProfile, index: int, seed: int, count: int) -> list[Reading]:
+    """The first ``count`` readings device ``index`` of the fleet demo senses (its three days
+    of history, then the rounds' new ones), replayed from the same room and seeds as its
+    ``simulated`` backend: the device's own copy never leaves it."""
+    room = Room(profile, seed=seed * 1000 + index, start=MONDAY_2024_01_08)
+    device = SimulatedDevice(room, seed=seed * 1000 + 500 + index)
+    readings = []
+    with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
+        for _ in range(count):
+            device.step(READING_INTERVAL_S)
+            readings.append(suite.read(device.now))
+    return readings
+
+
 @dataclass(frozen=True)
 class RoundRow:
     """One line of the demo's output and one entry of the summary's ``rounds``."""

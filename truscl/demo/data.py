@@ -18,16 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from truscl.agent.sensors import Reading, SensorSuite
+from truscl.agent.sensors import Reading
 from truscl.demo.common import (
     READING_INTERVAL_S,
     READINGS_PER_ROUND,
     DemoConfig,
+    sensed_readings,
     test_set,
 )
 from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import FakeHardware, SimulatedDevice
-from truscl.sim.rooms import Room, make_rooms
+from truscl.sim.hardware import FakeHardware
+from truscl.sim.rooms import make_rooms
 from truscl.sim.trace import Trace, TraceError, TraceMap, TracePlayer, map_beside, replay
 
 SPLITS = ("day", "device-column")
@@ -105,16 +106,12 @@ class SimulatedRooms:
     def pooled(self, rounds: int, window: int) -> list[Reading]:
         """The readings the devices sensed over the task, replayed from the same rooms and
         seeds as the ``simulated`` backend (the devices' own copies never leave them)."""
-        readings = []
         count = window + rounds * READINGS_PER_ROUND
-        for index, profile in enumerate(self.profiles):
-            room = Room(profile, seed=self.seed * 1000 + index, start=MONDAY_2024_01_08)
-            device = SimulatedDevice(room, seed=self.seed * 1000 + 500 + index)
-            with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
-                for _ in range(count):
-                    device.step(READING_INTERVAL_S)
-                    readings.append(suite.read(device.now))
-        return readings
+        return [
+            reading
+            for index, profile in enumerate(self.profiles)
+            for reading in sensed_readings(profile, index, self.seed, count)
+        ]
 
 
 @dataclass(frozen=True)
