@@ -23,7 +23,7 @@ import tenseal as ts
 from eth_utils import keccak
 
 from truscl.errors import HeError, ProtocolError, SignatureError
-from truscl.privacy.ckks import load_ciphertext
+from truscl.privacy.ckks import EncryptedVector, load_ciphertext
 from truscl.wire import Domain, Update, blob_id, merkle_proof, merkle_root
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class OpenRound:
         self._is_registered = is_registered
         self._previous = dict(previous or {})
         self._accepted: dict[tuple[str, int], Accepted] = {}  # by (device, round made for)
-        self._sum: ts.CKKSVector | None = None
+        self._sum: EncryptedVector | None = None
         self._closed = False
 
     @property
