@@ -73,6 +73,7 @@ from tests.harness import Fleet, TcpGate  # noqa: E402
 from truscl.agent.rounds import HAS_UPDATE, Phase  # noqa: E402
 from truscl.chain.anvil import Anvil  # noqa: E402
 from truscl.mqtt import MqttLink  # noqa: E402
+from truscl.progress import Progress  # noqa: E402
 from truscl.wire import Domain, TaskTopics, Update  # noqa: E402
 from truscl.wire.receipt import Receipt  # noqa: E402
 
@@ -157,23 +158,25 @@ class Soak:
         threading.Thread(target=self._sample_rss, daemon=True).start()
 
     def run(self) -> None:
-        for round_no in range(1, self.args.rounds + 1):
-            began = time.monotonic()
-            fault = self.schedule.get(round_no)
-            if fault is not None:
-                self.inject(fault)
-            following = self.schedule.get(round_no + 1)
-            if following is not None and following.kind in HOLD | HOLD_PAUSED:
-                self.hold(following, round_no)
-            self.wait(partial(self.fleet.model_released, round_no), f"model {round_no}")
-            if fault is not None:
-                fault.recovered = True
-            self.rss_by_round.append(self._rss_now(round_no))
-            print(
-                f"round {round_no:3d} released after {time.monotonic() - began:6.1f} s"
-                + (f"  [{fault.kind}]" if fault else ""),
-                flush=True,
-            )
+        with Progress("soak", self.args.rounds, plain=False) as progress:  # a bar on a terminal
+            for round_no in range(1, self.args.rounds + 1):
+                began = time.monotonic()
+                fault = self.schedule.get(round_no)
+                if fault is not None:
+                    self.inject(fault)
+                following = self.schedule.get(round_no + 1)
+                if following is not None and following.kind in HOLD | HOLD_PAUSED:
+                    self.hold(following, round_no)
+                self.wait(partial(self.fleet.model_released, round_no), f"model {round_no}")
+                if fault is not None:
+                    fault.recovered = True
+                self.rss_by_round.append(self._rss_now(round_no))
+                progress.print(
+                    f"round {round_no:3d} released after {time.monotonic() - began:6.1f} s"
+                    + (f"  [{fault.kind}]" if fault else ""),
+                    sys.stdout,
+                )
+                progress.advance(f"round {round_no}")
 
     def close(self) -> None:
         self._sampling = False

@@ -1,4 +1,8 @@
-"""Fixtures shared across the suite: CKKS keys are slow to make, so one set per session."""
+"""Fixtures shared across the suite: CKKS keys are slow to make, so one set per session.
+
+The server's and the chain's modules are imported where they are used, so that the agent's
+tests also run where only the agent is installed (scripts/arm64, a Pi's userland).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +12,24 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import tenseal as ts
 
-from truscl.broker import Mosquitto
-from truscl.chain import DevChain
-from truscl.chain.anvil import Anvil, find_anvil
 from truscl.errors import ConfigError
 from truscl.privacy.ckks import OwnerKeys, load_context
-from truscl.server.owner import TaskOwner
+
+if TYPE_CHECKING:
+    from truscl.broker import Mosquitto
+    from truscl.chain import DevChain
+    from truscl.server.owner import TaskOwner
 
 
 def task_owner(chain: DevChain, contract: str, keys: OwnerKeys, broker: Mosquitto) -> TaskOwner:
     """The task owner's role on ``chain``, with an account of its own, talking to ``broker``."""
+    from truscl.server.owner import TaskOwner
+
     client = chain.client(contract, chain.new_account())
     return TaskOwner(keys=keys, chain=client, broker=broker.settings)
 
@@ -39,6 +46,8 @@ def public_context(owner_keys: OwnerKeys) -> ts.Context:
 
 @pytest.fixture()
 def anvil() -> Iterator[str]:
+    from truscl.chain.anvil import Anvil, find_anvil
+
     try:
         find_anvil()
     except ConfigError:
@@ -66,6 +75,8 @@ class FleetRun:
 def fleet_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FleetRun]:
     """One short demo, each role its own process, for the report, metrics and status page
     tests: on an anvil of the session's, so that its chain outlives the demo."""
+    from truscl.chain.anvil import Anvil, find_anvil
+
     try:
         find_anvil()
     except ConfigError:
