@@ -97,6 +97,9 @@ NOT_INJECTED = {
 HOLD = {"aggregator-kill": 0, "broker-restart": 0, "chain-gate": 0, "forged-receipts": 1}
 HOLD_PAUSED = {"device-kill": 2}  # held likewise, released while the aggregator is frozen
 SETTLED = (*HAS_UPDATE[1:], Phase.SKIPPED, Phase.ABANDONED)  # sent (or given up), not just built
+# answered by the aggregator (or given up): "sent" is the device's word that it handed the update
+# to its MQTT client, whose bytes a process frozen at once may not have written yet
+ANSWERED = (Phase.ACCEPTED, Phase.REJECTED, Phase.INCLUDED, Phase.SKIPPED, Phase.ABANDONED)
 WAIT_S = 900.0  # the longest any one step may take before the soak calls it stuck
 WAIT_QUICK_S = 240.0  # in --quick, so that a stuck run still reports within the test's timeout
 RSS_EVERY_S = 1.0
@@ -240,7 +243,10 @@ class Soak:
         ``round_no + 1`` cannot close before ``fault`` is injected in it."""
         group = self.group_for(fault)
         names = self.groups[group]
-        self.wait(lambda: self.all_sent(names, round_no), f"{group} sent for round {round_no}")
+        self.wait(
+            lambda: all(p in ANSWERED for p in self.phases(names, round_no)),
+            f"{group}'s updates for round {round_no} answered",
+        )
         self.fleet.pause(group)
         early = [p for p in self.phases(names, round_no + 1) if p in HAS_UPDATE]
         fault.evidence["held"] = group
