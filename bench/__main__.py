@@ -21,32 +21,45 @@ from pathlib import Path
 from typing import Any
 
 from bench import MODULES, REQUIRED_KEYS, TARGETS, Target, as_rows
+from truscl.progress import Progress
 
 
 def run(names: tuple[str, ...], quick: bool) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Figures by module, and why each module that gave none did not run."""
     results: dict[str, dict[str, Any]] = {}
     not_run: dict[str, str] = {}
-    for name in names:
-        try:
-            module = importlib.import_module(f"bench.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"bench.{name}":
-                raise  # the module exists and lacks a dependency: that is a failure, not absence
-            not_run[name] = "no such module in bench/"
-            continue
-        started = time.perf_counter()
-        print(f"bench: running {name} ...", file=sys.stderr, flush=True)
-        try:
-            results[name] = _entry(name, module)(quick)
-        except Exception as exc:
-            traceback.print_exc()
-            not_run[name] = f"failed: {type(exc).__name__}: {exc}"
-            continue
-        targets = getattr(module, "TARGETS", {})
-        TARGETS.update({k: v for k, v in targets.items() if isinstance(v, Target)})
-        print(f"bench: {name} took {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    with Progress("bench", len(names), plain=False) as progress:  # a bar on a terminal
+        for name in names:
+            _run_one(name, quick, results, not_run, progress)
+            progress.advance(name)
     return results, not_run
+
+
+def _run_one(
+    name: str,
+    quick: bool,
+    results: dict[str, dict[str, Any]],
+    not_run: dict[str, str],
+    progress: Progress,
+) -> None:
+    try:
+        module = importlib.import_module(f"bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"bench.{name}":
+            raise  # the module exists and lacks a dependency: that is a failure, not absence
+        not_run[name] = "no such module in bench/"
+        return
+    started = time.perf_counter()
+    progress.print(f"bench: running {name} ...", sys.stderr)
+    try:
+        results[name] = _entry(name, module)(quick)
+    except Exception as exc:
+        traceback.print_exc()
+        not_run[name] = f"failed: {type(exc).__name__}: {exc}"
+        return
+    targets = getattr(module, "TARGETS", {})
+    TARGETS.update({k: v for k, v in targets.items() if isinstance(v, Target)})
+    progress.print(f"bench: {name} took {time.perf_counter() - started:.0f} s", sys.stderr)
 
 
 def _entry(name: str, module: Any) -> Callable[[bool], dict[str, Any]]:
