@@ -128,11 +128,14 @@ class OpenRound:
         """Devices that sent an update made for this round."""
         return frozenset(d for d, made_for in self._accepted if made_for == self.terms.round)
 
-    def offer(self, blob: bytes, *, journaled: bool = False) -> Decision:
-        """Decide on one update. ``journaled``: it was accepted before a restart, when the
-        registry was asked; it is not asked again (the node may be away while the aggregator
-        rebuilds its round). ``ChainError`` from the registry leaves the round unchanged."""
-        ident = blob_id(blob)
+    def offer(
+        self, blob: bytes, *, ident: bytes | None = None, journaled: bool = False
+    ) -> Decision:
+        """Decide on one update. ``ident``: its blob id, when the caller checked it already
+        (reassembly does). ``journaled``: it was accepted before a restart, when the registry
+        was asked; it is not asked again (the node may be away while the aggregator rebuilds
+        its round). ``ChainError`` from the registry leaves the round unchanged."""
+        ident = blob_id(blob) if ident is None else ident
         try:
             update = Update.decode(blob, self.terms.max_update_bytes)
         except ProtocolError as exc:
