@@ -24,7 +24,7 @@ from eth_utils import keccak
 
 from truscl.errors import HeError, ProtocolError, SignatureError
 from truscl.privacy.ckks import load_ciphertext
-from truscl.wire import Domain, Update, blob_id, merkle_proof, merkle_root
+from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_proof, merkle_root
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class RoundTerms:
 
 @dataclass(frozen=True)
 class Accepted:
-    update: Update
+    update: UpdateRecord  # the signed fields, the ciphertext by its hash: no ciphertext is kept
     blob_id: bytes
     leaf: bytes
     counted_in: int  # the round whose aggregate counts it: its own, or the next one if late
@@ -163,7 +163,7 @@ class OpenRound:
             return reject(RejectReason.UNKNOWN_DEVICE, "not in the on-chain registry")
         if late and device in self._previous:
             if self._previous[device] == ident:  # a retry of an update round r-1 counted
-                return Accepted(update, ident, update.leaf(), current - 1, repeat=True)
+                return Accepted(update.record(), ident, update.leaf(), current - 1, repeat=True)
             return reject(
                 RejectReason.DUPLICATE, f"round {update.round} counted another update of it"
             )
@@ -185,7 +185,7 @@ class OpenRound:
                 self._sum.add_(vector)  # in place: memory stays that of one ciphertext
             except (ValueError, RuntimeError) as exc:  # SEAL refuses what it cannot add
                 return reject(RejectReason.BAD_CIPHERTEXT, f"cannot be added: {exc}")
-        accepted = Accepted(update, ident, update.leaf(), current)
+        accepted = Accepted(update.record(), ident, update.leaf(), current)
         self._accepted[(device, update.round)] = accepted
         return accepted
 

@@ -113,6 +113,10 @@ class UpdateRecord(NamedTuple):
     epsilon_micros: int
     data_root: bytes
 
+    @property
+    def epsilon(self) -> float:
+        return self.epsilon_micros / 1e6
+
     def encoded(self) -> bytes:
         """``abi.encode`` of the fields: the leaf's preimage and the struct's ``encodeData``."""
         return abi_encode(LEAF_ABI, list(self))
