@@ -118,3 +118,13 @@ def test_the_update_digest_is_eth_accounts_typed_data_hash() -> None:
         signed = update.signed(account, domain)
         assert signed.signer(domain) == account.address
         assert signed.signer(DOMAIN) != account.address  # bound to its domain
+
+
+def test_signatures_are_byte_for_byte_eth_accounts() -> None:
+    rng = random.Random(11)
+    for _ in range(30):
+        account = Account.from_key(rng.randbytes(32))
+        update = random_update(rng, account)
+        message = encode_typed_data(full_message=update.typed_data(DOMAIN))
+
+        assert update.signed(account, DOMAIN).signature == account.sign_message(message).signature

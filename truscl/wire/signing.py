@@ -17,7 +17,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from coincurve import PublicKey
+from coincurve import PrivateKey, PublicKey
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak, to_checksum_address
@@ -61,21 +61,31 @@ class Domain:
         }
 
 
-def sign_typed(account: LocalAccount, typed_data: dict[str, Any]) -> bytes:
+def typed_digest(typed_data: dict[str, Any]) -> bytes:
+    """The EIP-712 digest of ``typed_data`` (eth-account's generic encoder)."""
     message = encode_typed_data(full_message=typed_data)
-    return bytes(account.sign_message(message).signature)  # eth-account signs low-s
+    return keccak(b"\x19" + message.version + message.header + message.body)
+
+
+def sign_typed(account: LocalAccount, typed_data: dict[str, Any]) -> bytes:
+    return sign_digest(account, typed_digest(typed_data))
+
+
+def sign_digest(account: LocalAccount, digest: bytes) -> bytes:
+    """r, s, v over a 32-byte digest: libsecp256k1's deterministic (RFC 6979), low-s signature,
+    byte for byte what eth-account makes with the same key, v being 27 or 28."""
+    signature = PrivateKey(account.key).sign_recoverable(digest, hasher=None)
+    return signature[:64] + bytes([27 + signature[64]])
 
 
 def recover_typed(typed_data: dict[str, Any], signature: bytes) -> str:
     """The checksum address that signed ``typed_data``; ``SignatureError`` for a malformed or
     high-s signature."""
     try:
-        message = encode_typed_data(full_message=typed_data)
+        digest = typed_digest(typed_data)
     except Exception as exc:  # eth-account raises several types for malformed typed data
         raise SignatureError(f"unencodable typed data: {exc}") from None
-    return recover_digest(
-        keccak(b"\x19" + message.version + message.header + message.body), signature
-    )
+    return recover_digest(digest, signature)
 
 
 def recover_digest(digest: bytes, signature: bytes) -> str:

@@ -30,7 +30,7 @@ from truscl.wire.signing import (
     SIGNATURE_BYTES,
     Domain,
     recover_digest,
-    sign_typed,
+    sign_digest,
 )
 
 # Largest signed update the aggregator and the auditor accept, in bytes of CBOR: a CKKS
@@ -201,7 +201,8 @@ class Update:
     def signed(self, account: LocalAccount, domain: Domain) -> Update:
         if account.address != self.device_address:
             raise SignatureError("a device signs only its own updates")
-        return replace(self, signature=sign_typed(account, self.typed_data(domain)))
+        digest = domain.digest(self._record.struct_hash(self._encoded))
+        return replace(self, signature=sign_digest(account, digest))
 
     def signer(self, domain: Domain) -> str:
         """Address that produced the signature (raises on a malformed or high-s one)."""
