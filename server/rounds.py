@@ -6,6 +6,11 @@ are adapters around it (see :mod:`server.aggregator`), so tests, the simulator a
 deployment run exactly this code. Memory stays flat in the number of devices: accepted
 ciphertexts are folded into one running sum and only their leaves are kept.
 
+Several workers may share a round's updates (an MQTT 5 shared subscription splits them): each
+keeps an ``OpenRound`` of its own, and ``merge`` makes one closed round of their
+``PartialRound``s. CKKS addition is exact modular arithmetic and the leaves are sorted, so the
+root and the aggregate's hash are those one worker would have made of the same updates.
+
 Late updates: under the task term ``late_updates``, an update made for round r that arrives
 while r+1 is open is counted in r+1 (its signed fields still say r, and the leaf commits to
 them), unless r counted an update of that device made for r already. Each update is counted
@@ -16,14 +21,14 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import tenseal as ts
 from eth_utils import keccak
 
 from truscl.errors import HeError, ProtocolError, SignatureError
-from truscl.privacy.ckks import load_ciphertext
+from truscl.privacy.ckks import load_ciphertext, sum_ciphertexts
 from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_proof, merkle_root
 
 log = logging.getLogger(__name__)
@@ -90,6 +95,40 @@ class ClosedRound:
 
     def proof(self, leaf: bytes) -> list[bytes]:
         return merkle_proof(self.leaves, leaf)
+
+
+@dataclass(frozen=True)
+class PartialRound:
+    """What one worker counted of a round: its accepted updates and their sum (serialised)."""
+
+    round: int
+    accepted: tuple[Accepted, ...]
+    aggregate: bytes
+
+
+def merge(partials: Sequence[PartialRound], context: ts.Context, n_params: int) -> ClosedRound:
+    """One closed round from the partials of workers that shared its updates; ``ProtocolError``
+    if they are of different rounds or an update (or a device's update for one round) is
+    counted twice, ``HeError`` if a partial sum is not a ciphertext of the task."""
+    if len({p.round for p in partials}) != 1:
+        raise ProtocolError(
+            f"cannot merge partials of rounds {sorted({p.round for p in partials})}"
+        )
+    accepted = tuple(sorted((a for p in partials for a in p.accepted), key=lambda a: a.leaf))
+    counted = {(a.update.device, a.update.round) for a in accepted}
+    if len(counted) != len(accepted) or len({a.blob_id for a in accepted}) != len(accepted):
+        raise ProtocolError("an update is counted in two partials")
+    aggregate = sum_ciphertexts(context, [p.aggregate for p in partials], n_params)
+    leaves = tuple(a.leaf for a in accepted)
+    return ClosedRound(
+        round=partials[0].round,
+        accepted=accepted,
+        root=merkle_root(leaves),
+        aggregate=aggregate,
+        aggregate_hash=keccak(aggregate),
+        samples=sum(a.update.samples for a in accepted),
+        leaves=leaves,
+    )
 
 
 class OpenRound:
@@ -198,19 +237,14 @@ class OpenRound:
             return True
         return now >= self.terms.deadline and self.participants >= self.terms.quorum
 
-    def close(self) -> ClosedRound:
+    def partial(self) -> PartialRound:
+        """What this round has counted, to be merged with other workers' (see ``merge``)."""
         if self._sum is None:
             raise ProtocolError(f"round {self.terms.round} has no accepted update to close")
+        return PartialRound(self.terms.round, tuple(self._accepted.values()), self._sum.serialize())
+
+    def close(self) -> ClosedRound:
+        """The round as one worker saw it: the merge of its one partial."""
+        partial = self.partial()
         self._closed = True
-        accepted = tuple(sorted(self._accepted.values(), key=lambda a: a.leaf))
-        leaves = tuple(a.leaf for a in accepted)
-        aggregate = self._sum.serialize()
-        return ClosedRound(
-            round=self.terms.round,
-            accepted=accepted,
-            root=merkle_root(leaves),
-            aggregate=aggregate,
-            aggregate_hash=keccak(aggregate),
-            samples=sum(a.update.samples for a in accepted),
-            leaves=leaves,
-        )
+        return merge([partial], self._context, self.terms.n_params)
