@@ -20,6 +20,7 @@ once: a round holds at most one update per device and per round it was made for.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,7 +30,8 @@ from eth_utils import keccak
 
 from truscl.errors import HeError, ProtocolError, SignatureError
 from truscl.privacy.ckks import load_ciphertext, sum_ciphertexts
-from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_proof, merkle_root
+from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_root
+from truscl.wire.merkle import merkle_proofs
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,14 @@ class ClosedRound:
     leaves: tuple[bytes, ...] = field(repr=False)
 
     def proof(self, leaf: bytes) -> list[bytes]:
-        return merkle_proof(self.leaves, leaf)
+        try:
+            return self._proofs[leaf]
+        except KeyError:
+            raise ProtocolError("leaf is not in the tree") from None
+
+    @functools.cached_property
+    def _proofs(self) -> dict[bytes, list[bytes]]:
+        return merkle_proofs(self.leaves)
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,7 @@ class OpenRound:
         self._is_registered = is_registered
         self._previous = dict(previous or {})
         self._accepted: dict[tuple[str, int], Accepted] = {}  # by (device, round made for)
+        self._in: set[str] = set()  # devices whose update made for this round is counted
         self._sum: ts.CKKSVector | None = None
         self._closed = False
 
@@ -165,7 +175,7 @@ class OpenRound:
     @property
     def devices_in(self) -> frozenset[str]:
         """Devices that sent an update made for this round."""
-        return frozenset(d for d, made_for in self._accepted if made_for == self.terms.round)
+        return frozenset(self._in)
 
     def offer(
         self, blob: bytes, *, ident: bytes | None = None, journaled: bool = False
@@ -226,14 +236,16 @@ class OpenRound:
                 return reject(RejectReason.BAD_CIPHERTEXT, f"cannot be added: {exc}")
         accepted = Accepted(update.record(), ident, update.leaf(), current)
         self._accepted[(device, update.round)] = accepted
+        if update.round == current:
+            self._in.add(device)
         return accepted
 
     def ready(self, now: float) -> bool:
         """Every active device is in (the enrolled count, or else every device of the previous
         round), or the deadline passed with a quorum."""
-        if self.terms.expected and len(self.devices_in) >= self.terms.expected:
+        if self.terms.expected and len(self._in) >= self.terms.expected:
             return True
-        if not self.terms.expected and self.terms.active and self.terms.active <= self.devices_in:
+        if not self.terms.expected and self.terms.active and self.terms.active <= self._in:
             return True
         return now >= self.terms.deadline and self.participants >= self.terms.quorum
 
