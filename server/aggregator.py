@@ -68,11 +68,11 @@ REASSEMBLY_MAX_BYTES = 64 * 1024 * 1024
 # Group commit: accepted updates made durable together, at most this many or this many bytes
 # (held until their blobs are written; bounded so memory stays flat in the number of devices).
 BATCH_UPDATES = 64
-BATCH_BYTES = 8 * 1024 * 1024
+BATCH_BYTES = 4 * 1024 * 1024
 # Message bytes queued for the worker: beyond this, paho's network thread waits, the socket is
 # not read, and the broker keeps the rest in this session's queue (max_queued_messages), so a
 # burst from a thousand devices costs the broker memory, not the aggregator's.
-INBOX_MAX_BYTES = 16 * 1024 * 1024
+INBOX_MAX_BYTES = 8 * 1024 * 1024
 
 
 class DeliveryPending(TrusclError, RuntimeError):
