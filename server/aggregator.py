@@ -90,19 +90,34 @@ class StorageFailed(TrusclError, OSError):
 class Inbox:
     """The worker's queue of (topic, payload), holding at most ``max_bytes`` of payloads: a
     ``put`` beyond that waits until the worker has taken enough (one message larger than the
-    whole bound still gets in, alone). Items without payload (markers, ``None``) never wait."""
+    whole bound still gets in, alone). Items without payload (markers, ``None``) never wait.
+    Once closed (the worker has stopped), nothing waits and nothing more is kept: a sender
+    blocked on a full inbox would otherwise hold paho's network thread, and the link's close
+    with it. What is dropped got no receipt, so its device sends it again."""
 
     def __init__(self, max_bytes: int) -> None:
         self._items: deque[tuple[str, bytes] | None] = deque()
         self._bytes = 0
         self._max_bytes = max_bytes
         self._changed = threading.Condition()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._items = deque(item for item in self._items if item is None)  # the stop marker
+            self._bytes = 0
+            self._changed.notify_all()
 
     def put(self, item: tuple[str, bytes] | None) -> None:
         size = len(item[1]) if item is not None else 0
         with self._changed:
             while size and self._bytes and self._bytes + size > self._max_bytes:
+                if self._closed:
+                    return
                 self._changed.wait()
+            if self._closed:
+                return
             self._items.append(item)
             self._bytes += size
             self._changed.notify_all()
@@ -375,6 +390,7 @@ class Aggregator:
         self._inbox.put(None)
         if self._worker.is_alive():
             self._worker.join(10)
+        self._inbox.close()
         self._link.close()
         if self.has_terms:
             self._journal.close()

@@ -38,3 +38,19 @@ def test_one_message_larger_than_the_bound_still_gets_in_alone() -> None:
     inbox = Inbox(max_bytes=10)
     inbox.put(("big", b"z" * 50))
     assert inbox.get(timeout=5) == ("big", b"z" * 50)
+
+
+def test_a_closed_inbox_lets_a_waiting_sender_go_and_keeps_only_the_stop_marker() -> None:
+    inbox = Inbox(max_bytes=100)
+    inbox.put(("a", b"x" * 80))
+    inbox.put(None)
+    sender = threading.Thread(target=inbox.put, args=(("b", b"y" * 80),))
+    sender.start()
+
+    inbox.close()  # the worker has stopped: nothing will make room
+
+    sender.join(10)
+    assert not sender.is_alive()
+    assert inbox.get(timeout=5) is None
+    inbox.put(("c", b"z"))  # dropped: nobody will read it
+    assert inbox.empty()
