@@ -1,5 +1,5 @@
 """Device agent: what runs on each Raspberry Pi."""
 
-from truscl.agent.sensors import FEATURES, Reading, SensorSuite
+from truscl.agent.sensors import Reading, SensorSuite
 
-__all__ = ["FEATURES", "Reading", "SensorSuite"]
+__all__ = ["Reading", "SensorSuite"]

@@ -13,6 +13,7 @@ the device, the tests and the worked examples share.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,10 +21,10 @@ import tenseal as ts
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
+from truscl.agent.litert import Trainer, numpy_trainer
 from truscl.agent.sensors import Reading
-from truscl.learning import LogisticModel
 from truscl.privacy.ckks import encrypt
-from truscl.privacy.dp import DpSgdConfig, clip_by_l2, dp_sgd, secure_generator
+from truscl.privacy.dp import DpSgdConfig, clip_by_l2, secure_generator
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_root
 
@@ -34,7 +35,7 @@ class UpdateInputs:
 
     round: int
     params: np.ndarray  # model ``round - 1``, as checked against the chain
-    window: list[Reading]  # the readings trained on
+    window: list[Reading]  # the readings trained on: min_readings to window of them
     epsilon_spent: float  # the ledger's epsilon, this round's charge included
     data_root: bytes  # Merkle root of the salted readings (:func:`data_root`)
 
@@ -69,6 +70,32 @@ def data_root(round_secret: bytes, window: list[Reading]) -> bytes:
     return merkle_root([data_leaf(round_secret, i, r) for i, r in enumerate(window)])
 
 
+def private_delta(
+    spec: TaskSpec,
+    params: np.ndarray,
+    window: Sequence[Reading],
+    rng: np.random.Generator,
+    train: Trainer | None = None,
+) -> np.ndarray:
+    """The model delta a device releases: the task's model trained with DP-SGD on the window,
+    at the sampling rate its size gives (the rate the ledger was charged at), then clipped to
+    the task's update bound. ``train`` is the DP-SGD backend
+    (:class:`truscl.agent.litert.ModelRuntime`'s); numpy's :func:`dp_sgd` by default."""
+    dp = spec.dp
+    config = DpSgdConfig(
+        clip_norm=dp.clip_norm,
+        noise_multiplier=dp.noise_multiplier,
+        sampling_rate=spec.sampling_rate_for(len(window)),
+        steps=dp.local_steps,
+        learning_rate=dp.learning_rate,
+    )
+    X, y = spec.inputs(window), spec.targets(window)
+    if train is None:
+        train = numpy_trainer(spec)
+    trained = train(params, X, y, config, rng)
+    return clip_by_l2(trained - params, dp.update_clip)
+
+
 def make_update(
     spec: TaskSpec,
     inputs: UpdateInputs,
@@ -77,9 +104,10 @@ def make_update(
     account: LocalAccount,
     domain: Domain,
     rng: np.random.Generator | None = None,
+    train: Trainer | None = None,
 ) -> Update:
-    """Train with DP-SGD on the window, clip the model delta to the task's bound, encrypt it
-    under the task's public key and sign the update (EIP-712) with the device's key.
+    """The window's :func:`private_delta`, encrypted under the task's public key and signed
+    (EIP-712) with the device's key.
 
     The sampling and the noise come from ``rng``; by default a fresh OS-seeded generator for
     this update alone (:func:`secure_generator`), which is what a device uses: one per round,
@@ -87,26 +115,14 @@ def make_update(
     """
     if rng is None:
         rng = secure_generator()
-    dp = spec.dp
-    window = inputs.window
-    X = spec.scaler.apply(np.array([r.features() for r in window]))
-    y = np.array([r.label() for r in window], dtype=np.float64)
-    config = DpSgdConfig(
-        clip_norm=dp.clip_norm,
-        noise_multiplier=dp.noise_multiplier,
-        sampling_rate=spec.sampling_rate,
-        steps=dp.local_steps,
-        learning_rate=dp.learning_rate,
-    )
-    trained = dp_sgd(LogisticModel(len(spec.features)), inputs.params, X, y, config, rng)
-    delta = clip_by_l2(trained - inputs.params, dp.update_clip)
+    delta = private_delta(spec, inputs.params, inputs.window, rng, train)
     return Update(
         task=spec.task_id,
         round=inputs.round,
         device=bytes.fromhex(account.address[2:]),
         ciphertext=encrypt(context, delta),
         context=bytes.fromhex(spec.context_hash[2:]),
-        samples=len(window),
+        samples=len(inputs.window),
         epsilon_micros=round(inputs.epsilon_spent * 1e6),
         data_root=inputs.data_root,
     ).signed(account, domain)

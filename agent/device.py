@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,10 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 
 from truscl.agent.contribution import ROUND_SECRET_BYTES, UpdateInputs, data_root, make_update
+from truscl.agent.health import SENSORS
+from truscl.agent.litert import ModelRuntime
 from truscl.agent.outbox import Outbox
+from truscl.agent.output import OccupancyOutput
 from truscl.agent.rounds import (
     Drop,
     Phase,
@@ -45,6 +48,7 @@ from truscl.chain import ChainClient
 from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
+from truscl.learning import missing_sensor
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.privacy.ckks import context_hash, load_context
@@ -104,8 +108,14 @@ class DeviceAgent:
         name: str | None = None,
         heartbeat: Heartbeat | None = None,
         clock: Callable[[], float] = time.time,
+        runtime: ModelRuntime | None = None,
+        output: OccupancyOutput | None = None,
+        sensors: Collection[str] = SENSORS,
     ) -> None:
+        """``sensors``: the parts this device has (its suite's), which a task's features and
+        label must not need more than."""
         self.account = account
+        self.sensors = frozenset(sensors)
         self.name = name or account.address[:10]
         self.topics = TaskTopics(task)
         self.task_id = bytes.fromhex(task[2:])
@@ -127,11 +137,14 @@ class DeviceAgent:
         self._budget_spent = False
         self._waiting_for_data: int | None = None
         self._collect_new = collect
+        self._runtime = runtime or ModelRuntime()  # trains (numpy or LiteRT)
+        self._output = output  # shows the newest model's prediction of the newest reading
         self._heartbeat = heartbeat
         self._readings: deque[Reading] = deque()
         self._domain = Domain(chain.chain_id, chain.address)
         self._aggregator_address: str | None = None  # the task's, as the chain names it
         self._spec: TaskSpec | None = None
+        self._refused_spec: TaskSpec | None = None  # a task this device cannot learn
         self._context: ts.Context | None = None
         self._context_digest: bytes | None = None  # of the context loaded, checked on chain
         self._context_chunks = Reassembler(max_message=MAX_MESSAGE_LIMIT)
@@ -215,6 +228,17 @@ class DeviceAgent:
         if self._spec is not None:
             terms = Terms(self._spec.rounds, self._spec.late_updates)
             self._apply(self._book.tick(self._clock(), terms))
+            self._show_occupancy(self._spec)
+
+    def _show_occupancy(self, spec: TaskSpec) -> None:
+        """Drive the output from the newest global model and the newest reading."""
+        if self._output is None or not self._models:
+            return
+        window = self._window(spec.window)
+        if window:
+            newest = max(self._models)
+            params = model_from_bytes(self._models[newest], spec.n_params)
+            self._output.show(spec, newest, params, window[-1])
 
     def _apply(self, step: Step) -> None:
         """Write the step's states, then carry out its decisions (each may step further)."""
@@ -241,10 +265,24 @@ class DeviceAgent:
 
     def _on_spec(self, payload: bytes) -> None:
         spec = TaskSpec.from_dict(envelope.decode(payload, "spec", SPEC_MAX_BYTES)["spec"])
-        if self._spec is not None and spec == self._spec:
+        if spec in (self._spec, self._refused_spec):
             return  # published again (an owner or broker restart): already checked
         if spec.hash() != self.chain.task(self.task_id).spec_hash:
             raise ProtocolError("task spec does not match its on-chain hash")
+        lacking = missing_sensor(spec.features, spec.label, self.sensors)
+        if lacking is not None:
+            self._refused_spec = spec
+            log.error(
+                "device %s: refusing task %s: its %s %r needs the %s sensor, which this device "
+                "does not have (it has %s); not contributing",
+                self.name,
+                spec.task,
+                "label" if lacking[0] == spec.label else "feature",
+                lacking[0],
+                lacking[1],
+                ", ".join(sorted(self.sensors)) or "none",
+            )
+            return
         self._spec = spec
         spec_file = self.workdir / SPEC_FILE
         if not spec_file.exists() or spec_file.read_bytes() != spec.encode():
@@ -268,8 +306,10 @@ class DeviceAgent:
                 range(len(self.ledger.rounds), len(self.ledger.rounds) + len(missing))
             ):
                 raise ConfigError(f"the state file's charges {missing} do not follow the ledger")
-            for _ in missing:
-                self.ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
+            for index in missing:
+                (state,) = (s for s in self._book.states() if s.ledger_index == index)
+                rate = spec.sampling_rate_for(state.readings or spec.window)
+                self.ledger.record(rate, dp.noise_multiplier, dp.local_steps)
             self.ledger.save(self.ledger_path)
         log.warning("device %s: wrote %d charge(s) the ledger had lost", self.name, len(missing))
 
@@ -347,8 +387,13 @@ class DeviceAgent:
         return self._aggregator_address
 
     def _train(self, decision: Train) -> None:
-        """Charge (once) and build the round's update, if its model, the HE context and a full
-        window of readings are here; otherwise a later tick tries again."""
+        """Charge (once) and build the round's update, if its model, the HE context and enough
+        readings are here; otherwise a later tick tries again.
+
+        A first build trains on every reading it has, up to the task's window, once it has the
+        task's ``min_readings``, and is charged at that sampling rate; a rebuild after a restart
+        trains on as many (the newest) as the round was charged for, so at the same rate.
+        """
         spec, context = self._spec, self._context
         round_no = decision.round
         if self._budget_spent and decision.charge:
@@ -360,41 +405,47 @@ class DeviceAgent:
         if params is None or keccak(params) != decision.model_hash:
             return  # the model for this round has not arrived (or is not the announced one)
         dp = spec.dp
-        if decision.charge:
-            with self._lock:
-                projected = self.ledger.epsilon_if(
-                    spec.sampling_rate, dp.noise_multiplier, dp.local_steps, dp.delta
-                )
-            if projected > dp.epsilon_budget:
-                self._budget_spent = True
-                self._apply(self._book.budget_spent(round_no))
-                log.warning(
-                    "device %s: privacy budget spent (epsilon would reach %.2f > %.2f); "
-                    "not contributing from round %d on",
-                    self.name,
-                    projected,
-                    dp.epsilon_budget,
-                    round_no,
-                )
-                return
         window = self._window(spec.window)
-        if len(window) < spec.window:  # the sampling rate assumes a full window
+        needed = spec.min_readings if decision.charge else decision.readings or spec.window
+        if len(window) < needed:
             if self._waiting_for_data != round_no:
                 self._waiting_for_data = round_no
                 log.info(
-                    "device %s: %d of %d readings in the window; round %d waits for more",
+                    "device %s: %d readings, round %d needs %d; it waits for more",
                     self.name,
                     len(window),
-                    spec.window,
                     round_no,
+                    needed,
                 )
             return
+        if not decision.charge:
+            window = window[-needed:]
+        rate = spec.sampling_rate_for(len(window))
         if decision.charge:
+            with self._lock:
+                projected = self.ledger.epsilon_if(
+                    rate, dp.noise_multiplier, dp.local_steps, dp.delta
+                )
+            if projected > dp.epsilon_budget:
+                # With a full window the rate is the lowest it can be: no later round fits.
+                self._budget_spent = len(window) == spec.window
+                self._apply(self._book.budget_spent(round_no))
+                log.warning(
+                    "device %s: privacy budget: epsilon would reach %.2f > %.2f on %d readings; "
+                    "not contributing to round %d%s",
+                    self.name,
+                    projected,
+                    dp.epsilon_budget,
+                    len(window),
+                    round_no,
+                    " nor any later one" if self._budget_spent else "",
+                )
+                return
             # The state file first, then the ledger: a restart in between finds the charge in
             # the state file and completes the ledger, and never charges the round again.
             with self._lock:
-                self._apply(self._book.charged(round_no, len(self.ledger.rounds)))
-                self.ledger.record(spec.sampling_rate, dp.noise_multiplier, dp.local_steps)
+                self._apply(self._book.charged(round_no, len(self.ledger.rounds), len(window)))
+                self.ledger.record(rate, dp.noise_multiplier, dp.local_steps)
                 self.ledger.save(self.ledger_path)
         else:
             log.info(
@@ -411,7 +462,12 @@ class DeviceAgent:
         )
         # No rng: make_update draws this round's noise from a fresh OS-seeded generator
         update = make_update(
-            spec, inputs, context=context, account=self.account, domain=self._domain
+            spec,
+            inputs,
+            context=context,
+            account=self.account,
+            domain=self._domain,
+            train=self._runtime.trainer(spec),
         )
         blob = update.encode()
         step = self._book.built(round_no, keccak(blob), update.record(), self._clock())

@@ -61,5 +61,7 @@ def open_pi(config: AgentConfig) -> Sensors:
 
     Device.ensure_pin_factory()
     assert Device.pin_factory is not None
-    suite = SensorSuite(Device.pin_factory, SMBus(config.i2c_bus), config.wiring)
+    suite = SensorSuite(
+        Device.pin_factory, SMBus(config.i2c_bus), config.wiring, parts=config.parts
+    )
     return Sensors(suite, lambda: suite.read(time.time()), config.interval)

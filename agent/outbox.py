@@ -32,11 +32,12 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS rounds ("
     " round INTEGER PRIMARY KEY, phase TEXT NOT NULL, deadline REAL NOT NULL,"
     " model_hash BLOB NOT NULL, ledger_index INTEGER, update_id BLOB, record BLOB,"
-    " reason TEXT NOT NULL, counted_in INTEGER NOT NULL, anchor_tx TEXT NOT NULL)",
+    " reason TEXT NOT NULL, counted_in INTEGER NOT NULL, anchor_tx TEXT NOT NULL,"
+    " readings INTEGER)",
 )
 _ROUND_COLUMNS = (
     "round, phase, deadline, model_hash, ledger_index, update_id, record, reason, counted_in,"
-    " anchor_tx"
+    " anchor_tx, readings"
 )
 
 
@@ -61,12 +62,13 @@ def _row(state: RoundState) -> tuple[object, ...]:
         state.reason,
         state.counted_in,
         state.anchor_tx,
+        state.readings,
     )
 
 
 def _state(row: tuple[Any, ...]) -> RoundState:
     round_no, phase, deadline, model_hash, ledger_index, update_id, record, *rest = row
-    reason, counted_in, anchor_tx = rest
+    reason, counted_in, anchor_tx, readings = rest
     return RoundState(
         round=round_no,
         phase=Phase(phase),
@@ -78,6 +80,7 @@ def _state(row: tuple[Any, ...]) -> RoundState:
         reason=reason,
         counted_in=counted_in,
         anchor_tx=anchor_tx,
+        readings=readings,
     )
 
 
@@ -89,6 +92,9 @@ class Outbox:
         self._db.execute("PRAGMA synchronous=FULL")
         for statement in SCHEMA:
             self._db.execute(statement)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(rounds)")}
+        if "readings" not in columns:  # a state file from before windows could be partial
+            self._db.execute("ALTER TABLE rounds ADD COLUMN readings INTEGER")
 
     def remove(self, blob_id: bytes) -> bool:
         with self._lock:
@@ -156,7 +162,7 @@ class Outbox:
 
     def _save(self, states: list[RoundState]) -> None:
         self._db.executemany(
-            f"INSERT OR REPLACE INTO rounds ({_ROUND_COLUMNS}) VALUES ({', '.join('?' * 10)})",
+            f"INSERT OR REPLACE INTO rounds ({_ROUND_COLUMNS}) VALUES ({', '.join('?' * 11)})",
             [_row(s) for s in states],
         )
 

@@ -15,7 +15,8 @@ Restart rules (the state file is written before each step takes effect):
   update ever existed outside the dead process (the signed update enters the outbox and its
   round becomes ``built`` in one SQLite transaction, before it is published). The update is
   rebuilt **without charging again**, once, if the round is still the newest and may still
-  count; otherwise it is ``abandoned``. Only one update can therefore ever leave the device
+  count, on as many readings as it was charged for (so at the sampling rate it was charged
+  at); otherwise it is ``abandoned``. Only one update can therefore ever leave the device
   for a round, and the ledger holds exactly one charge for it.
 * ``built`` or ``sent``: the same bytes are published again from the outbox, never a new update.
 * ``accepted``: the inclusion proof may still come (the aggregator sends it at the round's
@@ -59,6 +60,7 @@ class RoundState:
     deadline: float  # the aggregator's close, from the round's announcement (epoch s)
     model_hash: bytes
     ledger_index: int | None = None  # this round's charge is entry ``ledger_index`` of the ledger
+    readings: int | None = None  # how many readings the charge was for (its sampling rate)
     update_id: bytes | None = None  # keccak of the signed update's bytes (the outbox key)
     record: UpdateRecord | None = None  # what the round's inclusion proof must prove
     reason: str = ""  # why it was skipped, abandoned or rejected
@@ -76,11 +78,13 @@ class Terms:
 
 @dataclass(frozen=True)
 class Train:
-    """Build this round's update on model ``round - 1``; charge the ledger first if ``charge``."""
+    """Build this round's update on model ``round - 1``; charge the ledger first if ``charge``,
+    else train on the ``readings`` the round was charged for."""
 
     round: int
     model_hash: bytes
     charge: bool
+    readings: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,9 @@ class RoundBook:
             if state.phase in (Phase.ANNOUNCED, Phase.CHARGED):
                 if may_count(state.round, state.deadline, now, terms):
                     charge = state.phase == Phase.ANNOUNCED
-                    step.decisions.append(Train(state.round, state.model_hash, charge))
+                    step.decisions.append(
+                        Train(state.round, state.model_hash, charge, state.readings)
+                    )
                 elif state.phase == Phase.ANNOUNCED:
                     self._set(replace(state, phase=Phase.SKIPPED, reason="deadline passed"), step)
                 else:
@@ -200,14 +206,16 @@ class RoundBook:
             self._set(replace(state, phase=Phase.SKIPPED, reason="privacy budget spent"), step)
         return step
 
-    def charged(self, round_no: int, ledger_index: int) -> Step:
-        """The agent is about to append the round's charge as entry ``ledger_index``; this row
-        is written first, so a restart finds the charge even if the ledger write was lost."""
+    def charged(self, round_no: int, ledger_index: int, readings: int) -> Step:
+        """The agent is about to append the round's charge, for training on ``readings``
+        readings, as entry ``ledger_index``; this row is written first, so a restart finds the
+        charge (and its rate) even if the ledger write was lost."""
         step = Step([], [])
         state = self._rounds[round_no]
         if state.phase != Phase.ANNOUNCED:
             raise ValueError(f"round {round_no} is {state.phase}, it cannot be charged")
-        self._set(replace(state, phase=Phase.CHARGED, ledger_index=ledger_index), step)
+        charged = replace(state, phase=Phase.CHARGED, ledger_index=ledger_index, readings=readings)
+        self._set(charged, step)
         return step
 
     def built(self, round_no: int, update_id: bytes, record: UpdateRecord, now: float) -> Step:

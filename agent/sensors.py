@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import math
 import time
+from collections.abc import Collection
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -20,7 +21,7 @@ import cbor2
 from gpiozero import MCP3008, MotionSensor
 from gpiozero.pins import Factory
 
-from truscl.agent.health import Fault, PlausibilityCheck, Status
+from truscl.agent.health import SENSORS, Fault, PlausibilityCheck, Status
 from truscl.datasheets import (
     BME280_CHIP_ID,
     DEFAULT_CALIBRATION,
@@ -45,10 +46,7 @@ from truscl.datasheets import (
     Bme280Calibration,
     Wiring,
 )
-from truscl.errors import SensorError
-
-FEATURES: tuple[str, ...] = ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
-"""Order of ``Reading.features()``: the model's input columns, fixed for every device."""
+from truscl.errors import ConfigError, SensorError
 
 READING_SCHEMA = 1
 """First element of ``Reading.encode()``, so a changed layout can never collide with an old leaf."""
@@ -188,10 +186,6 @@ class Reading:
         """True when every sensor was healthy: only valid readings are training data."""
         return not self.faults
 
-    def features(self) -> tuple[float, ...]:
-        """Model inputs in ``FEATURES`` order (pressure is weather, not occupancy: left out)."""
-        return (self.temperature_c, self.humidity_pct, self.light_lux, self.co2_ppm)
-
     def label(self) -> int:
         """1 when the PIR saw motion: the occupancy label."""
         return int(self.motion)
@@ -224,6 +218,10 @@ class SensorSuite:
     device: the agent never relies on gpiozero's class-level default factory, so several
     suites (one per simulated device) can live in one process without seeing each other's pins.
 
+    ``parts`` are the sensors fitted (named as :data:`truscl.agent.health.SENSORS`; all four by
+    default): a quantity of a part not fitted reads NaN without a fault (and motion as none),
+    and a task whose features need it is refused by the agent.
+
     A failing sensor never raises out of ``read``: the reading carries the fault (see
     :mod:`truscl.agent.health`) and the other sensors are still read. A BME280 that is absent
     at start, or failed its last read, is probed and set up again on the next read, since a part
@@ -236,23 +234,43 @@ class SensorSuite:
         i2c_bus: I2cBus,
         wiring: Wiring = DEFAULT_WIRING,
         calibration: AnalogCalibration = DEFAULT_CALIBRATION,
+        parts: Collection[str] = SENSORS,
     ) -> None:
+        unknown = sorted(set(parts) - set(SENSORS))
+        if unknown:
+            raise ConfigError(f"unknown sensor {unknown[0]!r} (known: {', '.join(SENSORS)})")
+        self._parts = frozenset(parts)
+        self.pin_factory = pin_factory  # also drives the agent's outputs (agent.output)
         self._bus = i2c_bus
         self._address = wiring.bme280_address
         self._calibration = calibration
         self._bme280: Bme280 | None = None
         self._plausible = PlausibilityCheck()
+        self._pir: MotionSensor | None = None
+        self._light: MCP3008 | None = None
+        self._co2: MCP3008 | None = None
         with ExitStack() as opened:
-            self._pir = opened.enter_context(
-                MotionSensor(wiring.pir_pin, queue_len=1, pull_up=False, pin_factory=pin_factory)
-            )
-            self._light = opened.enter_context(
-                MCP3008(channel=wiring.light_channel, pin_factory=pin_factory)
-            )
-            self._co2 = opened.enter_context(
-                MCP3008(channel=wiring.co2_channel, pin_factory=pin_factory)
-            )
+            if "pir" in self._parts:
+                self._pir = opened.enter_context(
+                    MotionSensor(
+                        wiring.pir_pin, queue_len=1, pull_up=False, pin_factory=pin_factory
+                    )
+                )
+            if "light" in self._parts:
+                self._light = opened.enter_context(
+                    MCP3008(channel=wiring.light_channel, pin_factory=pin_factory)
+                )
+            if "co2" in self._parts:
+                self._co2 = opened.enter_context(
+                    MCP3008(channel=wiring.co2_channel, pin_factory=pin_factory)
+                )
             opened.pop_all()  # construction succeeded: the suite owns them until close()
+
+    @property
+    def parts(self) -> frozenset[str]:
+        """The sensors this suite reads (named as :data:`truscl.agent.health.SENSORS`): what a
+        task's features may need of this device."""
+        return self._parts
 
     @classmethod
     def on_pi(cls, wiring: Wiring = DEFAULT_WIRING) -> SensorSuite:
@@ -271,7 +289,7 @@ class SensorSuite:
         ``motion_detected`` can lag a fresh pin level by a sample period. A PIR module already
         holds its output high for its retrigger time, so the level itself is the detection.
         """
-        return bool(self._pir.pin.state)
+        return self._pir is not None and bool(self._pir.pin.state)
 
     def _bme280_data(self) -> bytes:
         if self._bme280 is None:
@@ -290,22 +308,26 @@ class SensorSuite:
         nan = math.nan
         temperature_c, pressure_hpa, humidity_pct = nan, nan, nan
         try:
-            data = self._bme280_data()
-            assert self._bme280 is not None
-            temperature_c, pressure_hpa, humidity_pct = self._bme280.compensate(data)
+            if "bme280" in self._parts:
+                data = self._bme280_data()
+                assert self._bme280 is not None
+                temperature_c, pressure_hpa, humidity_pct = self._bme280.compensate(data)
+                raw["bme280"] = data
+                values.update(
+                    temperature_c=temperature_c,
+                    pressure_hpa=pressure_hpa,
+                    humidity_pct=humidity_pct,
+                )
         except OSError as exc:
             faults.append(Fault("bme280", classify(exc), str(exc)))
-        else:
-            raw["bme280"] = data
-            values.update(
-                temperature_c=temperature_c, pressure_hpa=pressure_hpa, humidity_pct=humidity_pct
-            )
         cal = self._calibration
         analog = {"light_lux": nan, "co2_ppm": nan}
         for sensor, quantity, adc, convert in (
             ("light", "light_lux", self._light, cal.lux),
             ("co2", "co2_ppm", self._co2, cal.co2_ppm),
         ):
+            if adc is None:
+                continue  # not fitted
             try:
                 code = int(adc.raw_value)
             except OSError as exc:
@@ -328,7 +350,8 @@ class SensorSuite:
 
     def close(self) -> None:
         for device in (self._light, self._co2, self._pir):
-            device.close()
+            if device is not None:
+                device.close()
         self._bus.close()
 
     def __enter__(self) -> Self:

@@ -11,10 +11,15 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 
+from truscl import metrics
 from truscl.agent.config import AgentConfig
 from truscl.agent.device import DeviceAgent
 from truscl.agent.hardware import load_backend
+from truscl.agent.health import SensorHealth, Status
+from truscl.agent.litert import ModelRuntime
+from truscl.agent.output import OccupancyOutput
 from truscl.agent.provision import NO_TASK
 from truscl.agent.sampling import Sampler
 from truscl.chain import ChainClient
@@ -42,6 +47,8 @@ def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> None:
                 "`truscl owner init`) and `chain.contract` (from `truscl chain deploy`)"
             )
     with ExitStack() as running:
+        for settings in {c.metrics for c in configs if c.metrics is not None}:
+            running.enter_context(metrics.MetricsServer(settings))
         heartbeats = [running.enter_context(_running_agent(config)) for config in configs]
         names = ", ".join(heartbeat.name for heartbeat in heartbeats)
         supervise(stop, heartbeats, status=f"device {names}")
@@ -54,8 +61,18 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
     sensors = load_backend(config.hardware)(config)
     sampler: Sampler | None = None
     agent: DeviceAgent | None = None
+    output: OccupancyOutput | None = None
+    runtime = ModelRuntime(config.training)
     heartbeat = Heartbeat(account.address)
     try:
+        if config.output is not None:
+            output = OccupancyOutput(
+                config.output.pin,
+                sensors.suite.pin_factory,
+                runtime,
+                threshold=config.output.threshold,
+                active_high=config.output.active_high,
+            )
         sampler = Sampler(
             sensors.read,
             sensors.period,
@@ -72,8 +89,12 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             collect=sampler.drain,
             name=config.name,
             heartbeat=heartbeat,
+            runtime=runtime,
+            output=output,
+            sensors=sensors.suite.parts,
         )
         log.info("agent %s (%s) starting for task %s", agent.name, account.address, config.task)
+        _export(account.address, agent, sampler)
         agent.start(broker_timeout=None)  # the broker may come later: paho keeps trying
         yield heartbeat
     finally:
@@ -82,4 +103,17 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             log.info("agent %s stopped", agent.name)
         if sampler is not None:
             sampler.stop()
+        if output is not None:
+            output.close()
         sensors.close()
+
+
+def _export(address: str, agent: DeviceAgent, sampler: Sampler) -> None:
+    """The device's figures as metrics, read when scraped: epsilon spent, sensors' health."""
+    metrics.EPSILON_SPENT.labels(address).set_function(agent.epsilon)
+    for name, health in sampler.health.sensors.items():
+        metrics.SENSOR_HEALTHY.labels(address, name).set_function(partial(_healthy, health))
+
+
+def _healthy(health: SensorHealth) -> float:
+    return float(health.status is Status.OK)

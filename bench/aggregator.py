@@ -236,7 +236,7 @@ def floor_and_stages(w: World, spec: TaskSpec, cts: list[bytes], repeat: int) ->
     return {
         "floor_updates_per_s": round(floor, 1),
         "floor_cpu_ms_per_update": round(floor_cpu_ms, 3),
-        "ciphertexts_per_update": len(vector.ciphertext()),
+        "ciphertexts_per_update": len(vector.ciphertexts),
         "update_bytes": len(encoded),
         "stages_us": {name: round(us, 1) for name, us in stages.items()},
     }

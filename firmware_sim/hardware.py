@@ -21,6 +21,7 @@ import errno
 import os
 import struct
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from threading import RLock
 
 import numpy as np
@@ -438,15 +439,75 @@ class SimulatedBoard(MockFactory):
         return BoardSPI
 
 
-class SimulatedDevice:
-    """The hardware of one device in one room: what a Pi with its sensors would present.
+@dataclass(frozen=True)
+class Environment:
+    """What a device's sensors are exposed to, in the parts' own units: the air at the BME280,
+    the light on the photodiode, the CO2 at the NDIR sensor and whether the PIR sees motion."""
 
-    ``pin_factory`` and ``i2c_bus`` are what the agent's ``SensorSuite`` takes. ``sync`` puts
-    the room's present state on the wires, adding the sensors' own errors (calibration
-    offsets from the room profile, and measurement noise).
+    temperature_c: float
+    pressure_hpa: float
+    humidity_pct: float
+    light_lux: float
+    co2_ppm: float
+    motion: bool
+
+
+class FakeHardware:
+    """The parts of one device on their wires, as a Pi with its sensors would present them.
+
+    ``pin_factory`` and ``i2c_bus`` are what the agent's ``SensorSuite`` takes. ``expose`` puts
+    an :class:`Environment` on the wires through each part's transfer function, and nothing
+    else: a value beyond a part's range reaches the drivers as the part would show it (an ADC
+    code at a rail, a BME280 conversion outside its operating range, humidity clamped by the
+    compensation), so they flag it as they would on a Pi.
 
     The PIR's output can be stuck at a level (``stick_pir``) until ``release_pir``; faults of
     the other parts are injected on ``i2c_bus``, ``adc`` and ``pin_factory`` themselves.
+    """
+
+    def __init__(
+        self, wiring: Wiring = DEFAULT_WIRING, calibration: AnalogCalibration = DEFAULT_CALIBRATION
+    ) -> None:
+        self.wiring = wiring
+        self.calibration = calibration
+        self.pin_factory = SimulatedBoard()
+        self.adc = MockMcp3008(self.pin_factory, calibration.adc_vref)
+        self.pir_pin = self.pin_factory.pin(wiring.pir_pin)
+        self.i2c_bus = FakeBme280Bus(wiring.bme280_address)
+        self.pir_stuck: bool | None = None
+        self.environment: Environment | None = None
+
+    def expose(self, environment: Environment) -> None:
+        """The sensors measure ``environment`` from now on."""
+        self.environment = environment
+        cal = self.calibration
+        self.i2c_bus.set_environment(
+            environment.temperature_c, environment.pressure_hpa, environment.humidity_pct
+        )
+        self.adc.set_voltage(self.wiring.light_channel, cal.volts_for_lux(environment.light_lux))
+        self.adc.set_voltage(self.wiring.co2_channel, cal.volts_for_co2(environment.co2_ppm))
+        if environment.motion if self.pir_stuck is None else self.pir_stuck:
+            self.pir_pin.drive_high()
+        else:
+            self.pir_pin.drive_low()
+
+    def stick_pir(self, level: bool) -> None:
+        """The PIR's output holds ``level`` whatever moves in the room."""
+        self.pir_stuck = level
+        if self.environment is not None:
+            self.expose(self.environment)
+
+    def release_pir(self) -> None:
+        self.pir_stuck = None
+        if self.environment is not None:
+            self.expose(self.environment)
+
+
+class SimulatedDevice(FakeHardware):
+    """The hardware of one device in one room.
+
+    ``sync`` puts the room's present state on the wires, adding the sensors' own errors
+    (calibration offsets from the room profile, and measurement noise).
     """
 
     def __init__(
@@ -456,15 +517,9 @@ class SimulatedDevice:
         wiring: Wiring = DEFAULT_WIRING,
         calibration: AnalogCalibration = DEFAULT_CALIBRATION,
     ) -> None:
+        super().__init__(wiring, calibration)
         self.room = room
-        self.wiring = wiring
-        self._calibration = calibration
         self._noise = np.random.default_rng(seed)
-        self.pin_factory = SimulatedBoard()
-        self.adc = MockMcp3008(self.pin_factory, calibration.adc_vref)
-        self.pir_pin = self.pin_factory.pin(wiring.pir_pin)
-        self.i2c_bus = FakeBme280Bus(wiring.bme280_address)
-        self.pir_stuck: bool | None = None
         self.sync()
 
     @property
@@ -477,32 +532,21 @@ class SimulatedDevice:
         return self.room.state.time
 
     def sync(self) -> None:
-        """Drive the pins, the ADC inputs and the BME280's air from the room's state."""
+        """Put the room's state, as this device's sensors perceive it, on the wires."""
         state = self.room.state
         profile = self.room.profile
-        cal = self._calibration
-        self.i2c_bus.set_environment(
-            temperature_c=state.temperature_c + profile.temperature_offset_c,
-            pressure_hpa=state.pressure_hpa,
-            humidity_pct=min(max(state.humidity_pct + profile.humidity_offset_pct, 0.0), 100.0),
-        )
         lux = state.light_lux * profile.light_factor * (1.0 + self._noise.normal(0.0, 0.03))
-        self.adc.set_voltage(self.wiring.light_channel, cal.volts_for_lux(max(lux, 0.0)))
         co2 = state.co2_ppm + profile.co2_offset_ppm + self._noise.normal(0.0, 25.0)
-        self.adc.set_voltage(self.wiring.co2_channel, cal.volts_for_co2(max(co2, 0.0)))
-        if state.motion if self.pir_stuck is None else self.pir_stuck:
-            self.pir_pin.drive_high()
-        else:
-            self.pir_pin.drive_low()
-
-    def stick_pir(self, level: bool) -> None:
-        """The PIR's output holds ``level`` whatever moves in the room."""
-        self.pir_stuck = level
-        self.sync()
-
-    def release_pir(self) -> None:
-        self.pir_stuck = None
-        self.sync()
+        self.expose(
+            Environment(
+                temperature_c=state.temperature_c + profile.temperature_offset_c,
+                pressure_hpa=state.pressure_hpa,
+                humidity_pct=min(max(state.humidity_pct + profile.humidity_offset_pct, 0.0), 100.0),
+                light_lux=max(lux, 0.0),
+                co2_ppm=max(co2, 0.0),
+                motion=state.motion,
+            )
+        )
 
     def step(self, seconds: float) -> None:
         """Let ``seconds`` of room time pass, then put the new state on the wires."""

@@ -198,16 +198,41 @@ ARCHETYPES: tuple[RoomProfile, ...] = (
 )
 
 
-def make_rooms(n: int, seed: int) -> list[RoomProfile]:
-    """``n`` rooms cycling through the archetypes, each resized, re-climatised and given its
+_WORKROOM = ARCHETYPES[0]
+SHIFT_ARCHETYPES: tuple[RoomProfile, ...] = (
+    replace(_WORKROOM, name="day-office"),
+    replace(
+        _WORKROOM,
+        name="night-shift",
+        schedule=(
+            OccupancyWindow(EVERY_DAY, 0.0, 6.0, 0.85),
+            OccupancyWindow(EVERY_DAY, 22.0, 24.0, 0.85),
+        ),
+    ),
+    replace(_WORKROOM, name="weekend-shop", schedule=(OccupancyWindow(WEEKEND, 9.0, 19.0, 0.8),)),
+    replace(_WORKROOM, name="evening-club", schedule=(OccupancyWindow(WEEKDAYS, 17.0, 23.0, 0.7),)),
+    replace(_WORKROOM, name="early-shift", schedule=(OccupancyWindow(EVERY_DAY, 5.0, 13.0, 0.8),)),
+)
+"""Work rooms alike but for their hours: by day, by night, at weekends only, in the evening,
+from dawn. A room's hours decide what its thermostat, its daylight and its occupancy have in
+common (a night shift works in the set-back cold), so what one device learns about the
+environment and people does not hold for the next: the non-IID fleet of the harder task."""
+
+
+def make_rooms(
+    n: int, seed: int, archetypes: tuple[RoomProfile, ...] = ARCHETYPES
+) -> list[RoomProfile]:
+    """``n`` rooms cycling through ``archetypes``, each resized, re-climatised and given its
     own sensor errors, so no two devices see the same distribution."""
     if n < 1:
         raise ValueError(f"a fleet has at least one room, got {n}")
+    if not archetypes:
+        raise ValueError("a fleet needs at least one archetype")
     rng = np.random.default_rng(seed)
     climate_c = rng.uniform(0.0, 12.0)  # the fleet shares a town, rooms share its weather
     rooms = []
     for index in range(n):
-        base = ARCHETYPES[index % len(ARCHETYPES)]
+        base = archetypes[index % len(archetypes)]
         rooms.append(
             replace(
                 base,

@@ -32,6 +32,7 @@ from pathlib import Path
 import paho.mqtt.client as paho
 from eth_utils import is_address, keccak
 
+from truscl import metrics
 from truscl.chain import ChainClient
 from truscl.errors import ChainError, ConfigError, ProtocolError, TrusclError
 from truscl.mqtt import BrokerSettings, MqttLink, delivery
@@ -414,7 +415,7 @@ class Aggregator:
                 if self._inbox.empty() or self._batch_full():
                     self._commit()
             except (ProtocolError, ConfigError) as exc:
-                self.rejections["malformed-message"] += 1
+                self._count_rejection("malformed-message")
                 log.warning("aggregator: rejected a message on %s: %s", topic, exc)
             except ChainError as exc:  # the node is away: whatever needed it is tried again
                 log.warning("aggregator: chain unavailable on %s: %s", topic or "tick", exc)
@@ -435,7 +436,7 @@ class Aggregator:
             self._model_retry.succeeded()
         elif not self.has_terms:
             if topic:
-                self.rejections["before-terms"] += 1
+                self._count_rejection("before-terms")
                 log.warning("aggregator: an update arrived before the task's terms; dropped")
         elif topic:
             self._on_update_chunk(topic, payload)
@@ -463,7 +464,7 @@ class Aggregator:
         try:
             model = envelope.decode(payload, "model", self.spec.max_message)
         except ProtocolError as exc:
-            self.rejections["malformed-model"] += 1
+            self._count_rejection("malformed-model")
             log.warning("aggregator: ignoring a malformed model message: %s", exc)
             return
         released = model["round"]
@@ -500,6 +501,7 @@ class Aggregator:
 
     def _on_update_chunk(self, topic: str, payload: bytes) -> None:
         sender = TaskTopics.last_segment(topic)
+        metrics.BYTES_IN.inc(len(payload))
         if self._open is not None:
             self.stats[self._open.terms.round].bytes_in += len(payload)
         try:
@@ -578,6 +580,7 @@ class Aggregator:
             if not accepted.repeat:
                 counted += 1
                 stats = self.stats[round_no]
+                metrics.UPDATES_ACCEPTED.inc()
                 stats.participants += 1
                 stats.epsilon = max(stats.epsilon, update.epsilon)
                 log.info(
@@ -601,7 +604,7 @@ class Aggregator:
 
     def _hold(self, sender: str, ident: bytes, blob: bytes, front: bool = False) -> None:
         if self._held_bytes + len(blob) > HELD_MAX_BYTES:
-            self.rejections["held-full"] += 1
+            self._count_rejection("held-full")
             log.warning("aggregator: no room to hold an update from %s; it is dropped", sender)
             return
         if front:
@@ -623,15 +626,27 @@ class Aggregator:
                 return
         self._held_retry.succeeded()
 
+    def _count_rejection(self, reason: str) -> None:
+        """Counted in memory, in the metrics and, once the terms are known, in the journal
+        (by the open round, else the last one closed), which the report and status page read."""
+        self.rejections[reason] += 1
+        metrics.UPDATES_REJECTED.labels(reason).inc()
+        if self.has_terms:
+            round_no = self._open.terms.round if self._open is not None else self._last_closed
+            try:
+                self._journal.count_rejection(round_no, reason)
+            except sqlite3.Error as exc:  # a count lost is no reason to withhold the receipt
+                log.warning("aggregator: cannot count a rejection in the journal: %s", exc)
+
     def _reject_chunk(self, sender: str, exc: ChunkRejected) -> None:
-        self.rejections[exc.reason] += 1
+        self._count_rejection(exc.reason)
         log.warning("aggregator: rejected a chunk from %s: %s: %s", sender, exc.reason, exc)
         if self._open is not None:
             self.stats[self._open.terms.round].rejected += 1
 
     def _reject(self, sender: str, rejected: Rejected) -> None:
         who = rejected.device or sender
-        self.rejections[str(rejected.reason)] += 1
+        self._count_rejection(str(rejected.reason))
         log.warning(
             "aggregator: rejected update from %s: %s: %s", who, rejected.reason, rejected.detail
         )
@@ -729,6 +744,9 @@ class Aggregator:
             stats = self.stats[closed.round]
             stats.anchor_tx = tx
             stats.closed_at = self._clock()
+            metrics.ROUND_CLOSE_SECONDS.observe(
+                stats.closed_at - (journaled.deadline - self.spec.round_seconds)
+            )
             self._deliveries[closed.round] = self._deliver(closed, tx)
             log.info(
                 "aggregator: round %d closed with %d updates, root %s, anchored in %s",
@@ -796,9 +814,11 @@ class Aggregator:
             if tx is None:
                 raise ChainError(f"round {closed.round} is anchored but its event is missing")
             return tx
-        return self.chain.anchor_round(
-            task_id, closed.round, closed.root, closed.aggregate_hash, len(closed.accepted)
-        )
+        metrics.ANCHOR_ATTEMPTS.labels("round").inc()
+        with metrics.ANCHOR_FAILURES.labels("round").count_exceptions(ChainError):
+            return self.chain.anchor_round(
+                task_id, closed.round, closed.root, closed.aggregate_hash, len(closed.accepted)
+            )
 
 
 _CONNECTED = "\x00connected"  # queued on every (re)connection; no MQTT topic holds a NUL

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import ExitStack
 
 from truscl.chain import ChainClient
 from truscl.chain.rpc import connect
@@ -17,6 +18,8 @@ from truscl.keyfile import load_account
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.config import AggregatorConfig
+from truscl.server.figures import TaskFigureReader
+from truscl.server.status_page import status_server
 from truscl.systemd import Heartbeat, supervise
 
 log = logging.getLogger(__name__)
@@ -40,9 +43,17 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
         expected=config.expected_devices,
         heartbeat=heartbeat,
     )
-    aggregator.start()  # connected to the broker when it returns
-    try:
-        supervise(stop, [heartbeat], status=f"serving task {config.task}")
-    finally:
-        aggregator.stop()
-        log.info("aggregator: stopped")
+    with ExitStack() as running:
+        if config.metrics is not None:
+            reader = TaskFigureReader(  # a connection of its own; read-only: no key
+                ChainClient.at(connect(config.chain.rpc), config.chain.contract),
+                Archive(config.archive),
+                config.task,
+            )
+            running.enter_context(status_server(reader, config.metrics))
+        aggregator.start()  # connected to the broker when it returns
+        try:
+            supervise(stop, [heartbeat], status=f"serving task {config.task}")
+        finally:
+            aggregator.stop()
+            log.info("aggregator: stopped")

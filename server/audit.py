@@ -85,10 +85,15 @@ class AuditReport:
 
 
 def audit_task(
-    chain: ChainClient, archive: Archive, task: str, extra_names: frozenset[str] = frozenset()
+    chain: ChainClient,
+    archive: Archive,
+    task: str,
+    extra_names: frozenset[str] = frozenset(),
+    on_round: Callable[[int, int], None] | None = None,
 ) -> AuditReport:
     """Audit ``task``; ``extra_names`` are blob ids named elsewhere (a keygen record given to
-    the auditor), so they are not reported as unnamed."""
+    the auditor), so they are not reported as unnamed. ``on_round(done, total)`` follows the
+    rounds as they are checked (a long task's audit shows its progress)."""
     task = task.lower()
     task_id = bytes.fromhex(task[2:])
     wrong_code = _code_problem(chain)
@@ -126,6 +131,8 @@ def audit_task(
         problems: list[str] = list(task_problems)
         updates = auditor.audit(round_no, problems)
         audits.append(RoundAudit(round_no, updates, tuple(problems)))
+        if on_round is not None:
+            on_round(round_no, n_rounds)
     round_problems: dict[int, list[str]] = {a.round: list(a.problems) for a in audits}
     notes: list[str] = []
     unnamed = _unnamed_blob_problems(

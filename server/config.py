@@ -11,6 +11,7 @@ from pathlib import Path
 
 from truscl.config import ADDRESS, TASK, TomlReader
 from truscl.errors import ProtocolError
+from truscl.metrics import MetricsSettings
 from truscl.mqtt import BrokerSettings
 from truscl.wire.keyholders import check_holder_name
 
@@ -51,6 +52,7 @@ class OwnerConfig:
     he_mode: str = "threshold"
     task: str | None = None  # chosen at random by `owner init` when absent (single-key only)
     guardians: tuple[tuple[str, str], ...] = ()  # (name, address), sorted by name
+    metrics: MetricsSettings | None = None  # [metrics]: where to serve /metrics (absent: off)
 
     @classmethod
     def load(cls, path: Path) -> OwnerConfig:
@@ -84,6 +86,7 @@ class OwnerConfig:
             he_mode=he_mode,
             task=None if task is None else task.lower(),
             guardians=tuple(guardians),
+            metrics=MetricsSettings.read(reader),
         )
         reader.no_leftovers()
         if he_mode == "threshold" and (not guardians or task is None):
@@ -144,6 +147,8 @@ class AggregatorConfig:
     archive: Path
     broker: BrokerSettings
     chain: ChainSettings
+    # [metrics]: where to serve /metrics and the status page at / (absent: off)
+    metrics: MetricsSettings | None = None
 
     @classmethod
     def load(cls, path: Path) -> AggregatorConfig:
@@ -156,6 +161,7 @@ class AggregatorConfig:
             archive=reader.path(aggregator, "aggregator.archive"),
             broker=reader.broker(),
             chain=ChainSettings.read(reader),
+            metrics=MetricsSettings.read(reader, explorer=True),
         )
         reader.no_leftovers()
         if config.expected_devices < 0:

@@ -11,6 +11,10 @@ but were not yet anchored or delivered.
 SQLite in WAL mode with ``synchronous=FULL``: a committed transaction survives a power cut, and
 each state change is one transaction, so a crash leaves the state before it or after it.
 
+Refusals are counted by round and reason (the report and the status page show them) through a
+second connection without an fsync per commit: a flood of forged updates must not cost a disk
+flush each, and a count lost to a power cut promises nothing to anyone.
+
 Round states, in order: ``open`` (taking updates), ``closed`` (its updates are final; queued to
 be anchored), ``anchored`` (on chain; the manifest, the aggregate and the inclusion proofs are
 still to be published), ``delivered``.
@@ -45,6 +49,12 @@ CREATE TABLE IF NOT EXISTS accepted (
     PRIMARY KEY (round, seq),
     UNIQUE (round, blob),
     UNIQUE (round, device, made_for)
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    round   INTEGER NOT NULL,                 -- the open round, else the last one closed (or 0)
+    reason  TEXT NOT NULL,
+    count   INTEGER NOT NULL,
+    PRIMARY KEY (round, reason)
 );
 """
 
@@ -92,6 +102,20 @@ class Journal:
                 self._db.execute("INSERT INTO task (id) VALUES (?)", (task.lower(),))
             elif row[0] != task.lower():
                 raise ProtocolError(f"journal {path} belongs to task {row[0]}, not {task}")
+        self._tally = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._tally.execute("PRAGMA synchronous=NORMAL")
+
+    @classmethod
+    def read_only(cls, path: Path) -> Journal:
+        """The journal as a reader (the report, the status page) sees it: it never writes,
+        and reads while the aggregator writes (WAL)."""
+        if not path.is_file():
+            raise ProtocolError(f"{path} is not a journal")
+        journal = cls.__new__(cls)
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        journal._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        journal._tally = journal._db
+        return journal
 
     def open_round(self, round_no: int, model_hash: bytes, deadline: float) -> None:
         with self._db:
@@ -114,6 +138,22 @@ class Journal:
                 "(?, (SELECT COUNT(*) FROM accepted WHERE round = ?), ?, ?, ?)",
                 [(a.round, a.round, a.blob, a.device, a.made_for) for a in accepted],
             )
+
+    def count_rejection(self, round_no: int, reason: str) -> None:
+        self._tally.execute(
+            "INSERT INTO rejected (round, reason, count) VALUES (?, ?, 1) "
+            "ON CONFLICT (round, reason) DO UPDATE SET count = count + 1",
+            (round_no, reason),
+        )
+
+    def rejections(self) -> dict[int, dict[str, int]]:
+        """Refusals counted, by round and reason."""
+        counts: dict[int, dict[str, int]] = {}
+        for round_no, reason, count in self._db.execute(
+            "SELECT round, reason, count FROM rejected ORDER BY round, reason"
+        ):
+            counts.setdefault(round_no, {})[reason] = count
+        return counts
 
     def set_state(self, round_no: int, state: str, anchor_tx: str | None = None) -> None:
         """Move a round forward (never back: a restart must not undo a step)."""
@@ -154,4 +194,5 @@ class Journal:
         return [JournaledUpdate(*row) for row in rows]
 
     def close(self) -> None:
+        self._tally.close()
         self._db.close()

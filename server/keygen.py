@@ -47,6 +47,7 @@ from truscl.privacy.threshold import (
     collective_public_context,
     common_seed,
     contribution_commitment,
+    require_threshold,
 )
 from truscl.task import TaskSpec
 from truscl.wire import Reassembler, TaskTopics
@@ -87,6 +88,10 @@ class KeygenTerms:
             check_holder_name(name)
         if self.profile not in PROFILES:
             raise ConfigError(f"unknown CKKS profile {self.profile!r}")
+        try:
+            require_threshold(PROFILES[self.profile])
+        except HeError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def addresses(self) -> dict[str, str]:

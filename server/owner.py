@@ -10,7 +10,9 @@ nothing derived from it unless the decryption lies within the bounds the task's 
 the key is refused, the refusal recorded on chain, and the previous model released again for
 that round so that the task goes on. Values are also rounded to ``RELEASE_DECIMALS`` before
 they touch the released model, because an exact CKKS decryption published next to its
-ciphertext lets anyone recover the secret key (Li and Micciancio, 2021).
+ciphertext lets anyone recover the secret key (Li and Micciancio, 2021). The rounded mean
+delta then moves the model through the task's server optimiser
+(:mod:`truscl.learning.optimisers`), whose state is stored with each model.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from typing import Any
 import numpy as np
 from eth_utils import keccak
 
+from truscl import metrics
 from truscl.chain import ChainClient
-from truscl.errors import ConfigError, HeError, ProtocolError, SignatureError
+from truscl.errors import ChainError, ConfigError, HeError, ProtocolError, SignatureError
 from truscl.files import write_atomically
 from truscl.keyfile import read_secret, write_secret
+from truscl.learning import OptimiserState, server_step
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import rounds_within_budget, task_epsilon
 from truscl.privacy.ckks import OwnerKeys, context_hash, load_context
@@ -57,6 +61,20 @@ class _Event(enum.Enum):
     TICK = "tick"  # the loop's idle wake-up
 
 
+def next_model(
+    spec: TaskSpec,
+    previous: np.ndarray,
+    state: OptimiserState,
+    total: np.ndarray,
+    updates: int,
+) -> tuple[np.ndarray, OptimiserState]:
+    """The model a round releases, and the optimiser's next state, from the decrypted sum of
+    its ``updates`` deltas: rounded first (nothing exact is released), averaged, then stepped
+    by the task's server optimiser from the previous model."""
+    mean_delta = np.round(total, RELEASE_DECIMALS) / updates
+    return server_step(spec.optimiser, previous, mean_delta, state)
+
+
 def task_privacy(spec: TaskSpec) -> float:
     """Epsilon all of the task's rounds spend of a device's privacy, under the accountant the
     devices use; ``ConfigError`` with the figures when that exceeds the task's budget, so that
@@ -78,19 +96,29 @@ def task_privacy(spec: TaskSpec) -> float:
 
 
 class ModelStore:
-    """The released models on the owner's disk.
+    """The released models on the owner's disk, each with the server optimiser's state after it.
 
     A model is written here before its hash goes on chain and before it is published, so an
     owner restarted at any point can finish a release it began (and never releases a round
-    twice: the chain refuses a second hash for the same round).
+    twice: the chain refuses a second hash for the same round). The optimiser's state is
+    written before its model, so a stored model always has its state, and a restarted owner
+    steps on from the very state an uninterrupted one would.
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def put(self, round_no: int, params: np.ndarray) -> None:
+    def put(self, round_no: int, params: np.ndarray, state: OptimiserState) -> None:
+        write_atomically(self.folder / f"{round_no}.optimiser", state.to_bytes())
         write_atomically(self.folder / f"{round_no}.model", model_bytes(params))
+
+    def state(self, round_no: int) -> OptimiserState:
+        """The optimiser's state after model ``round_no``."""
+        path = self.folder / f"{round_no}.optimiser"
+        if not path.exists():
+            raise ProtocolError(f"model {round_no} is stored without its optimiser state")
+        return OptimiserState.from_bytes(path.read_bytes())
 
     def partial_path(self, round_no: int) -> Path:
         """Where the owner keeps its own partial decryption of a round (0600)."""
@@ -148,6 +176,7 @@ class TaskOwner:
         self.broker = broker
         self.store = store
         self.models: dict[int, np.ndarray] = {}
+        self.states: dict[int, OptimiserState] = {}  # the server optimiser's, after each model
         self.refusals: collections.Counter[str] = collections.Counter()
         self._on_model = on_model
         self._heartbeat = heartbeat
@@ -183,7 +212,7 @@ class TaskOwner:
             min_cohort=spec.min_cohort,
         )
         self._connect(spec)
-        self._release(0, np.asarray(initial, dtype=np.float64))
+        self._release(0, np.asarray(initial, dtype=np.float64), OptimiserState())
         self._worker.start()
         log.info("owner: task %s created in %s", spec.task, tx)
         return tx
@@ -204,7 +233,7 @@ class TaskOwner:
             raise ProtocolError("resuming a task needs the owner's model store")
         self._connect(spec)
         for round_no, params in self.store.all(spec.n_params).items():
-            self._release(round_no, params)
+            self._release(round_no, params, self.store.state(round_no))
         self._finish_refusals(spec)
         self._worker.start()  # aggregates queued meanwhile are taken in turn from here on
         log.info("owner: task %s resumed at model %d", spec.task, max(self.models, default=-1))
@@ -216,7 +245,7 @@ class TaskOwner:
         if latest is None or latest >= spec.rounds:
             return
         if self.chain.round_refusal(spec.task_id, latest + 1):
-            self._release(latest + 1, self.models[latest])
+            self._release(latest + 1, self.models[latest], self.states[latest])
 
     def _connect(self, spec: TaskSpec) -> None:
         if [h for h, _ in spec.key_holders] != (self.keys.holders if spec.key_holders else []):
@@ -385,18 +414,25 @@ class TaskOwner:
         if refusal is not None:
             self._refuse(round_no, refusal)
             return
-        total = slots.reshape(-1)[: spec.n_params]
-        mean_delta = np.round(total, RELEASE_DECIMALS) / pending.updates
-        self._release(round_no, self.models[round_no - 1] + mean_delta)
+        params, state = next_model(
+            spec,
+            self.models[round_no - 1],
+            self.states[round_no - 1],
+            slots.reshape(-1)[: spec.n_params],
+            pending.updates,
+        )
+        self._release(round_no, params, state)
 
     def _refuse(self, round_no: int, reason: Refusal) -> None:
         """Record on chain that nothing derived from this round's decryption is released, then
         release the previous model again under this round's number (the contract accepts no
-        other), so that the aggregator opens the next round on it. Nothing about the decrypted
-        values is logged."""
+        other), so that the aggregator opens the next round on it; the optimiser's state stays
+        as it was too, since the round brought no step. Nothing about the decrypted values is
+        logged."""
         spec = self._spec
         assert spec is not None
         self.refusals[reason.name.lower()] += 1
+        metrics.ROUNDS_REFUSED.inc()
         log.warning(
             "owner: refused round %d (%s); %d round(s) refused so far",
             round_no,
@@ -405,24 +441,28 @@ class TaskOwner:
         )
         if self.chain.round_refusal(spec.task_id, round_no) == 0:
             self.chain.refuse_round(spec.task_id, round_no, int(reason))
-        self._release(round_no, self.models[round_no - 1])
+        self._release(round_no, self.models[round_no - 1], self.states[round_no - 1])
 
-    def _release(self, round_no: int, params: np.ndarray) -> None:
+    def _release(self, round_no: int, params: np.ndarray, state: OptimiserState) -> None:
         """Store, anchor the hash (once), publish: in that order, so a restart finishes it."""
         spec = self._spec
         assert spec is not None
         data = model_bytes(params)
         model_hash = keccak(data)
         if self.store is not None:
-            self.store.put(round_no, params)
+            self.store.put(round_no, params, state)
         anchored = self.chain.model_hash(spec.task_id, round_no)
         if anchored is None:
-            self.chain.publish_model(spec.task_id, round_no, model_hash)
+            metrics.ANCHOR_ATTEMPTS.labels("model").inc()
+            with metrics.ANCHOR_FAILURES.labels("model").count_exceptions(ChainError):
+                self.chain.publish_model(spec.task_id, round_no, model_hash)
         elif anchored != model_hash:
             raise ProtocolError(f"model {round_no} on chain is not the one this owner stored")
         self.models[round_no] = params
+        self.states[round_no] = state
         self._publish_model(round_no, data)
         log.info("owner: released model %d (%s)", round_no, model_hash.hex()[:16])
+        metrics.MODELS_RELEASED.inc()
         if self._on_model is not None:
             self._on_model(round_no, params)
 

@@ -15,16 +15,19 @@ import json
 import logging
 import os
 import threading
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from truscl import metrics
 from truscl.chain import ChainClient
 from truscl.chain.rpc import connect
 from truscl.errors import ChainError, ConfigError
 from truscl.files import write_atomically
 from truscl.keyfile import load_account
-from truscl.learning import LogisticModel
 from truscl.privacy.accounting import rounds_within_budget
 from truscl.privacy.ckks import PROFILES, OwnerKeys, context_hash
 from truscl.server.config import OWNER_HOLDER, OwnerConfig
@@ -133,13 +136,17 @@ def init_task(config: OwnerConfig) -> TaskSpec:
         if _task_exists(chain, spec):
             owner.resume(spec)
         else:
-            owner.create_task(
-                spec, config.aggregator, LogisticModel(len(spec.features)).init_params()
-            )
+            owner.create_task(spec, config.aggregator, initial_model(spec))
     finally:
         owner.stop()
     state.save_record({"task": spec.task, "spec_hash": "0x" + spec.hash().hex()})
     return spec
+
+
+def initial_model(spec: TaskSpec) -> np.ndarray:
+    """Model 0, from the task's model kind, drawn (for an mlp) from a seed the task id gives:
+    the owner publishes it and anchors its hash, so nobody else needs to draw it."""
+    return spec.make_model().init_params(seed=int.from_bytes(spec.task_id[:8], "big"))
 
 
 def _threshold_keygen(config: OwnerConfig, chain: ChainClient, draft: TaskSpec) -> TaskSpec:
@@ -191,10 +198,14 @@ def run_owner(config: OwnerConfig, stop: threading.Event) -> None:
     )
     owner.resume(spec)
     log.info("owner: serving task %s", spec.task)
+    running = ExitStack()
     try:
+        if config.metrics is not None:
+            running.enter_context(metrics.MetricsServer(config.metrics))
         supervise(stop, [heartbeat], status=f"serving task {spec.task}")
     finally:
         owner.stop()
+        running.close()
         log.info("owner: stopped")
 
 

@@ -29,7 +29,7 @@ import tenseal as ts
 from eth_utils import keccak
 
 from truscl.errors import HeError, ProtocolError, SignatureError
-from truscl.privacy.ckks import load_ciphertext, sum_ciphertexts
+from truscl.privacy.ckks import EncryptedVector, load_ciphertext, sum_ciphertexts
 from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_root
 from truscl.wire.merkle import merkle_proofs
 
@@ -164,7 +164,7 @@ class OpenRound:
         self._previous = dict(previous or {})
         self._accepted: dict[tuple[str, int], Accepted] = {}  # by (device, round made for)
         self._in: set[str] = set()  # devices whose update made for this round is counted
-        self._sum: ts.CKKSVector | None = None
+        self._sum: EncryptedVector | None = None
         self._closed = False
 
     @property

@@ -89,7 +89,7 @@ history = {history}
 def task_file(**terms: object) -> str:
     """deploy/task.toml with some terms changed (a small window, so devices train at once)."""
     text = (ROOT / "deploy" / "task.toml").read_text()
-    terms = {"window": 128, "batch_size": 16, **terms}
+    terms = {"window": 128, "min_readings": 128, "batch_size": 16, **terms}
     for line in text.splitlines():
         key = line.split("=", 1)[0].strip()
         if key in terms and "=" in line:

@@ -48,6 +48,7 @@ def test_a_good_file_loads_with_defaults_for_the_rest(tmp_path: Path) -> None:
     assert config.wiring.pir_pin == 17 and config.wiring.bme280_address == 0x77
     assert config.wiring.light_channel == 0 and config.i2c_bus == 1
     assert config.hardware == "pi" and config.time_scale == 1.0
+    assert config.parts == ("bme280", "light", "co2", "pir")
 
 
 @pytest.mark.parametrize(
@@ -65,6 +66,8 @@ def test_a_good_file_loads_with_defaults_for_the_rest(tmp_path: Path) -> None:
         (lambda t: "broker = 3\n" + t.replace("[broker]", "[old]"), "[broker] must be a table"),
         (lambda t: t.replace("[chain]", "[chain"), "not valid TOML"),
         (lambda t: t.replace("interval = 60", "interval = true"), "wrong type"),
+        (lambda t: t.replace("interval = 60", 'parts = ["co2", "sht31"]'), "sensors.parts may"),
+        (lambda t: t.replace("interval = 60", "parts = [[1]]"), "sensors.parts may only name"),
     ],
 )
 def test_every_mistake_is_named(tmp_path: Path, change, message: str) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from eth_account.signers.local import LocalAccount
 from harness import synthetic_readings
 
 from truscl.agent.device import DeviceAgent
+from truscl.agent.health import SENSORS
 from truscl.agent.outbox import Outbox
 from truscl.agent.rounds import RETRY_FIRST_S, Phase, RoundState
 from truscl.agent.sensors import Reading
@@ -70,16 +72,22 @@ class Task:
             expected=1,
         )
 
-    def agent(self, clock: Callable[[], float] = time.time) -> DeviceAgent:
+    def agent(
+        self,
+        clock: Callable[[], float] = time.time,
+        collect: Callable[[], list[Reading]] | None = None,
+        sensors: Collection[str] = SENSORS,
+    ) -> DeviceAgent:
         return DeviceAgent(
             account=self.device,
             task=self.spec.task,
             chain=self.chain.client(self.contract.address),
             broker=self.broker.settings,
             workdir=self.tmp / "device",
-            collect=readings(),
+            collect=collect or readings(),
             name="device",
             clock=clock,
+            sensors=sensors,
         )
 
     def announce(self, deadline: float) -> None:
@@ -101,8 +109,9 @@ class Task:
 
 
 @contextmanager
-def one_device_task(tmp_path: Path, owner_keys: OwnerKeys) -> Iterator[Task]:
-    """A one-round task on chain whose initial model is out; no aggregator or agent yet."""
+def one_device_task(tmp_path: Path, owner_keys: OwnerKeys, **terms: Any) -> Iterator[Task]:
+    """A one-round task on chain whose initial model is out; no aggregator or agent yet.
+    ``terms`` change the spec's."""
     chain = EmbeddedChain()
     contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
     aggregator_account, device = chain.new_account(), chain.new_account()
@@ -116,6 +125,7 @@ def one_device_task(tmp_path: Path, owner_keys: OwnerKeys) -> Iterator[Task]:
             round_seconds=600,
             window=WINDOW,
             dp=DpTerms(batch_size=16),
+            **terms,
         )
         owner.create_task(spec, aggregator_account.address, np.zeros(spec.n_params))
         try:

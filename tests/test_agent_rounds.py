@@ -52,7 +52,7 @@ def _through_sent(book: RoundBook, round_no: int, now: float = 0.0) -> bytes:
     """Announce, charge, build and send ``round_no``; its update id."""
     book.announced(round_no, MODEL, deadline=now + 30)
     update_id = keccak(text=f"update {round_no}")
-    book.charged(round_no, ledger_index=round_no - 1)
+    book.charged(round_no, ledger_index=round_no - 1, readings=128)
     book.built(round_no, update_id, _record(round_no), now)
     book.sent(round_no)
     return update_id
@@ -67,7 +67,7 @@ def test_a_round_walks_from_announcement_to_inclusion() -> None:
 
     announced = book.announced(1, MODEL, deadline=30.0)
     first_tick = book.tick(10.0, TERMS)
-    charged = book.charged(1, ledger_index=0)
+    charged = book.charged(1, ledger_index=0, readings=128)
     built = book.built(1, b"\x0a" * 32, _record(1), 11.0)
     sent = book.sent(1)
     after = book.tick(12.0, TERMS)
@@ -97,7 +97,7 @@ def test_a_round_is_charged_once_and_trained_once() -> None:
 
     assert again.changed == [] and tick.decisions == []
     with pytest.raises(ValueError, match="cannot be charged"):
-        book.charged(1, ledger_index=1)
+        book.charged(1, ledger_index=1, readings=128)
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_a_newer_round_skips_or_abandons_older_unfinished_ones() -> None:
     book = RoundBook()
     book.announced(1, MODEL, deadline=30.0)
     book.announced(2, MODEL, deadline=60.0)
-    book.charged(2, ledger_index=0)
+    book.charged(2, ledger_index=0, readings=128)
 
     step = book.announced(3, MODEL, deadline=90.0)
 
@@ -137,14 +137,14 @@ def test_a_restart_after_charging_rebuilds_without_charging_again() -> None:
     # Prepare: the agent died after the charge and before the update existed
     before = RoundBook()
     before.announced(2, MODEL, deadline=60.0)
-    before.charged(2, ledger_index=1)
+    before.charged(2, ledger_index=1, readings=300)
     # Execute: a new agent from the same states, while the round may still count, then one
     # whose round has closed
     resumed = RoundBook(before.states())
     late = RoundBook(before.states())
-    # Assert
+    # Assert: rebuilt on the 300 readings (the sampling rate) it was charged for
     assert resumed.connected(10.0).decisions == []  # nothing was in the outbox
-    assert resumed.tick(10.0, TERMS).decisions == [Train(2, MODEL, charge=False)]
+    assert resumed.tick(10.0, TERMS).decisions == [Train(2, MODEL, charge=False, readings=300)]
     step = late.tick(60.0, TERMS)
     assert step.decisions == []
     assert [(s.phase, s.ledger_index) for s in step.changed] == [(Phase.ABANDONED, 1)]
@@ -220,7 +220,7 @@ def test_round_states_survive_the_state_file(tmp_path: Path) -> None:
     book = RoundBook()
     update_id = _through_sent(book, 1)
     book.announced(2, MODEL, deadline=60.0)
-    book.charged(2, ledger_index=1)
+    book.charged(2, ledger_index=1, readings=128)
     states = book.states()
     sent = states[0]
     outbox = Outbox(tmp_path / "outbox.sqlite")
@@ -240,7 +240,7 @@ def test_round_states_survive_the_state_file(tmp_path: Path) -> None:
 def test_a_built_round_and_its_outbox_entry_are_written_together(tmp_path: Path) -> None:
     book = RoundBook()
     book.announced(1, MODEL, deadline=30.0)
-    book.charged(1, ledger_index=0)
+    book.charged(1, ledger_index=0, readings=128)
     blob = b"signed update bytes"
     step = book.built(1, keccak(blob), _record(1), 0.0)
     outbox = Outbox(tmp_path / "outbox.sqlite")

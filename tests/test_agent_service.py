@@ -45,6 +45,13 @@ room = {index}
 seed = 11
 time_scale = 60000  # 300 simulated seconds every 5 ms
 """
+# The second device trains through LiteRT and shows its prediction on an LED
+LITERT = """
+[training]
+backend = "litert"
+[output]
+pin = 17
+"""
 
 
 def test_agents_in_their_own_processes_complete_a_task(
@@ -80,6 +87,7 @@ def test_agents_in_their_own_processes_complete_a_task(
                     rpc=anvil,
                     contract=contract.address,
                 )
+                + (LITERT if index == 1 else "")
             )
             processes.append(
                 subprocess.Popen(
@@ -113,6 +121,7 @@ def test_agents_in_their_own_processes_complete_a_task(
     for process, log, state in zip(processes, logs, states, strict=True):
         assert process.returncode == 0, log[-2000:]
         assert "round 2 update included on chain" in log
+        assert "LiteRT:" not in log  # the LiteRT device did not fall back to numpy
         assert stat.S_IMODE((state / "device.key").stat().st_mode) == 0o600
         assert (state / "privacy-ledger.json").exists()
         for round_no in (1, 2):  # the secret salts of the data commitments

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tenseal as ts
+import tenseal.sealapi as sealapi
 from eth_utils import keccak
 
 from truscl.errors import ConfigError, HeError
@@ -22,6 +23,7 @@ from truscl.privacy import (
     encrypt,
     load_ciphertext,
     load_context,
+    seal_layout,
     sum_ciphertexts,
 )
 
@@ -82,8 +84,11 @@ def test_sum_bytes_do_not_depend_on_order_or_context(
         for order in orders
     }
 
-    # Assert
+    # Assert: one sum, SEAL-saved with zstd
     assert len(sums) == 1
+    (total,) = sums
+    (ciphertext,) = ckks.unpack_vector(total)[1]
+    assert seal_layout.compression_mode(ciphertext) == seal_layout.COMPR_ZSTD
 
 
 def test_aggregator_context_holds_no_key(
@@ -93,18 +98,23 @@ def test_aggregator_context_holds_no_key(
     vector = load_ciphertext(aggregator_context, blobs[0], SIZE)
 
     # Execute / Assert
+    assert vector.size == SIZE
     assert not aggregator_context.is_private()
     assert not aggregator_context.has_public_key()
-    with pytest.raises(ValueError, match="secret_key"):
-        vector.decrypt()
+    with pytest.raises(ValueError, match="Secret key"):
+        aggregator_context.secret_key()
+    with pytest.raises(HeError, match="holds the secret key"):
+        OwnerKeys(aggregator_context)
     with pytest.raises(HeError, match="no public key"):
         encrypt(aggregator_context, np.ones(3))
 
 
-def test_public_context_cannot_decrypt(device_context: ts.Context, blobs: list[bytes]) -> None:
+def test_public_context_cannot_decrypt(device_context: ts.Context) -> None:
     assert not device_context.is_private()
-    with pytest.raises(ValueError, match="secret_key"):
-        load_ciphertext(device_context, blobs[0], SIZE).decrypt()
+    with pytest.raises(ValueError, match="Secret key"):
+        device_context.secret_key()
+    with pytest.raises(HeError, match="holds the secret key"):
+        OwnerKeys(device_context)
 
 
 def test_devices_and_aggregators_refuse_a_secret_key(owner: OwnerKeys) -> None:
@@ -133,7 +143,7 @@ def test_ciphertext_from_another_profile_is_rejected(aggregator_context: ts.Cont
     other = encrypt(load_context(other_owner.public_context_bytes()), np.ones(SIZE))
 
     # Execute / Assert
-    with pytest.raises(HeError, match="not a ciphertext for this context"):
+    with pytest.raises(HeError, match="SEAL refused"):
         load_ciphertext(aggregator_context, other, SIZE)
 
 
@@ -148,8 +158,14 @@ def test_ciphertext_under_another_key_of_the_same_profile_decrypts_to_noise(
 
 @pytest.mark.parametrize(
     "mangle",
-    [lambda b: b"garbage", lambda b: b[: len(b) // 2], lambda b: b""],
-    ids=["garbage", "truncated", "empty"],
+    [
+        lambda b: b"garbage",
+        lambda b: b[: len(b) // 2],
+        lambda b: b"",
+        lambda b: b + b"\x00",
+        lambda b: b[:15] + bytes(20) + b[35:],  # the SEAL header of the ciphertext zeroed
+    ],
+    ids=["garbage", "truncated", "empty", "trailing", "no-seal-header"],
 )
 def test_malformed_ciphertext_bytes_are_rejected(
     aggregator_context: ts.Context, blobs: list[bytes], mangle: Callable[[bytes], bytes]
@@ -169,7 +185,11 @@ def test_wrong_scale_is_rejected_before_it_breaks_the_sum(
     device_context: ts.Context, aggregator_context: ts.Context
 ) -> None:
     # Prepare: a well-formed ciphertext at scale 2^30 instead of the profile's 2^40
-    odd = ts.ckks_vector(device_context, [1.0] * SIZE, scale=2.0**30).serialize()
+    seal_context = device_context.seal_context().data
+    plain, ciphertext = sealapi.Plaintext(), sealapi.Ciphertext()
+    sealapi.CKKSEncoder(seal_context).encode([1.0] * SIZE, 2.0**30, plain)
+    sealapi.Encryptor(seal_context, device_context.public_key().data).encrypt(plain, ciphertext)
+    odd = ckks.pack_vector(SIZE, [seal_layout.save_ciphertext(ciphertext)])
 
     # Execute / Assert
     with pytest.raises(HeError, match="scale"):
@@ -186,11 +206,11 @@ def test_nothing_to_sum_and_unencryptable_values_are_errors(
             encrypt(device_context, bad)
 
 
-def test_long_vectors_keep_stdout_clean(
+def test_long_vectors_span_ciphertexts_and_keep_stdout_clean(
     owner: OwnerKeys, device_context: ts.Context, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    # Prepare: more values than one ciphertext's 2048 slots, which makes TenSEAL print
-    values = np.linspace(-1.0, 1.0, 5000)
+    # Prepare: more values than one ciphertext's 4096 (two per complex slot)
+    values = np.linspace(-1.0, 1.0, 9000)
 
     # Execute
     blob = encrypt(device_context, values)
@@ -198,7 +218,8 @@ def test_long_vectors_keep_stdout_clean(
 
     # Assert
     assert capfd.readouterr().out == "still printing\n"
-    np.testing.assert_allclose(decrypt(owner, blob, 5000), values, atol=SUM_TOLERANCE)
+    assert len(ckks.unpack_vector(blob)[1]) == 3
+    np.testing.assert_allclose(decrypt(owner, blob, 9000), values, atol=SUM_TOLERANCE)
 
 
 def test_context_hash_is_keccak_and_stable_across_reload(owner: OwnerKeys, tmp_path: Path) -> None:
@@ -276,4 +297,41 @@ def test_profiles_are_named_by_their_parameters() -> None:
     assert DEFAULT_PROFILE.poly_modulus_degree == 4096
     assert DEFAULT_PROFILE.coeff_mod_bit_sizes == (60, 49)
     assert DEFAULT_PROFILE.global_scale_bits == 40
-    assert DEFAULT_PROFILE.slot_count == 2048
+    assert DEFAULT_PROFILE.values_per_ciphertext == 4096
+
+
+@pytest.mark.parametrize(("name", "target"), [("ckks-4096-60-49", 16.1), ("ckks-4096-40-40", 12.1)])
+def test_a_full_ciphertext_costs_at_most_the_target_bytes_per_value(
+    name: str, target: float
+) -> None:
+    # Prepare: a vector filling exactly two ciphertexts, two values per complex slot
+    owner = OwnerKeys.generate(PROFILES[name])
+    context = load_context(owner.public_context_bytes())
+    values = np.random.default_rng(5).normal(0.0, 0.1, 2 * PROFILES[name].values_per_ciphertext)
+
+    # Execute
+    blob = encrypt(context, values)
+
+    # Assert
+    assert len(blob) / values.size <= target
+    assert len(ckks.unpack_vector(blob)[1]) == 2
+    np.testing.assert_allclose(
+        decrypt(owner, blob, values.size), values, atol=PROFILES[name].encryption_noise
+    )
+
+
+def test_the_compact_profile_sums_within_its_stated_error() -> None:
+    # Prepare: ten updates at the default clip's magnitude (L2 norm 5 over 1,000 values)
+    profile = PROFILES["ckks-4096-40-40"]
+    owner = OwnerKeys.generate(profile)
+    context = load_context(owner.public_context_bytes())
+    aggregator = load_context(ckks.aggregator_context_bytes(owner.public_context_bytes()))
+    rng = np.random.default_rng(9)
+    updates = [rng.normal(0.0, 5.0 / np.sqrt(1000), 1000) for _ in range(10)]
+
+    # Execute
+    total = sum_ciphertexts(aggregator, [encrypt(context, u) for u in updates], 1000)
+
+    # Assert
+    error = np.max(np.abs(decrypt(owner, total, 1000) - np.sum(updates, axis=0)))
+    assert 0 < error < profile.encryption_noise

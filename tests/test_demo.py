@@ -15,9 +15,10 @@ from truscl.demo import DemoConfig, run_demo
 from truscl.demo.fleet import DEVICE_PROCESSES, _device_processes
 from truscl.demo.inprocess import run_in_process
 from truscl.errors import ConfigError
-from truscl.task import DpTerms
+from truscl.task import DpTerms, TaskSpec
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_truscl_demo_with_defaults_meets_the_targets(tmp_path: Path) -> None:
@@ -132,3 +133,43 @@ def test_devices_share_processes_only_beyond_eight(devices: int, alone_last: boo
     assert max(map(len, groups)) - min(map(len, groups[:-1] or groups)) <= 1
     if alone_last:
         assert groups[-1] == [devices - 1]
+
+
+def _demo_with_task(tmp_path: Path, task: str, *options: str) -> tuple[dict, str]:
+    out = tmp_path / "summary.json"
+    task_file = ROOT / "deploy" / "tasks" / task
+    result = subprocess.run(
+        [sys.executable, "-m", "truscl.cli", "demo", "--task", str(task_file),
+         "--devices", "2", "--rounds", "2", "--json", str(out), "--workdir", str(tmp_path / "run"),
+         *options],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+def test_truscl_demo_runs_a_task_of_three_features(tmp_path: Path) -> None:
+    # Execute: every role a thread, on the in-process EVM, to keep CI time down
+    summary, stdout = _demo_with_task(tmp_path, "three-features.toml", "--in-process")
+    # Assert: the updates carry the 3 + 1 parameters of the task's model; the task audits
+    spec = TaskSpec.decode((tmp_path / "run" / "devices" / "0" / "spec.cbor").read_bytes())
+    assert spec.features == ("light_lux", "co2_ppm", "humidity_ratio") and spec.n_params == 4
+    assert [row["participants"] for row in summary["rounds"]] == [2, 2]
+    assert summary["audit"]["verified"] == summary["audit"]["total"] == 2
+    assert 0.5 < summary["final_accuracy"] and 0.5 < summary["baseline_accuracy"]
+    assert "audit: 2/2" in stdout
+
+
+def test_truscl_demo_runs_an_mlp_task_with_a_process_per_role(tmp_path: Path) -> None:
+    # Execute
+    summary, stdout = _demo_with_task(tmp_path, "mlp.toml")
+    # Assert: the owner's released models are the MLP's 97 parameters, and they learnt
+    spec = TaskSpec.decode((tmp_path / "run" / "owner" / "state" / "spec.cbor").read_bytes())
+    models = sorted((tmp_path / "run" / "owner" / "state" / "models").glob("*.model"))
+    assert (spec.model, spec.hidden, spec.n_params) == ("mlp", (8, 4), 97)
+    assert [path.stat().st_size for path in models] == [8 * 97] * 3  # models 0, 1 and 2
+    assert [row["participants"] for row in summary["rounds"]] == [2, 2]
+    assert summary["audit"]["verified"] == summary["audit"]["total"] == 2
+    assert summary["stopped_cleanly"] is True and "audit: 2/2" in stdout

@@ -59,7 +59,7 @@ def test_the_outbox_keeps_updates_across_a_restart_until_acknowledged(tmp_path: 
     book = RoundBook()
     for round_no, blob in ((1, b"update one"), (2, b"update two")):
         book.announced(round_no, b"\x00" * 32, deadline=100.0)
-        book.charged(round_no, ledger_index=round_no - 1)
+        book.charged(round_no, ledger_index=round_no - 1, readings=128)
         (built,) = book.built(round_no, keccak(blob), _record(round_no), 0.0).changed
         outbox.build(built, "t/updates/a", blob)
     outbox.build(built, "t/updates/a", b"update two")  # a retry stores nothing new
@@ -135,7 +135,7 @@ def test_status_shows_round_states_from_the_state_file_without_the_network(
         book.announced(round_no, b"\x00" * 32, deadline=100.0)
         if round_no == 3:
             continue  # skipped when round 4 came
-        book.charged(round_no, ledger_index=round_no - 1)
+        book.charged(round_no, ledger_index=round_no - 1, readings=128)
         book.built(round_no, keccak(bytes([round_no])), _record(round_no), 0.0)
         book.sent(round_no)
     book.receipt(keccak(b"\x01"), accepted=True, reason="", counted_in=1)

@@ -8,7 +8,6 @@ of them can send the crafted ciphertext an attacker would.
 
 from __future__ import annotations
 
-import pathlib
 import queue
 import struct
 import threading
@@ -29,7 +28,7 @@ from truscl.chain import ChainClient, EmbeddedChain
 from truscl.demo import occupancy_spec
 from truscl.errors import ProtocolError, SignatureError
 from truscl.mqtt import MqttLink
-from truscl.privacy import seal_layout
+from truscl.privacy import ckks, seal_layout
 from truscl.privacy.ckks import encrypt, load_ciphertext, load_context, sum_ciphertexts
 from truscl.privacy.release import Refusal, noise_slack
 from truscl.privacy.threshold import PartialDecryption, combine, profile_of
@@ -357,34 +356,26 @@ def test_the_owners_share_alone_tells_nothing_of_an_individual_update(served: Se
 # --- the crafted ciphertext ----------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def crafted_ciphertext(
-    context: ts.Context, values: np.ndarray, tmp: pathlib.Path, offset: int = 2**57
-) -> bytes:
-    """An honest encryption of ``values`` with ``offset`` added to its second polynomial.
-
-    Added to every NTT residue of c1, which is adding the constant polynomial ``offset`` to c1:
-    the decryption becomes ``m + offset * s``, the secret key scaled up. Rebuilt by hand as in
-    tests/test_rounds.py: TenSEAL's protobuf around SEAL's (zstd-compressed) ciphertext.
-    """
-    vector = ts.ckks_vector_from(context, encrypt(context, values))
-    (ciphertext,) = vector.ciphertext()
-    ciphertext.save(str(tmp))
-    saved = tmp.read_bytes()
+def uncompressed_ciphertext(context: ts.Context, values: np.ndarray) -> bytearray:
+    """An honest encryption of ``values`` (one ciphertext) as SEAL saves it uncompressed."""
+    (saved,) = ckks.unpack_vector(encrypt(context, values))[1]
     header, body = bytearray(saved[:16]), saved[16:]
     if header[5] != 0:
         body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 24)
     header[5] = 0  # compression: none
     header[8:16] = struct.pack("<Q", 16 + len(body))
-    raw = bytearray(bytes(header) + body)
+    return bytearray(bytes(header) + body)
+
+
+def crafted_ciphertext(context: ts.Context, values: np.ndarray, offset: int = 2**57) -> bytes:
+    """An honest encryption of ``values`` with ``offset`` added to its second polynomial.
+
+    Added to every NTT residue of c1, which is adding the constant polynomial ``offset`` to c1:
+    the decryption becomes ``m + offset * s``, the secret key scaled up. Rebuilt by hand:
+    SEAL's ciphertext, uncompressed, in truscl's vector.
+    """
+    raw = uncompressed_ciphertext(context, values)
+    ciphertext = seal_layout.load_seal_ciphertext(context, bytes(raw))
     start = 16 + struct.calcsize("<4QBQQQdQ") + 16  # SEAL header, metadata, DynArray header
     (count,) = struct.unpack_from("<Q", raw, start)
     polys = seal_layout.ciphertext_polys(ciphertext)
@@ -394,12 +385,7 @@ def crafted_ciphertext(
     for j, q in enumerate(seal_layout.first_level(context).moduli):
         edited[1, j] = ((edited[1, j].astype(object) + offset) % q).astype(np.uint64)
     raw[start + 8 : start + 8 + 8 * count] = edited.astype("<u8").tobytes()
-    shape = _varint(len(values))
-    return (
-        b"\x0a" + _varint(len(shape)) + shape
-        + b"\x12" + _varint(len(raw)) + bytes(raw)
-        + b"\x19" + struct.pack("<d", context.global_scale)
-    )  # fmt: skip
+    return ckks.pack_vector(len(values), [bytes(raw)])
 
 
 @pytest.mark.slow
@@ -439,7 +425,7 @@ def test_a_crafted_round_is_refused_on_chain_and_the_task_goes_on(
         [TaskTopics(spec.task).round],
         MAX_MESSAGE,
     )
-    evil = crafted_ciphertext(context, np.full(5, 0.5), tmp_path / "ciphertext")
+    evil = crafted_ciphertext(context, np.full(5, 0.5))
     load_ciphertext(context, evil, 5)  # well-formed: the aggregator's checks cannot tell
 
     def send(round_no: int, device: LocalAccount, ciphertext: bytes) -> None:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from test_guardian import crafted_ciphertext
 
-from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys, encrypt, load_context, sum_ciphertexts
+from truscl.privacy.ckks import (
+    DEFAULT_PROFILE,
+    PROFILES,
+    OwnerKeys,
+    encrypt,
+    load_context,
+    sum_ciphertexts,
+)
 from truscl.privacy.release import Refusal, ReleaseBounds, noise_slack
 from truscl.privacy.threshold import KeyShare, combine_slots
 
@@ -45,11 +50,11 @@ def test_an_honest_sum_at_the_clip_is_released(owner_keys: OwnerKeys) -> None:
 
 def test_a_long_vector_over_two_ciphertexts_is_released(owner_keys: OwnerKeys) -> None:
     context = load_context(owner_keys.public_context_bytes())
-    values = np.full(3000, 0.05)
-    slots = slots_of(owner_keys, encrypt(context, values), 3000)
+    values = np.full(5000, 0.05)
+    slots = slots_of(owner_keys, encrypt(context, values), 5000)
 
-    assert slots.shape == (2, 2048)
-    assert bounds(updates=1, n_params=3000).check(slots) is None
+    assert slots.shape == (2, 4096)
+    assert bounds(updates=1, n_params=5000).check(slots) is None
 
 
 def test_an_l2_norm_above_the_clip_is_refused(owner_keys: OwnerKeys) -> None:
@@ -61,23 +66,46 @@ def test_an_l2_norm_above_the_clip_is_refused(owner_keys: OwnerKeys) -> None:
     )
 
 
-def test_the_crafted_ciphertext_is_refused(owner_keys: OwnerKeys, tmp_path: Path) -> None:
+def test_the_crafted_ciphertext_is_refused(owner_keys: OwnerKeys) -> None:
     context = load_context(owner_keys.public_context_bytes())
-    evil = crafted_ciphertext(context, np.full(N_PARAMS, 0.5), tmp_path / "ct")
+    evil = crafted_ciphertext(context, np.full(N_PARAMS, 0.5))
     honest = [encrypt(context, np.full(N_PARAMS, 0.5)) for _ in range(2)]
     total = sum_ciphertexts(context, [evil, *honest], N_PARAMS)
 
     assert bounds(updates=3).check(slots_of(owner_keys, total)) == Refusal.OUT_OF_BOUNDS
 
 
-def test_slots_that_are_no_replica_of_the_values_are_refused(owner_keys: OwnerKeys) -> None:
-    # Values within bounds, but a slot beyond the model's carries something else: an update
+def test_values_beyond_the_model_that_are_not_zero_are_refused(owner_keys: OwnerKeys) -> None:
+    # Values within bounds, but a value beyond the model's carries something: an update
     # encrypted as a full vector rather than the model's five values
     context = load_context(owner_keys.public_context_bytes())
-    full = np.zeros(2048)
+    full = np.zeros(4096)
     full[:N_PARAMS] = 0.5
-    full[1000] = 0.01
-    slots = slots_of(owner_keys, encrypt(context, full), 2048)
+    full[1001] = 0.01  # an imaginary part
+    slots = slots_of(owner_keys, encrypt(context, full), 4096)
 
     assert bounds(updates=1).check(slots) == Refusal.PADDING
     assert bounds(updates=1).check(slots_of(owner_keys, encrypt(context, full[:5]))) is None
+
+
+def test_the_compact_profile_releases_an_honest_sum_and_refuses_a_crafted_one() -> None:
+    # Prepare: single-key mode under ckks-4096-40-40 (scale 2^26, smudging sigma 2^12)
+    compact = PROFILES["ckks-4096-40-40"]
+    owner_keys = OwnerKeys.generate(compact)
+    context = load_context(owner_keys.public_context_bytes())
+    update = np.zeros(N_PARAMS)
+    update[2] = 5.0
+    honest = [encrypt(context, update) for _ in range(3)]
+    evil = crafted_ciphertext(context, np.full(N_PARAMS, 0.5), offset=2**37)
+    compact_bounds = ReleaseBounds(N_PARAMS, 3, 5.0, noise_slack(compact, 1))
+
+    # Execute
+    released = slots_of(owner_keys, sum_ciphertexts(context, honest, N_PARAMS))
+    crafted = slots_of(owner_keys, sum_ciphertexts(context, [evil, *honest[1:]], N_PARAMS))
+
+    # Assert: the release is within the profile's slack of the truth; the crafted sum is refused
+    assert compact_bounds.check(released) is None
+    np.testing.assert_allclose(
+        released.reshape(-1)[:N_PARAMS], 3 * update, atol=compact_bounds.slack
+    )
+    assert compact_bounds.check(crafted) == Refusal.OUT_OF_BOUNDS

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from truscl.agent.sensors import SensorSuite
+from truscl.learning.features import DEFAULT_FEATURES, feature_matrix
 from truscl.sim import MONDAY_2024_01_08, Room, RoomState, make_fleet, make_rooms
+from truscl.sim.rooms import SHIFT_ARCHETYPES
 
 FIVE_MINUTES = 300.0
 WEEK_OF_READINGS = 7 * 24 * 12
@@ -96,7 +98,7 @@ def fleet_data(n: int, seed: int, readings: int) -> dict[str, tuple[np.ndarray, 
                 rows.append(suite.read(device.now))
         assert [r.faults for r in rows if not r.valid] == []  # healthy hardware, no alarms
         data[device.name] = (
-            np.array([r.features() for r in rows]),
+            feature_matrix(DEFAULT_FEATURES, rows),
             np.array([r.label() for r in rows]),
         )
     return data
@@ -147,3 +149,37 @@ def test_occupancy_is_learnable_but_not_trivial(
     for name, accuracy in accuracies.items():
         assert 0.78 < accuracy < 0.98, f"{name}: {accuracy:.3f}"
     assert 0.84 < float(np.mean(list(accuracies.values()))) < 0.95
+
+
+def test_shift_rooms_differ_by_their_hours_alone() -> None:
+    # Execute
+    rooms = make_rooms(5, seed=3, archetypes=SHIFT_ARCHETYPES)
+
+    # Assert: one schedule each; sizes and people drawn as for any fleet
+    assert len({room.schedule for room in rooms}) == 5
+    assert {room.name.rsplit("-", 1)[0] for room in rooms} == {
+        archetype.name for archetype in SHIFT_ARCHETYPES
+    }
+
+
+def test_a_night_shift_is_in_when_a_day_office_is_out() -> None:
+    # Prepare: a weekday of each, read as the sensors' truth every five minutes
+    day, night = make_rooms(2, seed=4, archetypes=SHIFT_ARCHETYPES)
+
+    # Execute
+    by_day = simulate(Room(day, seed=1, start=MONDAY_2024_01_08), WEEK_OF_READINGS // 7)
+    by_night = simulate(Room(night, seed=1, start=MONDAY_2024_01_08), WEEK_OF_READINGS // 7)
+
+    # Assert: each is mostly in while the other is mostly out
+    def share_in(states: list[RoomState], hours: range) -> float:
+        at = [s.occupied for s in states if int((s.time % 86400) // 3600) in hours]
+        return float(np.mean(at))
+
+    office_hours, night_hours = range(9, 17), range(0, 6)
+    assert share_in(by_day, office_hours) > 0.5 > 0.1 > share_in(by_day, night_hours)
+    assert share_in(by_night, night_hours) > 0.5 > 0.1 > share_in(by_night, office_hours)
+
+
+def test_make_rooms_needs_an_archetype() -> None:
+    with pytest.raises(ValueError, match="archetype"):
+        make_rooms(2, seed=0, archetypes=())

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import struct
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import tenseal as ts
-import zstandard
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
+from test_guardian import uncompressed_ciphertext
 
 from truscl.errors import ChainError, HeError, ProtocolError
-from truscl.privacy.ckks import CkksProfile, OwnerKeys, context_hash, decrypt, encrypt
+from truscl.privacy.ckks import (
+    CkksProfile,
+    OwnerKeys,
+    context_hash,
+    decrypt,
+    encrypt,
+    pack_vector,
+)
 from truscl.server.rounds import (
     Accepted,
     OpenRound,
@@ -279,43 +285,20 @@ def test_the_aggregator_refuses_a_secret_key(terms, owner_keys, devices) -> None
         open_round(terms, owner_keys.context, devices)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def non_ntt_ciphertext(context: ts.Context, tmp_path) -> bytes:
-    """A real encryption whose SEAL header claims it is not in NTT form: SEAL loads it, then
-    refuses to add it to (or after) an honest one. Rebuilt by hand: TenSEAL's protobuf
-    around SEAL's zstd-compressed ciphertext."""
-    vector = ts.ckks_vector_from(context, encrypt(context, np.ones(N_PARAMS)))
-    path = tmp_path / "ciphertext"
-    vector.ciphertext()[0].save(str(path))
-    saved = path.read_bytes()
-    header, body = bytearray(saved[:16]), saved[16:]
-    body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 24)
-    header[5] = 0  # compression: none
-    header[8:16] = struct.pack("<Q", 16 + len(body))
-    raw = bytearray(bytes(header) + body)
+def non_ntt_ciphertext(context: ts.Context) -> bytes:
+    """A real encryption whose SEAL header claims it is not in NTT form. Rebuilt by hand:
+    SEAL's ciphertext, uncompressed, in truscl's vector."""
+    raw = uncompressed_ciphertext(context, np.ones(N_PARAMS))
     raw[16 + 32] = 0  # after SEAL's header and the 32-byte parms_id: the NTT flag
-    shape = _varint(N_PARAMS)
-    return (
-        b"\x0a" + _varint(len(shape)) + shape
-        + b"\x12" + _varint(len(raw)) + bytes(raw)
-        + b"\x19" + struct.pack("<d", context.global_scale)
-    )  # fmt: skip
+    return pack_vector(N_PARAMS, [bytes(raw)])
 
 
 def test_a_ciphertext_that_cannot_be_added_does_not_stall_the_round(
-    terms, public_context, owner_keys, devices, tmp_path
+    terms, public_context, owner_keys, devices
 ) -> None:
     # Prepare: a registered device sends a crafted ciphertext first
     round_ = open_round(terms, public_context, devices)
-    evil = non_ntt_ciphertext(public_context, tmp_path)
+    evil = non_ntt_ciphertext(public_context)
     # Execute
     first = round_.offer(
         update_blob(devices[0], terms, public_context, np.ones(N_PARAMS), ciphertext=evil)

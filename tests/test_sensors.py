@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import cbor2
 import pytest
@@ -12,12 +13,12 @@ from truscl.agent.health import Fault, Status
 from truscl.agent.sensors import (
     DEFAULT_CALIBRATION,
     DEFAULT_WIRING,
-    FEATURES,
     Bme280,
     Reading,
     SensorSuite,
 )
-from truscl.errors import SensorError
+from truscl.errors import ConfigError, SensorError
+from truscl.learning.features import DEFAULT_FEATURES, feature_matrix
 from truscl.sim import FakeBme280Bus, make_fleet
 from truscl.sim.hardware import TYPICAL_CALIBRATION, SimulatedDevice
 
@@ -119,6 +120,23 @@ def device() -> SimulatedDevice:
     return make_fleet(1, seed=3)[0]
 
 
+def test_a_suite_without_some_parts_reads_the_others(device: SimulatedDevice) -> None:
+    # Prepare: no CO2 sensor and no PIR fitted
+    with SensorSuite(device.pin_factory, device.i2c_bus, parts=("bme280", "light")) as suite:
+        device.pir_pin.drive_high()
+        # Execute
+        reading = suite.read(device.now)
+        parts = suite.parts
+
+    # Assert: valid, the missing quantities unknown rather than faults
+    assert parts == {"bme280", "light"}
+    assert reading.valid and reading.encode()
+    assert math.isnan(reading.co2_ppm) and reading.motion is False
+    assert 0 < reading.light_lux and 15 < reading.temperature_c < 30
+    with pytest.raises(ConfigError, match="unknown sensor 'sht31'"):
+        SensorSuite(device.pin_factory, device.i2c_bus, parts=("sht31",))
+
+
 def test_suite_sees_the_pir_pin(device: SimulatedDevice) -> None:
     # Prepare
     with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
@@ -206,8 +224,7 @@ def test_reading_features_label_and_encoding() -> None:
     encoded = reading.encode()
 
     # Assert
-    assert FEATURES == ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
-    assert reading.features() == (21.5, 40.25, 350.0, 812.5)
+    assert feature_matrix(DEFAULT_FEATURES, [reading]).tolist() == [[21.5, 40.25, 350.0, 812.5]]
     assert reading.label() == 1
     assert encoded == Reading(1.7e9, 21.5, 40.25, 1001.5, 350.0, 812.5, True).encode()
     assert cbor2.loads(encoded) == [1, 1.7e9, 21.5, 40.25, 1001.5, 350.0, 812.5, True]

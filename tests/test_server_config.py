@@ -30,10 +30,10 @@ def test_the_example_task_file_makes_the_demo_terms() -> None:
     [
         (lambda t: t.replace("rounds = 10", 'rounds = "10"'), "rounds has the wrong type"),
         (lambda t: t.replace("quorum = 3", "quorums = 3"), "quorum is required"),
-        (lambda t: t + "colour = 1\n", "unknown key dp.colour"),
+        (lambda t: t + "colour = 1\n", "unknown key optimiser.colour"),
         (lambda t: t.replace("clip_norm = 1.0", "clip_norm = -1.0"), "clip_norm"),
         (lambda t: t.replace("co2_ppm = [400.0, 2000.0]", "co2_ppm = [1]"), "ranges.co2_ppm"),
-        (lambda t: t.replace('"co2_ppm"]', '"co2"]'), "features must be"),
+        (lambda t: t.replace('"co2_ppm"]', '"co2"]'), "unknown feature 'co2'"),
         (lambda t: t.replace('he_profile = "ckks-4096-60-49"', 'he_profile = "x"'), "he_profile"),
         (lambda t: t.replace("round_seconds = 60.0", "round_seconds = 0"), "round_seconds"),
         (lambda t: t.replace("min_cohort = 2", "min_cohort = 1"), "min_cohort must be at least 2"),
@@ -157,6 +157,11 @@ def test_a_task_whose_rounds_exceed_the_budget_is_refused_with_the_figures(
 
     message = str(refused.value)
     assert message.startswith("40 rounds would spend epsilon ")
-    assert "over the budget 4" in message and "at most 10 rounds" in message
+    assert "over the budget 4" in message and "at most 3 rounds" in message
+    # The task's figure is its worst case, a device training on min_readings (576) readings
+    # every round; with full windows only (the demo's task) it is 3.976
     within = load_task_file(ROOT / "deploy" / "task.toml", task=TASK, context_hash=CONTEXT)
-    assert 3.9 < task_privacy(within) < 4.0  # the demo's task: 10 rounds, epsilon 3.976
+    assert 5.9 < task_privacy(within) < 6.0
+    path.write_text((ROOT / "deploy" / "task.toml").read_text().replace("min_readings = 576", ""))
+    full_windows = load_task_file(path, task=TASK, context_hash=CONTEXT)
+    assert full_windows.min_readings == 864 and 3.9 < task_privacy(full_windows) < 4.0

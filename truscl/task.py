@@ -7,21 +7,40 @@ aggregator cannot quietly change the model, the privacy terms or the HE profile.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cbor2
+import numpy as np
 from eth_utils import keccak
 
 from truscl.config import TomlReader
 from truscl.errors import ConfigError
-from truscl.learning import FeatureScaler
+from truscl.learning import (
+    MODELS,
+    FeatureScaler,
+    Model,
+    OptimiserTerms,
+    feature_matrix,
+    labels,
+    make_model,
+)
+from truscl.learning.features import (
+    DEFAULT_FEATURES,
+    DEFAULT_LABEL,
+    FEATURES,
+    Sample,
+    check_names,
+)
 from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, MIN_MESSAGE
 
-FEATURES = ("temperature_c", "humidity_pct", "light_lux", "co2_ppm")
 MAX_MESSAGE_LIMIT = 1024 * 1024  # the largest MQTT payload a task may ask for
 SPEC_MAX_BYTES = 64 * 1024  # the largest spec (and model) message a role reads
+# The most parameters a model may have: its float64 bytes and their envelope fit in one model
+# message a role reads (SPEC_MAX_BYTES), with a kilobyte to spare for the envelope.
+MAX_PARAMS = (SPEC_MAX_BYTES - 1024) // 8
 
 
 @dataclass(frozen=True)
@@ -30,7 +49,7 @@ class DpTerms:
 
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0
-    batch_size: int = 32  # expected Poisson batch; q = batch_size / window
+    batch_size: int = 32  # expected Poisson batch; q = batch_size / readings trained on
     local_steps: int = 20
     learning_rate: float = 2.0
     delta: float = 1e-5
@@ -62,12 +81,13 @@ class TaskSpec:
     context_hash: str
     feature_offsets: tuple[float, ...]
     feature_scales: tuple[float, ...]
-    features: tuple[str, ...] = FEATURES
-    model: str = "logistic"
-    window: int = 864  # readings a device trains on (its most recent ones)
+    features: tuple[str, ...] = DEFAULT_FEATURES  # names in truscl.learning.features.FEATURES
+    model: str = "logistic"  # a kind of truscl.learning.registry.MODELS
+    window: int = 864  # the most readings a device trains on (its most recent ones)
     round_seconds: float = 30.0
     max_message: int = DEFAULT_MAX_MESSAGE
     dp: DpTerms = field(default_factory=DpTerms)
+    optimiser: OptimiserTerms = field(default_factory=OptimiserTerms)  # the owner's, per round
     late_updates: bool = True  # an update that misses its round's close counts in the next
     # The fewest accepted updates a round's aggregate may hold for any key holder to decrypt it
     # (also a term on chain): an "aggregate" of one update would be that device's update.
@@ -77,8 +97,16 @@ class TaskSpec:
     # transcript that produced ``context_hash``. Both empty in single-key mode.
     key_holders: tuple[tuple[str, str], ...] = ()
     keygen_digest: str = ""
+    label: str = DEFAULT_LABEL  # what the model predicts (truscl.learning.features.LABELS)
+    hidden: tuple[int, ...] = ()  # an mlp's hidden layer sizes; none for logistic
+    # The fewest readings a device trains on: it waits for them, then trains on up to
+    # ``window``. 0 stands for ``window`` (train on full windows only). The task's privacy
+    # figures take this worst case: the fewer readings, the higher the sampling rate.
+    min_readings: int = 0
 
     def __post_init__(self) -> None:
+        if self.min_readings == 0:
+            object.__setattr__(self, "min_readings", self.window)  # frozen: set once, here
         if self.rounds < 1 or self.quorum < 1:
             raise ConfigError("rounds and quorum must be at least 1")
         if self.min_cohort < 2:
@@ -92,8 +120,18 @@ class TaskSpec:
             raise ConfigError(
                 f"max_message must be within {MIN_MESSAGE} and {MAX_MESSAGE_LIMIT} bytes"
             )
-        if self.window < self.dp.batch_size:
-            raise ConfigError("the window must hold at least one expected batch")
+        if not self.dp.batch_size <= self.min_readings <= self.window:
+            raise ConfigError(
+                f"min_readings ({self.min_readings}) must be within the expected batch "
+                f"({self.dp.batch_size}) and the window ({self.window})"
+            )
+        check_names(self.features, self.label)
+        n_params = self.make_model().n_params
+        if n_params > MAX_PARAMS:
+            raise ConfigError(
+                f"the {self.model} model has {n_params} parameters; a task allows at most "
+                f"{MAX_PARAMS} (one model message of {SPEC_MAX_BYTES} bytes)"
+            )
 
     @property
     def task_id(self) -> bytes:
@@ -103,10 +141,22 @@ class TaskSpec:
     def scaler(self) -> FeatureScaler:
         return FeatureScaler(self.feature_offsets, self.feature_scales)
 
+    def make_model(self) -> Model:
+        """The task's model (:func:`truscl.learning.make_model`)."""
+        return make_model(self.model, len(self.features), self.hidden)
+
     @property
     def n_params(self) -> int:
-        """Weights and bias of the logistic model."""
-        return len(self.features) + 1
+        """Parameters of the task's model: the length of every update and released model."""
+        return self.make_model().n_params
+
+    def inputs(self, readings: Sequence[Sample]) -> np.ndarray:
+        """The model's scaled inputs for ``readings`` (rows), the task's features in order."""
+        return self.scaler.apply(feature_matrix(self.features, readings))
+
+    def targets(self, readings: Sequence[Sample]) -> np.ndarray:
+        """The 0/1 labels of ``readings``."""
+        return labels(self.label, readings)
 
     @property
     def he_mode(self) -> str:
@@ -115,7 +165,17 @@ class TaskSpec:
 
     @property
     def sampling_rate(self) -> float:
-        return self.dp.batch_size / self.window
+        """The highest sampling rate a device trains at (on ``min_readings`` readings): what
+        the task's privacy terms are checked with, since no round may cost more."""
+        return self.sampling_rate_for(self.min_readings)
+
+    def sampling_rate_for(self, readings: int) -> float:
+        """The Poisson sampling rate of a round trained on ``readings`` readings."""
+        if not self.min_readings <= readings <= self.window:
+            raise ValueError(
+                f"a round trains on {self.min_readings} to {self.window} readings, not {readings}"
+            )
+        return self.dp.batch_size / readings
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,8 +185,10 @@ class TaskSpec:
         try:
             fields = dict(data)
             fields["dp"] = DpTerms(**fields["dp"])
-            for name in ("feature_offsets", "feature_scales", "features"):
-                fields[name] = tuple(fields[name])
+            fields["optimiser"] = OptimiserTerms(**fields["optimiser"])
+            for name in ("feature_offsets", "feature_scales", "features", "hidden"):
+                if name in fields:
+                    fields[name] = tuple(fields[name])
             fields["key_holders"] = tuple(
                 (str(name), str(address)) for name, address in fields.get("key_holders", ())
             )
@@ -151,32 +213,44 @@ class TaskSpec:
         return keccak(self.encode())
 
 
+def _terms(reader: TomlReader, table: str, defaults: Any) -> dict[str, Any]:
+    """A table of terms (``[dp]``, ``[optimiser]``) as keyword arguments for its dataclass:
+    each key of ``defaults`` typed as its default value, and absent keys left at it."""
+    values = reader.table(table)
+    fields = {}
+    for name, value in asdict(defaults).items():
+        kind: type | tuple[type, ...] = (
+            type(value) if isinstance(value, str | int) else (int, float)
+        )
+        fields[name] = reader.take(values, f"{table}.{name}", kind, value)
+    return fields
+
+
 def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
     """The owner's task file (TOML) as a spec for ``task`` under the HE context ``context_hash``.
 
     The file states what an operator decides (rounds, quorum, deadline, features and their
-    physical ranges, DP terms); the task id and the context hash come from ``owner init``.
+    physical ranges, label, model, DP terms, server optimiser); the task id and the context
+    hash come from ``owner init``.
     """
     from truscl.privacy.ckks import DEFAULT_PROFILE, PROFILES  # TenSEAL: only when needed
 
     reader = TomlReader.load(path)
     data = reader.data
-    features = tuple(reader.take(data, "features", list, list(FEATURES)))
-    if features != FEATURES:  # the agent builds exactly these inputs from its sensors
-        raise reader.fail(f"features must be {list(FEATURES)} (the agent's sensors)")
-    ranges_table = reader.table("ranges")
-    ranges = []
-    for name in features:
-        pair = reader.take(ranges_table, f"ranges.{name}", list)
-        if len(pair) != 2 or not all(isinstance(v, int | float) for v in pair):
-            raise reader.fail(f"ranges.{name} must be [low, high]")
-        ranges.append((float(pair[0]), float(pair[1])))
-    dp_table = reader.table("dp")
-    defaults = DpTerms()
-    dp_fields = {}
-    for name, value in asdict(defaults).items():
-        kind: type | tuple[type, ...] = int if isinstance(value, int) else (int, float)
-        dp_fields[name] = reader.take(dp_table, f"dp.{name}", kind, value)
+    features = tuple(reader.take(data, "features", list, list(DEFAULT_FEATURES)))
+    label = reader.take(data, "label", str, DEFAULT_LABEL)
+    if not all(isinstance(name, str) for name in features):
+        raise reader.fail("features must be a list of feature names")
+    try:
+        check_names(features, label)
+    except ConfigError as exc:
+        raise reader.fail(f"{exc}") from None
+    hidden = reader.take(data, "hidden", list, [])
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in hidden):
+        raise reader.fail(f"hidden must be a list of layer sizes, got {hidden!r}")
+    ranges = _ranges(reader, features)
+    dp_fields = _terms(reader, "dp", DpTerms())
+    optimiser_fields = _terms(reader, "optimiser", OptimiserTerms())
     fields: dict[str, Any] = {
         "task": task,
         "rounds": reader.take(data, "rounds", int),
@@ -189,13 +263,18 @@ def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
         "late_updates": reader.take(data, "late_updates", bool, True),
         "min_cohort": reader.take(data, "min_cohort", int, 2),
         "features": features,
+        "label": label,
+        "hidden": tuple(hidden),
         "context_hash": context_hash,
     }
+    fields["min_readings"] = reader.take(data, "min_readings", int, fields["window"])
     reader.no_leftovers()
     if fields["he_profile"] not in PROFILES:
         raise reader.fail(f"he_profile must be one of {sorted(PROFILES)}")
-    if fields["model"] != "logistic":
-        raise reader.fail('model must be "logistic"')
+    if fields["model"] not in MODELS:
+        raise reader.fail(f"model must be one of {', '.join(map(repr, MODELS))}")
+    if fields["min_readings"] < 1:
+        raise reader.fail("min_readings must be at least 1")
     if fields["round_seconds"] <= 0:
         raise reader.fail("round_seconds must be > 0")
     if fields["min_cohort"] < 2:
@@ -207,6 +286,22 @@ def load_task_file(path: Path, *, task: str, context_hash: str) -> TaskSpec:
             feature_offsets=scaler.offset,
             feature_scales=scaler.scale,
             dp=DpTerms(**dp_fields),
+            optimiser=OptimiserTerms(**optimiser_fields),
         )
     except ConfigError as exc:
         raise reader.fail(str(exc)) from None
+
+
+def _ranges(reader: TomlReader, features: Sequence[str]) -> list[tuple[float, float]]:
+    """``[ranges]``: each feature's ``[low, high]``; a derived feature with a natural range
+    (the hour's sine and cosine: [-1, 1]) takes it when the file gives none."""
+    table = reader.table("ranges")
+    ranges = []
+    for name in features:
+        pair = reader.take(table, f"ranges.{name}", list, FEATURES[name].natural_range)
+        if pair is None:
+            raise reader.fail(f"ranges.{name} is required")
+        if len(pair) != 2 or not all(isinstance(v, int | float) for v in pair):
+            raise reader.fail(f"ranges.{name} must be [low, high]")
+        ranges.append((float(pair[0]), float(pair[1])))
+    return ranges

@@ -282,6 +282,11 @@ class ChainClient:
             return None
         return _hex(logs[0]["transactionHash"])
 
+    def gas_used(self, tx: str) -> int:
+        """Gas the mined transaction ``tx`` used (the report plots it per anchor)."""
+        receipt = self._read(lambda: self._w3.eth.get_transaction_receipt(HexStr(tx)))
+        return int(receipt["gasUsed"])
+
     def update_leaf(self, record: UpdateRecord) -> bytes:
         """The contract's Merkle leaf for an update (equal to ``record.leaf()``)."""
         return bytes(self._call(self._contract.functions.updateLeaf(_update_tuple(record))))

@@ -8,15 +8,16 @@ adds its commands to the parser and imports its role only when one of them runs,
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
-from truscl.cli import agent, aggregator, audit, broker, chain, demo, guardian, owner
+from truscl import logs
+from truscl.cli import agent, aggregator, audit, broker, chain, demo, guardian, owner, report
 from truscl.errors import TrusclError
 
-GROUPS = (demo, broker, chain, owner, guardian, aggregator, agent, audit)
+GROUPS = (demo, broker, chain, owner, guardian, aggregator, agent, audit, report)
 
+LOG_FORMAT_HELP = "text (default), or json: one JSON object per line"
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -26,16 +27,13 @@ def main(argv: list[str] | None = None) -> int:
         description="Trusted, private collaborative learning for IoT edge devices.",
     )
     parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default="text", help=LOG_FORMAT_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in GROUPS:
         group.register(commands)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(args.log_level, args.log_format)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from truscl.cli.common import address, stop_on_signals, task_id
+from truscl.cli.common import address, log_format_option, stop_on_signals, task_id
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,6 +52,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="append",
         help="the agent's TOML file; give several to run several devices in one process",
     )
+    log_format_option(run_parser)
     run_parser.set_defaults(handler=run)
 
     status = actions.add_parser("status", help="what the agent has done, from its state")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from truscl.cli.common import stop_on_signals
+from truscl.cli.common import log_format_option, stop_on_signals
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,6 +15,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "run", help="verify, sum, archive and anchor the updates of a task's rounds"
     )
     run_parser.add_argument("--config", type=Path, required=True, help="the aggregator's TOML file")
+    log_format_option(run_parser)
     run_parser.set_defaults(handler=run)
 
 

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from truscl.chain import ChainClient
     from truscl.chain.rpc import connect
+    from truscl.progress import Progress
     from truscl.server.archive import Archive
     from truscl.server.audit import audit_task
 
@@ -46,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
     extra: frozenset[str] = frozenset()
     if args.keygen is not None and args.keygen.is_file():  # a key holder's copy: named
         extra = frozenset({keccak(args.keygen.read_bytes()).hex()})
-    report = audit_task(chain, Archive(args.archive), args.task, extra)
+    with Progress("audit", 0) as progress:  # the count of rounds comes with the first
+        report = audit_task(
+            chain,
+            Archive(args.archive),
+            args.task,
+            extra,
+            on_round=lambda done, total: progress.advance(f"round {done}", total),
+        )
     for problem in report.problems:
         print(f"task: FAILED: {problem}")
     for item in report.rounds:

@@ -68,6 +68,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     status.add_argument("--json", type=Path, metavar="FILE", help="also write the status here")
     status.set_defaults(handler=run_status)
 
+    whose = actions.add_parser(
+        "address",
+        help="the address of a key file (to fund it, or to name a role in a config)",
+        usage="truscl chain address --key FILE",
+    )
+    whose.add_argument("--key", type=Path, required=True, metavar="FILE", help="a key file")
+    whose.set_defaults(handler=run_address)
+
+
+def run_address(args: argparse.Namespace) -> int:
+    from truscl.keyfile import load_account
+
+    print(load_account(args.key).address)
+    return 0
+
 
 def _target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

@@ -7,6 +7,8 @@ import re
 import signal
 import threading
 
+from truscl.logs import FORMATS
+
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}")
 TASK = re.compile(r"0x[0-9a-fA-F]{64}")
 
@@ -29,3 +31,14 @@ def stop_on_signals() -> threading.Event:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     return stop
+
+
+def log_format_option(parser: argparse.ArgumentParser) -> None:
+    """``--log-format`` after a service's command too (``truscl aggregator run --log-format
+    json``), as well as before it; given in neither place, the text format."""
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=argparse.SUPPRESS,
+        help="text (default), or json: one JSON object per line",
+    )

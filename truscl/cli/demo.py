@@ -8,6 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
+from truscl.cli.common import log_format_option
+from truscl.errors import ConfigError
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser(
@@ -48,16 +51,55 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "needed to decrypt; single-key: the owner holds it all",
     )
     demo.add_argument(
+        "--task",
+        type=Path,
+        metavar="FILE",
+        help="learn what this task file (TOML, as deploy/task.toml) names: features, label, "
+        "model, ranges, window, min_readings, DP terms; rounds, quorum, deadline and message "
+        "size stay the demo's options",
+    )
+    demo.add_argument(
         "--drop-device",
         type=int,
         metavar="ROUND",
         help="stop the last device before this round, to show a round closing at quorum",
+    )
+    log_format_option(demo)
+    demo.add_argument(
+        "--data",
+        type=Path,
+        metavar="FILE.csv",
+        help="replay this recorded trace through the devices' drivers instead of simulated "
+        "rooms, split across the devices (docs/traces.md)",
+    )
+    demo.add_argument(
+        "--split-by",
+        choices=("day", "device-column"),
+        default="day",
+        help="with --data: deal calendar days round-robin to --devices devices (default), or "
+        "one device per value of the map's device column (--devices is then that count)",
+    )
+    demo.add_argument(
+        "--test",
+        type=Path,
+        metavar="FILE.csv",
+        help="with --data: evaluate on this held-out trace (default: hold out the last day)",
+    )
+    demo.add_argument(
+        "--map",
+        type=Path,
+        metavar="FILE.toml",
+        help="with --data: the column map of --data and --test (default: the .toml file "
+        "beside --data, same name)",
     )
     demo.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from truscl.demo import DemoConfig, run_demo
+
+    if args.data is None and (args.test or args.map or args.split_by != "day"):
+        raise ConfigError("--split-by, --test and --map go with --data")
 
     # SIGTERM unwinds like Ctrl-C, so the demo stops what it started (the services, the broker,
     # anvil) instead of leaving them running.
@@ -74,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
         rpc=args.rpc,
         in_process=args.in_process,
         he_mode=args.he_mode,
+        log_format=getattr(args, "log_format", "text"),
+        task_file=args.task,
+        data=args.data,
+        split_by=args.split_by,
+        test=args.test,
+        trace_map=args.map,
     )
     summary = run_demo(config, out=sys.stdout)
     if args.json:

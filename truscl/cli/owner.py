@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from truscl.cli.common import stop_on_signals
+from truscl.cli.common import log_format_option, stop_on_signals
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -23,6 +23,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "run", help="serve the task: check, decrypt and release each round's model"
     )
     run_parser.add_argument("--config", type=Path, required=True, help="the owner's TOML file")
+    log_format_option(run_parser)
     run_parser.set_defaults(handler=run)
     status = actions.add_parser(
         "status", help="the task's terms, progress, and the rounds its privacy budget allows"

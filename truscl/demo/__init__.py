@@ -7,6 +7,7 @@ this process on the in-process EVM (:mod:`truscl.demo.inprocess`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, TextIO
 
 from truscl.demo.common import WINDOW, DemoConfig, DemoFailed, occupancy_spec
@@ -19,6 +20,8 @@ def run_demo(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         from truscl.demo.inprocess import run_in_process
 
         return run_in_process(config, out)
+    from truscl.demo.data import demo_data
     from truscl.demo.fleet import run_fleet
 
-    return run_fleet(config, out)
+    data = demo_data(config)  # a trace split by its device column sets the number of devices
+    return run_fleet(replace(config, devices=data.devices), data, out)

@@ -5,21 +5,29 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from truscl.agent.sensors import Reading, SensorSuite
+from truscl.chain import ChainClient
+from truscl.config import read_toml, render_toml
 from truscl.errors import TrusclError
-from truscl.learning import FeatureScaler, LogisticModel, train_centralised
+from truscl.learning import FeatureScaler, train_centralised
+from truscl.learning.features import DEFAULT_FEATURES
 from truscl.privacy.accounting import pld_epsilon
 from truscl.privacy.ckks import DEFAULT_PROFILE
+from truscl.report import write_report
+from truscl.server.archive import Archive
+from truscl.server.figures import TaskFigureReader, model_accuracy
 from truscl.sim.fleet import MONDAY_2024_01_08
 from truscl.sim.hardware import SimulatedDevice
 from truscl.sim.rooms import Room, RoomProfile
-from truscl.task import DpTerms, TaskSpec
+from truscl.task import DpTerms, TaskSpec, load_task_file
 
 READING_INTERVAL_S = 300.0  # one reading every five minutes
 READINGS_PER_ROUND = 72  # six hours of new readings per round
@@ -47,6 +55,12 @@ class DemoConfig:
     rpc: str | None = None  # a development node to use instead of starting anvil
     in_process: bool = False  # every role in this process, on the in-process EVM (or --rpc)
     he_mode: str = "threshold"  # the owner and one key guardian share the key; or "single-key"
+    log_format: str = "text"  # the services' logs: text, or json (one object per line)
+    task_file: Path | None = None  # what to learn (features, model, DP terms...); None: occupancy
+    data: Path | None = None  # a recorded trace (CSV) to split across the devices
+    split_by: str = "day"  # how: "day" or "device-column"
+    test: Path | None = None  # the held-out trace (default: the last day of --data)
+    trace_map: Path | None = None  # the traces' column map (default: FILE.toml beside --data)
 
     @property
     def quorum(self) -> int:
@@ -78,10 +92,49 @@ def occupancy_spec(context_hash: str, **terms: Any) -> TaskSpec:
     return TaskSpec(**{**fields, **terms})
 
 
-def test_set(profiles: list[RoomProfile], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def task_toml(config: DemoConfig, most_readings: int | None = None) -> str:
+    """The demo's task file: ``config.task_file`` (or the occupancy task on the sensors' ranges
+    and ``config.dp``), with the run's shape (rounds, quorum, deadline, message size) set by
+    the demo's options. ``most_readings`` caps the window (and ``min_readings``) where the data
+    holds fewer readings per device (a recorded trace's shortest part)."""
+    shape = {
+        "rounds": config.rounds,
+        "quorum": config.quorum,
+        "round_seconds": config.deadline,
+        "max_message": config.max_message,
+    }
+    if config.task_file is None:
+        ranges = {name: list(r) for name, r in zip(DEFAULT_FEATURES, SENSOR_RANGES, strict=True)}
+        top: dict[str, Any] = {"window": WINDOW}
+        tables: dict[str, Any] = {"ranges": ranges, "dp": asdict(config.dp)}
+    else:
+        data = read_toml(config.task_file)
+        top = {key: value for key, value in data.items() if not isinstance(value, dict)}
+        tables = {key: value for key, value in data.items() if isinstance(value, dict)}
+    if most_readings is not None:
+        top["window"] = min(top.get("window", WINDOW), most_readings)
+        if "min_readings" in top:
+            top["min_readings"] = min(top["min_readings"], most_readings)
+    return render_toml({**top, **shape}, tables)
+
+
+def demo_spec(
+    config: DemoConfig,
+    folder: Path,
+    task: str,
+    context_hash: str,
+    most_readings: int | None = None,
+) -> TaskSpec:
+    """The spec ``owner init`` makes of :func:`task_toml` (written to ``folder``)."""
+    path = folder / "task.toml"
+    path.write_text(task_toml(config, most_readings))
+    return load_task_file(path, task=task, context_hash=context_hash)
+
+
+def test_set(profiles: list[RoomProfile], seed: int) -> list[Reading]:
     """A held-out week from the same rooms (other days, other randomness), read through the
     same drivers."""
-    rows, labels = [], []
+    readings = []
     start = MONDAY_2024_01_08 + 28 * 86400
     for index, profile in enumerate(profiles):
         room = Room(profile, seed=seed * 1000 + 300 + index, start=start)
@@ -89,10 +142,8 @@ def test_set(profiles: list[RoomProfile], seed: int) -> tuple[np.ndarray, np.nda
         with SensorSuite(held_out.pin_factory, held_out.i2c_bus) as suite:
             for _ in range(int(TEST_DAYS * 86400 / READING_INTERVAL_S)):
                 held_out.step(READING_INTERVAL_S)
-                reading = suite.read(held_out.now)
-                rows.append(reading.features())
-                labels.append(reading.label())
-    return np.array(rows), np.array(labels, dtype=np.float64)
+                readings.append(suite.read(held_out.now))
+    return readings
 
 
 @dataclass(frozen=True)
@@ -129,19 +180,20 @@ class RoundRow:
         )
 
 
-def accuracy(params: np.ndarray, X_test: np.ndarray, y_test: np.ndarray) -> float:
-    scaler = FeatureScaler.from_ranges(SENSOR_RANGES)
-    return LogisticModel(len(SENSOR_RANGES)).accuracy(params, scaler.apply(X_test), y_test)
+def accuracy(spec: TaskSpec, params: np.ndarray, test: list[Reading]) -> float:
+    """The task's model with ``params`` on the held-out readings, by the task's features."""
+    return spec.make_model().accuracy(params, spec.inputs(test), spec.targets(test))
 
 
-def baseline_accuracy(pooled: list[Reading], X_test: np.ndarray, y_test: np.ndarray) -> float:
-    """Centralised, non-private training on every device's readings pooled in one place."""
-    model = LogisticModel(len(SENSOR_RANGES))
-    scaler = FeatureScaler.from_ranges(SENSOR_RANGES)
-    X = scaler.apply(np.array([r.features() for r in pooled]))
-    y = np.array([r.label() for r in pooled], dtype=np.float64)
-    params = train_centralised(model, X, y, epochs=500, lr=1.0)
-    return model.accuracy(params, scaler.apply(X_test), y_test)
+def baseline_accuracy(
+    spec: TaskSpec, pooled: list[Reading], test: list[Reading], initial: np.ndarray
+) -> float:
+    """Centralised, non-private training of the task's model, from the same model 0, on every
+    device's readings pooled in one place."""
+    model = spec.make_model()
+    X, y = spec.inputs(pooled), spec.targets(pooled)
+    params = train_centralised(model, X, y, epochs=500, lr=1.0, params=initial)
+    return model.accuracy(params, spec.inputs(test), spec.targets(test))
 
 
 def summarise(
@@ -157,20 +209,18 @@ def summarise(
     final = rows[-1].accuracy
     dp = spec.dp
     # The PLD figures for a device that took part in every round so far: the same DP events as
-    # the devices' RDP figure, under the tight accountant, for each neighbouring relation.
+    # the devices' RDP figure, under the tight accountant, for each neighbouring relation. The
+    # demo's devices start with a full window, so every round trains on ``window`` readings.
+    rate = spec.sampling_rate_for(spec.window)
     per_round = []
     for count, row in enumerate(rows, start=1):
         steps = dp.local_steps * count
         per_round.append(
             {
                 **row.as_dict(),
-                "epsilon_pld": round(
-                    pld_epsilon(spec.sampling_rate, dp.noise_multiplier, steps, dp.delta), 4
-                ),
+                "epsilon_pld": round(pld_epsilon(rate, dp.noise_multiplier, steps, dp.delta), 4),
                 "epsilon_replace_one": round(
-                    pld_epsilon(
-                        spec.sampling_rate, dp.noise_multiplier, steps, dp.delta, replace_one=True
-                    ),
+                    pld_epsilon(rate, dp.noise_multiplier, steps, dp.delta, replace_one=True),
                     4,
                 ),
             }
@@ -205,3 +255,29 @@ def summarise(
         file=out,
     )
     return summary
+
+
+def write_demo_report(
+    config: DemoConfig,
+    chain: ChainClient,
+    archive: Archive,
+    spec: TaskSpec,
+    models: Mapping[int, np.ndarray],
+    test: list[Reading],
+    workdir: Path,
+) -> Path:
+    """``truscl report`` of the demo's task, its held-out week as the evaluation set; the
+    summary's path. With ``--workdir`` in ``report/`` there, beside the set (``test-set.npz``,
+    for running the command again by hand); without, in a folder of its own, which outlives
+    the temporary workdir."""
+    X_test, y_test = spec.inputs(test), spec.targets(test)
+    if config.workdir is None:
+        out = Path(tempfile.mkdtemp(prefix="truscl-report-"))
+    else:
+        out = workdir / "report"
+        np.savez(workdir / "test-set.npz", X=X_test, y=y_test)
+    figures = TaskFigureReader(chain, archive, spec.task).read(
+        model_accuracy(spec, models, X_test, y_test),
+        f"of each released model on the demo's held-out week ({len(y_test)} readings)",
+    )
+    return write_report(figures, out)

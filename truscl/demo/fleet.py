@@ -12,8 +12,9 @@ round from the aggregator's archive and the owner's released models, audits the 
 every process with SIGTERM, as systemd would.
 
 Devices read simulated rooms through the real drivers (the ``simulated`` hardware backend),
-starting on a fixed date with three days of readings behind them, and sensing in accelerated
-time; the centralised baseline is trained on the same rooms' readings over the same span.
+starting on a fixed date with three days of readings behind them, or their part of a recorded
+trace (the ``trace`` backend, :mod:`truscl.demo.data`), sensing in accelerated time; the
+centralised baseline is trained on the devices' training data pooled.
 """
 
 from __future__ import annotations
@@ -27,44 +28,42 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
 from eth_account import Account
 
 from truscl.agent.provision import provision_agent
-from truscl.agent.sensors import Reading, SensorSuite
+from truscl.agent.sensors import Reading
 from truscl.broker import Mosquitto, free_port
 from truscl.broker.provision import Provisioned, provision_broker
 from truscl.chain import ChainClient, NodeChain, deploy
 from truscl.chain.anvil import Anvil
 from truscl.config import broker_table, render_toml
 from truscl.demo.common import (
-    READING_INTERVAL_S,
     READINGS_PER_ROUND,
-    SENSOR_RANGES,
-    WINDOW,
     DemoConfig,
     DemoFailed,
     RoundRow,
     accuracy,
     baseline_accuracy,
     summarise,
-    test_set,
+    task_toml,
+    write_demo_report,
 )
+from truscl.demo.data import DemoData
 from truscl.keyfile import load_account, load_or_create_account, write_secret
 from truscl.processes import stop_process
+from truscl.progress import Progress
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
 from truscl.server.config import OwnerConfig
+from truscl.server.owner import ModelStore
 from truscl.server.owner_service import init_task
-from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import SimulatedDevice
-from truscl.sim.rooms import Room, RoomProfile, make_rooms
-from truscl.task import FEATURES, TaskSpec
+from truscl.task import TaskSpec
 from truscl.wire import Update
 from truscl.wire.model import model_from_bytes
 
@@ -73,7 +72,6 @@ log = logging.getLogger(__name__)
 GAS_MONEY_WEI = 10**19
 GUARDIAN = "guardian-1"  # the demo's one key guardian (its broker identity and holder name)
 ROUND_SECONDS_REAL = 3.0  # real seconds in which a device takes a round's worth of readings
-TIME_SCALE = READINGS_PER_ROUND * READING_INTERVAL_S / ROUND_SECONDS_REAL
 POLL_S = 0.2
 DEVICE_PROCESSES = 8  # beyond this many devices, device processes host several each
 STOP_TIMEOUT_S = 30.0
@@ -90,8 +88,9 @@ class Role:
     process: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
     notify_path: Path | None = None
+    metrics_port: int | None = None  # its /metrics (and the aggregator's status page)
 
-    def start(self) -> None:
+    def start(self, log_format: str = "text") -> None:
         """Start it as systemd would a ``Type=notify`` unit: with a notification socket of its
         own, on which the service says ``READY=1`` once it is connected."""
         # In the temporary folder, not the workdir: a socket's path has at most 107 bytes.
@@ -100,8 +99,9 @@ class Role:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(path))
         self.notify_path = path
+        command = ["--log-level", "INFO", "--log-format", log_format, *self.command]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "truscl.cli", "--log-level", "INFO", *self.command],
+            [sys.executable, "-m", "truscl.cli", *command],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("ab"),
@@ -141,13 +141,12 @@ class Role:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
+def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]:
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="truscl-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(exist_ok=True)
     started = time.monotonic()
-    profiles = make_rooms(config.devices, config.seed)
-    X_test, y_test = test_set(profiles, config.seed)
+    test = data.test_set()
     roles: list[Role] = []
     with ExitStack() as stack:
         stack.callback(_stop_all, roles)
@@ -172,9 +171,11 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         for address in addresses:
             contract.register_device(address)
 
-        spec = _create_task(config, workdir, node, contract.address, broker, rpc)
+        spec = _create_task(config, data, workdir, node, contract.address, broker, rpc)
         archive = workdir / "aggregator" / "archive"
-        roles += _start_services(config, workdir, spec, contract.address, broker, rpc)
+        roles += _start_services(config, data, workdir, spec, contract.address, broker, rpc)
+        if data.note:
+            print(f"truscl demo: {data.note}", file=out)
         print(
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, "
             f"{len(roles)} processes, broker mqtts://127.0.0.1:{broker.port} (TLS, ACL), "
@@ -187,23 +188,33 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
         reader = ChainClient.at(node.web3(), contract.address)
         rows = []
         round_started = time.monotonic()
-        for round_no in range(1, config.rounds + 1):
-            if config.drop_device_at == round_no:
-                dropped = roles[-1]  # the last device, alone in its process
-                dropped.stop()
-                print(f"  ({dropped.name} stops before round {round_no})", file=out)
-            _wait_for_model(config, reader, spec, round_no, roles)
-            seconds, round_started = time.monotonic() - round_started, time.monotonic()
-            row = _round_row(spec, Archive(archive), workdir, round_no, X_test, y_test, seconds)
-            rows.append(row)
-            print(row.line(config.devices), file=out)
+        with Progress("rounds", config.rounds, plain=False) as progress:  # a bar on a terminal
+            for round_no in range(1, config.rounds + 1):
+                if config.drop_device_at == round_no:
+                    dropped = roles[-1]  # the last device, alone in its process
+                    dropped.stop()
+                    progress.print(f"  ({dropped.name} stops before round {round_no})", out)
+                _wait_for_model(config, reader, spec, round_no, roles)
+                seconds, round_started = time.monotonic() - round_started, time.monotonic()
+                row = _round_row(spec, Archive(archive), workdir, round_no, test, seconds)
+                rows.append(row)
+                progress.print(row.line(config.devices), out)
+                progress.advance(f"round {round_no}, accuracy {row.accuracy:.3f}")
         report = audit_task(reader, Archive(archive), spec.task)
         refused = [r for r in range(1, config.rounds + 1) if reader.round_refusal(spec.task_id, r)]
+        _scrape(roles, workdir / "metrics")
+        models = ModelStore(workdir / "owner" / "state" / "models").all(spec.n_params)
+        summary_md = write_demo_report(
+            config, reader, Archive(archive), spec, models, test, workdir
+        )
         codes = _stop_all(roles)
     unclean = {name: code for name, code in codes.items() if code != 0}
     if unclean:
         print(f"warning: not every process stopped cleanly: {unclean}", file=out)
-    baseline = baseline_accuracy(_pooled(profiles, config), X_test, y_test)
+    initial = model_from_bytes(
+        (workdir / "owner" / "state" / "models" / "0.model").read_bytes(), spec.n_params
+    )
+    baseline = baseline_accuracy(spec, data.pooled(config.rounds, spec.window), test, initial)
     summary = summarise(
         config,
         rows,
@@ -218,9 +229,11 @@ def run_fleet(config: DemoConfig, out: TextIO) -> dict[str, Any]:
             "workdir": str(workdir),
             "processes": len(codes),
             "stopped_cleanly": not unclean,
+            "report": str(summary_md),
         },
         out,
     )
+    print(f"report: {summary_md}", file=out)
     if config.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
@@ -246,6 +259,7 @@ def _funded_key(node: NodeChain, path: Path) -> Any:
 
 def _create_task(
     config: DemoConfig,
+    data: DemoData,
     workdir: Path,
     node: NodeChain,
     contract: str,
@@ -258,25 +272,14 @@ def _create_task(
     folder.mkdir(parents=True, exist_ok=True)
     owner = _funded_key(node, folder / "owner.key")
     aggregator = _funded_key(node, workdir / "aggregator" / "aggregator.key")
-    ranges = dict(zip(FEATURES, SENSOR_RANGES, strict=True))
-    (folder / "task.toml").write_text(
-        render_toml(
-            {
-                "rounds": config.rounds,
-                "quorum": config.quorum,
-                "round_seconds": config.deadline,
-                "window": WINDOW,
-                "max_message": config.max_message,
-            },
-            {"ranges": {k: list(v) for k, v in ranges.items()}, "dp": asdict(config.dp)},
-        )
-    )
+    (folder / "task.toml").write_text(task_toml(config, data.most_readings))
     chain = {"rpc": rpc, "contract": contract}
     top: dict[str, Any] = {"task_file": "task.toml", "aggregator": aggregator.address}
     tables: dict[str, dict[str, Any]] = {
         "owner": {"key": "owner.key", "state": "state"},
         "broker": broker_table(broker.settings("owner")),
         "chain": chain,
+        "metrics": {"port": free_port()},
     }
     joining: subprocess.Popen[bytes] | None = None
     if config.he_mode == "single-key":
@@ -288,7 +291,7 @@ def _create_task(
         tables["guardians"] = {GUARDIAN: load_account(guardian.parent / "guardian.key").address}
         joining = subprocess.Popen(
             [sys.executable, "-m", "truscl.cli", "--log-level", "INFO",
-             "guardian", "init", "--config", str(guardian)],
+             "--log-format", config.log_format, "guardian", "init", "--config", str(guardian)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=(workdir / "logs" / "guardian-init.log").open("ab"),
@@ -329,6 +332,7 @@ def _guardian_config(
 
 def _start_services(
     config: DemoConfig,
+    data: DemoData,
     workdir: Path,
     spec: TaskSpec,
     contract: str,
@@ -338,6 +342,9 @@ def _start_services(
     logs = workdir / "logs"
     chain = {"rpc": rpc, "contract": contract}
     aggregator_toml = workdir / "aggregator" / "aggregator.toml"
+    aggregator_port = free_port()
+    owner_toml = workdir / "owner" / "owner.toml"
+    owner_metrics = OwnerConfig.load(owner_toml).metrics
     aggregator_toml.write_text(
         render_toml(
             {"task": spec.task, "expected_devices": config.devices},
@@ -345,14 +352,15 @@ def _start_services(
                 "aggregator": {"key": "aggregator.key", "archive": "archive"},
                 "broker": broker_table(broker.settings("aggregator")),
                 "chain": chain,
+                "metrics": {"port": aggregator_port},
             },
         )
     )
     roles = [
-        Role("owner", ["owner", "run", "--config", str(workdir / "owner" / "owner.toml")],
-             logs / "owner.log"),
+        Role("owner", ["owner", "run", "--config", str(owner_toml)], logs / "owner.log",
+             metrics_port=owner_metrics.port if owner_metrics else None),
         Role("aggregator", ["aggregator", "run", "--config", str(aggregator_toml)],
-             logs / "aggregator.log"),
+             logs / "aggregator.log", metrics_port=aggregator_port),
     ]  # fmt: skip
     if spec.key_holders:
         guardian_toml = workdir / GUARDIAN / "guardian.toml"
@@ -370,17 +378,20 @@ def _start_services(
             contract=contract,
             task=spec.task,
             name=f"device-{index}",
-            sensors=_simulated_sensors(config, index),
+            sensors=data.sensors(index, ROUND_SECONDS_REAL / READINGS_PER_ROUND, spec.window),
         )
         configs.append(device.config)
     for group in _device_processes(len(configs), alone_last=config.drop_device_at is not None):
         name = f"device-{group[0]}" if len(group) == 1 else f"devices-{group[0]}-{group[-1]}"
         command = ["agent", "run"]
+        port = free_port()
         for index in group:
             command += ["--config", str(configs[index])]
-        roles.append(Role(name, command, logs / f"{name}.log"))
+            with configs[index].open("a") as toml:  # one /metrics for the process's devices
+                toml.write(render_toml({}, {"metrics": {"port": port}}))
+        roles.append(Role(name, command, logs / f"{name}.log", metrics_port=port))
     for role in roles:
-        role.start()
+        role.start(config.log_format)
     return roles
 
 
@@ -393,18 +404,6 @@ def _device_processes(devices: int, alone_last: bool) -> list[list[int]]:
     count = min(len(indices), DEVICE_PROCESSES - len(last))
     groups = [indices[i::count] for i in range(count)] if count else []
     return [g for g in groups if g] + ([last] if last else [])
-
-
-def _simulated_sensors(config: DemoConfig, index: int) -> dict[str, Any]:
-    return {
-        "hardware": "simulated",
-        "interval": READING_INTERVAL_S,
-        "room": index,
-        "seed": config.seed,
-        "time_scale": TIME_SCALE,
-        "start": MONDAY_2024_01_08,
-        "history": WINDOW,
-    }
 
 
 def _wait_for_model(
@@ -428,8 +427,7 @@ def _round_row(
     archive: Archive,
     workdir: Path,
     round_no: int,
-    X_test: np.ndarray,
-    y_test: np.ndarray,
+    test: list[Reading],
     seconds: float,
 ) -> RoundRow:
     """A round as the aggregator archived it and the owner released it."""
@@ -443,7 +441,7 @@ def _round_row(
         round=round_no,
         participants=len(updates) - late,
         late=late,
-        accuracy=accuracy(params, X_test, y_test),
+        accuracy=accuracy(spec, params, test),
         epsilon=max(update.epsilon for update in updates),
         bytes=sum(len(blob) for blob in blobs),
         anchor_tx=manifest.anchor_tx,
@@ -451,22 +449,25 @@ def _round_row(
     )
 
 
+def _scrape(roles: list[Role], folder: Path) -> None:
+    """Each service's metrics (and the aggregator's status page), kept for the operator."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for role in roles:
+        if role.metrics_port is None or not role.running():
+            continue
+        pages = {"metrics.prom": "/metrics"}
+        if role.name == "aggregator":
+            pages["status.html"] = "/"
+        for suffix, path in pages.items():
+            url = f"http://127.0.0.1:{role.metrics_port}{path}"
+            try:
+                with urllib.request.urlopen(url, timeout=30) as response:
+                    (folder / f"{role.name}.{suffix}").write_bytes(response.read())
+            except OSError as exc:
+                log.warning("demo: cannot read %s: %s", url, exc)
+
+
 def _stop_all(roles: list[Role]) -> dict[str, int | None]:
     """Devices first, then the aggregator, then the owner: the order systemd stops them in
     when they go down together is irrelevant to correctness, but this one logs least noise."""
     return {role.name: role.stop() for role in reversed(roles)}
-
-
-def _pooled(profiles: list[RoomProfile], config: DemoConfig) -> list[Reading]:
-    """The readings the devices sensed over the task, replayed from the same rooms and seeds
-    as the ``simulated`` backend (the devices' own copies never leave them)."""
-    readings = []
-    count = WINDOW + config.rounds * READINGS_PER_ROUND
-    for index, profile in enumerate(profiles):
-        room = Room(profile, seed=config.seed * 1000 + index, start=MONDAY_2024_01_08)
-        device = SimulatedDevice(room, seed=config.seed * 1000 + 500 + index)
-        with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
-            for _ in range(count):
-                device.step(READING_INTERVAL_S)
-                readings.append(suite.read(device.now))
-    return readings

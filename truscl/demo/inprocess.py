@@ -4,9 +4,10 @@ MQTT and the chain.
 A real mosquitto broker (child process), an in-process EVM with the truscl contract (or a node
 given with ``--rpc``), the task owner, a key guardian (threshold mode, the default: the two run
 the key generation over the broker, each in its own thread), one aggregator and N simulated
-devices, each in its own threads. The harness plays the rooms: it advances each room's clock
-when the device reads its sensors, and keeps a copy of every reading only to train the
-centralised, non-private baseline the summary compares with.
+devices, each in its own threads. The harness plays the rooms (or each device's part of a
+recorded trace, ``--data``): it advances each room's clock when the device reads its sensors,
+and keeps a copy of every reading only to train the centralised, non-private baseline the
+summary compares with.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -32,22 +34,21 @@ from truscl.chain import ChainClient, DevChain, EmbeddedChain, NodeChain
 from truscl.demo.common import (
     READING_INTERVAL_S,
     READINGS_PER_ROUND,
-    SENSOR_RANGES,
-    WINDOW,
     DemoConfig,
     DemoFailed,
     RoundRow,
     accuracy,
     baseline_accuracy,
-    occupancy_spec,
+    demo_spec,
     summarise,
     test_set,
+    write_demo_report,
 )
+from truscl.demo.data import RecordedTrace, recorded_trace
 from truscl.errors import TrusclError
 from truscl.keyfile import load_or_create_account
-from truscl.learning import LogisticModel
 from truscl.mqtt import BrokerSettings
-from truscl.privacy.ckks import DEFAULT_PROFILE, OwnerKeys, context_hash
+from truscl.privacy.ckks import PROFILES, OwnerKeys, context_hash
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
@@ -63,8 +64,9 @@ from truscl.server.keygen import (
     run_keygen_holder,
 )
 from truscl.server.owner import HeKeys, TaskOwner
+from truscl.server.owner_service import UNBOUND_CONTEXT, initial_model
 from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import SimulatedDevice
+from truscl.sim.hardware import FakeHardware, SimulatedDevice
 from truscl.sim.rooms import Room, make_rooms
 from truscl.wire.signing import Domain
 
@@ -72,24 +74,33 @@ log = logging.getLogger(__name__)
 
 
 def sensor_source(
-    device: SimulatedDevice, suite: SensorSuite, pooled: list[Reading]
+    advance: Callable[[], float], suite: SensorSuite, pooled: list[Reading], window: int
 ) -> Callable[[], list[Reading]]:
-    """The readings a device made since its last round, in simulated time.
+    """The valid readings a device made since its last round, in simulated time (a faulty one
+    is never training data, as the service's sampler never queues one); ``advance`` puts the
+    next moment on the device's wires and returns its time.
 
-    The first call returns a full window, as if the device had been sensing for days before
+    The first call returns a full ``window``, as if the device had been sensing for days before
     the task began; each later call, the six hours of readings taken since.
     """
 
     def collect() -> list[Reading]:
-        fresh = READINGS_PER_ROUND if pooled else WINDOW
-        readings = []
-        for _ in range(fresh):
-            device.step(READING_INTERVAL_S)
-            readings.append(suite.read(device.now))
+        fresh = READINGS_PER_ROUND if pooled else window
+        readings = [suite.read(advance()) for _ in range(fresh)]
         pooled.extend(readings)
-        return readings
+        return [reading for reading in readings if reading.valid]
 
     return collect
+
+
+def room_clock(device: SimulatedDevice) -> Callable[[], float]:
+    """Advance ``device``'s room by one reading interval."""
+
+    def advance() -> float:
+        device.step(READING_INTERVAL_S)
+        return device.now
+
+    return advance
 
 
 def run_in_process(
@@ -110,14 +121,24 @@ def run_in_process(
     workdir = config.workdir or Path(tempfile.mkdtemp(prefix="truscl-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    profiles = make_rooms(config.devices, config.seed)
-    sims = [
-        SimulatedDevice(Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08), seed=i)
-        for i, p in enumerate(profiles)
-    ]
-    X_test, y_test = test_set(profiles, config.seed)
-    pooled: list[list[Reading]] = [[] for _ in sims]
-    model = LogisticModel(len(SENSOR_RANGES))
+    hardware: list[tuple[str, FakeHardware, Callable[[], float]]] = []
+    recorded: RecordedTrace | None = None
+    if config.data is None:
+        profiles = make_rooms(config.devices, config.seed)
+        for i, p in enumerate(profiles):
+            room = Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08)
+            sim = SimulatedDevice(room, seed=i)
+            hardware.append((sim.name, sim, room_clock(sim)))
+        test = test_set(profiles, config.seed)
+    else:
+        recorded = recorded_trace(config)
+        print(f"truscl demo: {recorded.note}", file=out)
+        config = replace(config, devices=recorded.devices)
+        for i in range(recorded.devices):
+            player = recorded.player(i)
+            hardware.append((f"device-{i}", player.hardware, player.advance))
+        test = recorded.test_set()
+    pooled: list[list[Reading]] = [[] for _ in hardware]
 
     chain: DevChain = NodeChain(config.rpc) if config.rpc else EmbeddedChain()
     admin = chain.new_account()
@@ -142,14 +163,23 @@ def run_in_process(
             agents[-1].stop()
 
     try:
+        most = None if recorded is None else recorded.most_readings
+        draft = demo_spec(config, workdir / "owner", task, UNBOUND_CONTEXT, most)
+        profile = PROFILES[draft.he_profile]
         terms: dict[str, Any] = {}
         if config.he_mode == "threshold":
             record = _keygen(
-                workdir, task, domain, broker.settings, owner_account, guardian_account
+                workdir,
+                task,
+                domain,
+                broker.settings,
+                owner_account,
+                guardian_account,
+                profile.name,
             )
             owner_state = HolderState(workdir / "owner")
             keys = HeKeys(
-                share=owner_state.share(OWNER_HOLDER, DEFAULT_PROFILE.name),
+                share=owner_state.share(OWNER_HOLDER, profile.name),
                 public_context=owner_state.public_context(),
                 guardians={GUARDIAN: guardian_account.address.lower()},
             )
@@ -158,7 +188,7 @@ def run_in_process(
                 "keygen_digest": "0x" + record.transcript.digest().hex(),
             }
         else:
-            single = OwnerKeys.generate(DEFAULT_PROFILE)
+            single = OwnerKeys.generate(profile)
             single.save(workdir / "owner" / "secret-context")
             keys = HeKeys.single_key(single)
         owner = TaskOwner(
@@ -167,20 +197,11 @@ def run_in_process(
             broker=broker.settings,
             on_model=lambda r, params: models.put((r, params)),
         )
-        spec = occupancy_spec(
-            "0x" + context_hash(keys.public_context).hex(),
-            task=task,
-            rounds=config.rounds,
-            quorum=config.quorum,
-            round_seconds=config.deadline,
-            max_message=config.max_message,
-            dp=config.dp,
-            **terms,
-        )
-        for index, sim in enumerate(sims):
+        spec = replace(draft, context_hash="0x" + context_hash(keys.public_context).hex(), **terms)
+        for index, (name, device, advance) in enumerate(hardware):
             account = load_or_create_account(workdir / "devices" / str(index) / "device.key")
             contract.register_device(account.address)
-            suite = SensorSuite(sim.pin_factory, sim.i2c_bus)
+            suite = SensorSuite(device.pin_factory, device.i2c_bus)
             suites.append(suite)
             agents.append(
                 DeviceAgent(
@@ -189,8 +210,8 @@ def run_in_process(
                     chain=chain.client(contract.address),
                     broker=broker.settings,
                     workdir=workdir / "devices" / str(index),
-                    collect=sensor_source(sim, suite, pooled[index]),
-                    name=sim.name,
+                    collect=sensor_source(advance, suite, pooled[index], spec.window),
+                    name=name,
                     clock=clock,  # the devices read the deadlines on the aggregator's clock
                 ).start()
             )
@@ -206,14 +227,15 @@ def run_in_process(
             on_closed=lambda stats: drop(stats.round + 1),
         )
         drop(1)
-        owner.create_task(spec, aggregator_account.address, model.init_params())
+        initial = initial_model(spec)
+        owner.create_task(spec, aggregator_account.address, initial)
         if terms:
             guardian_state = HolderState(workdir / GUARDIAN)
             guardian = Guardian(
                 task=task,
                 owner=owner_account.address,
                 name=GUARDIAN,
-                share=guardian_state.share(GUARDIAN, DEFAULT_PROFILE.name),
+                share=guardian_state.share(GUARDIAN, profile.name),
                 public_context=guardian_state.public_context(),
                 keygen_digest=bytes.fromhex(terms["keygen_digest"][2:]),
                 chain=chain.client(contract.address, guardian_account),
@@ -223,6 +245,7 @@ def run_in_process(
             ).start()
         aggregator = built.start()  # from here on it has threads to stop
         rows: list[RoundRow] = []
+        released_models = {}  # round: the model released after it
         print(
             f"truscl demo: {config.devices} devices, {config.rounds} rounds, in one process, "
             f"broker 127.0.0.1:{broker.port}, contract {contract.address}",
@@ -239,12 +262,13 @@ def run_in_process(
                 raise DemoFailed(
                     f"round {round_no} did not complete within {config.round_timeout}s"
                 ) from None
+            released_models[released] = params
             stats = aggregator.stats[released]  # complete before the owner saw the aggregate
             seconds, round_started = time.monotonic() - round_started, time.monotonic()
             row = RoundRow(
                 round=released,
                 participants=stats.participants,
-                accuracy=accuracy(params, X_test, y_test),
+                accuracy=accuracy(spec, params, test),
                 epsilon=stats.epsilon,
                 bytes=stats.bytes_in,
                 anchor_tx=stats.anchor_tx,
@@ -255,6 +279,15 @@ def run_in_process(
         reader = chain.client(contract.address)
         report = audit_task(reader, Archive(workdir / "archive"), spec.task)
         refused = [r for r in range(1, config.rounds + 1) if reader.round_refusal(spec.task_id, r)]
+        summary_md = write_demo_report(
+            config,
+            reader,
+            Archive(workdir / "archive"),
+            spec,
+            released_models,
+            test,
+            workdir,
+        )
     finally:
         for agent in agents:
             agent.stop()
@@ -268,7 +301,12 @@ def run_in_process(
             suite.close()
         broker.stop()
 
-    baseline = baseline_accuracy([r for readings in pooled for r in readings], X_test, y_test)
+    # The baseline's data: what the devices read (simulated rooms), or every device's part
+    if recorded is None:
+        everyone = [r for readings in pooled for r in readings]
+    else:
+        everyone = recorded.pooled(config.rounds, spec.window)
+    baseline = baseline_accuracy(spec, everyone, test, initial)
     summary = summarise(
         config,
         rows,
@@ -281,9 +319,11 @@ def run_in_process(
             "chain": config.rpc or "embedded",
             "contract": contract.address,
             "workdir": str(workdir),
+            "report": str(summary_md),
         },
         out,
     )
+    print(f"report: {summary_md}", file=out)
     if config.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     else:
@@ -301,11 +341,12 @@ def _keygen(
     broker: BrokerSettings,
     owner: LocalAccount,
     guardian: LocalAccount,
+    profile: str,
 ) -> KeygenRecord:
     """The owner's and the guardian's sides of the key generation, each in its own thread,
     talking only through the broker, as their two processes would."""
     holders = sorted(((OWNER_HOLDER, owner.address), (GUARDIAN, guardian.address)))
-    terms = KeygenTerms(DEFAULT_PROFILE.name, tuple(holders))
+    terms = KeygenTerms(profile, tuple(holders))
     records: dict[str, KeygenRecord] = {}
     failures: list[TrusclError] = []
 

@@ -1,4 +1,5 @@
-"""Logistic regression over one flat parameter vector, in plain numpy.
+"""Logistic regression over one flat parameter vector, in plain numpy, and what every model of
+the registry (:mod:`truscl.learning.registry`) offers.
 
 The parameters are a single float64 vector (weights, then bias) because that is what travels:
 a device clips, noises and encrypts a flat delta, and the owner adds one back. Keeping the model
@@ -11,15 +12,46 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from truscl.errors import ConfigError
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+class Model(Protocol):
+    """A binary classifier over one flat float64 parameter vector, as pure functions.
+
+    What DP-SGD, the owner's initial model, the demo's evaluation and the baseline need.
+    """
+
+    @property
+    def n_params(self) -> int: ...
+
+    def init_params(self, seed: int = 0) -> np.ndarray: ...
+
+    def predict_proba(self, params: np.ndarray, X: np.ndarray) -> np.ndarray: ...
+
+    def accuracy(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> float: ...
+
+    def loss(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> float: ...
+
+    def per_example_grads(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray: ...
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
     """Logistic function written with tanh, which never overflows for large ``|z|``."""
     return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def accuracy(proba: np.ndarray, y: np.ndarray) -> float:
+    """Share of rows whose thresholded prediction (0.5) equals the 0/1 label."""
+    return float(np.mean((proba >= 0.5) == (np.asarray(y) >= 0.5)))
+
+
+def bce_on_logits(z: np.ndarray, y: np.ndarray) -> float:
+    """Mean binary cross-entropy of logits ``z``, as ``log(1 + e^z) - y z`` so it stays finite."""
+    return float(np.mean(np.logaddexp(0.0, z) - np.asarray(y, dtype=np.float64) * z))
 
 
 @dataclass(frozen=True)
@@ -37,8 +69,8 @@ class LogisticModel:
         """Weights plus one bias."""
         return self.n_features + 1
 
-    def init_params(self) -> np.ndarray:
-        """Zeros: a deterministic start every device and the owner agree on without a seed."""
+    def init_params(self, seed: int = 0) -> np.ndarray:
+        """Zeros whatever ``seed``: a convex loss needs no random start."""
         return np.zeros(self.n_params, dtype=np.float64)
 
     def _logits(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
@@ -47,17 +79,15 @@ class LogisticModel:
 
     def predict_proba(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
         """Probability of class 1 for each row of ``X``."""
-        return _sigmoid(self._logits(params, X))
+        return sigmoid(self._logits(params, X))
 
     def accuracy(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
         """Share of rows whose thresholded prediction (0.5) equals the 0/1 label."""
-        predicted = self.predict_proba(params, X) >= 0.5
-        return float(np.mean(predicted == (np.asarray(y) >= 0.5)))
+        return accuracy(self.predict_proba(params, X), y)
 
     def loss(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
-        """Mean binary cross-entropy, as ``log(1 + e^z) - y z`` so it stays finite."""
-        z = self._logits(params, X)
-        return float(np.mean(np.logaddexp(0.0, z) - np.asarray(y, dtype=np.float64) * z))
+        """Mean binary cross-entropy."""
+        return bce_on_logits(self._logits(params, X), y)
 
     def per_example_grads(self, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Gradient of each example's loss, one row per example, shape ``(n, n_params)``.
@@ -79,7 +109,7 @@ class LogisticModel:
 
 
 def train_centralised(
-    model: LogisticModel,
+    model: Model,
     X: np.ndarray,
     y: np.ndarray,
     epochs: int,

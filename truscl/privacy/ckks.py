@@ -9,24 +9,30 @@ before it is added, so a malformed update fails loudly instead of poisoning the 
 
 No Galois or relinearisation keys are ever kept: adding needs neither, and Galois keys alone
 would cost 17-300 MB per context.
+
+Contexts are TenSEAL's; ciphertexts are SEAL's own, through ``tenseal.sealapi``: devices encode
+two values per complex slot with SEAL's ``CKKSEncoder`` and encrypt with the public key, the
+aggregator adds with SEAL's ``Evaluator``, and each ciphertext travels as SEAL saves it (zstd),
+in the small container of :func:`pack_vector`. Half the bytes per value of ``ts.ckks_vector``,
+which puts one real in each slot. SEAL's layouts stay in :mod:`truscl.privacy.seal_layout`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 import os
-import threading
-from collections.abc import Iterable, Iterator
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import tenseal as ts
+import tenseal.sealapi as sealapi
 from eth_utils import keccak
 
 from truscl.errors import HeError
 from truscl.keyfile import read_secret, write_secret
+from truscl.privacy import seal_layout
 
 # SEAL's CoeffModulus::MaxBitCount: the largest total modulus that keeps 128-bit security.
 _MAX_COEFF_BITS_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
@@ -41,14 +47,25 @@ class CkksProfile:
     """A named, checked CKKS parameter set; the task spec names one.
 
     The last prime of ``coeff_mod_bit_sizes`` is SEAL's special (key-switching) prime; the
-    others are data primes. Ciphertexts cost about 32 bytes per slot per data prime, and a
-    vector shorter than ``slot_count`` still costs a whole ciphertext.
+    others are data primes. A ciphertext carries ``poly_modulus_degree`` values (two per
+    complex slot) in two polynomials of 8 bytes per coefficient per data prime before SEAL's
+    zstd: 16 bytes per value for one 60-bit prime, 12 for one 40-bit prime. A vector shorter
+    than ``values_per_ciphertext`` still costs a whole ciphertext.
+
+    ``smudging_bits``: each key holder's smudging noise at decryption is Gaussian with sigma
+    ``2^smudging_bits`` per plaintext coefficient (see :mod:`truscl.privacy.threshold`).
+    ``threshold``: whether the key may be shared among several holders (threshold decryption).
+    ``encryption_noise``: a bound on the decryption error of an aggregate without smudging,
+    from measurements (``bench/wire.py``); the release check adds it to its slack.
     """
 
     name: str
     poly_modulus_degree: int
     coeff_mod_bit_sizes: tuple[int, ...]
     global_scale_bits: int
+    smudging_bits: int = 20
+    threshold: bool = True
+    encryption_noise: float = 1e-6
 
     def __post_init__(self) -> None:
         limit = _MAX_COEFF_BITS_128.get(self.poly_modulus_degree)
@@ -69,9 +86,19 @@ class CkksProfile:
             raise HeError(f"{self.name}: the scale must leave headroom in the first data prime")
 
     @property
-    def slot_count(self) -> int:
+    def values_per_ciphertext(self) -> int:
         """Values per ciphertext; longer vectors are split over several ciphertexts."""
-        return self.poly_modulus_degree // 2
+        return seal_layout.values_per_ciphertext(self.poly_modulus_degree)
+
+    @property
+    def smudging_sigma(self) -> float:
+        return 2.0**self.smudging_bits
+
+    def smudging_error(self, sigma: float) -> float:
+        """Standard deviation, per decoded value, of one holder's smudging noise of ``sigma``
+        per coefficient: the canonical embedding sums N coefficients times unit roots, and the
+        real (or imaginary) part keeps half of the variance."""
+        return sigma * math.sqrt(self.poly_modulus_degree / 2) / 2.0**self.global_scale_bits
 
     def new_context(self) -> ts.Context:
         """A fresh context with a new secret key (and, TenSEAL's choice, relin keys)."""
@@ -90,12 +117,27 @@ class CkksProfile:
 PROFILES: dict[str, CkksProfile] = {
     profile.name: profile
     for profile in (
-        # One 60-bit data prime at scale 2^40: max error 1.8e-8 for a sum of 10 fresh
-        # encryptions, ~32 B per value; cannot multiply, so weights are applied before.
+        # One 60-bit data prime at scale 2^40: max error ~1.5e-8 for a sum of 10 fresh
+        # encryptions, 16.03 B per value in full ciphertexts of 4096 values (65,659 bytes);
+        # cannot multiply, so weights are applied before. The one threshold decryption uses.
         CkksProfile("ckks-4096-60-49", 4096, (60, 49), 40),
-        # Same precision and 32 B per value in full ciphertexts, but 4096 slots: a short
-        # vector costs 128 KB instead of 64 KB. For models above 2048 parameters.
+        # Same precision and bytes per value in full ciphertexts, but 8192 values each: a short
+        # vector costs 128 KB instead of 64 KB.
         CkksProfile("ckks-8192-60-49", 8192, (60, 49), 40),
+        # Compact: one 40-bit data prime at scale 2^26, 12.0 B per value in full ciphertexts;
+        # max error ~2.5e-4 for a sum of 10 (bound 5e-3). Threshold smudging (sigma 2^20) would
+        # cost ~0.7 per value per holder here: single-key only, its owner smudging with 2^12,
+        # ~2^4.5 above the aggregate's own noise (max ~2^7.5 per coefficient); released error
+        # up to ~1e-2 per value. Measured by bench/wire.py.
+        CkksProfile(
+            "ckks-4096-40-40",
+            4096,
+            (40, 40),
+            26,
+            smudging_bits=12,
+            threshold=False,
+            encryption_noise=5e-3,
+        ),
     )
 }
 DEFAULT_PROFILE = PROFILES["ckks-4096-60-49"]
@@ -194,81 +236,132 @@ def load_context(data: bytes, *, expect_private: bool = False) -> ts.Context:
     return context
 
 
-def _slot_count(context: ts.Context) -> int:
-    return context.seal_context().data.first_context_data().parms().poly_modulus_degree() // 2
+def _values_per_ciphertext(context: ts.Context) -> int:
+    degree = context.seal_context().data.first_context_data().parms().poly_modulus_degree()
+    return seal_layout.values_per_ciphertext(int(degree))
 
 
-_STDOUT_LOCK = threading.Lock()
+_VECTOR_MAGIC = b"TRCV1"
+_VECTOR_HEADER = struct.Struct("<IH")  # values, ciphertexts
+_LENGTH = struct.Struct("<I")
 
 
-@contextlib.contextmanager
-def _tenseal_warning_silenced() -> Iterator[None]:
-    """Swallow the warning ``ts.ckks_vector`` prints for vectors longer than one ciphertext.
+def pack_vector(size: int, ciphertexts: Sequence[bytes]) -> bytes:
+    """truscl's encrypted vector: magic ``TRCV1``, u32 value count, u16 ciphertext count, then
+    each SEAL-saved ciphertext prefixed by its u32 length (all little-endian)."""
+    body = b"".join(_LENGTH.pack(len(blob)) + blob for blob in ciphertexts)
+    return _VECTOR_MAGIC + _VECTOR_HEADER.pack(size, len(ciphertexts)) + body
 
-    It would corrupt any tool whose stdout is data. TenSEAL's C++ ``std::cout`` is routed by
-    pybind11 to whatever ``sys.stdout`` is at call time, so swapping that object is enough
-    (file descriptor 1 is never written). The lock keeps concurrent swaps from restoring each
-    other's sink.
-    """
-    with _STDOUT_LOCK, contextlib.redirect_stdout(io.StringIO()):
-        yield
+
+def unpack_vector(data: bytes) -> tuple[int, list[bytes]]:
+    """The value count and the SEAL-saved ciphertexts of :func:`pack_vector`'s bytes."""
+    data = bytes(data)
+    start = len(_VECTOR_MAGIC) + _VECTOR_HEADER.size
+    if not data.startswith(_VECTOR_MAGIC) or len(data) < start:
+        raise HeError("not a truscl encrypted vector")
+    size, count = _VECTOR_HEADER.unpack_from(data, len(_VECTOR_MAGIC))
+    blobs, pos = [], start
+    for _ in range(count):
+        if pos + _LENGTH.size > len(data):
+            raise HeError("truncated encrypted vector")
+        (length,) = _LENGTH.unpack_from(data, pos)
+        pos += _LENGTH.size
+        if pos + length > len(data):
+            raise HeError("truncated encrypted vector")
+        blobs.append(data[pos : pos + length])
+        pos += length
+    if pos != len(data):
+        raise HeError("trailing bytes after the encrypted vector")
+    return size, blobs
+
+
+class EncryptedVector:
+    """A vector of reals as SEAL ciphertexts, two values per complex slot; adds in place."""
+
+    def __init__(self, context: ts.Context, ciphertexts: list[sealapi.Ciphertext], size: int):
+        self._context = context
+        self.ciphertexts = ciphertexts
+        self.size = size
+
+    def add_(self, other: EncryptedVector) -> None:
+        """Add ``other`` into this vector with SEAL's evaluator (exact modular addition)."""
+        if other.size != self.size or len(other.ciphertexts) != len(self.ciphertexts):
+            raise HeError(f"cannot add a vector of {other.size} values to one of {self.size}")
+        evaluator = sealapi.Evaluator(self._context.seal_context().data)
+        for mine, theirs in zip(self.ciphertexts, other.ciphertexts, strict=True):
+            try:
+                evaluator.add_inplace(mine, theirs)
+            except _TENSEAL_ERRORS as exc:
+                raise HeError(f"SEAL cannot add the ciphertexts: {exc}") from exc
+
+    def serialize(self) -> bytes:
+        return pack_vector(self.size, [seal_layout.save_ciphertext(c) for c in self.ciphertexts])
 
 
 def encrypt(public_context: ts.Context, values: np.ndarray) -> bytes:
-    """Encrypt a flat vector of finite floats under the task's public key."""
+    """Encrypt a flat vector of finite floats under the task's public key, two values per
+    complex slot, with SEAL's encoder and public-key encryptor (no secret key is involved)."""
     vector = np.asarray(values, dtype=np.float64)
     if vector.ndim != 1 or vector.size == 0 or not np.all(np.isfinite(vector)):
         raise HeError(f"need a non-empty 1-D vector of finite values, got shape {vector.shape}")
     if not public_context.has_public_key():
         raise HeError("this context has no public key and cannot encrypt")
+    width = _values_per_ciphertext(public_context)
+    seal_context = public_context.seal_context().data
     try:
-        if vector.size > _slot_count(public_context):
-            with _tenseal_warning_silenced():
-                encrypted = ts.ckks_vector(public_context, vector.tolist())
-        else:
-            encrypted = ts.ckks_vector(public_context, vector.tolist())
-        return encrypted.serialize()
+        encoder = sealapi.CKKSEncoder(seal_context)
+        encryptor = sealapi.Encryptor(seal_context, public_context.public_key().data)
+        blobs = []
+        for start in range(0, vector.size, width):
+            plain, ciphertext = sealapi.Plaintext(), sealapi.Ciphertext()
+            encoder.encode(
+                seal_layout.to_slots(vector[start : start + width]),
+                public_context.global_scale,
+                plain,
+            )
+            encryptor.encrypt(plain, ciphertext)
+            blobs.append(seal_layout.save_ciphertext(ciphertext))
     except _TENSEAL_ERRORS as exc:
         raise HeError(f"encryption failed: {exc}") from exc
+    return pack_vector(vector.size, blobs)
 
 
-def load_ciphertext(context: ts.Context, data: bytes, expected_size: int) -> ts.CKKSVector:
+def load_ciphertext(context: ts.Context, data: bytes, expected_size: int) -> EncryptedVector:
     """Parse an encrypted vector and check it can be added to others of the same task.
 
     SEAL rejects ciphertexts whose parameters differ from the context's. On top of that the
     vector must have ``expected_size`` values, exactly the ciphertexts that size needs, each
-    fresh (two polynomials, top level) at the context's scale. A ciphertext made under another
-    key with the same parameters cannot be told apart: it decrypts to noise.
+    fresh (two polynomials, top level, NTT form) at the context's scale. A ciphertext made
+    under another key with the same parameters cannot be told apart: it decrypts to noise.
     """
-    try:
-        vector = ts.ckks_vector_from(context, bytes(data))
-        ciphertexts = vector.ciphertext()
-        size = vector.size()
-    except _TENSEAL_ERRORS as exc:
-        raise HeError(f"not a ciphertext for this context: {exc}") from exc
+    size, blobs = unpack_vector(data)
     if size != expected_size:
         raise HeError(f"ciphertext holds {size} values, expected {expected_size}")
-    if len(ciphertexts) != math.ceil(expected_size / _slot_count(context)):
-        raise HeError(f"{len(ciphertexts)} ciphertexts cannot hold {expected_size} values")
+    if len(blobs) != math.ceil(expected_size / _values_per_ciphertext(context)):
+        raise HeError(f"{len(blobs)} ciphertexts cannot hold {expected_size} values")
     top_level = context.seal_context().data.first_parms_id()
-    for ciphertext in ciphertexts:
+    ciphertexts = []
+    for blob in blobs:
+        ciphertext = seal_layout.load_seal_ciphertext(context, blob)
         if ciphertext.parms_id() != top_level or ciphertext.size() != 2:
             raise HeError("ciphertext is not a fresh encryption at the context's level")
         if not ciphertext.is_ntt_form() or ciphertext.is_transparent():
             raise HeError("ciphertext is not in NTT form, or is transparent")
         if ciphertext.scale != context.global_scale:
             raise HeError(f"ciphertext scale {ciphertext.scale} != {context.global_scale}")
-    return vector
+        ciphertexts.append(ciphertext)
+    return EncryptedVector(context, ciphertexts, size)
 
 
 def sum_ciphertexts(context: ts.Context, blobs: Iterable[bytes], expected_size: int) -> bytes:
     """Serialised sum of encrypted vectors, each validated before it is added.
 
-    The sum is accumulated in place, so memory stays that of two ciphertexts however many
-    arrive. CKKS addition is exact modular arithmetic: the result's bytes (and hash) do not
-    depend on the order, so an auditor can re-sum the archive and compare hashes.
+    The sum is accumulated in place, so memory stays that of two vectors however many
+    arrive. CKKS addition is exact modular arithmetic and SEAL's zstd serialisation is
+    deterministic: the result's bytes (and hash) do not depend on the order, so an auditor can
+    re-sum the archive and compare hashes.
     """
-    total: ts.CKKSVector | None = None
+    total: EncryptedVector | None = None
     for blob in blobs:
         vector = load_ciphertext(context, blob, expected_size)
         if total is None:
@@ -281,10 +374,17 @@ def sum_ciphertexts(context: ts.Context, blobs: Iterable[bytes], expected_size: 
 
 
 def decrypt(owner_keys: OwnerKeys, data: bytes, expected_size: int) -> np.ndarray:
-    """Exact decryption of an aggregate, for the owner only.
+    """Exact decryption of an aggregate, for the owner only, with SEAL's decryptor and encoder.
 
     Never publish this result as is: a ciphertext with its exact decryption lets an attacker
     recover the secret key (Li-Micciancio). Round or add noise before anything leaves the owner.
     """
-    vector = load_ciphertext(owner_keys.context, data, expected_size)
-    return np.asarray(vector.decrypt(), dtype=np.float64)
+    context = owner_keys.context
+    vector = load_ciphertext(context, data, expected_size)
+    decryptor = sealapi.Decryptor(context.seal_context().data, context.secret_key().data)
+    values = []
+    for ciphertext in vector.ciphertexts:
+        plain = sealapi.Plaintext()
+        decryptor.decrypt(ciphertext, plain)
+        values.append(seal_layout.decode(context, plain))
+    return np.concatenate(values)[:expected_size]

@@ -8,7 +8,9 @@ an upgrade that moves a byte fails a test instead of decrypting to noise.
 
 Reading goes through SEAL's own accessors (``Ciphertext[i]``, ``Plaintext[i]``), which need no
 decompression; writing produces uncompressed SEAL serialisations (SEAL loads those as readily
-as its zstd-compressed ones), so neither needs ``zstandard`` at run time.
+as its zstd-compressed ones), so neither needs ``zstandard`` at run time. Ciphertexts on the
+wire are saved and loaded by SEAL itself (:func:`save_ciphertext`, :func:`load_seal_ciphertext`),
+zstd-compressed by SEAL.
 
 The assumptions, in one place:
 
@@ -24,8 +26,14 @@ The assumptions, in one place:
 5. A plaintext body is parms_id, coeff_count (u64), scale (f64), then the DynArray.
 6. A TenSEAL context is the protobuf ``TenSEALContextProto``: field 1 the SEAL encryption
    parameters, field 2 ``TenSEALPublicProto`` whose field 1 is the SEAL-saved public key.
-7. A TenSEAL CKKS vector of ``n`` values is ``ceil(n / slots)`` ciphertexts, chunk ``j``
-   holding values ``j * slots`` onwards in its first slots.
+7. Two reals per complex slot: SEAL's ``CKKSEncoder`` encodes complex slots (``N / 2`` of
+   them); truscl puts value ``2 i`` of a chunk in slot ``i``'s real part and ``2 i + 1`` in its
+   imaginary part, and ``decode_complex`` gives the slots back in the same order. A vector of
+   ``n`` values is ``ceil(n / N)`` ciphertexts, chunk ``j`` holding values ``j * N`` onwards;
+   the encoder fills the slots after the values with zeros.
+8. TenSEAL 0.3.18's ``sealapi`` saves and loads SEAL objects only through file paths, and
+   ``Ciphertext.save`` uses SEAL's default compression, zstd (header mode byte 2); ``load``
+   runs SEAL's validity checks (parameters known to the context, residues reduced).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from __future__ import annotations
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +55,7 @@ from truscl.errors import HeError
 SEAL_MAGIC = 0xA15E
 _HEADER = struct.Struct("<HBBBBHQ")
 _COMPR_NONE = 0
+COMPR_ZSTD = 2
 _CIPHERTEXT_META = struct.Struct("<4QBQQQdQ")
 _PLAINTEXT_META = struct.Struct("<4QQd")
 _COUNT = struct.Struct("<Q")
@@ -99,6 +109,11 @@ def ciphertext_polys(ciphertext: object) -> np.ndarray:
     return _flat(ciphertext, size * primes * degree).reshape(size, primes, degree)
 
 
+def plaintext_residues(plain: sealapi.Plaintext, level: RnsLevel) -> np.ndarray:
+    """An NTT-form CKKS plaintext at ``level`` as an ``(L, N)`` array of residues."""
+    return _flat(plain, len(level.moduli) * level.degree).reshape(len(level.moduli), level.degree)
+
+
 def secret_key_ntt(context: ts.Context) -> np.ndarray:
     """An ordinary (single-key) context's secret key, ``(L + 1, N)`` in NTT form at key level.
 
@@ -108,9 +123,7 @@ def secret_key_ntt(context: ts.Context) -> np.ndarray:
     """
     if not context.is_private():
         raise HeError("context has no secret key")
-    level = key_level(context)
-    plain = context.secret_key().data.data()
-    return _flat(plain, len(level.moduli) * level.degree).reshape(len(level.moduli), level.degree)
+    return plaintext_residues(context.secret_key().data.data(), key_level(context))
 
 
 def public_key_polys(context: ts.Context) -> np.ndarray:
@@ -120,7 +133,7 @@ def public_key_polys(context: ts.Context) -> np.ndarray:
 
 @dataclass(frozen=True)
 class VectorChunk:
-    """One ciphertext of a TenSEAL CKKS vector and the values it carries."""
+    """One ciphertext of an encrypted vector and how many values it carries."""
 
     parms_id: ParmsId
     scale: float
@@ -128,20 +141,19 @@ class VectorChunk:
     values: int
 
 
-def vector_chunks(vector: ts.CKKSVector, slots: int) -> list[VectorChunk]:
-    """The ciphertexts of an encrypted vector, each with how many of its slots are values."""
-    total = int(vector.size())
+def vector_chunks(ciphertexts: Sequence[sealapi.Ciphertext], total: int) -> list[VectorChunk]:
+    """The ciphertexts of an encrypted vector of ``total`` values, each with its value count."""
     chunks = []
-    for index, ciphertext in enumerate(vector.ciphertext()):
+    for index, ciphertext in enumerate(ciphertexts):
         if not ciphertext.is_ntt_form() or ciphertext.size() != 2:
             raise HeError("expected a fresh two-polynomial ciphertext in NTT form")
+        width = values_per_ciphertext(int(ciphertext.poly_modulus_degree()))
         chunks.append(
             VectorChunk(
                 parms_id=_parms_id(ciphertext.parms_id()),
                 scale=float(ciphertext.scale),
                 polys=ciphertext_polys(ciphertext),
-                # Assumption 7: TenSEAL fills chunks in order, each up to the slot count.
-                values=min(slots, total - index * slots),
+                values=min(width, total - index * width),  # Assumption 7
             )
         )
     return chunks
@@ -186,27 +198,86 @@ def plaintext_bytes(
     return _seal_object(meta + _dyn_array(residues, version), version)
 
 
-def load_plaintext(context: ts.Context, data: bytes) -> sealapi.Plaintext:
-    """Let SEAL parse and validate a plaintext; its bindings only load from a file path.
+# Memory-backed where there is one (Linux), so that no ciphertext or combined decryption touches
+# a Raspberry Pi's SD card; the directories are private (0700) and live for one call.
+_SCRATCH = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
-    The file lives for the duration of the call in a private temporary directory.
-    """
-    plain = sealapi.Plaintext()
-    with tempfile.TemporaryDirectory(prefix="truscl-seal-") as directory:
-        path = os.path.join(directory, "plaintext")
+
+def _saved(save: Callable[[str], None]) -> bytes:
+    """Run SEAL's path-only ``save`` (Assumption 8) into a private temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="truscl-seal-", dir=_SCRATCH) as directory:
+        path = os.path.join(directory, "object")
+        save(path)
+        with open(path, "rb") as file:
+            return file.read()
+
+
+def _load(load: Callable[[str], None], data: bytes) -> None:
+    """Run SEAL's path-only ``load`` (Assumption 8) on ``data``, from a private temporary
+    directory; SEAL's own errors become ``HeError``."""
+    with tempfile.TemporaryDirectory(prefix="truscl-seal-", dir=_SCRATCH) as directory:
+        path = os.path.join(directory, "object")
         with open(path, "wb") as file:
             file.write(data)
         try:
-            plain.load(context.seal_context().data, path)
+            load(path)
         except (ValueError, RuntimeError, TypeError) as exc:
-            raise HeError(f"SEAL refused the plaintext: {exc}") from exc
+            raise HeError(f"SEAL refused the object: {exc}") from exc
+
+
+def load_plaintext(context: ts.Context, data: bytes) -> sealapi.Plaintext:
+    """Let SEAL parse and validate a plaintext."""
+    plain = sealapi.Plaintext()
+    _load(lambda path: plain.load(context.seal_context().data, path), data)
     return plain
 
 
+def save_ciphertext(ciphertext: sealapi.Ciphertext) -> bytes:
+    """SEAL's own serialisation of a ciphertext, zstd-compressed (Assumption 8)."""
+    return _saved(ciphertext.save)
+
+
+def load_seal_ciphertext(context: ts.Context, data: bytes) -> sealapi.Ciphertext:
+    """A ciphertext SEAL parsed and checked against ``context``'s parameters."""
+    ciphertext = sealapi.Ciphertext()
+    _load(lambda path: ciphertext.load(context.seal_context().data, path), data)
+    return ciphertext
+
+
+def compression_mode(data: bytes) -> int:
+    """The compression byte of a SEAL serialisation's header (Assumption 3)."""
+    magic, header_size, _, _, mode, _, size = _HEADER.unpack_from(data)
+    if magic != SEAL_MAGIC or header_size != _HEADER.size or size != len(data):
+        raise HeError("not a SEAL serialisation")
+    return int(mode)
+
+
+def values_per_ciphertext(degree: int) -> int:
+    """Reals one ciphertext carries: two per complex slot (Assumption 7)."""
+    return degree
+
+
+def to_slots(values: np.ndarray) -> list[complex]:
+    """A chunk's reals as the complex slots SEAL's encoder takes (Assumption 7)."""
+    flat = np.asarray(values, dtype=np.float64)
+    if flat.size % 2:
+        flat = np.append(flat, 0.0)
+    return (flat[0::2] + 1j * flat[1::2]).tolist()
+
+
+def from_slots(slots: Sequence[complex] | np.ndarray) -> np.ndarray:
+    """Complex slots back to reals, two per slot, in value order (Assumption 7)."""
+    z = np.asarray(slots, dtype=np.complex128)
+    out = np.empty(2 * z.size, dtype=np.float64)
+    out[0::2], out[1::2] = z.real, z.imag
+    return out
+
+
 def decode(context: ts.Context, plain: sealapi.Plaintext) -> np.ndarray:
-    """SEAL's own CKKS decoding (inverse NTT, CRT, canonical embedding, slot order, scale)."""
+    """SEAL's own CKKS decoding (inverse NTT, CRT, canonical embedding, slot order, scale),
+    every slot as two reals."""
     encoder = sealapi.CKKSEncoder(context.seal_context().data)
-    return np.asarray(encoder.decode_double(plain), dtype=np.float64)
+    return from_slots(encoder.decode_complex(plain))
 
 
 # --- the protobuf wire format, just enough for TenSEAL's context message (Assumption 6) ---

@@ -7,7 +7,7 @@ holder. What leaves is:
 
 * at key generation, ``b_i = -a * s_i + e_i`` over a common random ``a``; the collective public
   key is ``(sum b_i, a)``, placed in an ordinary TenSEAL public context, so devices and the
-  aggregator are unchanged (they encrypt with ``ts.ckks_vector`` and add as before);
+  aggregator are unchanged (they encrypt and add with SEAL as in single-key mode);
 * at decryption, ``d_i = c1 * s_i + E_i`` for the aggregate ciphertext ``(c0, c1)`` with
   Gaussian *smudging* noise ``E_i``; anyone holding all ``d_i`` computes ``c0 + sum d_i``,
   which is the plaintext plus small noise, and decodes it with SEAL's own encoder.
@@ -17,8 +17,8 @@ seed fixed by commit-then-reveal, and every ``b_i`` is committed before any is r
 holder can bias ``a`` or choose its ``b_i`` to cancel the others' (a rogue-key attack that
 would hand it the whole key). Nothing proves a ``b_i`` or ``d_i`` is well-formed: a malicious
 holder can make decryption fail (or shift the result), which the protocol detects only by its
-effects. The smudging level (default sigma = 2^20 at scale 2^40, OpenFHE's default) is a
-heuristic, not a proof: see :data:`SMUDGING_SIGMA`.
+effects. The smudging level (sigma = 2^20 at scale 2^40, OpenFHE's default) is a heuristic,
+not a proof: see :data:`SMUDGING_SIGMA`. Only profiles marked ``threshold`` may be shared.
 
 Byte layouts of SEAL and TenSEAL objects are confined to :mod:`truscl.privacy.seal_layout`.
 """
@@ -57,7 +57,9 @@ from truscl.privacy.dp import secure_generator
 # (distance N * B / sigma <= 2^-40) needs sigma ~2^60, hence a scale near 2^80: two 60-bit
 # data primes, so N = 8192 and twice the bytes per value. Without any smudging, the plaintext
 # still stays secret from k - 1 holders (that rests on RLWE alone); the shares would not.
-SMUDGING_SIGMA = float(2**20)
+# Profiles whose scale is too small for this sigma (ckks-4096-40-40, scale 2^26: ~0.7 of error
+# per value per holder) are single-key only, with their own sigma (CkksProfile.smudging_bits).
+SMUDGING_SIGMA = DEFAULT_PROFILE.smudging_sigma
 # SEAL's error distribution: centred binomial with 21 + 21 coins, standard deviation ~3.24.
 _CBD_COINS = 21
 _SEED_BYTES = 32
@@ -328,6 +330,17 @@ def _parameters(profile: CkksProfile) -> _Parameters:
     return _PARAMETERS[profile.name]
 
 
+def require_threshold(profile: CkksProfile) -> None:
+    """Refuse to share the key of a profile whose precision cannot carry k holders' smudging."""
+    if not profile.threshold:
+        raise HeError(
+            f"{profile.name} is single-key only: at its scale 2^{profile.global_scale_bits}, "
+            f"threshold smudging (sigma {SMUDGING_SIGMA:.0f} per holder) would leave about "
+            f"{profile.smudging_error(SMUDGING_SIGMA):.2g} of error per value; "
+            f"use {DEFAULT_PROFILE.name} for threshold decryption"
+        )
+
+
 def _profile(name: str) -> CkksProfile:
     try:
         return PROFILES[name]
@@ -362,6 +375,7 @@ class KeyShare:
 
     @classmethod
     def generate(cls, holder_id: str, profile: CkksProfile = DEFAULT_PROFILE) -> KeyShare:
+        require_threshold(profile)
         return cls(holder_id, profile, _ternary(profile.poly_modulus_degree))
 
     @classmethod
@@ -424,15 +438,17 @@ class KeyShare:
         aggregate: bytes,
         expected_size: int,
         *,
-        sigma: float = SMUDGING_SIGMA,
+        sigma: float | None = None,
         rng: np.random.Generator | None = None,
     ) -> PartialDecryption:
         """``d_i = c1 * s_i + E_i`` for every ciphertext of the aggregate vector.
 
         Fresh smudging noise per call: a holder must answer each aggregate once, because
         averaging many answers for the same ciphertext would strip the smudging. Only ever
-        decrypt the aggregate the task anchored, never a single device's update.
+        decrypt the aggregate the task anchored, never a single device's update. ``sigma``
+        defaults to the profile's smudging level.
         """
+        sigma = self.profile.smudging_sigma if sigma is None else sigma
         if not sigma > 0:
             raise HeError("smudging sigma must be positive")
         chunks = _aggregate_chunks(context, aggregate, expected_size, self.profile)
@@ -513,6 +529,7 @@ def collective_public_context(
     loaded and re-serialised by TenSEAL itself, so the bytes are exactly what TenSEAL would
     produce for such a key (and their hash is reproducible for the chain).
     """
+    require_threshold(profile)
     params = _parameters(profile)
     moduli = params.key.moduli
     if len(contributions) < 2:
@@ -676,7 +693,7 @@ def _aggregate_chunks(
     if seal_layout.first_level(context) != params.data:
         raise HeError(f"the context is not a {profile.name} context")
     vector = load_ciphertext(context, aggregate, expected_size)
-    return seal_layout.vector_chunks(vector, profile.slot_count)
+    return seal_layout.vector_chunks(vector.ciphertexts, expected_size)
 
 
 def profile_of(context: ts.Context) -> CkksProfile:
@@ -721,9 +738,10 @@ def combine_slots(
     partials: Collection[PartialDecryption],
     holders: Collection[str],
 ) -> np.ndarray:
-    """Every slot of every ciphertext, ``(chunks, slots)``: the vector's values first, then the
-    slots no value was encrypted in, which an honest sum leaves at noise level. A release check
-    needs them all: a crafted ciphertext shows up there as much as in the values.
+    """Every slot of every ciphertext as two reals, ``(chunks, values_per_ciphertext)``: the
+    vector's values first, then the slots no value was encrypted in, which an honest sum leaves
+    at noise level around zero. A release check needs them all: a crafted ciphertext shows up
+    there as much as in the values.
     """
     if sorted(p.holder_id for p in partials) != sorted(set(holders)):
         raise HeError("need exactly one partial decryption from each key holder")
