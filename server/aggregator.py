@@ -2,10 +2,13 @@
 
 Messages arrive on paho's network thread and are queued; one worker thread does the work in
 order, so the round state needs no locks. An accepted update is archived (fsynced) and journaled
-before its receipt is sent; a closed round is journaled before it is anchored, anchored before
-its aggregate goes to the owner, and anchoring checks the chain first, so neither a retry nor a
-restart anchors a round twice, loses an accepted update or counts one twice (see
-:mod:`server.journal`).
+before its receipt is sent, in groups: the updates accepted while more are queued (up to
+``BATCH_UPDATES`` or ``BATCH_BYTES``) share one archive commit and one journal transaction, and
+their receipts go out after both, so an fsync of a few milliseconds is paid per group, not per
+update, and a receipt still never precedes durability. A closed round is journaled before it
+is anchored, anchored before its aggregate goes to the owner, and anchoring checks the chain
+first, so neither a retry nor a restart anchors a round twice, loses an accepted update or
+counts one twice (see :mod:`server.journal`).
 
 An unreachable node is a reason to wait, never to refuse: updates that need the registry wait
 (bounded) until it answers, and closed rounds are anchored and delivered with exponential
@@ -35,7 +38,7 @@ from truscl.errors import ChainError, ConfigError, ProtocolError, TrusclError
 from truscl.mqtt import BrokerSettings, MqttLink, delivery
 from truscl.privacy.ckks import aggregator_context_bytes, load_context
 from truscl.server.archive import Archive, RoundManifest
-from truscl.server.journal import Journal, JournaledRound
+from truscl.server.journal import Journal, JournaledAcceptance, JournaledRound
 from truscl.server.registry import RegistryCache
 from truscl.server.rounds import (
     Accepted,
@@ -47,7 +50,7 @@ from truscl.server.rounds import (
 )
 from truscl.systemd import Heartbeat
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
-from truscl.wire import Domain, Reassembler, TaskTopics, blob_id, envelope
+from truscl.wire import Domain, Reassembler, TaskTopics, envelope
 from truscl.wire.chunking import ChunkRejected, split
 from truscl.wire.receipt import Receipt
 from truscl.wire.update import MAX_UPDATE_BYTES
@@ -63,6 +66,14 @@ TERMS_PATIENCE_S = 30.0  # how often a service still waiting for its task's term
 HELD_MAX_BYTES = 32 * 1024 * 1024
 # Bytes of partial blobs held for all senders together (a Pi has little memory to spare).
 REASSEMBLY_MAX_BYTES = 64 * 1024 * 1024
+# Group commit: accepted updates made durable together, at most this many or this many bytes
+# (held until their blobs are written; bounded so memory stays flat in the number of devices).
+BATCH_UPDATES = 64
+BATCH_BYTES = 4 * 1024 * 1024
+# Message bytes queued for the worker: beyond this, paho's network thread waits, the socket is
+# not read, and the broker keeps the rest in this session's queue (max_queued_messages), so a
+# burst from a thousand devices costs the broker memory, not the aggregator's.
+INBOX_MAX_BYTES = 8 * 1024 * 1024
 
 
 class DeliveryPending(TrusclError, RuntimeError):
@@ -71,6 +82,60 @@ class DeliveryPending(TrusclError, RuntimeError):
 
 class DeliveryFailed(TrusclError, ConnectionError):
     """Some of a round's results did not reach the broker: they are published again."""
+
+
+class StorageFailed(TrusclError, OSError):
+    """Accepted updates could not be archived or journaled: they get no receipt."""
+
+
+class Inbox:
+    """The worker's queue of (topic, payload), holding at most ``max_bytes`` of payloads: a
+    ``put`` beyond that waits until the worker has taken enough (one message larger than the
+    whole bound still gets in, alone). Items without payload (markers, ``None``) never wait.
+    Once closed (the worker has stopped), nothing waits and nothing more is kept: a sender
+    blocked on a full inbox would otherwise hold paho's network thread, and the link's close
+    with it. What is dropped got no receipt, so its device sends it again."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._items: deque[tuple[str, bytes] | None] = deque()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._changed = threading.Condition()
+        self._closed = False
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._items = deque(item for item in self._items if item is None)  # the stop marker
+            self._bytes = 0
+            self._changed.notify_all()
+
+    def put(self, item: tuple[str, bytes] | None) -> None:
+        size = len(item[1]) if item is not None else 0
+        with self._changed:
+            while size and self._bytes and self._bytes + size > self._max_bytes:
+                if self._closed:
+                    return
+                self._changed.wait()
+            if self._closed:
+                return
+            self._items.append(item)
+            self._bytes += size
+            self._changed.notify_all()
+
+    def get(self, timeout: float) -> tuple[str, bytes] | None:
+        """The oldest item; ``queue.Empty`` if none came within ``timeout`` seconds."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._items, timeout):
+                raise queue.Empty
+            item = self._items.popleft()
+            self._bytes -= len(item[1]) if item is not None else 0
+            self._changed.notify_all()
+            return item
+
+    def empty(self) -> bool:
+        with self._changed:
+            return not self._items
 
 
 @dataclass
@@ -164,7 +229,10 @@ class Aggregator:
         self._closing: deque[ClosedRound] = deque()  # closed, not yet delivered: oldest first
         self._closing_retry = Backoff(rng)
         self._deliveries: dict[int, list[paho.MQTTMessageInfo]] = {}
-        self._held: deque[tuple[str, bytes]] = deque()
+        self._held: deque[tuple[str, bytes, bytes]] = deque()  # sender, blob id, blob
+        self._staged: list[Accepted] = []  # accepted, being archived: durable at _commit
+        self._staged_bytes = 0
+        self._due: list[Accepted] = []  # receipts to send at _commit (repeats too)
         self._held_bytes = 0
         self._held_retry = Backoff(rng)
         self._model_retry = Backoff(rng)
@@ -176,12 +244,12 @@ class Aggregator:
         self._context_chunks = Reassembler(max_message=MAX_MESSAGE_LIMIT)
         self._retained_context: bytes | None = None
         self._stashed_model: bytes | None = None
-        self._inbox: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self._inbox = Inbox(INBOX_MAX_BYTES)
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
         self._link = MqttLink(
             f"truscl-aggregator-{self.task[2:10]}",
             broker,
-            on_message=lambda topic, payload: self._inbox.put((topic, payload)),
+            on_message=self.receive,
             on_connected=lambda: self._inbox.put((_CONNECTED, b"")),
             subscriptions=[
                 self.topics.all_updates,
@@ -256,7 +324,8 @@ class Aggregator:
         round_ = self._new_round(journaled.round, journaled.deadline)
         stats = self.stats[journaled.round]
         for entry in self._journal.updates(journaled.round):
-            decision = round_.offer(self.archive.get(entry.blob), journaled=True)
+            blob = self.archive.get(entry.blob)  # checked against its name
+            decision = round_.offer(blob, ident=bytes.fromhex(entry.blob), journaled=True)
             if not isinstance(decision, Accepted) or decision.repeat:
                 raise ProtocolError(
                     f"journaled update {entry.blob[:12]} of round {journaled.round} "
@@ -305,6 +374,10 @@ class Aggregator:
         if self._retained_spec is not None and self._retained_context is not None:
             self._adopt(self._retained_spec, self._retained_context)
 
+    def receive(self, topic: str, payload: bytes) -> None:
+        """One MQTT message, for the worker thread (paho's network thread calls this)."""
+        self._inbox.put((topic, payload))
+
     def start(self) -> Aggregator:
         self._worker.start()
         self._link.start()
@@ -318,6 +391,7 @@ class Aggregator:
         self._inbox.put(None)
         if self._worker.is_alive():
             self._worker.join(10)
+        self._inbox.close()
         self._link.close()
         if self.has_terms:
             self._journal.close()
@@ -331,17 +405,22 @@ class Aggregator:
             except queue.Empty:
                 item = ("", b"")
             if item is None:
+                self._commit_on_exit()
                 return
             if self._heartbeat is not None:
                 self._heartbeat.beat()
             topic, payload = item
             try:
                 self._dispatch(topic, payload)
+                if self._inbox.empty() or self._batch_full():
+                    self._commit()
             except (ProtocolError, ConfigError) as exc:
                 self._count_rejection("malformed-message")
                 log.warning("aggregator: rejected a message on %s: %s", topic, exc)
             except ChainError as exc:  # the node is away: whatever needed it is tried again
                 log.warning("aggregator: chain unavailable on %s: %s", topic or "tick", exc)
+            except StorageFailed as exc:
+                log.error("aggregator: %s", exc)
             except Exception:  # the service outlives any one message
                 log.exception("aggregator: unexpected failure on %s", topic or "tick")
 
@@ -426,80 +505,112 @@ class Aggregator:
         if self._open is not None:
             self.stats[self._open.terms.round].bytes_in += len(payload)
         try:
-            blob = self._reassembler.add(sender, payload)
+            whole = self._reassembler.add_with_id(sender, payload)
         except ChunkRejected as exc:
             self._reject_chunk(sender, exc)
             return
-        if blob is not None:
+        if whole is not None:
+            ident, blob = whole
             if self._held:  # keep arrival order behind the updates already waiting
-                self._hold(sender, blob)
+                self._hold(sender, ident, blob)
             else:
-                self._decide(sender, blob)
+                self._decide(sender, ident, blob)
 
-    def _decide(self, sender: str, blob: bytes) -> bool:
-        """Decide on one whole update; False if it has to wait (and now waits)."""
+    def _decide(self, sender: str, ident: bytes, blob: bytes) -> bool:
+        """Decide on one whole update (``ident``: its checked blob id); False if it has to wait
+        (and now waits). An accepted update is staged: :meth:`_commit` makes it durable and
+        sends its receipt."""
         if self._open is None:
             if self.spec.late_updates and self._last_closed < self.spec.rounds:
-                self._hold(sender, blob)  # the next round decides: it may count it
+                self._hold(sender, ident, blob)  # the next round decides: it may count it
                 return False
-            self._reject(sender, Rejected(RejectReason.CLOSED, "no round is open", blob_id(blob)))
+            self._reject(sender, Rejected(RejectReason.CLOSED, "no round is open", ident))
             return True
         try:
-            decision = self._open.offer(blob)
+            decision = self._open.offer(blob, ident=ident)
         except ChainError as exc:  # the registry cannot be read: ask again later
             if not self._held:
                 log.warning("aggregator: registry unreadable, updates wait: %s", exc)
-            self._hold(sender, blob, front=True)
+            self._hold(sender, ident, blob, front=True)
             self._held_retry.failed()
             return False
         if isinstance(decision, Rejected):
             self._reject(sender, decision)
             return True
-        update, round_no = decision.update, decision.counted_in
         if not decision.repeat:
-            self._persist(blob, decision)
-            stats = self.stats[round_no]
-            metrics.UPDATES_ACCEPTED.inc()
-            stats.participants += 1
-            stats.epsilon = max(stats.epsilon, update.epsilon)
-            log.info(
-                "aggregator: round %d accepted %s%s (%d/%d)",
-                round_no,
-                update.device_address,
-                f", made for round {update.round}" if update.round != round_no else "",
-                self._open.participants,
-                self.expected,
-            )
-        self._receipt(update.device, update.round, decision.blob_id, "", round_no)
-        if not decision.repeat and self._on_accepted is not None:
-            self._on_accepted(round_no, self._open.participants)
+            self.archive.put_later(blob, ident)
+            self._staged.append(decision)
+            self._staged_bytes += len(blob)
+        self._due.append(decision)
         return True
 
-    def _persist(self, blob: bytes, accepted: Accepted) -> None:
-        """Archive (fsynced), then journal: only then may the receipt go out. If either fails,
-        the open round goes back to what the journal holds, so the sum never counts an update
-        a restart would not count."""
-        round_no, update = accepted.counted_in, accepted.update
-        try:
-            self.archive.put(blob)
-            self._journal.accept(
-                round_no, accepted.blob_id.hex(), update.device_address, update.round
-            )
-        except (OSError, sqlite3.Error):
-            journaled = self._journal.round(round_no)
-            assert journaled is not None
-            self._open = self._rebuild(journaled)
-            raise
+    def _batch_full(self) -> bool:
+        return len(self._staged) >= BATCH_UPDATES or self._staged_bytes >= BATCH_BYTES
 
-    def _hold(self, sender: str, blob: bytes, front: bool = False) -> None:
+    def _commit(self) -> None:
+        """Archive (fsynced), then journal, the staged updates, all in one go; only then do
+        their receipts go out. If either fails, the open round goes back to what the journal
+        holds, so the sum never counts an update a restart would not count, and the group
+        gets no receipt (its devices send it again)."""
+        staged, due = self._staged, self._due
+        self._staged, self._staged_bytes, self._due = [], 0, []
+        if staged:
+            assert self._open is not None  # staged updates are the open round's
+            try:
+                self.archive.commit()
+                self._journal.accept_many(
+                    [
+                        JournaledAcceptance(
+                            a.counted_in, a.blob_id.hex(), a.update.device, a.update.round
+                        )
+                        for a in staged
+                    ]
+                )
+            except (OSError, sqlite3.Error) as exc:
+                journaled = self._journal.round(self._open.terms.round)
+                assert journaled is not None
+                self._open = self._rebuild(journaled)
+                raise StorageFailed(
+                    f"{len(staged)} accepted updates could not be stored, so they get no receipt "
+                    f"(their devices send them again): {exc}"
+                ) from exc
+        counted = self._open.participants - len(staged) if self._open is not None else 0
+        for accepted in due:
+            update, round_no = accepted.update, accepted.counted_in
+            if not accepted.repeat:
+                counted += 1
+                stats = self.stats[round_no]
+                metrics.UPDATES_ACCEPTED.inc()
+                stats.participants += 1
+                stats.epsilon = max(stats.epsilon, update.epsilon)
+                log.info(
+                    "aggregator: round %d accepted %s%s (%d/%d)",
+                    round_no,
+                    update.device,
+                    f", made for round {update.round}" if update.round != round_no else "",
+                    counted,
+                    self.expected,
+                )
+            device = bytes.fromhex(update.device[2:])
+            self._receipt(device, update.round, accepted.blob_id, "", round_no)
+            if not accepted.repeat and self._on_accepted is not None:
+                self._on_accepted(round_no, counted)
+
+    def _commit_on_exit(self) -> None:
+        try:
+            self._commit()
+        except Exception:  # stopping anyway: the devices send what got no receipt again
+            log.exception("aggregator: the last accepted updates could not be made durable")
+
+    def _hold(self, sender: str, ident: bytes, blob: bytes, front: bool = False) -> None:
         if self._held_bytes + len(blob) > HELD_MAX_BYTES:
             self._count_rejection("held-full")
             log.warning("aggregator: no room to hold an update from %s; it is dropped", sender)
             return
         if front:
-            self._held.appendleft((sender, blob))
+            self._held.appendleft((sender, ident, blob))
         else:
-            self._held.append((sender, blob))
+            self._held.append((sender, ident, blob))
         self._held_bytes += len(blob)
 
     def _release_held(self) -> None:
@@ -509,9 +620,9 @@ class Aggregator:
         if next_round_to_come or not self._held_retry.ready():
             return
         while self._held:
-            sender, blob = self._held.popleft()
+            sender, ident, blob = self._held.popleft()
             self._held_bytes -= len(blob)
-            if not self._decide(sender, blob):
+            if not self._decide(sender, ident, blob):
                 return
         self._held_retry.succeeded()
 
@@ -579,6 +690,7 @@ class Aggregator:
             return
         now = self._clock()
         if self._open.ready(now):
+            self._commit()  # the round's updates are durable before it closes
             closed = self._open.close()
             self.archive.put(closed.aggregate)
             self._journal.set_state(closed.round, "closed")
@@ -688,7 +800,7 @@ class Aggregator:
                 root=closed.root,
                 anchor_tx=tx,
             )
-            topic = self.topics.receipts(accepted.update.device_address)
+            topic = self.topics.receipts(accepted.update.device)
             sent.append(self._publish(topic, inclusion))
         return sent
 

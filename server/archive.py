@@ -6,12 +6,20 @@ context; per round, a manifest names the update blobs, the root, the aggregate a
 anchor transaction. Every write goes to a temporary file, is fsynced and renamed into place:
 a crash leaves the old file or the new one, never half of one. A blob is on disk before the
 aggregator acknowledges it.
+
+Group commit: an fsync costs milliseconds, far more than validating an update, so the
+aggregator hands over the updates it accepts with ``put_later``; they are written and fsynced
+by a few threads at once while it validates the next ones (the file system merges concurrent
+flushes), and ``commit`` returns once all of them are in place, the directory synced once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -19,13 +27,16 @@ from typing import Any
 from eth_utils import keccak
 
 from truscl.errors import ProtocolError
-from truscl.files import write_atomically
+from truscl.files import sync_directory, temporary_name, write_atomically, write_synced
 
 # Per-task files naming a blob: the spec, the public context, and (when a key holder's
 # transcript is archived) the key-generation record.
 POINTERS = ("spec", "context", "keygen")
 _BLOB_ID = re.compile(r"[0-9a-f]{64}")
 _HASH = re.compile(r"(0x)?[0-9a-fA-F]{64}")  # the aggregator writes roots without 0x
+# Blob writes in flight at once: enough for the file system to merge their flushes, few enough
+# that a Pi's SD card is not flooded.
+WRITERS = 4
 
 
 def is_blob_id(ident: object) -> bool:
@@ -80,13 +91,45 @@ class Archive:
         self.root = Path(root)
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         (self.root / "rounds").mkdir(parents=True, exist_ok=True)
+        self._writers: ThreadPoolExecutor | None = None
+        self._writing: dict[Path, Future[None]] = {}
 
-    def put(self, blob: bytes) -> str:
-        ident = keccak(blob).hex()
-        path = self.root / "blobs" / ident
+    def put(self, blob: bytes, ident: bytes | None = None) -> str:
+        """Store ``blob`` durably; ``ident``, when the caller has checked it already, is its
+        keccak (a large blob is not hashed twice)."""
+        name = (keccak(blob) if ident is None else ident).hex()
+        path = self.root / "blobs" / name
         if not path.exists():
             write_atomically(path, blob)
-        return ident
+        return name
+
+    def put_later(self, blob: bytes, ident: bytes) -> None:
+        """Start writing ``blob`` (whose checked keccak is ``ident``); durable after ``commit``."""
+        path = self.root / "blobs" / ident.hex()
+        if path in self._writing or path.exists():
+            return
+        if self._writers is None:
+            self._writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="archive")
+        self._writing[path] = self._writers.submit(write_synced, temporary_name(path), blob)
+
+    def commit(self) -> None:
+        """Wait for the blobs given to ``put_later`` and move them into place; ``OSError`` if
+        any could not be written. (A blob in place that no journal names is harmless: the
+        archive is content-addressed.)"""
+        writing, self._writing = self._writing, {}
+        failures = [f.exception() for f in writing.values()]
+        try:
+            failed = next((exc for exc in failures if exc is not None), None)
+            if failed is not None:
+                raise failed
+            for path in writing:
+                os.replace(temporary_name(path), path)
+        finally:
+            for path in writing:
+                with contextlib.suppress(OSError):  # a leftover is overwritten the next time
+                    temporary_name(path).unlink(missing_ok=True)
+        if writing:
+            sync_directory(self.root / "blobs")
 
     def get(self, ident: str) -> bytes:
         if not is_blob_id(ident):

@@ -6,6 +6,11 @@ are adapters around it (see :mod:`server.aggregator`), so tests, the simulator a
 deployment run exactly this code. Memory stays flat in the number of devices: accepted
 ciphertexts are folded into one running sum and only their leaves are kept.
 
+Several workers may share a round's updates (an MQTT 5 shared subscription splits them): each
+keeps an ``OpenRound`` of its own, and ``merge`` makes one closed round of their
+``PartialRound``s. CKKS addition is exact modular arithmetic and the leaves are sorted, so the
+root and the aggregate's hash are those one worker would have made of the same updates.
+
 Late updates: under the task term ``late_updates``, an update made for round r that arrives
 while r+1 is open is counted in r+1 (its signed fields still say r, and the leaf commits to
 them), unless r counted an update of that device made for r already. Each update is counted
@@ -15,16 +20,18 @@ once: a round holds at most one update per device and per round it was made for.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import tenseal as ts
 from eth_utils import keccak
 
 from truscl.errors import HeError, ProtocolError, SignatureError
-from truscl.privacy.ckks import EncryptedVector, load_ciphertext
-from truscl.wire import Domain, Update, blob_id, merkle_proof, merkle_root
+from truscl.privacy.ckks import EncryptedVector, load_ciphertext, sum_ciphertexts
+from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_root
+from truscl.wire.merkle import merkle_proofs
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +66,7 @@ class RoundTerms:
 
 @dataclass(frozen=True)
 class Accepted:
-    update: Update
+    update: UpdateRecord  # the signed fields, the ciphertext by its hash: no ciphertext is kept
     blob_id: bytes
     leaf: bytes
     counted_in: int  # the round whose aggregate counts it: its own, or the next one if late
@@ -89,7 +96,48 @@ class ClosedRound:
     leaves: tuple[bytes, ...] = field(repr=False)
 
     def proof(self, leaf: bytes) -> list[bytes]:
-        return merkle_proof(self.leaves, leaf)
+        try:
+            return self._proofs[leaf]
+        except KeyError:
+            raise ProtocolError("leaf is not in the tree") from None
+
+    @functools.cached_property
+    def _proofs(self) -> dict[bytes, list[bytes]]:
+        return merkle_proofs(self.leaves)
+
+
+@dataclass(frozen=True)
+class PartialRound:
+    """What one worker counted of a round: its accepted updates and their sum (serialised)."""
+
+    round: int
+    accepted: tuple[Accepted, ...]
+    aggregate: bytes
+
+
+def merge(partials: Sequence[PartialRound], context: ts.Context, n_params: int) -> ClosedRound:
+    """One closed round from the partials of workers that shared its updates; ``ProtocolError``
+    if they are of different rounds or an update (or a device's update for one round) is
+    counted twice, ``HeError`` if a partial sum is not a ciphertext of the task."""
+    if len({p.round for p in partials}) != 1:
+        raise ProtocolError(
+            f"cannot merge partials of rounds {sorted({p.round for p in partials})}"
+        )
+    accepted = tuple(sorted((a for p in partials for a in p.accepted), key=lambda a: a.leaf))
+    counted = {(a.update.device, a.update.round) for a in accepted}
+    if len(counted) != len(accepted) or len({a.blob_id for a in accepted}) != len(accepted):
+        raise ProtocolError("an update is counted in two partials")
+    aggregate = sum_ciphertexts(context, [p.aggregate for p in partials], n_params)
+    leaves = tuple(a.leaf for a in accepted)
+    return ClosedRound(
+        round=partials[0].round,
+        accepted=accepted,
+        root=merkle_root(leaves),
+        aggregate=aggregate,
+        aggregate_hash=keccak(aggregate),
+        samples=sum(a.update.samples for a in accepted),
+        leaves=leaves,
+    )
 
 
 class OpenRound:
@@ -115,6 +163,7 @@ class OpenRound:
         self._is_registered = is_registered
         self._previous = dict(previous or {})
         self._accepted: dict[tuple[str, int], Accepted] = {}  # by (device, round made for)
+        self._in: set[str] = set()  # devices whose update made for this round is counted
         self._sum: EncryptedVector | None = None
         self._closed = False
 
@@ -126,13 +175,16 @@ class OpenRound:
     @property
     def devices_in(self) -> frozenset[str]:
         """Devices that sent an update made for this round."""
-        return frozenset(d for d, made_for in self._accepted if made_for == self.terms.round)
+        return frozenset(self._in)
 
-    def offer(self, blob: bytes, *, journaled: bool = False) -> Decision:
-        """Decide on one update. ``journaled``: it was accepted before a restart, when the
-        registry was asked; it is not asked again (the node may be away while the aggregator
-        rebuilds its round). ``ChainError`` from the registry leaves the round unchanged."""
-        ident = blob_id(blob)
+    def offer(
+        self, blob: bytes, *, ident: bytes | None = None, journaled: bool = False
+    ) -> Decision:
+        """Decide on one update. ``ident``: its blob id, when the caller checked it already
+        (reassembly does). ``journaled``: it was accepted before a restart, when the registry
+        was asked; it is not asked again (the node may be away while the aggregator rebuilds
+        its round). ``ChainError`` from the registry leaves the round unchanged."""
+        ident = blob_id(blob) if ident is None else ident
         try:
             update = Update.decode(blob, self.terms.max_update_bytes)
         except ProtocolError as exc:
@@ -160,7 +212,7 @@ class OpenRound:
             return reject(RejectReason.UNKNOWN_DEVICE, "not in the on-chain registry")
         if late and device in self._previous:
             if self._previous[device] == ident:  # a retry of an update round r-1 counted
-                return Accepted(update, ident, update.leaf(), current - 1, repeat=True)
+                return Accepted(update.record(), ident, update.leaf(), current - 1, repeat=True)
             return reject(
                 RejectReason.DUPLICATE, f"round {update.round} counted another update of it"
             )
@@ -182,32 +234,29 @@ class OpenRound:
                 self._sum.add_(vector)  # in place: memory stays that of one ciphertext
             except (ValueError, RuntimeError) as exc:  # SEAL refuses what it cannot add
                 return reject(RejectReason.BAD_CIPHERTEXT, f"cannot be added: {exc}")
-        accepted = Accepted(update, ident, update.leaf(), current)
+        accepted = Accepted(update.record(), ident, update.leaf(), current)
         self._accepted[(device, update.round)] = accepted
+        if update.round == current:
+            self._in.add(device)
         return accepted
 
     def ready(self, now: float) -> bool:
         """Every active device is in (the enrolled count, or else every device of the previous
         round), or the deadline passed with a quorum."""
-        if self.terms.expected and len(self.devices_in) >= self.terms.expected:
+        if self.terms.expected and len(self._in) >= self.terms.expected:
             return True
-        if not self.terms.expected and self.terms.active and self.terms.active <= self.devices_in:
+        if not self.terms.expected and self.terms.active and self.terms.active <= self._in:
             return True
         return now >= self.terms.deadline and self.participants >= self.terms.quorum
 
-    def close(self) -> ClosedRound:
+    def partial(self) -> PartialRound:
+        """What this round has counted, to be merged with other workers' (see ``merge``)."""
         if self._sum is None:
             raise ProtocolError(f"round {self.terms.round} has no accepted update to close")
+        return PartialRound(self.terms.round, tuple(self._accepted.values()), self._sum.serialize())
+
+    def close(self) -> ClosedRound:
+        """The round as one worker saw it: the merge of its one partial."""
+        partial = self.partial()
         self._closed = True
-        accepted = tuple(sorted(self._accepted.values(), key=lambda a: a.leaf))
-        leaves = tuple(a.leaf for a in accepted)
-        aggregate = self._sum.serialize()
-        return ClosedRound(
-            round=self.terms.round,
-            accepted=accepted,
-            root=merkle_root(leaves),
-            aggregate=aggregate,
-            aggregate_hash=keccak(aggregate),
-            samples=sum(a.update.samples for a in accepted),
-            leaves=leaves,
-        )
+        return merge([partial], self._context, self.terms.n_params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -196,3 +197,62 @@ def test_a_broker_that_lost_its_retained_messages_gets_the_round_announced_again
         assert announced.get(timeout=60)["round"] == 1
     finally:
         late_device.close()
+
+
+def test_an_update_the_archive_cannot_store_gets_no_receipt_and_counts_when_sent_again(
+    deployment: Deployment, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a device listening to receipts; round 1 open; the archive's blob folder replaced
+    # by a file, so no blob can be written
+    d = deployment
+    topics = TaskTopics(d.spec.task)
+    receipts: queue.Queue[Receipt | None] = queue.Queue()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        receipts.put(None if topic == topics.round else Receipt.decode(payload))
+
+    caplog.set_level(logging.WARNING, logger="truscl.server.aggregator")
+    link = MqttLink(
+        "test-device",
+        d.broker.settings,
+        on_message=on_message,
+        subscriptions=[topics.base + "/receipts/+", topics.round],
+        max_message=1 << 20,
+    ).start()
+    blobs = d.archive / "blobs"
+    try:
+        assert receipts.get(timeout=10) is None  # round 1 is open
+        honest, _, stranger = d.devices
+        good = signed_update(d, honest).encode()
+        blobs.rename(d.archive / "blobs.away")
+        blobs.write_bytes(b"")
+
+        # Execute: the honest update, which cannot be stored, then one the aggregator refuses
+        for chunk in split(good, MAX_MESSAGE):
+            link.publish(topics.updates(honest.address), chunk)
+        wait_for_log(caplog, "could not be stored")
+        for chunk in split(signed_update(d, stranger).encode(), MAX_MESSAGE):
+            link.publish(topics.updates(stranger.address), chunk)
+        refused = receipts.get(timeout=20)
+        # the storage is back; the device, without a receipt, sends its update again
+        blobs.unlink()
+        (d.archive / "blobs.away").rename(blobs)
+        for chunk in split(good, MAX_MESSAGE):
+            link.publish(topics.updates(honest.address), chunk)
+        accepted = receipts.get(timeout=20)
+    finally:
+        link.close()
+    # Assert: receipts go out in order on one connection, so the refusal coming first shows
+    # that the unstored update got none; sent again, it was counted once and is archived
+    assert refused is not None and (refused.accepted, refused.reason) == (False, "unknown-device")
+    assert accepted is not None and accepted.accepted and accepted.device_address == honest.address
+    assert d.aggregator.stats[1].participants == 1
+    assert (blobs / accepted.update.hex()).read_bytes() == good
+    assert d.aggregator.alive
+
+
+def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not any(text in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"{text!r} was not logged within {seconds}s"
+        time.sleep(0.05)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from truscl.errors import ProtocolError
-from truscl.server.journal import Journal
+from truscl.server.journal import Journal, JournaledAcceptance
 
 TASK = "0x" + "ab" * 32
 
@@ -53,3 +53,16 @@ def test_a_journal_serves_one_task(tmp_path: Path) -> None:
     Journal(tmp_path / "journal.sqlite", TASK).close()
     with pytest.raises(ProtocolError, match="belongs to task"):
         Journal(tmp_path / "journal.sqlite", "0x" + "cd" * 32)
+
+
+def test_a_group_of_acceptances_is_journaled_in_order_or_not_at_all(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.sqlite", TASK)
+    journal.open_round(1, b"\x01" * 32, 10.0)
+    journal.accept(1, "aa" * 32, "0xA", 1)
+    group = [JournaledAcceptance(1, f"{n:064x}", f"0x{n}", 1) for n in range(1, 6)]
+
+    journal.accept_many(group)
+    with pytest.raises(sqlite3.IntegrityError):  # the second is journaled already: neither is kept
+        journal.accept_many([JournaledAcceptance(1, "bb" * 32, "0xB", 1), group[0]])
+
+    assert [u.blob for u in journal.updates(1)] == ["aa" * 32] + [a.blob for a in group]

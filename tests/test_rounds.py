@@ -12,7 +12,7 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import keccak
 from test_guardian import uncompressed_ciphertext
 
-from truscl.errors import ChainError, HeError
+from truscl.errors import ChainError, HeError, ProtocolError
 from truscl.privacy.ckks import (
     CkksProfile,
     OwnerKeys,
@@ -21,7 +21,14 @@ from truscl.privacy.ckks import (
     encrypt,
     pack_vector,
 )
-from truscl.server.rounds import Accepted, OpenRound, Rejected, RejectReason, RoundTerms
+from truscl.server.rounds import (
+    Accepted,
+    OpenRound,
+    Rejected,
+    RejectReason,
+    RoundTerms,
+    merge,
+)
 from truscl.wire import Domain, Update, verify_proof
 
 DOMAIN = Domain(chain_id=31337, contract="0x" + "ab" * 20)
@@ -105,6 +112,59 @@ def test_closed_round_proves_every_accepted_update(terms, public_context, device
     assert len(closed.leaves) == 3
     for accepted in closed.accepted:
         assert verify_proof(accepted.leaf, closed.proof(accepted.leaf), closed.root)
+
+
+@pytest.mark.parametrize("workers", [2, 3, 6])
+def test_workers_sharing_a_round_close_it_with_one_workers_root_and_aggregate(
+    terms, public_context, owner_keys, workers
+) -> None:
+    # Prepare: six devices' updates; one worker takes them all in one order, the others share
+    # them round-robin in another
+    accounts = [Account.create() for _ in range(6)]
+    rng = np.random.default_rng(workers)
+    deltas = [rng.normal(0, 1, N_PARAMS) for _ in accounts]
+    blobs = [
+        update_blob(a, terms, public_context, v) for a, v in zip(accounts, deltas, strict=True)
+    ]
+    alone = open_round(terms, public_context, accounts)
+    for blob in blobs:
+        assert isinstance(alone.offer(blob), Accepted)
+    shared = [open_round(terms, public_context, accounts) for _ in range(workers)]
+    for index, blob in enumerate(reversed(blobs)):
+        assert isinstance(shared[index % workers].offer(blob), Accepted)
+
+    # Execute
+    merged = merge([w.partial() for w in shared], public_context, N_PARAMS)
+    closed = alone.close()
+
+    # Assert: the same root, aggregate bytes and hash, leaves and proofs
+    assert merged.root == closed.root and merged.leaves == closed.leaves
+    assert merged.aggregate == closed.aggregate
+    assert merged.aggregate_hash == closed.aggregate_hash == keccak(closed.aggregate)
+    assert merged.samples == closed.samples == 600
+    assert [a.blob_id for a in merged.accepted] == [a.blob_id for a in closed.accepted]
+    total = decrypt(owner_keys, merged.aggregate, N_PARAMS)
+    np.testing.assert_allclose(total, np.sum(deltas, axis=0), atol=1e-6)
+
+
+def test_partials_that_count_an_update_twice_or_are_of_other_rounds_do_not_merge(
+    terms, public_context, devices
+) -> None:
+    blob = update_blob(devices[0], terms, public_context, np.ones(N_PARAMS))
+    first, second = (open_round(terms, public_context, devices) for _ in range(2))
+    first.offer(blob)
+    second.offer(blob)  # the same update, delivered to two workers
+    later = open_round(replace(terms, round=terms.round + 1), public_context, devices)
+    later.offer(
+        update_blob(
+            devices[1], replace(terms, round=terms.round + 1), public_context, np.ones(N_PARAMS)
+        )
+    )
+
+    with pytest.raises(ProtocolError, match="counted in two partials"):
+        merge([first.partial(), second.partial()], public_context, N_PARAMS)
+    with pytest.raises(ProtocolError, match="rounds"):
+        merge([first.partial(), later.partial()], public_context, N_PARAMS)
 
 
 def rejection(decision: object) -> RejectReason:

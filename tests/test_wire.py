@@ -14,7 +14,7 @@ from eth_utils import keccak
 
 from truscl.errors import ProtocolError, SignatureError
 from truscl.wire import Domain, Reassembler, Update, envelope, split
-from truscl.wire.merkle import EMPTY_ROOT, merkle_proof, merkle_root, verify_proof
+from truscl.wire.merkle import EMPTY_ROOT, merkle_proof, merkle_proofs, merkle_root, verify_proof
 from truscl.wire.receipt import Receipt
 from truscl.wire.signing import SECP256K1_N
 from truscl.wire.update import LEAF_ABI, UPDATE_FIELDS, UPDATE_TYPES, UpdateRecord
@@ -407,3 +407,13 @@ def test_a_malformed_receipt_is_refused(overrides: dict[str, object], message: s
 
     with pytest.raises(ProtocolError, match=message):
         Receipt.decode(payload)
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 64])
+def test_all_proofs_from_one_tree_are_each_leafs_proof(count: int) -> None:
+    leaves = [keccak(os.urandom(8)) for _ in range(count)]
+
+    proofs = merkle_proofs(leaves)
+
+    assert proofs == {leaf: merkle_proof(leaves, leaf) for leaf in leaves}
+    assert all(verify_proof(leaf, proofs[leaf], merkle_root(leaves)) for leaf in leaves)

@@ -13,19 +13,35 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     0o600 is never readable by others, even for a moment.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    temporary = temporary_name(path)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        write_synced(temporary, data, mode)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    sync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def temporary_name(path: Path) -> Path:
+    """Where ``path``'s next content is written before it is renamed into place."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_synced(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to a new file and fsync it (its name is not synced: see
+    :func:`sync_directory`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    os.fchmod(fd, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def sync_directory(path: Path) -> None:
+    """fsync a directory: the names created or renamed in it survive a power cut."""
+    directory = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(directory)  # the rename itself survives a power cut
+        os.fsync(directory)
     finally:
         os.close(directory)

@@ -96,6 +96,12 @@ class Reassembler:
         self._held = 0  # bytes held for all senders, PIECE_OVERHEAD included
 
     def add(self, sender: str, payload: bytes) -> bytes | None:
+        whole = self.add_with_id(sender, payload)
+        return None if whole is None else whole[1]
+
+    def add_with_id(self, sender: str, payload: bytes) -> tuple[bytes, bytes] | None:
+        """As ``add``, with the blob's id (checked): a receiver that names or archives the blob
+        by it need not hash it again."""
         try:
             chunk = envelope.decode(payload, "chunk", self.max_message)
         except ProtocolError as exc:
@@ -139,7 +145,7 @@ class Reassembler:
         blob = b"".join(partial.pieces[i] for i in range(count))
         if blob_id(blob) != ident:
             raise ChunkRejected("blob-mismatch", "reassembled blob does not match its id")
-        return blob
+        return ident, blob
 
     def expire(self) -> int:
         """Drop partial blobs older than the TTL; returns how many were dropped."""

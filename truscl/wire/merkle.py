@@ -71,6 +71,17 @@ def merkle_proof(leaves: Sequence[bytes], leaf: bytes) -> list[bytes]:
         index = layers[0].index(leaf)
     except ValueError:
         raise ProtocolError("leaf is not in the tree") from None
+    return _proof(layers, index)
+
+
+def merkle_proofs(leaves: Sequence[bytes]) -> dict[bytes, list[bytes]]:
+    """Every leaf's proof, from one tree (a proof each through ``merkle_proof`` would build
+    the tree once per leaf: quadratic in a round of a thousand devices)."""
+    layers = _layers(leaves)
+    return {leaf: _proof(layers, index) for index, leaf in enumerate(layers[0])}
+
+
+def _proof(layers: list[list[bytes]], index: int) -> list[bytes]:
     proof = []
     for level in layers[:-1]:
         sibling = index ^ 1

@@ -15,6 +15,7 @@ a device's :class:`SigningKey`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,6 +43,15 @@ class Domain:
 
     chain_id: int
     contract: str
+
+    @functools.cached_property
+    def separator(self) -> bytes:
+        """EIP-712 ``domainSeparator``: the hash every digest under this domain starts from."""
+        return _hash_struct("EIP712Domain", DOMAIN_TYPE, self.as_dict())
+
+    def digest(self, struct_hash: bytes) -> bytes:
+        """The EIP-712 digest of a message whose ``hashStruct`` is ``struct_hash``."""
+        return keccak(b"\x19\x01" + self.separator + struct_hash)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,8 +131,12 @@ def _address(public_key: bytes) -> str:
 
 
 def sign_typed(account: Signer, typed_data: dict[str, Any]) -> bytes:
-    """r ‖ s ‖ v, low-s (libsecp256k1 normalises s), v = 27 + recovery id."""
-    digest = typed_data_hash(typed_data)
+    return sign_digest(account, typed_data_hash(typed_data))
+
+
+def sign_digest(account: Signer, digest: bytes) -> bytes:
+    """r ‖ s ‖ v over a 32-byte digest: libsecp256k1's deterministic (RFC 6979), low-s
+    signature, byte for byte what eth-account makes with the same key, v = 27 + recovery id."""
     signature = coincurve.PrivateKey(bytes(account.key)).sign_recoverable(digest, hasher=None)
     return signature[:64] + bytes([27 + signature[64]])
 
@@ -130,17 +144,37 @@ def sign_typed(account: Signer, typed_data: dict[str, Any]) -> bytes:
 def recover_typed(typed_data: dict[str, Any], signature: bytes) -> str:
     """The checksum address that signed ``typed_data``; ``SignatureError`` for a malformed or
     high-s signature."""
-    if len(signature) != SIGNATURE_BYTES:
-        raise SignatureError(f"a signature is {SIGNATURE_BYTES} bytes, not {len(signature)}")
-    if int.from_bytes(signature[32:64], "big") > SECP256K1_N // 2:
-        raise SignatureError("high-s signature (EIP-2): the malleable twin of a valid one")
-    if signature[64] not in (27, 28):
-        raise SignatureError(f"unrecoverable signature: v is {signature[64]}, not 27 or 28")
     try:
         digest = typed_data_hash(typed_data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SignatureError(f"unencodable typed data: {exc}") from None
+    return recover_digest(digest, signature)
+
+
+def recover_digest(digest: bytes, signature: bytes) -> str:
+    """The checksum address whose key made ``signature`` (r ‖ s ‖ v) over the 32-byte ``digest``.
+
+    One encoding per signature: v is 27 or 28 (eth-account also takes 0, 1 and EIP-155
+    values, which would give one signature several byte strings, hence several blob ids), r
+    and s below the group order, and s at most n/2 (EIP-2).
+    """
+    if len(signature) != SIGNATURE_BYTES:
+        raise SignatureError(f"a signature is {SIGNATURE_BYTES} bytes, not {len(signature)}")
+    r, s, v = (
+        int.from_bytes(signature[:32], "big"),
+        int.from_bytes(signature[32:64], "big"),
+        signature[64],
+    )
+    if s > SECP256K1_N // 2:
+        raise SignatureError("high-s signature (EIP-2): the malleable twin of a valid one")
+    if v not in (27, 28):
+        raise SignatureError(f"unrecoverable signature: v is {v}, not 27 or 28")
+    if r >= SECP256K1_N:
+        raise SignatureError("unrecoverable signature: r is not below the group order")
+    try:
         public = coincurve.PublicKey.from_signature_and_message(
-            signature[:64] + bytes([signature[64] - 27]), digest, hasher=None
+            signature[:64] + bytes([v - 27]), digest, hasher=None
         )
-    except Exception as exc:  # coincurve raises ValueError or its own for bad signatures
+    except Exception as exc:  # libsecp256k1 refuses r = 0, s = 0, or no point for r
         raise SignatureError(f"unrecoverable signature: {exc}") from None
     return _address(public.format(compressed=False))

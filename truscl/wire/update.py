@@ -6,10 +6,16 @@ budget it has spent so far, and the Merkle root of the sensor readings it traine
 signature is EIP-712 typed data bound to the chain and the contract, so an update cannot be
 replayed on another deployment, task or round. The leaf is what the round's Merkle root
 commits to; the contract can rebuild it from the same fields with ``abi.encode``.
+
+The ciphertext is by far the largest thing hashed (keccak runs at ~0.4 GB/s, ~0.8 ms for a
+10,000-parameter update): an ``Update`` hashes it once, and the record, the EIP-712 struct hash
+and the leaf all come from that digest. Every field is a static ABI type, so the struct's
+``encodeData`` is the leaf's ``abi.encode`` of the same values, encoded once too.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
@@ -23,8 +29,8 @@ from truscl.wire.signing import (
     SIGNATURE_BYTES,
     Domain,
     Signer,
-    recover_typed,
-    sign_typed,
+    recover_digest,
+    sign_digest,
 )
 
 # Largest signed update the aggregator and the auditor accept, in bytes of CBOR: a CKKS
@@ -89,6 +95,9 @@ UPDATE_TYPES = {
     "Update": [{"name": f.name, "type": f.sol_type} for f in UPDATE_FIELDS],
 }
 LEAF_ABI = [f.sol_type for f in UPDATE_FIELDS]
+UPDATE_TYPEHASH = keccak(
+    text="Update(" + ",".join(f"{f.sol_type} {f.name}" for f in UPDATE_FIELDS) + ")"
+)
 
 
 class UpdateRecord(NamedTuple):
@@ -104,9 +113,21 @@ class UpdateRecord(NamedTuple):
     epsilon_micros: int
     data_root: bytes
 
-    def leaf(self) -> bytes:
+    @property
+    def epsilon(self) -> float:
+        return self.epsilon_micros / 1e6
+
+    def encoded(self) -> bytes:
+        """``abi.encode`` of the fields: the leaf's preimage and the struct's ``encodeData``."""
+        return abi_encode(LEAF_ABI, list(self))
+
+    def leaf(self, encoded: bytes | None = None) -> bytes:
         """OpenZeppelin-style double-hashed leaf: ``keccak(keccak(abi.encode(fields)))``."""
-        return keccak(keccak(abi_encode(LEAF_ABI, list(self))))
+        return keccak(keccak(self.encoded() if encoded is None else encoded))
+
+    def struct_hash(self, encoded: bytes | None = None) -> bytes:
+        """EIP-712 ``hashStruct`` of the ``Update`` message."""
+        return keccak(UPDATE_TYPEHASH + (self.encoded() if encoded is None else encoded))
 
     def message(self) -> dict[str, Any]:
         """The EIP-712 ``Update`` message: the same values under the Solidity names."""
@@ -138,9 +159,25 @@ class Update:
     def device_address(self) -> str:
         return to_checksum_address(self.device)
 
-    @property
+    @functools.cached_property
     def ciphertext_hash(self) -> bytes:
         return keccak(self.ciphertext)
+
+    @functools.cached_property
+    def _record(self) -> UpdateRecord:
+        values: list[Any] = []
+        for f in UPDATE_FIELDS:
+            value = getattr(self, f.cbor)
+            if f.hashed:
+                value = self.ciphertext_hash if f.cbor == "ciphertext" else keccak(value)
+            elif f.sol_type == "address":
+                value = to_checksum_address(value)
+            values.append(value)
+        return UpdateRecord(*values)
+
+    @functools.cached_property
+    def _encoded(self) -> bytes:
+        return self._record.encoded()
 
     @property
     def epsilon(self) -> float:
@@ -148,15 +185,7 @@ class Update:
 
     def record(self) -> UpdateRecord:
         """The signed fields: hashed ones by their keccak, the device as a checksum address."""
-        values: list[Any] = []
-        for f in UPDATE_FIELDS:
-            value = getattr(self, f.cbor)
-            if f.hashed:
-                value = keccak(value)
-            elif f.sol_type == "address":
-                value = to_checksum_address(value)
-            values.append(value)
-        return UpdateRecord(*values)
+        return self._record
 
     def typed_data(self, domain: Domain) -> dict[str, Any]:
         return {
@@ -167,16 +196,18 @@ class Update:
         }
 
     def leaf(self) -> bytes:
-        return self.record().leaf()
+        return self._record.leaf(self._encoded)
 
     def signed(self, account: Signer, domain: Domain) -> Update:
         if account.address != self.device_address:
             raise SignatureError("a device signs only its own updates")
-        return replace(self, signature=sign_typed(account, self.typed_data(domain)))
+        digest = domain.digest(self._record.struct_hash(self._encoded))
+        return replace(self, signature=sign_digest(account, digest))
 
     def signer(self, domain: Domain) -> str:
         """Address that produced the signature (raises on a malformed or high-s one)."""
-        return recover_typed(self.typed_data(domain), self.signature)
+        struct_hash = self._record.struct_hash(self._encoded)
+        return recover_digest(domain.digest(struct_hash), self.signature)
 
     def verify(self, domain: Domain) -> None:
         if self.signer(domain) != self.device_address:

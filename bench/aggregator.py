@@ -1,0 +1,461 @@
+"""The aggregator's hot path (issue 9): validated, summed and durably archived updates per
+second for the largest updates a task allows, and its memory from 10 to 1,000 devices.
+
+Everything is real: a mosquitto broker, an anvil node with the contract, every device
+registered on it, the task created and its initial model anchored by an owner account, CKKS
+ciphertexts of the model's size under the task's public key, each update signed by its own
+device.
+
+The issue asks for 10,000-parameter updates; a task may have at most ``MAX_PARAMS`` (8,064)
+since its model travels in one message, so the task here is the largest one allowed: an MLP
+with one hidden layer over the demo's four features, 8,059 parameters.
+
+Figures:
+
+- ``floor_updates_per_s``: deserialise + add (TenSEAL load, checks, in-place add) of the same
+  ciphertexts, back to back: the most any aggregator could do per core with this packing.
+- ``stages_us``: what each step of one update costs (median), to see where the time goes.
+- ``aggregator_updates_per_s``: in process, through the real path (``Aggregator.receive``:
+  reassembly, validation, signature, registry, sum, group-committed archive and journal,
+  signed receipts on the broker); timed from the first chunk to the last update made durable.
+  The registry's first scan of the chain (once per process) is made before the clock starts.
+- ``service``: end to end, ``truscl aggregator run`` as its own process, the updates published
+  on the broker by the devices' client and timed to the last receipt (its first scan of the
+  registry included); its peak RSS (VmHWM) per device count is ``aggregator_rss_mb``.
+
+Encrypting thousands of values takes tens of milliseconds, so a few distinct ciphertexts are made
+and each device signs its own update around one of them: every update is a distinct signed
+blob (its own id, signer and leaf) that the aggregator hashes, verifies, loads and adds in full.
+All of it is made before any timing starts.
+
+    .venv/bin/python bench/aggregator.py [--quick] [--json FILE]
+
+``measure(quick)`` returns the figures for ``python -m bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import AGGREGATOR, CHAIN, TRUSCL  # noqa: E402
+from truscl.broker import Mosquitto  # noqa: E402
+from truscl.chain import ChainClient, NodeChain  # noqa: E402
+from truscl.chain.anvil import Anvil  # noqa: E402
+from truscl.demo import occupancy_spec  # noqa: E402
+from truscl.keyfile import write_secret  # noqa: E402
+from truscl.mqtt import MqttLink  # noqa: E402
+from truscl.privacy.ckks import (  # noqa: E402
+    OwnerKeys,
+    aggregator_context_bytes,
+    encrypt,
+    load_ciphertext,
+    load_context,
+)
+from truscl.processes import stop_process  # noqa: E402
+from truscl.server.aggregator import Aggregator  # noqa: E402
+from truscl.server.archive import Archive  # noqa: E402
+from truscl.server.registry import RegistryCache  # noqa: E402
+from truscl.task import MAX_PARAMS, TaskSpec  # noqa: E402
+from truscl.wire import Domain, TaskTopics, Update, envelope, split  # noqa: E402
+from truscl.wire.model import model_bytes  # noqa: E402
+from truscl.wire.receipt import Receipt  # noqa: E402
+
+# The issue's figure is for 10,000-parameter updates, but a task may have at most MAX_PARAMS
+# (its model travels in one message): the bench takes the largest model a task allows, an
+# MLP with one hidden layer over the demo task's four features.
+HIDDEN = (MAX_PARAMS - 1) // (4 + 2)  # (features + 2) * hidden + 1 parameters
+N_PARAMS = (4 + 2) * HIDDEN + 1
+TARGET_UPDATES_PER_S = 1_000.0
+RSS_TOLERANCE = 0.10  # aggregator RSS within +-10 % from 10 to 1,000 devices
+
+
+@dataclass
+class World:
+    """Broker, node, contract, owner, aggregator account and registered devices."""
+
+    root: Path
+    rpc: str
+    broker: Mosquitto
+    node: NodeChain
+    contract: ChainClient
+    owner: ChainClient
+    aggregator: LocalAccount
+    devices: list[LocalAccount]
+    keys: OwnerKeys
+
+    @functools.cached_property
+    def domain(self) -> Domain:
+        return Domain(self.contract.chain_id, self.contract.address)  # chain_id asks the node
+
+    def new_task(self, devices: int) -> TaskSpec:
+        """A one-round task for ``devices`` devices, created on chain with its model 0."""
+        public = self.keys.public_context_bytes()
+        spec = occupancy_spec(
+            "0x" + keccak(public).hex(),
+            rounds=1,
+            quorum=devices,
+            round_seconds=3600.0,
+            model="mlp",
+            hidden=(HIDDEN,),
+        )
+        assert spec.n_params == N_PARAMS, spec.n_params
+        self.owner.create_task(
+            spec.task_id,
+            spec.hash(),
+            keccak(public),
+            self.aggregator.address,
+            spec.rounds,
+            epsilon_micros=1,
+            budget_micros=10**6,
+            min_cohort=2,
+        )
+        self.owner.publish_model(spec.task_id, 0, keccak(model_bytes(np.zeros(N_PARAMS))))
+        return spec
+
+    def publish_model(self, spec: TaskSpec) -> None:
+        """Model 0 on the task's model topic (retained), as the owner releases it."""
+        data = model_bytes(np.zeros(N_PARAMS))
+        message = envelope.encode("model", round=0, params=data, model_hash=keccak(data))
+        with MqttLink("bench-owner", self.broker.settings, lambda t, p: None, []) as link:
+            link.publish(TaskTopics(spec.task).model, message, retain=True).wait_for_publish(30)
+
+
+@contextlib.contextmanager
+def world(root: Path, devices: int) -> Iterator[World]:
+    with Anvil() as anvil, Mosquitto(root / "broker") as broker:
+        node = NodeChain(anvil.url)
+        contract = ChainClient.deploy(node.web3(), node.new_account(), node.lock)
+        accounts = [Account.create() for _ in range(devices)]
+        for account in accounts:
+            contract.register_device(account.address)
+        yield World(
+            root=root,
+            rpc=anvil.url,
+            broker=broker,
+            node=node,
+            contract=contract,
+            owner=node.client(contract.address, node.new_account()),
+            aggregator=node.new_account(),
+            devices=accounts,
+            keys=OwnerKeys.generate(),
+        )
+
+
+def ciphertexts(keys: OwnerKeys, distinct: int) -> list[bytes]:
+    context = load_context(keys.public_context_bytes())
+    rng = np.random.default_rng(9)
+    return [encrypt(context, rng.uniform(-1, 1, N_PARAMS)) for _ in range(distinct)]
+
+
+def signed_update(w: World, spec: TaskSpec, device: LocalAccount, ciphertext: bytes) -> bytes:
+    return (
+        Update(
+            task=spec.task_id,
+            round=1,
+            device=bytes.fromhex(device.address[2:]),
+            ciphertext=ciphertext,
+            context=bytes.fromhex(spec.context_hash[2:]),
+            samples=100,
+            epsilon_micros=1,
+            data_root=keccak(device.key),
+        )
+        .signed(device, w.domain)
+        .encode()
+    )
+
+
+def signed_updates(
+    w: World, spec: TaskSpec, devices: list[LocalAccount], cts: list[bytes]
+) -> list[tuple[str, list[bytes]]]:
+    """Each device's update, signed by it, as (topic, chunks)."""
+    topics = TaskTopics(spec.task)
+    return [
+        (
+            topics.updates(device.address),
+            split(signed_update(w, spec, device, cts[index % len(cts)]), spec.max_message),
+        )
+        for index, device in enumerate(devices)
+    ]
+
+
+def median_us(step: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def floor_and_stages(w: World, spec: TaskSpec, cts: list[bytes], repeat: int) -> dict[str, Any]:
+    """Deserialise + add back to back (the floor), and the median cost of each step."""
+    context = load_context(aggregator_context_bytes(w.keys.public_context_bytes()))
+    total = load_ciphertext(context, cts[0], N_PARAMS)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for index in range(repeat):
+        total.add_(load_ciphertext(context, cts[index % len(cts)], N_PARAMS))
+    floor = repeat / (time.perf_counter() - start)
+    floor_cpu_ms = (time.process_time() - cpu_start) / repeat * 1e3
+    device = w.devices[0]
+    encoded = signed_update(w, spec, device, cts[0])
+    vector = load_ciphertext(context, cts[0], N_PARAMS)
+    receipt = Receipt(
+        spec.task_id, 1, bytes.fromhex(device.address[2:]), keccak(encoded), True, "", 1
+    )
+    archive = Archive(w.root / "stages")
+    counter = iter(range(10**9))
+
+    def archive_one() -> None:
+        archive.put(encoded + next(counter).to_bytes(4, "big"))
+
+    stages = {
+        "keccak_blob": median_us(lambda: keccak(encoded), repeat),
+        "decode": median_us(lambda: Update.decode(encoded), repeat),
+        "verify_signature": median_us(lambda: Update.decode(encoded).verify(w.domain), repeat),
+        "deserialise": median_us(lambda: load_ciphertext(context, cts[0], N_PARAMS), repeat),
+        "add": median_us(lambda: total.add_(vector), repeat),
+        "sign_receipt": median_us(lambda: receipt.signed(w.aggregator, w.domain), repeat),
+        "archive_one_fsynced": median_us(archive_one, max(10, repeat // 4)),
+    }
+    # verify_signature decodes a fresh update: it includes the ciphertext's one keccak
+    return {
+        "floor_updates_per_s": round(floor, 1),
+        "floor_cpu_ms_per_update": round(floor_cpu_ms, 3),
+        "ciphertexts_per_update": len(vector.ciphertexts),
+        "update_bytes": len(encoded),
+        "stages_us": {name: round(us, 1) for name, us in stages.items()},
+    }
+
+
+def in_process(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
+    """Through ``Aggregator.receive``: the real path minus the MQTT receive."""
+    spec = w.new_task(devices)
+    updates = signed_updates(w, spec, w.devices[:devices], cts)
+    done = threading.Event()
+
+    def on_accepted(round_no: int, count: int) -> None:
+        if count == devices:
+            done.set()
+
+    chain = w.node.client(w.contract.address, w.aggregator)
+    registry = RegistryCache(chain)
+    registry.refresh()  # once per process, not per update: before the clock starts
+    aggregator = Aggregator(
+        spec=spec,
+        public_context=w.keys.public_context_bytes(),
+        chain=chain,
+        registry=registry,
+        archive=Archive(w.root / f"archive-{spec.task[2:10]}"),
+        broker=w.broker.settings,
+        expected=devices,
+        on_accepted=on_accepted,
+    ).start()
+    try:
+        w.publish_model(spec)
+        _wait(lambda: 1 in aggregator.stats, "round 1 open", 60)
+        timed = _timed(updates, aggregator.receive, done, "all accepted", time.process_time)
+    finally:
+        aggregator.stop()
+    return timed
+
+
+def service(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
+    """``truscl aggregator run`` in its own process, fed through the broker."""
+    spec = w.new_task(devices)
+    folder = w.root / f"service-{devices}"
+    folder.mkdir()
+    Archive(folder / "archive").put_task(spec.task, spec.encode(), w.keys.public_context_bytes())
+    write_secret(folder / "aggregator.key", w.aggregator.key)
+    config = folder / "aggregator.toml"
+    config.write_text(
+        AGGREGATOR.format(task=spec.task, devices=devices)
+        + CHAIN.format(port=w.broker.port, rpc=w.rpc, contract=w.contract.address)
+    )
+    updates = signed_updates(w, spec, w.devices[:devices], cts)
+    topics = TaskTopics(spec.task)
+    accepted: set[str] = set()
+    opened, all_in = threading.Event(), threading.Event()
+
+    def on_message(topic: str, payload: bytes) -> None:
+        if topic == topics.round:
+            opened.set()
+            return
+        with contextlib.suppress(Exception):  # inclusion proofs share the receipt topic
+            receipt = Receipt.decode(payload)
+            if receipt.accepted:
+                accepted.add(receipt.device_address)
+                if len(accepted) == devices:
+                    all_in.set()
+
+    log = (folder / "aggregator.log").open("ab")
+    process = subprocess.Popen(
+        [TRUSCL, "--log-level", "INFO", "aggregator", "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
+    link = MqttLink(
+        "bench-devices",
+        w.broker.settings,
+        on_message,
+        [topics.round, topics.base + "/receipts/+"],
+        max_message=1 << 20,
+    ).start()
+    try:
+        w.publish_model(spec)
+        if not opened.wait(120):
+            raise RuntimeError(f"the service opened no round: see {folder / 'aggregator.log'}")
+        timed = _timed(
+            updates, link.publish, all_in, f"all receipts (see {folder})",
+            lambda: _cpu_seconds(process.pid),
+        )  # fmt: skip
+        rss = _status_mb(process.pid)
+    finally:
+        link.close()
+        stop_process(process, 30)
+        log.close()
+    return {**timed, **rss}
+
+
+def _timed(
+    updates: list[tuple[str, list[bytes]]],
+    send: Callable[[str, bytes], object],
+    done: threading.Event,
+    what: str,
+    cpu: Callable[[], float],
+) -> dict[str, float]:
+    """From the first chunk sent to ``done``: updates per second of wall clock, and CPU
+    milliseconds per update of the process ``cpu`` reads (all its threads). On a machine
+    others load too, the wall clock says what they left; the CPU time is what the path costs."""
+    start, cpu_start = time.perf_counter(), cpu()
+    for topic, chunks in updates:
+        for chunk in chunks:
+            send(topic, chunk)
+    if not done.wait(600):
+        raise RuntimeError(f"not within 600 s: {what}")
+    seconds, cpu_seconds = time.perf_counter() - start, cpu() - cpu_start
+    return {
+        "updates": len(updates),
+        "seconds": round(seconds, 3),
+        "updates_per_s": round(len(updates) / seconds, 1),
+        "cpu_ms_per_update": round(cpu_seconds / len(updates) * 1e3, 3),
+    }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far, all threads (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status_mb(pid: int) -> dict[str, float]:
+    """Peak and current resident memory of a process, in MB (from /proc)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "VmRSS"):
+            fields[key] = int(value.split()[0]) / 1024
+    return {"rss_peak_mb": round(fields["VmHWM"], 1), "rss_mb": round(fields["VmRSS"], 1)}
+
+
+def _wait(condition: Callable[[], bool], what: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not happen within {seconds}s")
+        time.sleep(0.05)
+
+
+def measure(quick: bool = False) -> dict[str, Any]:
+    """The figures, with the issue's JSON keys ``aggregator_updates_per_s`` and
+    ``aggregator_rss_mb`` (peak RSS of the service process, by device count)."""
+    counts = (10, 100) if quick else (10, 100, 1000)
+    in_process_updates = 100 if quick else 500
+    with tempfile.TemporaryDirectory(prefix="truscl-bench-agg-") as folder:
+        with world(Path(folder), max(*counts, in_process_updates)) as w:
+            cts = ciphertexts(w.keys, 4 if quick else 16)
+            figures = floor_and_stages(w, w.new_task(2), cts, 50 if quick else 200)
+            inside = in_process(w, in_process_updates, cts)
+            services = {str(n): service(w, n, cts) for n in counts}
+    rss = {n: s["rss_peak_mb"] for n, s in services.items()}
+    return {
+        "params": N_PARAMS,
+        **figures,
+        "aggregator_updates_per_s": round(inside["updates_per_s"], 1),
+        "in_process": inside,
+        "service": services,
+        "service_updates_per_s": round(services[str(counts[-1])]["updates_per_s"], 1),
+        "aggregator_rss_mb": rss,
+        "rss_spread": round(max(rss.values()) / min(rss.values()) - 1, 3),
+        "targets": {"updates_per_s": TARGET_UPDATES_PER_S, "rss_spread": RSS_TOLERANCE},
+        "cores": os.cpu_count(),
+        "load_average": round(os.getloadavg()[0], 1),
+        "quick": quick,
+    }
+
+
+def report(figures: dict[str, Any]) -> str:
+    floor, floor_cpu = figures["floor_updates_per_s"], figures["floor_cpu_ms_per_update"]
+    inside, service = figures["in_process"], figures["service"][max(figures["service"], key=int)]
+
+    def row(name: str, per_s: float, cpu_ms: float) -> str:
+        return f"  {name:32s} {per_s:8.0f} /s wall  {cpu_ms:6.2f} ms CPU/update"
+
+    lines = [
+        f"{figures['params']:,}-parameter updates: {figures['ciphertexts_per_update']} "
+        f"ciphertexts, {figures['update_bytes']:,} bytes each; {figures['cores']} cores, "
+        f"load average {figures['load_average']:.1f}",
+        row("floor (deserialise + add)", floor, floor_cpu),
+        row("aggregator, in process", inside["updates_per_s"], inside["cpu_ms_per_update"]),
+        row(
+            f"service, {service['updates']} via mosquitto",
+            service["updates_per_s"],
+            service["cpu_ms_per_update"],
+        ),
+        f"  target {TARGET_UPDATES_PER_S:,.0f} /s: in process {inside['updates_per_s'] / floor:.0%}"
+        f" of the floor's rate; one idle core would do {1e3 / inside['cpu_ms_per_update']:.0f}"
+        " /s at this CPU cost",
+        "  per update (median us): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in figures["stages_us"].items()),
+        "  service peak RSS (MB) by devices: "
+        + ", ".join(f"{n}: {mb:.0f}" for n, mb in figures["aggregator_rss_mb"].items())
+        + f"   spread {figures['rss_spread']:+.0%}, target within +-{RSS_TOLERANCE:.0%}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer devices and repeats")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args(argv)
+    figures = measure(args.quick)
+    print(report(figures))
+    if args.json is not None:
+        args.json.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""The archive's group commit on a real file system: nothing in place before ``commit``, every
+blob in place (and readable by its id) after it, and nothing half-written left by a failure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from eth_utils import keccak
+
+from truscl.server.archive import Archive
+
+
+def test_blobs_written_later_are_in_place_only_after_commit(tmp_path: Path) -> None:
+    archive = Archive(tmp_path)
+    blobs = [os.urandom(10_000 + n) for n in range(10)]
+
+    for blob in blobs:
+        archive.put_later(blob, keccak(blob))
+    archive.put_later(blobs[0], keccak(blobs[0]))  # the same blob twice is stored once
+    assert not any(path.name[0] != "." for path in (tmp_path / "blobs").iterdir())
+    archive.commit()
+
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == sorted(
+        keccak(b).hex() for b in blobs
+    )
+    assert [archive.get(keccak(b).hex()) for b in blobs] == blobs
+    archive.commit()  # nothing pending: nothing to do
+
+
+def test_a_failed_write_fails_the_commit_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    archive = Archive(tmp_path)
+    good = os.urandom(1000)
+    archive.put_later(good, keccak(good))
+    bad = os.urandom(1000)
+    # a directory where the blob's temporary file must go: its write fails (as root too)
+    obstacle = tmp_path / "blobs" / f".{keccak(bad).hex()}.{os.getpid()}.tmp"
+    obstacle.mkdir()
+    archive.put_later(bad, keccak(bad))
+
+    with pytest.raises(OSError):
+        archive.commit()
+
+    # Assert: neither is in place (the commit is all or nothing), the good one's temporary
+    # file is gone, and the archive takes both once the obstacle is gone
+    assert sorted(p.name for p in (tmp_path / "blobs").iterdir()) == [obstacle.name]
+    obstacle.rmdir()
+    archive.put_later(good, keccak(good))
+    archive.put_later(bad, keccak(bad))
+    archive.commit()
+    assert archive.get(keccak(bad).hex()) == bad and archive.get(keccak(good).hex()) == good

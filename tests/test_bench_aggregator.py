@@ -1,0 +1,33 @@
+"""The aggregator benchmark runs end to end (``--quick``) and reports the issue's JSON keys;
+its figures are read by people against the targets, not asserted here (a loaded machine is
+slower, not wrong)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_quick_benchmark_reports_throughput_and_memory_by_device_count(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "aggregator.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "aggregator.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert figures["aggregator_updates_per_s"] > 0
+    assert set(figures["aggregator_rss_mb"]) == {"10", "100"}
+    assert figures["service"]["100"]["updates"] == 100
+    assert "floor (deserialise + add)" in run.stdout
