@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
@@ -88,6 +89,18 @@ def measure(backend: str, rounds: int, hidden: tuple[int, ...]) -> tuple[int, in
     if result["backend"] != backend:
         raise SystemExit(f"asked for {backend} but {result['backend']} ran: is LiteRT installed?")
     return int(result["rss_kib"]), int(result["peak_kib"]), float(result["round_s"])
+
+
+def figures(quick: bool) -> dict[str, Any]:
+    """For ``python -m bench``: the agent's RSS with each backend (logistic model), in MB."""
+    rounds = 2 if quick else 5
+    results = {backend: measure(backend, rounds, ()) for backend in BACKENDS}
+    return {
+        "device_rss_with_litert_mb": results["litert"][0] / 1024,
+        "device_rss_with_numpy_mb": results["numpy"][0] / 1024,
+        "litert_adds_mb": (results["litert"][0] - results["numpy"][0]) / 1024,
+        "round_s_by_backend": {backend: r[2] for backend, r in results.items()},
+    }
 
 
 def main() -> None:
