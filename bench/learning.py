@@ -37,12 +37,12 @@ from typing import Any
 import numpy as np
 
 from truscl.agent.contribution import private_delta
-from truscl.agent.sensors import Reading, SensorSuite
+from truscl.agent.sensors import Reading
 from truscl.demo.common import (
-    READING_INTERVAL_S,
     READINGS_PER_ROUND,
     SENSOR_RANGES,
     WINDOW,
+    sensed_readings,
     test_set,
 )
 from truscl.learning import (
@@ -54,9 +54,7 @@ from truscl.learning import (
 )
 from truscl.learning.features import DEFAULT_FEATURES
 from truscl.server.owner import next_model, task_privacy
-from truscl.sim.fleet import MONDAY_2024_01_08
-from truscl.sim.hardware import SimulatedDevice
-from truscl.sim.rooms import ARCHETYPES, SHIFT_ARCHETYPES, Room, RoomProfile, make_rooms
+from truscl.sim.rooms import ARCHETYPES, SHIFT_ARCHETYPES, RoomProfile, make_rooms
 from truscl.task import TaskSpec
 
 TARGET_RATIO = 0.95
@@ -125,13 +123,7 @@ def sense(task: Task, devices: int, seed: int) -> Fleet:
     count = WINDOW + (task.rounds - 1) * READINGS_PER_ROUND
     fleet = []
     for index, profile in enumerate(profiles):
-        room = Room(profile, seed=seed * 1000 + index, start=MONDAY_2024_01_08)
-        device = SimulatedDevice(room, seed=seed * 1000 + 500 + index)
-        readings = []
-        with SensorSuite(device.pin_factory, device.i2c_bus) as suite:
-            for _ in range(count):
-                device.step(READING_INTERVAL_S)
-                readings.append(suite.read(device.now))
+        readings = sensed_readings(profile, index, seed, count)
         fleet.append([r for r in readings if r.valid])  # as the agent: valid readings only
     return Fleet(fleet, test_set(profiles, seed))
 
