@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 RETRY_BASE_S = 0.5  # first retry of a chain or broker step waits up to this long
 RETRY_CAP_S = 30.0  # and no retry waits longer
+REPEAT_BASE_S = 10.0  # an aggregate without its model yet is sent again after up to this
+REPEAT_CAP_S = 120.0
 TERMS_PATIENCE_S = 30.0  # how often a service still waiting for its task's terms says so
 # Updates that wait for the registry (node away) or for the next round (late ones): bounded,
 # so a node outage cannot grow memory without end. What does not fit gets no receipt and is
@@ -236,6 +238,10 @@ class Aggregator:
         self._held_bytes = 0
         self._held_retry = Backoff(rng)
         self._model_retry = Backoff(rng)
+        # The last delivered aggregate, sent again (with backoff) until its round's model comes:
+        # a key holder that was not connected when it went out would otherwise never see it.
+        self._repeat: tuple[int, list[bytes]] | None = None
+        self._repeat_retry = Backoff(rng, base=REPEAT_BASE_S, cap=REPEAT_CAP_S)
         self._last_closed = 0
         self._deadline_logged = False
         self._announcement: bytes | None = None  # the open round's, to publish again
@@ -471,6 +477,8 @@ class Aggregator:
         if keccak(model["params"]) != model["model_hash"]:
             log.warning("aggregator: model %d does not match its hash; ignored", released)
             return
+        if self._repeat is not None and released >= self._repeat[0]:
+            self._repeat = None  # its model came: every key holder had the aggregate
         following = released + 1
         # The journal first: a round it knows is open already, or closed (perhaps not anchored
         # yet, the node being away); then the chain, for a journal that was lost.
@@ -483,6 +491,17 @@ class Aggregator:
             self._last_closed = max(self._last_closed, following)
             return
         self._open_round(following, model["model_hash"])
+
+    def _repeat_aggregate(self) -> None:
+        """The last aggregate again, the same bytes, while its round's model has not come."""
+        if self._repeat is None or not self._repeat_retry.ready():
+            return
+        round_no, chunks = self._repeat
+        for chunk in chunks:
+            self._publish(self.topics.aggregate, chunk)
+        delay = self._repeat_retry.failed()
+        log.info("aggregator: round %d's aggregate sent again (no model yet; next in %.0fs)",
+                 round_no, delay)  # fmt: skip
 
     def _open_round(self, round_no: int, model_hash: bytes) -> None:
         deadline = self._clock() + self.spec.round_seconds
@@ -684,6 +703,7 @@ class Aggregator:
 
     def _tick(self) -> None:
         self._take_model()
+        self._repeat_aggregate()
         self._release_held()
         self._finish_closed()
         if self._open is None:
@@ -787,10 +807,11 @@ class Aggregator:
             root=closed.root,
             anchor_tx=tx,
         )
-        sent = [
-            self._publish(self.topics.aggregate, chunk)
-            for chunk in split(aggregate, self._link.max_message)
-        ]
+        chunks = split(aggregate, self._link.max_message)
+        sent = [self._publish(self.topics.aggregate, chunk) for chunk in chunks]
+        self._repeat = (closed.round, chunks)
+        self._repeat_retry.succeeded()
+        self._repeat_retry.failed()  # the first repeat is due after up to REPEAT_BASE_S
         for accepted in closed.accepted:
             inclusion = envelope.encode(
                 "inclusion",

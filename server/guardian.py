@@ -64,7 +64,6 @@ class Refused(ProtocolError):
 UNANCHORED = "unanchored"
 NOT_THE_ANCHORED_AGGREGATE = "not-the-anchored-aggregate"
 UNDER_COHORT = "under-cohort"
-ALREADY_ANSWERED = "already-answered"
 
 
 class GuardianRecords:
@@ -244,8 +243,10 @@ class Guardian:
             raise self._refuse(
                 UNDER_COHORT, f"round {round_no} counts {anchor.updates} < {cohort} updates"
             )
-        if self.records.answered(round_no) is not None:
-            raise self._refuse(ALREADY_ANSWERED, f"round {round_no} was decrypted once already")
+        answered = self.records.answered(round_no)
+        if answered is not None:  # sent again (the aggregator repeats it until a model comes):
+            log.info("guardian %s: round %d answered again, the same bytes", self.name, round_no)
+            return answered  # the recorded answer, never a second decryption
         partial = self.share.partial_decrypt(self._context, ciphertext, spec.n_params)
         signed = PartialMessage(
             task=self._task_id,

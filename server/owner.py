@@ -325,7 +325,9 @@ class TaskOwner:
         assert spec is not None
         message = envelope.decode(blob, "aggregate", len(blob))
         round_no = message["round"]
-        if round_no in self.models or round_no - 1 not in self.models:
+        if round_no in self._pending or round_no in self.models:
+            return  # sent again for a key holder that missed it: this one has it
+        if round_no - 1 not in self.models:
             raise ProtocolError(f"aggregate for round {round_no} out of turn")
         anchor = self.chain.round_anchor(spec.task_id, round_no)
         if anchor is None:

@@ -15,6 +15,7 @@ import pytest
 from conftest import task_owner
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_utils import keccak
 
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, EmbeddedChain
@@ -23,8 +24,9 @@ from truscl.mqtt import MqttLink
 from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
+from truscl.server.owner import TaskOwner
 from truscl.task import TaskSpec
-from truscl.wire import Domain, TaskTopics, Update, envelope, split
+from truscl.wire import Domain, Reassembler, TaskTopics, Update, envelope, split
 from truscl.wire.receipt import Receipt
 
 pytestmark = pytest.mark.slow
@@ -41,6 +43,7 @@ class Deployment:
     domain: Domain
     owner_keys: OwnerKeys
     archive: Path
+    owner: TaskOwner
 
 
 @pytest.fixture()
@@ -81,6 +84,7 @@ def deployment(tmp_path: Path, owner_keys: OwnerKeys) -> Iterator[Deployment]:
                 Domain(contract.chain_id, contract.address),
                 owner_keys,
                 tmp_path / "archive",
+                owner,
             )
         finally:
             aggregator.stop()
@@ -256,3 +260,41 @@ def wait_for_log(caplog: pytest.LogCaptureFixture, text: str, seconds: float = 3
     while not any(text in r.getMessage() for r in caplog.records):
         assert time.monotonic() < deadline, f"{text!r} was not logged within {seconds}s"
         time.sleep(0.05)
+
+
+def test_an_aggregate_whose_model_has_not_come_is_sent_again_for_a_late_key_holder(
+    deployment: Deployment,
+) -> None:
+    # Prepare: the owner is away, so round 1's model will not come; both devices send, and
+    # the round's inclusion proofs (which go out after its aggregate) arrive
+    d = deployment
+    topics = TaskTopics(d.spec.task)
+    d.owner.stop()
+    heard: queue.Queue[bytes] = queue.Queue()
+    subscriptions = [topics.round, topics.base + "/receipts/+"]
+    with MqttLink(
+        "test-device", d.broker.settings, lambda _t, p: heard.put(p), subscriptions
+    ) as link:
+        heard.get(timeout=30)  # round 1 is open
+        for device in d.devices[:2]:
+            for chunk in split(signed_update(d, device).encode(), MAX_MESSAGE):
+                link.publish(topics.updates(device.address), chunk)
+        while envelope.decode_any(heard.get(timeout=60), KINDS, 1 << 16)[0] != "inclusion":
+            pass
+    # Execute: a key holder that connects only now, after the aggregate went out
+    chunks: queue.Queue[bytes] = queue.Queue()
+    with MqttLink(
+        "late-holder", d.broker.settings, lambda _t, p: chunks.put(p), [topics.aggregate]
+    ):
+        reassembler = Reassembler(max_message=1 << 20)
+        blob = None
+        while blob is None:
+            blob = reassembler.add("aggregator", chunks.get(timeout=60))
+    # Assert: it gets round 1's anchored aggregate, the same bytes
+    message = envelope.decode(blob, "aggregate", len(blob))
+    anchor = d.chain.round_anchor(d.spec.task_id, 1)
+    assert anchor is not None and message["round"] == 1
+    assert keccak(message["ciphertext"]) == anchor.aggregate_hash
+
+
+KINDS = ("round", "receipt", "inclusion")

@@ -22,10 +22,19 @@ class BrokerFailed(TrusclError, RuntimeError):
     """mosquitto did not start or stopped unexpectedly."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port of 127.0.0.1 nothing listens on now, and never one this process was given
+    before: a service started from an earlier answer may not have bound it yet."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def listener_of(config: Path) -> tuple[str, int]:
