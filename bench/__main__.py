@@ -18,14 +18,18 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import MODULES, REQUIRED_KEYS, TARGETS, Target, as_rows
-from truscl.progress import Progress
+
+if TYPE_CHECKING:
+    from truscl.progress import Progress
 
 
 def run(names: tuple[str, ...], quick: bool) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Figures by module, and why each module that gave none did not run."""
+    from truscl.progress import Progress  # rich: not on a device, where bench.device reports
+
     results: dict[str, dict[str, Any]] = {}
     not_run: dict[str, str] = {}
     with Progress("bench", len(names), plain=False) as progress:  # a bar on a terminal

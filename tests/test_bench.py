@@ -16,7 +16,7 @@ import pytest
 from bench import MODULES, REQUIRED_KEYS, TARGETS, Target, as_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-PER_COUNT = ("aggregator_updates_per_s", "aggregator_rss_mb", "round_latency_s", "gas_per_round")
+PER_COUNT = ("aggregator_rss_mb", "round_latency_s", "gas_per_round")
 
 
 def _is_number(value: object) -> bool:
