@@ -51,7 +51,7 @@ from truscl.learning import missing_sensor
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.accounting import PrivacyLedger
 from truscl.privacy.ckks import context_hash, load_context
-from truscl.systemd import Heartbeat
+from truscl.systemd import Heartbeat, worker_items
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import (
     Domain,
@@ -195,16 +195,8 @@ class DeviceAgent:
     # -- worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            try:
-                item = self._inbox.get(timeout=TICK_S)
-            except queue.Empty:
-                item = _EVENT_TICK  # a round waiting for readings or a receipt is looked at
-            if item is None:
-                return
-            if self._heartbeat is not None:
-                self._heartbeat.beat()
-            topic, payload = item
+        # a tick: a round waiting for readings or a receipt is looked at
+        for topic, payload in worker_items(self._inbox.get, self._heartbeat, TICK_S, _EVENT_TICK):
             try:
                 self._dispatch(topic, payload)
             except (ProtocolError, HeError, ConfigError) as exc:

@@ -48,7 +48,7 @@ from truscl.server.rounds import (
     RejectReason,
     RoundTerms,
 )
-from truscl.systemd import Heartbeat
+from truscl.systemd import Heartbeat, worker_items
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, envelope
 from truscl.wire.chunking import ChunkRejected, split
@@ -405,17 +405,7 @@ class Aggregator:
     # -- worker thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while True:
-            try:
-                item = self._inbox.get(timeout=0.1)
-            except queue.Empty:
-                item = ("", b"")
-            if item is None:
-                self._commit_on_exit()
-                return
-            if self._heartbeat is not None:
-                self._heartbeat.beat()
-            topic, payload = item
+        for topic, payload in worker_items(self._inbox.get, self._heartbeat, 0.1, ("", b"")):
             try:
                 self._dispatch(topic, payload)
                 if self._inbox.empty() or self._batch_full():
@@ -429,6 +419,7 @@ class Aggregator:
                 log.error("aggregator: %s", exc)
             except Exception:  # the service outlives any one message
                 log.exception("aggregator: unexpected failure on %s", topic or "tick")
+        self._commit_on_exit()
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         if topic == _CONNECTED:

@@ -28,6 +28,7 @@ import json
 import logging
 import queue
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
@@ -39,7 +40,7 @@ from truscl.files import write_atomically
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.ckks import load_context
 from truscl.privacy.threshold import KeyShare
-from truscl.systemd import Heartbeat
+from truscl.systemd import Heartbeat, worker_items
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Reassembler, TaskTopics, envelope, split
 from truscl.wire.keyholders import PartialMessage
@@ -184,15 +185,10 @@ class Guardian:
 
     def _run(self) -> None:
         reassembler = Reassembler(max_message=MAX_MESSAGE_LIMIT)
-        while True:
-            try:
-                payload = self._inbox.get(timeout=TICK_S)
-            except queue.Empty:
-                payload = _Event.TICK
-            if payload is None:
-                return
-            if self._heartbeat is not None:
-                self._heartbeat.beat()
+        items: Iterator[tuple[str, bytes] | _Event] = worker_items(
+            self._inbox.get, self._heartbeat, TICK_S, _Event.TICK
+        )
+        for payload in items:
             if payload is _Event.TICK:
                 continue
             try:

@@ -23,7 +23,7 @@ import logging
 import math
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from truscl.privacy.ckks import OwnerKeys, context_hash, load_context
 from truscl.privacy.release import Refusal, ReleaseBounds, noise_slack
 from truscl.privacy.threshold import KeyShare, PartialDecryption, combine_slots, profile_of
 from truscl.server.config import OWNER_HOLDER
-from truscl.systemd import Heartbeat
+from truscl.systemd import Heartbeat, worker_items
 from truscl.task import TaskSpec
 from truscl.wire import Reassembler, TaskTopics, envelope
 from truscl.wire.keyholders import MAX_KEYHOLDER_MESSAGE, PartialMessage
@@ -291,15 +291,10 @@ class TaskOwner:
             max_message=self._spec.max_message, max_blob=MAX_KEYHOLDER_MESSAGE
         )
         aggregate_topic = TaskTopics(self._spec.task).aggregate
-        while True:
-            try:
-                payload = self._inbox.get(timeout=TICK_S)
-            except queue.Empty:
-                payload = _Event.TICK
-            if payload is None:
-                return
-            if self._heartbeat is not None:
-                self._heartbeat.beat()
+        items: Iterator[tuple[str, bytes] | _Event] = worker_items(
+            self._inbox.get, self._heartbeat, TICK_S, _Event.TICK
+        )
+        for payload in items:
             if payload is _Event.TICK:
                 continue
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -19,7 +20,14 @@ from pathlib import Path
 import pytest
 
 from truscl.errors import ConfigError, TrusclError
-from truscl.systemd import Heartbeat, Notifier, Watchdog, supervise, watchdog_interval
+from truscl.systemd import (
+    Heartbeat,
+    Notifier,
+    Watchdog,
+    supervise,
+    watchdog_interval,
+    worker_items,
+)
 
 WAIT = 10.0  # bound on every wait for something another thread does
 
@@ -330,3 +338,19 @@ def test_a_notification_socket_nobody_reads_never_blocks_the_service(tmp_path: P
     assert not pinger.is_alive()
     assert sent[0] is True and sent.count(False) > 0
     unread.close()
+
+
+def test_a_worker_loop_ticks_when_idle_beats_on_every_turn_and_stops_on_none() -> None:
+    # Prepare: a loop on an inbox with one message, its heartbeat on a clock of our own
+    now = [0.0]
+    heartbeat = Heartbeat("worker", clock=lambda: now[0])
+    inbox: queue.Queue[str | None] = queue.Queue()
+    inbox.put("message")
+    items = worker_items(inbox.get, heartbeat, 0.0, "tick")
+    # Execute / Assert: the message, then a tick for the empty inbox, each turn a beat
+    now[0] = 5.0
+    assert next(items) == "message" and heartbeat.age() == 0.0
+    now[0] = 9.0
+    assert next(items) == "tick" and heartbeat.age() == 0.0
+    inbox.put(None)
+    assert list(items) == []  # None stops the loop

@@ -24,10 +24,12 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 from truscl.errors import ConfigError
 
@@ -153,6 +155,28 @@ class Heartbeat:
 
     def __repr__(self) -> str:
         return f"Heartbeat({self.name!r}, age={self.age():.1f})"
+
+
+T = TypeVar("T")
+
+
+def worker_items(
+    get: Callable[..., T | None], heartbeat: Heartbeat | None, tick_s: float, tick: T
+) -> Iterator[T]:
+    """A service's worker loop over its inbox's ``get`` (``queue.Queue.get``'s, raising
+    ``queue.Empty``): each item until ``None`` (stop), and ``tick`` when none came within
+    ``tick_s`` (so that timers are looked at); the loop's heartbeat beats on every turn, idle
+    ones included, as :class:`Heartbeat` asks."""
+    while True:
+        try:
+            item = get(timeout=tick_s)
+        except queue.Empty:
+            item = tick
+        if item is None:
+            return
+        if heartbeat is not None:
+            heartbeat.beat()
+        yield item
 
 
 def watchdog_interval(
