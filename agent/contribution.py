@@ -21,11 +21,11 @@ import tenseal as ts
 
 from truscl.agent.litert import Trainer, numpy_trainer
 from truscl.agent.sensors import Reading
+from truscl.hashing import keccak
 from truscl.privacy.ckks import encrypt
 from truscl.privacy.dp import DpSgdConfig, clip_by_l2, secure_generator
 from truscl.task import TaskSpec
 from truscl.wire import Domain, Update, merkle_root
-from truscl.wire.merkle import keccak256
 from truscl.wire.signing import Signer
 
 
@@ -56,12 +56,12 @@ def data_salt(round_secret: bytes, index: int) -> bytes:
         raise ValueError(f"a round secret is {ROUND_SECRET_BYTES} bytes, not {len(round_secret)}")
     if not 0 <= index < 2**256:
         raise ValueError(f"reading index {index} is out of range")
-    return keccak256(round_secret + index.to_bytes(32, "big"))
+    return keccak(round_secret + index.to_bytes(32, "big"))
 
 
 def data_leaf(round_secret: bytes, index: int, reading: Reading) -> bytes:
     """``keccak(salt_index ‖ reading's canonical CBOR)``: the leaf of one trained-on reading."""
-    return keccak256(data_salt(round_secret, index) + reading.encode())
+    return keccak(data_salt(round_secret, index) + reading.encode())
 
 
 def data_root(round_secret: bytes, window: list[Reading]) -> bytes:

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import tenseal as ts
-from eth_utils import keccak
 
 from truscl.agent.contribution import ROUND_SECRET_BYTES, UpdateInputs, data_root, make_update
 from truscl.agent.health import SENSORS
@@ -46,6 +45,7 @@ from truscl.agent.sensors import Reading
 from truscl.chain.reader import ChainReader
 from truscl.errors import ConfigError, HeError, ProtocolError
 from truscl.files import write_atomically
+from truscl.hashing import keccak
 from truscl.keyfile import read_secret, write_secret
 from truscl.learning import missing_sensor
 from truscl.mqtt import BrokerSettings, MqttLink

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import cbor2
-from eth_utils import keccak
 
 from truscl.agent.rounds import Phase, RoundState
+from truscl.hashing import keccak
 from truscl.wire import UpdateRecord
 
 SCHEMA = (

@@ -30,11 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import paho.mqtt.client as paho
-from eth_utils import is_address, keccak
+from eth_utils import is_address
 
 from truscl import metrics
 from truscl.chain import ChainClient
 from truscl.errors import ChainError, ConfigError, ProtocolError, TrusclError
+from truscl.hashing import keccak
 from truscl.mqtt import BrokerSettings, MqttLink, delivery
 from truscl.privacy.ckks import aggregator_context_bytes, load_context
 from truscl.server.archive import Archive, RoundManifest

@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from eth_utils import keccak
-
 from truscl.errors import ProtocolError
 from truscl.files import sync_directory, temporary_name, write_atomically, write_synced
+from truscl.hashing import keccak
 
 # Per-task files naming a blob: the spec, the public context, and (when a key holder's
 # transcript is archived) the key-generation record.

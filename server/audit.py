@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import tenseal as ts
-from eth_utils import keccak
 from web3 import Web3
 
 from truscl.chain import ChainClient
 from truscl.chain.deployment import artifact_code_hash, code_hash
 from truscl.errors import HeError, ProtocolError, TrusclError
+from truscl.hashing import keccak
 from truscl.privacy.ckks import context_hash, load_context, sum_ciphertexts
 from truscl.server.archive import POINTERS, Archive, RoundManifest, is_blob_id
 from truscl.task import TaskSpec

@@ -32,11 +32,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak
 
 from truscl.chain import ChainClient
 from truscl.errors import ConfigError, ProtocolError
 from truscl.files import write_atomically
+from truscl.hashing import keccak
 from truscl.mqtt import BrokerSettings, MqttLink
 from truscl.privacy.ckks import load_context
 from truscl.privacy.threshold import KeyShare

@@ -29,12 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from eth_utils import keccak
 
 from truscl import metrics
 from truscl.chain import ChainClient
 from truscl.errors import ChainError, ConfigError, HeError, ProtocolError, SignatureError
 from truscl.files import write_atomically
+from truscl.hashing import keccak
 from truscl.keyfile import read_secret, write_secret
 from truscl.learning import OptimiserState, server_step
 from truscl.mqtt import BrokerSettings, MqttLink

@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import tenseal as ts
-from eth_utils import keccak
 
 from truscl.errors import HeError, ProtocolError, SignatureError
+from truscl.hashing import keccak
 from truscl.privacy.ckks import EncryptedVector, load_ciphertext, sum_ciphertexts
 from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_root
 from truscl.wire.merkle import merkle_proofs

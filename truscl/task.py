@@ -14,10 +14,10 @@ from typing import Any
 
 import cbor2
 import numpy as np
-from eth_utils import keccak
 
 from truscl.config import TomlReader
 from truscl.errors import ConfigError
+from truscl.hashing import keccak
 from truscl.learning import (
     MODELS,
     FeatureScaler,

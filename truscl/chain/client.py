@@ -19,7 +19,6 @@ from typing import Any, TypeVar, cast
 
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress, HexStr
-from eth_utils import keccak
 from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
@@ -30,6 +29,7 @@ from truscl.chain.reader import TaskRecord, b32, custom_errors, update_tuple
 from truscl.chain.rpc import rpc_errors
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError
+from truscl.hashing import keccak
 from truscl.wire.update import UpdateRecord
 
 try:
@@ -57,7 +57,7 @@ _REVERTED_PREFIX = "execution reverted: "
 # Blocks per eth_getLogs request: public providers refuse wide ranges, and a narrow one keeps
 # each answer small.
 LOG_SPAN = 5_000
-REGISTRAR_ROLE = keccak(text="REGISTRAR_ROLE")  # the contract's constant of the same name
+REGISTRAR_ROLE = keccak(b"REGISTRAR_ROLE")  # the contract's constant of the same name
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from eth_typing import ChecksumAddress
-from eth_utils import is_address, keccak, to_checksum_address
+from eth_utils import is_address, to_checksum_address
 
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError, ConfigError
+from truscl.hashing import keccak
 
 if TYPE_CHECKING:  # web3 only where a chain is reached: a device reads a record without it
     from eth_account.signers.local import LocalAccount
@@ -45,7 +46,7 @@ _HASH_HEX = 66  # "0x" and 64 hex digits
 def artifact_code_hash() -> str:
     """keccak-256 of the runtime code this truscl was built with, as 0x-hex."""
     code = load_artifact("Truscl")["deployedBytecode"]
-    return _hex(keccak(hexstr=code))
+    return _hex(keccak(bytes.fromhex(code.removeprefix("0x"))))
 
 
 def code_hash(w3: Web3, address: str) -> str | None:

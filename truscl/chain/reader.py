@@ -24,10 +24,11 @@ from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_abi.exceptions import DecodingError
 from eth_typing import ChecksumAddress
-from eth_utils import keccak, to_checksum_address
+from eth_utils import to_checksum_address
 
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError, ConfigError
+from truscl.hashing import keccak
 from truscl.wire.update import UPDATE_FIELDS, UpdateRecord
 
 DEFAULT_TIMEOUT = 10.0  # seconds per request: a testnet provider answers well within it
@@ -149,7 +150,7 @@ class RpcReader:
     def _call(self, name: str, *args: Any) -> tuple[Any, ...]:
         function = self._functions[name]
         inputs = [abi_type(p) for p in function["inputs"]]
-        selector = keccak(text=f"{name}({','.join(inputs)})")[:4]
+        selector = keccak(f"{name}({','.join(inputs)})".encode())[:4]
         data = "0x" + (selector + abi_encode(inputs, args)).hex()
         call = {"to": self._address, "data": data}
         result = self._request("eth_call", [call, "latest"])
@@ -253,7 +254,7 @@ def custom_errors(abi: Sequence[Mapping[str, Any]]) -> dict[bytes, CustomError]:
     for item in abi:
         if item["type"] == "error":
             types = [abi_type(arg) for arg in item["inputs"]]
-            selector = keccak(text=f"{item['name']}({','.join(types)})")[:4]
+            selector = keccak(f"{item['name']}({','.join(types)})".encode())[:4]
             errors[selector] = CustomError(
                 item["name"], [arg["name"] for arg in item["inputs"]], types
             )

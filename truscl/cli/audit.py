@@ -33,10 +33,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    from eth_utils import keccak
-
     from truscl.chain import ChainClient
     from truscl.chain.rpc import connect
+    from truscl.hashing import keccak
     from truscl.progress import Progress
     from truscl.server.archive import Archive
     from truscl.server.audit import audit_task

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
-from eth_utils import keccak
 
 from truscl.errors import HeError
+from truscl.hashing import keccak
 from truscl.keyfile import read_secret, write_secret
 from truscl.privacy import seal_layout
 

@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from eth_utils import keccak
-
 from truscl.errors import ProtocolError
+from truscl.hashing import keccak
 from truscl.wire import envelope
 from truscl.wire.update import MAX_UPDATE_BYTES
 

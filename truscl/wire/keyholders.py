@@ -16,9 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from eth_utils import keccak
-
 from truscl.errors import ProtocolError, SignatureError
+from truscl.hashing import keccak
 from truscl.wire import envelope
 from truscl.wire.signing import (
     DOMAIN_TYPE,

@@ -6,35 +6,21 @@ same proofs with ``MerkleProof.verify``. Leaves are sorted before the tree is bu
 does not depend on the order in which updates arrived (nor on how workers split the load).
 
 A device builds one tree over its window of readings every round (864 leaves by default, each
-itself two hashes), so the hash is called thousands of times: :data:`keccak256` is the fastest
-keccak installed, safe-pysha3's C one (the ``device`` extra brings it; about 1 us a call) or
-else eth-hash's (about 10 times that, most of it per-call overhead).
+itself two hashes), so the hash is called thousands of times: it is :func:`truscl.hashing.keccak`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from truscl.errors import ProtocolError
+from truscl.hashing import keccak
 
 EMPTY_ROOT = b"\x00" * 32
 
 
-def _fastest_keccak() -> Callable[[bytes], bytes]:
-    try:
-        from sha3 import keccak_256
-    except ImportError:
-        from eth_hash.auto import keccak
-
-        return keccak
-    return lambda data: keccak_256(data).digest()
-
-
-keccak256: Callable[[bytes], bytes] = _fastest_keccak()
-
-
 def hash_pair(a: bytes, b: bytes) -> bytes:
-    return keccak256(a + b) if a < b else keccak256(b + a)
+    return keccak(a + b) if a < b else keccak(b + a)
 
 
 def _check(leaves: Sequence[bytes]) -> list[bytes]:

@@ -7,9 +7,9 @@ encoding must be exact and platform-independent.
 from __future__ import annotations
 
 import numpy as np
-from eth_utils import keccak
 
 from truscl.errors import ProtocolError
+from truscl.hashing import keccak
 
 
 def model_bytes(params: np.ndarray) -> bytes:

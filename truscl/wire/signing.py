@@ -21,9 +21,10 @@ from typing import Any, Protocol
 
 import coincurve
 from eth_abi import encode as abi_encode
-from eth_utils import keccak, to_checksum_address
+from eth_utils import to_checksum_address
 
 from truscl.errors import SignatureError
+from truscl.hashing import keccak
 
 DOMAIN_NAME = "truscl"
 DOMAIN_VERSION = "1"
@@ -106,11 +107,11 @@ def typed_data_hash(typed_data: dict[str, Any]) -> bytes:
 
 
 def _hash_struct(name: str, members: list[dict[str, str]], values: dict[str, Any]) -> bytes:
-    kinds, encoded = ["bytes32"], [keccak(text=_encode_type(name, members))]
+    kinds, encoded = ["bytes32"], [keccak(_encode_type(name, members).encode())]
     for member in members:
         kind, value = member["type"], values[member["name"]]
         if kind == "string":
-            kind, value = "bytes32", keccak(text=value)
+            kind, value = "bytes32", keccak(value.encode())
         elif kind == "bytes":
             kind, value = "bytes32", keccak(value)
         elif kind.endswith("]") or kind[0].isupper():

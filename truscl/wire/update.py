@@ -20,9 +20,10 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
 from eth_abi import encode as abi_encode
-from eth_utils import keccak, to_checksum_address
+from eth_utils import to_checksum_address
 
 from truscl.errors import ProtocolError, SignatureError
+from truscl.hashing import keccak
 from truscl.wire import envelope
 from truscl.wire.signing import (
     DOMAIN_TYPE,
@@ -96,7 +97,7 @@ UPDATE_TYPES = {
 }
 LEAF_ABI = [f.sol_type for f in UPDATE_FIELDS]
 UPDATE_TYPEHASH = keccak(
-    text="Update(" + ",".join(f"{f.sol_type} {f.name}" for f in UPDATE_FIELDS) + ")"
+    ("Update(" + ",".join(f"{f.sol_type} {f.name}" for f in UPDATE_FIELDS) + ")").encode()
 )
 
 
