@@ -3,6 +3,7 @@
 import os
 import stat
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,23 @@ def test_the_compact_profile_sums_within_its_stated_error() -> None:
     # Assert
     error = np.max(np.abs(decrypt(owner, total, 1000) - np.sum(updates, axis=0)))
     assert 0 < error < profile.encryption_noise
+
+
+def test_threads_load_and_save_without_crossing_and_leave_no_file(
+    owner: OwnerKeys, device_context: ts.Context, aggregator_context: ts.Context
+) -> None:
+    """SEAL loads and saves only through paths: the aggregator's threads each get their own
+    scratch file, in a private directory, deleted before the call returns."""
+    rng = np.random.default_rng(5)
+    blobs = [encrypt(device_context, rng.uniform(-1, 1, 5000)) for _ in range(4)]
+    expected = [load_ciphertext(aggregator_context, b, 5000).serialize() for b in blobs]
+
+    def round_trip(index: int) -> bytes:
+        return load_ciphertext(aggregator_context, blobs[index % 4], 5000).serialize()
+
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            assert list(pool.map(round_trip, range(16))) == expected * 4
+    directory = Path(seal_layout._scratch_directory or "")
+    assert directory.is_dir() and stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert list(directory.iterdir()) == []
