@@ -26,6 +26,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from truscl.server.rounds import (
     Accepted,
     ClosedRound,
     OpenRound,
+    Parsed,
     Rejected,
     RejectReason,
     RoundTerms,
@@ -52,7 +54,7 @@ from truscl.server.rounds import (
 from truscl.systemd import Heartbeat, worker_items
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, envelope
-from truscl.wire.chunking import ChunkRejected, split
+from truscl.wire.chunking import ChunkRejected, check_blob, split
 from truscl.wire.receipt import Receipt
 from truscl.wire.update import MAX_UPDATE_BYTES
 
@@ -77,6 +79,11 @@ BATCH_BYTES = 4 * 1024 * 1024
 # not read, and the broker keeps the rest in this session's queue (max_queued_messages), so a
 # burst from a thousand devices costs the broker memory, not the aggregator's.
 INBOX_MAX_BYTES = 8 * 1024 * 1024
+# Whole updates are parsed (blob id, ciphertext hash, signature recovery: hashing and coincurve
+# release the GIL) on this many threads while the worker decides, adds and commits, at most
+# PARSE_AHEAD of them at a time (bounded memory: each is at most MAX_UPDATE_BYTES).
+PARSE_THREADS = 2
+PARSE_AHEAD = 16
 
 
 class DeliveryPending(TrusclError, RuntimeError):
@@ -233,6 +240,9 @@ class Aggregator:
         self._closing_retry = Backoff(rng)
         self._deliveries: dict[int, list[paho.MQTTMessageInfo]] = {}
         self._held: deque[tuple[str, bytes, bytes]] = deque()  # sender, blob id, blob
+        # Whole updates being parsed, in arrival order: sender, blob id, blob, the parse.
+        self._parsing: deque[tuple[str, bytes, bytes, Future[Parsed | ChunkRejected]]] = deque()
+        self._parser = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="aggregator-parse")
         self._staged: list[Accepted] = []  # accepted, being archived: durable at _commit
         self._staged_bytes = 0
         self._due: list[Accepted] = []  # receipts to send at _commit (repeats too)
@@ -398,6 +408,7 @@ class Aggregator:
         self._inbox.put(None)
         if self._worker.is_alive():
             self._worker.join(10)
+        self._parser.shutdown(cancel_futures=True)
         self._inbox.close()
         self._link.close()
         if self.has_terms:
@@ -409,6 +420,9 @@ class Aggregator:
         for topic, payload in worker_items(self._inbox.get, self._heartbeat, 0.1, ("", b"")):
             try:
                 self._dispatch(topic, payload)
+                self._settle(every=self._inbox.empty())
+                if self.has_terms:
+                    self._tick()
                 if self._inbox.empty() or self._batch_full():
                     self._commit()
             except (ProtocolError, ConfigError) as exc:
@@ -438,9 +452,7 @@ class Aggregator:
                 log.warning("aggregator: an update arrived before the task's terms; dropped")
         elif topic:
             self._on_update_chunk(topic, payload)
-        if self.has_terms:
-            self._tick()
-        elif self._clock() - self._terms_warned_at > TERMS_PATIENCE_S:
+        if not self.has_terms and self._clock() - self._terms_warned_at > TERMS_PATIENCE_S:
             self._terms_warned_at = self._clock()
             log.warning("aggregator: still waiting for the task's spec and context on the broker")
 
@@ -516,21 +528,44 @@ class Aggregator:
         if self._open is not None:
             self.stats[self._open.terms.round].bytes_in += len(payload)
         try:
-            whole = self._reassembler.add_with_id(sender, payload)
+            whole = self._reassembler.add_with_id(sender, payload, check=False)
         except ChunkRejected as exc:
             self._reject_chunk(sender, exc)
             return
         if whole is not None:
             ident, blob = whole
-            if self._held:  # keep arrival order behind the updates already waiting
+            parse = self._parser.submit(self._parse, ident, blob)
+            self._parsing.append((sender, ident, blob, parse))
+            self._settle(every=False)
+
+    def _parse(self, ident: bytes, blob: bytes) -> Parsed | ChunkRejected:
+        """On a parser thread: the parse, or why the blob does not hash to its id."""
+        try:
+            check_blob(ident, blob)
+        except ChunkRejected as exc:
+            return exc
+        return Parsed.of(blob, self._domain, MAX_UPDATE_BYTES)
+
+    def _settle(self, every: bool) -> None:
+        """Decide on parsed updates in arrival order: those parsed already, or (``every``)
+        all of them, waiting for their parse; and always enough that no more than
+        ``PARSE_AHEAD`` are in flight."""
+        while self._parsing and (
+            every or len(self._parsing) > PARSE_AHEAD or self._parsing[0][3].done()
+        ):
+            sender, ident, blob, parse = self._parsing.popleft()
+            parsed = parse.result()
+            if isinstance(parsed, ChunkRejected):
+                self._reject_chunk(sender, parsed)
+            elif self._held:  # keep arrival order behind the updates already waiting
                 self._hold(sender, ident, blob)
             else:
-                self._decide(sender, ident, blob)
+                self._decide(sender, ident, blob, parsed)
 
-    def _decide(self, sender: str, ident: bytes, blob: bytes) -> bool:
-        """Decide on one whole update (``ident``: its checked blob id); False if it has to wait
-        (and now waits). An accepted update is staged: :meth:`_commit` makes it durable and
-        sends its receipt."""
+    def _decide(self, sender: str, ident: bytes, blob: bytes, parsed: Parsed | None = None) -> bool:
+        """Decide on one whole update (``ident``: its checked blob id; ``parsed``: its parse,
+        when made already); False if it has to wait (and now waits). An accepted update is
+        staged: :meth:`_commit` makes it durable and sends its receipt."""
         if self._open is None:
             if self.spec.late_updates and self._last_closed < self.spec.rounds:
                 self._hold(sender, ident, blob)  # the next round decides: it may count it
@@ -538,7 +573,7 @@ class Aggregator:
             self._reject(sender, Rejected(RejectReason.CLOSED, "no round is open", ident))
             return True
         try:
-            decision = self._open.offer(blob, ident=ident)
+            decision = self._open.offer(blob, ident=ident, parsed=parsed)
         except ChainError as exc:  # the registry cannot be read: ask again later
             if not self._held:
                 log.warning("aggregator: registry unreadable, updates wait: %s", exc)
@@ -609,6 +644,7 @@ class Aggregator:
 
     def _commit_on_exit(self) -> None:
         try:
+            self._settle(every=True)
             self._commit()
         except Exception:  # stopping anyway: the devices send what got no receipt again
             log.exception("aggregator: the last accepted updates could not be made durable")
@@ -702,6 +738,7 @@ class Aggregator:
             return
         now = self._clock()
         if self._open.ready(now):
+            self._settle(every=True)  # what came before the close is decided before it
             self._commit()  # the round's updates are durable before it closes
             closed = self._open.close()
             self.archive.put(closed.aggregate)

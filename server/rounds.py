@@ -65,6 +65,30 @@ class RoundTerms:
 
 
 @dataclass(frozen=True)
+class Parsed:
+    """What an update blob says of itself, learnt without its round: its fields, or why they
+    cannot be read, and whether its signature is the claimed device's. Hashing the ciphertext
+    and recovering the signer are most of an update's cost and release the GIL, so the
+    aggregator learns this on a pool of threads while its own thread decides and adds."""
+
+    update: Update | None
+    malformed: str = ""  # why the blob is not an update, when ``update`` is None
+    bad_signature: str = ""  # why the signature is not the claimed device's, when it is not
+
+    @classmethod
+    def of(cls, blob: bytes, domain: Domain, max_bytes: int) -> Parsed:
+        try:
+            update = Update.decode(blob, max_bytes)
+        except ProtocolError as exc:
+            return cls(None, malformed=str(exc))
+        try:
+            update.verify(domain)
+        except SignatureError as exc:
+            return cls(update, bad_signature=str(exc))
+        return cls(update)
+
+
+@dataclass(frozen=True)
 class Accepted:
     update: UpdateRecord  # the signed fields, the ciphertext by its hash: no ciphertext is kept
     blob_id: bytes
@@ -178,17 +202,24 @@ class OpenRound:
         return frozenset(self._in)
 
     def offer(
-        self, blob: bytes, *, ident: bytes | None = None, journaled: bool = False
+        self,
+        blob: bytes,
+        *,
+        ident: bytes | None = None,
+        journaled: bool = False,
+        parsed: Parsed | None = None,
     ) -> Decision:
         """Decide on one update. ``ident``: its blob id, when the caller checked it already
         (reassembly does). ``journaled``: it was accepted before a restart, when the registry
         was asked; it is not asked again (the node may be away while the aggregator rebuilds
-        its round). ``ChainError`` from the registry leaves the round unchanged."""
+        its round). ``parsed``: :meth:`Parsed.of` the blob, when the caller made it already.
+        ``ChainError`` from the registry leaves the round unchanged."""
         ident = blob_id(blob) if ident is None else ident
-        try:
-            update = Update.decode(blob, self.terms.max_update_bytes)
-        except ProtocolError as exc:
-            return Rejected(RejectReason.MALFORMED, str(exc), ident)
+        if parsed is None:
+            parsed = Parsed.of(blob, self.domain, self.terms.max_update_bytes)
+        update = parsed.update
+        if update is None:
+            return Rejected(RejectReason.MALFORMED, parsed.malformed, ident)
         device = update.device_address
         current = self.terms.round
 
@@ -204,10 +235,8 @@ class OpenRound:
             return reject(RejectReason.WRONG_ROUND, f"round {update.round}, open is {current}")
         if update.round < current and not late:
             return reject(RejectReason.CLOSED, f"round {update.round} is closed, open is {current}")
-        try:
-            update.verify(self.domain)
-        except SignatureError as exc:
-            return reject(RejectReason.BAD_SIGNATURE, str(exc))
+        if parsed.bad_signature:
+            return reject(RejectReason.BAD_SIGNATURE, parsed.bad_signature)
         if not journaled and not self._is_registered(device):
             return reject(RejectReason.UNKNOWN_DEVICE, "not in the on-chain registry")
         if late and device in self._previous:

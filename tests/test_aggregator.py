@@ -140,6 +140,10 @@ def test_hostile_updates_are_rejected_with_reasons_and_the_service_goes_on(
         # Execute: garbage, an oversized chunk, the hostile updates, then the honest one twice
         link.publish(topics.updates(other.address), b"\x00not cbor")
         link.publish(topics.updates(other.address), os.urandom(MAX_MESSAGE + 1000))
+        mismatched = envelope.encode(
+            "chunk", blob=keccak(b"another blob"), index=0, count=1, data=b"not that blob"
+        )
+        link.publish(topics.updates(other.address), mismatched)
         for name, blob in hostile.items():
             for chunk in split(blob, MAX_MESSAGE):
                 link.publish(topics.updates(name), chunk)
@@ -170,8 +174,16 @@ def test_hostile_updates_are_rejected_with_reasons_and_the_service_goes_on(
     forged_to = {r.device_address for _, r in got if r is not None and not r.accepted}
     assert other.address in forged_to and stranger.address in forged_to
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    for reason in ("not a CBOR map", "exceeds", "bad-signature", "unknown-device", "wrong-round"):
+    for reason in (
+        "not a CBOR map",
+        "exceeds",
+        "does not match its id",
+        "bad-signature",
+        "unknown-device",
+        "wrong-round",
+    ):
         assert reason in logged
+    assert d.aggregator.rejections["blob-mismatch"] == 1
     assert d.aggregator.stats[1].participants == 1
     assert d.aggregator.alive
     assert len(list((d.archive / "blobs").iterdir())) == 3  # spec, context, the honest update

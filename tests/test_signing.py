@@ -11,9 +11,10 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.messages import SignableMessage, _hash_eip191_message, encode_typed_data
-from eth_utils import keccak
+from eth_utils import keccak, to_checksum_address
 
 from truscl.errors import SignatureError
 from truscl.wire import Domain, Update
@@ -22,6 +23,8 @@ from truscl.wire.receipt import Receipt
 from truscl.wire.signing import (
     SECP256K1_N,
     SigningKey,
+    checksum_address,
+    encode_static,
     recover_digest,
     recover_typed,
     sign_typed,
@@ -62,6 +65,7 @@ def test_digests_and_signatures_are_eth_accounts(index: int) -> None:
     assert signature == bytes(account.sign_message(theirs).signature)
     assert recover_typed(typed, signature) == account.address
     assert Account.recover_message(theirs, signature=signature) == account.address
+    assert message.signed(account, DOMAIN).signature == signature  # each type's own path
 
 
 def test_a_signing_key_is_the_same_identity_as_its_account() -> None:
@@ -218,3 +222,44 @@ def test_signatures_are_byte_for_byte_eth_accounts() -> None:
         message = encode_typed_data(full_message=update.typed_data(DOMAIN))
 
         assert update.signed(account, DOMAIN).signature == account.sign_message(message).signature
+
+
+STATIC_KINDS = ["bytes32", "uint32", "uint64", "uint256", "address", "bool", "bytes4"]
+
+
+def _static_values(rng: random.Random) -> list[Any]:
+    return [
+        rng.randbytes(32),
+        rng.choice([0, 1, 2**32 - 1, rng.getrandbits(32)]),
+        rng.choice([0, 2**64 - 1, rng.getrandbits(64)]),
+        rng.choice([0, 2**256 - 1, rng.getrandbits(256)]),
+        to_checksum_address(rng.randbytes(20)),
+        rng.random() < 0.5,
+        rng.randbytes(rng.randrange(5)),
+    ]
+
+
+def test_static_abi_encoding_is_eth_abis() -> None:
+    rng = random.Random(712)
+    for _ in range(500):
+        values = _static_values(rng)
+        assert encode_static(STATIC_KINDS, values) == abi_encode(STATIC_KINDS, values)
+
+
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [
+        ("uint32", 2**32), ("uint32", -1), ("uint32", True), ("uint32", "7"), ("bool", 1),
+        ("bytes32", bytes(33)), ("bytes4", "0x00"), ("address", bytes(19)),
+        ("address", 7), ("string", "x"), ("int8", 1), ("uint32[]", [1]),
+    ],
+)  # fmt: skip
+def test_static_abi_encoding_refuses_what_its_type_cannot_hold(kind: str, value: Any) -> None:
+    with pytest.raises(ValueError):
+        encode_static([kind], [value])
+
+
+def test_checksum_addresses_are_eth_utils() -> None:
+    rng = random.Random(55)
+    for raw in [bytes(20), b"\xff" * 20] + [rng.randbytes(20) for _ in range(500)]:
+        assert checksum_address(raw) == to_checksum_address(raw)

@@ -41,6 +41,12 @@ def blob_id(blob: bytes) -> bytes:
     return keccak(blob)
 
 
+def check_blob(ident: bytes, blob: bytes) -> None:
+    """Raise :class:`ChunkRejected` unless ``blob`` hashes to ``ident``."""
+    if blob_id(blob) != ident:
+        raise ChunkRejected("blob-mismatch", "reassembled blob does not match its id")
+
+
 def split(blob: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> list[bytes]:
     """Encoded chunk messages, each at most ``max_message`` bytes."""
     if max_message < MIN_MESSAGE:
@@ -98,9 +104,12 @@ class Reassembler:
         whole = self.add_with_id(sender, payload)
         return None if whole is None else whole[1]
 
-    def add_with_id(self, sender: str, payload: bytes) -> tuple[bytes, bytes] | None:
+    def add_with_id(
+        self, sender: str, payload: bytes, check: bool = True
+    ) -> tuple[bytes, bytes] | None:
         """As ``add``, with the blob's id (checked): a receiver that names or archives the blob
-        by it need not hash it again."""
+        by it need not hash it again. With ``check`` false the caller checks the id itself
+        (:func:`check_blob`), on a thread of its choosing."""
         try:
             chunk = envelope.decode(payload, "chunk", self.max_message)
         except ProtocolError as exc:
@@ -142,8 +151,8 @@ class Reassembler:
             return None
         self._drop(key)
         blob = b"".join(partial.pieces[i] for i in range(count))
-        if blob_id(blob) != ident:
-            raise ChunkRejected("blob-mismatch", "reassembled blob does not match its id")
+        if check:
+            check_blob(ident, blob)
         return ident, blob
 
     def expire(self) -> int:

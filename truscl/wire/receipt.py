@@ -21,8 +21,10 @@ from truscl.wire.signing import (
     SIGNATURE_BYTES,
     Domain,
     Signer,
-    recover_typed,
-    sign_typed,
+    checksum_address,
+    hash_struct,
+    recover_digest,
+    sign_digest,
 )
 
 RECEIPT_TYPES = {
@@ -53,32 +55,41 @@ class Receipt:
 
     @property
     def device_address(self) -> str:
-        return to_checksum_address(self.device)
+        return checksum_address(self.device)
 
     def typed_data(self, domain: Domain) -> dict[str, Any]:
         return {
             "types": RECEIPT_TYPES,
             "primaryType": "Receipt",
             "domain": domain.as_dict(),
-            "message": {
-                "task": self.task,
-                "round": self.round,
-                "device": self.device_address,
-                "update": self.update,
-                "accepted": self.accepted,
-                "reason": self.reason,
-                "countedIn": self.counted_in,
-            },
+            "message": self._message(),
         }
 
+    def _message(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "round": self.round,
+            "device": self.device_address,
+            "update": self.update,
+            "accepted": self.accepted,
+            "reason": self.reason,
+            "countedIn": self.counted_in,
+        }
+
+    def digest(self, domain: Domain) -> bytes:
+        """The EIP-712 digest of :meth:`typed_data`, from the domain's separator."""
+        return domain.digest(hash_struct("Receipt", RECEIPT_TYPES["Receipt"], self._message()))
+
     def signed(self, account: Signer, domain: Domain) -> Receipt:
-        return replace(self, signature=sign_typed(account, self.typed_data(domain)))
+        return replace(self, signature=sign_digest(account, self.digest(domain)))
 
     def verify(self, domain: Domain, aggregator: str) -> None:
         """Raise unless the task's aggregator (an address the chain names) signed this."""
-        if recover_typed(self.typed_data(domain), self.signature) != to_checksum_address(
-            aggregator
-        ):
+        try:
+            digest = self.digest(domain)
+        except ValueError as exc:
+            raise SignatureError(f"unencodable receipt: {exc}") from None
+        if recover_digest(digest, self.signature) != to_checksum_address(aggregator):
             raise SignatureError("receipt is not signed by the task's aggregator")
 
     def encode(self) -> bytes:

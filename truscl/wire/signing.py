@@ -16,11 +16,11 @@ a device's :class:`SigningKey`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import coincurve
-from eth_abi import encode as abi_encode
 from eth_utils import to_checksum_address
 
 from truscl.errors import SignatureError
@@ -48,7 +48,7 @@ class Domain:
     @functools.cached_property
     def separator(self) -> bytes:
         """EIP-712 ``domainSeparator``: the hash every digest under this domain starts from."""
-        return _hash_struct("EIP712Domain", DOMAIN_TYPE, self.as_dict())
+        return hash_struct("EIP712Domain", DOMAIN_TYPE, self.as_dict())
 
     def digest(self, struct_hash: bytes) -> bytes:
         """The EIP-712 digest of a message whose ``hashStruct`` is ``struct_hash``."""
@@ -100,13 +100,13 @@ def typed_data_hash(typed_data: dict[str, Any]) -> bytes:
     nested structs), which keeps ``encodeType`` to the primary type alone.
     """
     types = typed_data["types"]
-    domain = _hash_struct("EIP712Domain", types["EIP712Domain"], typed_data["domain"])
+    domain = hash_struct("EIP712Domain", types["EIP712Domain"], typed_data["domain"])
     primary = typed_data["primaryType"]
-    message = _hash_struct(primary, types[primary], typed_data["message"])
+    message = hash_struct(primary, types[primary], typed_data["message"])
     return keccak(b"\x19\x01" + domain + message)
 
 
-def _hash_struct(name: str, members: list[dict[str, str]], values: dict[str, Any]) -> bytes:
+def hash_struct(name: str, members: list[dict[str, str]], values: dict[str, Any]) -> bytes:
     kinds, encoded = ["bytes32"], [keccak(_encode_type(name, members).encode())]
     for member in members:
         kind, value = member["type"], values[member["name"]]
@@ -118,7 +118,42 @@ def _hash_struct(name: str, members: list[dict[str, str]], values: dict[str, Any
             raise ValueError(f"EIP-712 type {kind} of {name}.{member['name']} is not supported")
         kinds.append(kind)
         encoded.append(value)
-    return keccak(abi_encode(kinds, encoded))
+    return keccak(encode_static(kinds, encoded))
+
+
+def encode_static(kinds: Sequence[str], values: Sequence[Any]) -> bytes:
+    """``abi.encode`` of atomic static values (``uintN``, ``bool``, ``address``, ``bytesN``):
+    one 32-byte word each, byte for byte eth-abi's encoding (``tests/test_signing.py``) without
+    its per-call cost, which was most of signing a receipt. ``ValueError`` for a value its type
+    cannot hold."""
+    words = []
+    for kind, value in zip(kinds, values, strict=True):
+        if kind == "address":
+            raw = bytes.fromhex(value[2:]) if isinstance(value, str) else value
+            if not isinstance(raw, bytes) or len(raw) != 20:
+                raise ValueError(f"not an address: {value!r}")
+            words.append(bytes(12) + raw)
+        elif kind == "bool" and isinstance(value, bool):
+            words.append(int(value).to_bytes(32, "big"))
+        elif kind.startswith("uint") and isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < 2 ** int(kind[4:]):
+                raise ValueError(f"{value} is out of range for {kind}")
+            words.append(value.to_bytes(32, "big"))
+        elif kind.startswith("bytes") and kind[5:].isdigit() and isinstance(value, bytes):
+            if len(value) > int(kind[5:]):
+                raise ValueError(f"{len(value)} bytes do not fit {kind}")
+            words.append(value.ljust(32, b"\0"))
+        else:
+            raise ValueError(f"cannot encode {value!r} as {kind}")
+    return b"".join(words)
+
+
+def checksum_address(raw: bytes) -> str:
+    """The EIP-55 checksum address of 20 bytes: eth-utils' ``to_checksum_address`` with the
+    fast keccak (``tests/test_signing.py`` holds the two equal)."""
+    lower = raw.hex()
+    nibbles = keccak(lower.encode()).hex()[:40]
+    return "0x" + "".join(c.upper() if n >= "8" else c for c, n in zip(lower, nibbles, strict=True))
 
 
 def _encode_type(name: str, members: list[dict[str, str]]) -> str:
@@ -128,7 +163,7 @@ def _encode_type(name: str, members: list[dict[str, str]]) -> str:
 
 def _address(public_key: bytes) -> str:
     """The checksum address of an uncompressed public key (0x04 ‖ x ‖ y)."""
-    return to_checksum_address(keccak(public_key[1:])[-20:])
+    return checksum_address(keccak(public_key[1:])[-20:])
 
 
 def sign_typed(account: Signer, typed_data: dict[str, Any]) -> bytes:
@@ -138,8 +173,15 @@ def sign_typed(account: Signer, typed_data: dict[str, Any]) -> bytes:
 def sign_digest(account: Signer, digest: bytes) -> bytes:
     """r ‖ s ‖ v over a 32-byte digest: libsecp256k1's deterministic (RFC 6979), low-s
     signature, byte for byte what eth-account makes with the same key, v = 27 + recovery id."""
-    signature = coincurve.PrivateKey(bytes(account.key)).sign_recoverable(digest, hasher=None)
+    signature = _private_key(bytes(account.key)).sign_recoverable(digest, hasher=None)
     return signature[:64] + bytes([27 + signature[64]])
+
+
+@functools.lru_cache(maxsize=4)
+def _private_key(key: bytes) -> coincurve.PrivateKey:
+    """libsecp256k1's key object, made once per key (making it derives the public key): a
+    service signs every receipt with the same key."""
+    return coincurve.PrivateKey(key)
 
 
 def recover_typed(typed_data: dict[str, Any], signature: bytes) -> str:

@@ -19,9 +19,6 @@ import functools
 from dataclasses import dataclass, fields, replace
 from typing import Any, NamedTuple
 
-from eth_abi import encode as abi_encode
-from eth_utils import to_checksum_address
-
 from truscl.errors import ProtocolError, SignatureError
 from truscl.hashing import keccak
 from truscl.wire import envelope
@@ -30,6 +27,8 @@ from truscl.wire.signing import (
     SIGNATURE_BYTES,
     Domain,
     Signer,
+    checksum_address,
+    encode_static,
     recover_digest,
     sign_digest,
 )
@@ -120,7 +119,7 @@ class UpdateRecord(NamedTuple):
 
     def encoded(self) -> bytes:
         """``abi.encode`` of the fields: the leaf's preimage and the struct's ``encodeData``."""
-        return abi_encode(LEAF_ABI, list(self))
+        return encode_static(LEAF_ABI, list(self))
 
     def leaf(self, encoded: bytes | None = None) -> bytes:
         """OpenZeppelin-style double-hashed leaf: ``keccak(keccak(abi.encode(fields)))``."""
@@ -156,9 +155,9 @@ class Update:
     data_root: bytes
     signature: bytes = b""
 
-    @property
+    @functools.cached_property
     def device_address(self) -> str:
-        return to_checksum_address(self.device)
+        return checksum_address(self.device)
 
     @functools.cached_property
     def ciphertext_hash(self) -> bytes:
@@ -172,7 +171,7 @@ class Update:
             if f.hashed:
                 value = self.ciphertext_hash if f.cbor == "ciphertext" else keccak(value)
             elif f.sol_type == "address":
-                value = to_checksum_address(value)
+                value = checksum_address(value)
             values.append(value)
         return UpdateRecord(*values)
 
