@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_utils import keccak
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,6 +63,7 @@ from truscl.broker import Mosquitto  # noqa: E402
 from truscl.chain import ChainClient, NodeChain  # noqa: E402
 from truscl.chain.anvil import Anvil  # noqa: E402
 from truscl.demo import occupancy_spec  # noqa: E402
+from truscl.hashing import keccak  # noqa: E402
 from truscl.keyfile import write_secret  # noqa: E402
 from truscl.mqtt import MqttLink  # noqa: E402
 from truscl.privacy.ckks import (  # noqa: E402
