@@ -7,6 +7,7 @@ tests also run where only the agent is installed (scripts/arm64, a Pi's userland
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import tenseal as ts
 
+from truscl.config import TomlReader
 from truscl.errors import ConfigError
+from truscl.mqtt import BrokerSettings
 from truscl.privacy.ckks import OwnerKeys, load_context
 
 if TYPE_CHECKING:
@@ -32,6 +35,47 @@ def task_owner(chain: DevChain, contract: str, keys: OwnerKeys, broker: Mosquitt
 
     client = chain.client(contract, chain.new_account())
     return TaskOwner(keys=keys, chain=client, broker=broker.settings)
+
+
+# A provisioned broker already running (the folder `truscl broker provision --out` wrote, or a
+# copy of its clients/ folder), which the `provisioned_broker` fixture hands out instead of
+# starting one: scripts/arm64 runs it on the host for the tests in the emulated userland.
+SHARED_BROKER = "TRUSCL_TEST_BROKER"
+
+
+@dataclass(frozen=True)
+class BrokerLogins:
+    """A provisioned broker, through its clients' folders (``clients/<identity>``)."""
+
+    folder: Path
+
+    def settings(self, identity: str) -> BrokerSettings:
+        """How ``identity`` reaches the broker: its ``broker.toml``, as its role reads it."""
+        return TomlReader.load(self.folder / "clients" / identity / "broker.toml").broker()
+
+    @property
+    def devices(self) -> list[str]:
+        """The devices' identities: their addresses."""
+        clients = (self.folder / "clients").iterdir()
+        return sorted(p.name for p in clients if p.name.startswith("0x"))
+
+
+@pytest.fixture()
+def provisioned_broker(tmp_path: Path) -> Iterator[BrokerLogins]:
+    """A broker with TLS, a login per identity and the ACL, for two devices: the one named in
+    $TRUSCL_TEST_BROKER when set (it may be shared: use a task of the test's own), else one
+    provisioned and started here."""
+    shared = os.environ.get(SHARED_BROKER)
+    if shared:
+        yield BrokerLogins(Path(shared))
+        return
+    from truscl.broker import Mosquitto, free_port
+    from truscl.broker.provision import provision_broker  # the server extra's cryptography
+
+    devices = ["0x" + "aa" * 20, "0x" + "bb" * 20]
+    done = provision_broker(tmp_path / "broker", devices, port=free_port(), bind="127.0.0.1")
+    with Mosquitto.provisioned(done.conf):
+        yield BrokerLogins(done.out)
 
 
 @pytest.fixture(scope="session")
