@@ -80,7 +80,8 @@ def figures(
         "round_latency_method": (
             f"truscl demo (fleet: every role its own process, devices {_sharing()}), "
             f"{rounds} rounds per count, threshold HE, anvil; latency = median of rounds 2.., "
-            "model release to model release (devices sense a round's readings in 3 s)"
+            "model release to model release (devices sense a round's readings in 3 s, "
+            "beyond 100 devices slower: truscl.demo.fleet.read_period)"
         ),
     }
 
