@@ -10,7 +10,7 @@ still there to read:
 - ``round_latency_s``: median over rounds 2.. of the time from one model's release to the next
   (round 1 also waits for every device to start). Devices sense in accelerated time (a round's
   worth of readings in 3 s of real time, ``truscl.demo.fleet.ROUND_SECONDS_REAL``, slower
-  beyond 100 devices so that their simulated sensors take at most a quarter of a core,
+  beyond 26 devices so that their simulated sensors take at most a quarter of a core,
   ``truscl.demo.fleet.read_period``); each starts with a full window, so a round waits for
   readings only where a device has invalid ones. The demo evaluates on the held-out week of
   at most 20 rooms (``truscl.demo.common.evaluation_rooms``), so its launch does not grow by
@@ -82,7 +82,7 @@ def figures(
             f"truscl demo (fleet: every role its own process, devices {_sharing()}), "
             f"{rounds} rounds per count, threshold HE, anvil; latency = median of rounds 2.., "
             "model release to model release (devices sense a round's readings in 3 s, "
-            "beyond 100 devices slower: truscl.demo.fleet.read_period)"
+            "beyond 26 devices slower: truscl.demo.fleet.read_period)"
         ),
     }
 

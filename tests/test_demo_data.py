@@ -14,6 +14,7 @@ from truscl.demo.common import (
 )
 from truscl.demo.common import test_set as held_out_weeks
 from truscl.demo.data import SimulatedRooms
+from truscl.demo.fleet import READ_CPU_S, ROUND_SECONDS_REAL, SENSING_CPU, read_period
 from truscl.sim.rooms import make_rooms
 
 WEEK = TEST_DAYS * 288  # readings of one room's held-out week, one every five minutes
@@ -65,3 +66,14 @@ def test_the_sample_is_held_out_and_the_baseline_pools_the_same_rooms_devices() 
     assert pooled == [sensed_readings(data.profiles[i], i, 3, 1)[0] for i in data.evaluated]
     trained = sensed_readings(data.profiles[room], room, 3, WINDOW + 100 * READINGS_PER_ROUND)
     assert held_out[0].timestamp > trained[-1].timestamp  # a later week, after 100 rounds
+
+
+def test_a_large_fleets_simulated_sensors_read_slower_to_keep_to_their_share() -> None:
+    # Execute
+    periods = {devices: read_period(devices) for devices in (1, 10, 26, 27, 100, 1000)}
+    # Assert: small fleets sense a round's readings in ROUND_SECONDS_REAL, as always; no fleet's
+    # sensors want more than SENSING_CPU of a core
+    assert periods[1] == periods[10] == periods[26] == ROUND_SECONDS_REAL / READINGS_PER_ROUND
+    assert periods[26] < periods[27] < periods[100] < periods[1000]
+    for devices, period in periods.items():
+        assert devices * READ_CPU_S / period <= SENSING_CPU + 1e-12
