@@ -23,6 +23,8 @@ from truscl.demo.common import (
     READING_INTERVAL_S,
     READINGS_PER_ROUND,
     DemoConfig,
+    evaluation_note,
+    evaluation_rooms,
     sensed_readings,
     test_set,
 )
@@ -79,7 +81,9 @@ def recorded_trace(config: DemoConfig) -> RecordedTrace:
 
 class SimulatedRooms:
     """One simulated room per device, starting on a Monday with three days of readings behind
-    it; the test set is a later week of the same rooms."""
+    it; the test set is a later week of the same rooms (of at most ``EVALUATION_ROOMS`` of
+    them, :func:`evaluation_rooms`), and the baseline pools those rooms' devices' readings.
+    Each device simulates its own past, in its own process."""
 
     most_readings = None
 
@@ -87,7 +91,8 @@ class SimulatedRooms:
         self.devices = devices
         self.seed = seed
         self.profiles = make_rooms(devices, seed)
-        self.note = ""
+        self.evaluated = evaluation_rooms(devices, seed)
+        self.note = evaluation_note(devices, seed)
 
     def sensors(self, index: int, read_period: float, window: int) -> dict[str, Any]:
         return {
@@ -101,16 +106,17 @@ class SimulatedRooms:
         }
 
     def test_set(self) -> list[Reading]:
-        return test_set(self.profiles, self.seed)
+        return test_set(self.profiles, self.seed, self.evaluated)
 
     def pooled(self, rounds: int, window: int) -> list[Reading]:
-        """The readings the devices sensed over the task, replayed from the same rooms and
-        seeds as the ``simulated`` backend (the devices' own copies never leave them)."""
+        """The readings the evaluated rooms' devices sensed over the task, replayed from the
+        same rooms and seeds as the ``simulated`` backend (the devices' own copies never leave
+        them)."""
         count = window + rounds * READINGS_PER_ROUND
         return [
             reading
-            for index, profile in enumerate(self.profiles)
-            for reading in sensed_readings(profile, index, self.seed, count)
+            for index in self.evaluated
+            for reading in sensed_readings(self.profiles[index], index, self.seed, count)
         ]
 
 

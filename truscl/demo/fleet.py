@@ -72,10 +72,14 @@ log = logging.getLogger(__name__)
 GAS_MONEY_WEI = 10**19
 GUARDIAN = "guardian-1"  # the demo's one key guardian (its broker identity and holder name)
 ROUND_SECONDS_REAL = 3.0  # real seconds in which a device takes a round's worth of readings
+READ_CPU_S = 0.0004  # CPU seconds one simulated reading costs through the drivers (measured)
+SENSING_CPU = 0.25  # the most of one core the devices' simulated sensors may take together
 POLL_S = 0.2
 DEVICE_PROCESSES = 8  # beyond this many devices, device processes host several each
 STOP_TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 600.0  # a process's imports take seconds each, many at once on 2 cores
+STARTUP_PER_DEVICE_S = 1.5  # and each device it hosts starts in turn: its simulated past, its
+# broker session and chain reads (about 0.8 s of CPU with its first round, 1,000 on 2 cores)
 
 
 @dataclass
@@ -184,7 +188,15 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
             f"chain {rpc}, contract {contract.address}",
             file=out,
         )
-        starting = time.monotonic() + STARTUP_TIMEOUT_S
+        if read_period(config.devices) > ROUND_SECONDS_REAL / READINGS_PER_ROUND:
+            print(
+                f"truscl demo: devices sense a round's readings in "
+                f"{read_period(config.devices) * READINGS_PER_ROUND:.0f} s, not "
+                f"{ROUND_SECONDS_REAL:g} s: the simulated sensors of {config.devices} devices "
+                f"may take {SENSING_CPU:g} of a core",
+                file=out,
+            )
+        starting = time.monotonic() + STARTUP_TIMEOUT_S + STARTUP_PER_DEVICE_S * config.devices
         for role in roles:  # the rounds are timed from when every service is up
             if not role.ready:
                 role.wait_ready(starting)
@@ -208,7 +220,7 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
         _scrape(roles, workdir / "metrics")
         models = ModelStore(workdir / "owner" / "state" / "models").all(spec.n_params)
         summary_md = write_demo_report(
-            config, reader, Archive(archive), spec, models, test, workdir
+            config, reader, Archive(archive), spec, models, test, workdir, data.note
         )
         codes = _stop_all(roles)
     unclean = {name: code for name, code in codes.items() if code != 0}
@@ -390,7 +402,7 @@ def _start_services(
             contract=contract,
             task=spec.task,
             name=f"device-{index}",
-            sensors=data.sensors(index, ROUND_SECONDS_REAL / READINGS_PER_ROUND, spec.window),
+            sensors=data.sensors(index, read_period(config.devices), spec.window),
         )
         configs.append(device.config)
     for group in _device_processes(len(configs), alone_last=config.drop_device_at is not None):
@@ -405,6 +417,15 @@ def _start_services(
     for role in devices:
         role.start(config.log_format)
     return roles + devices
+
+
+def read_period(devices: int) -> float:
+    """Real seconds between two readings of a device: a round's worth in
+    ``ROUND_SECONDS_REAL``, or slower where so many devices reading that fast would take more
+    than ``SENSING_CPU`` of the machine (a thousand would want nine cores). The simulated
+    sensors' cost is the simulation's, not the system's; a device starts with a full window,
+    so its rounds do not wait for new readings unless some it has are invalid."""
+    return max(ROUND_SECONDS_REAL / READINGS_PER_ROUND, devices * READ_CPU_S / SENSING_CPU)
 
 
 def _device_processes(devices: int, alone_last: bool) -> list[list[int]]:

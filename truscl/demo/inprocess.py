@@ -40,6 +40,8 @@ from truscl.demo.common import (
     accuracy,
     baseline_accuracy,
     demo_spec,
+    evaluation_note,
+    evaluation_rooms,
     summarise,
     test_set,
     write_demo_report,
@@ -123,13 +125,17 @@ def run_in_process(
     started = time.monotonic()
     hardware: list[tuple[str, FakeHardware, Callable[[], float]]] = []
     recorded: RecordedTrace | None = None
+    evaluated: list[int] = []  # the rooms evaluated on (simulated rooms)
     if config.data is None:
         profiles = make_rooms(config.devices, config.seed)
         for i, p in enumerate(profiles):
             room = Room(p, seed=config.seed * 100 + i, start=MONDAY_2024_01_08)
             sim = SimulatedDevice(room, seed=i)
             hardware.append((sim.name, sim, room_clock(sim)))
-        test = test_set(profiles, config.seed)
+        evaluated = evaluation_rooms(config.devices, config.seed)
+        if note := evaluation_note(config.devices, config.seed):
+            print(f"truscl demo: {note}", file=out)
+        test = test_set(profiles, config.seed, evaluated)
     else:
         recorded = recorded_trace(config)
         print(f"truscl demo: {recorded.note}", file=out)
@@ -287,6 +293,7 @@ def run_in_process(
             released_models,
             test,
             workdir,
+            evaluation_note(config.devices, config.seed) if recorded is None else recorded.note,
         )
     finally:
         for agent in agents:
@@ -301,9 +308,9 @@ def run_in_process(
             suite.close()
         broker.stop()
 
-    # The baseline's data: what the devices read (simulated rooms), or every device's part
+    # The baseline's data: what the evaluated rooms' devices read, or every device's part
     if recorded is None:
-        everyone = [r for readings in pooled for r in readings]
+        everyone = [r for index in evaluated for r in pooled[index]]
     else:
         everyone = recorded.pooled(config.rounds, spec.window)
     baseline = baseline_accuracy(spec, everyone, test, initial)
