@@ -18,7 +18,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 import cbor2
-from gpiozero import MCP3008, MotionSensor
+from gpiozero import MCP3008, DigitalInputDevice
 from gpiozero.pins import Factory
 
 from truscl.agent.health import SENSORS, Fault, PlausibilityCheck, Status
@@ -246,15 +246,13 @@ class SensorSuite:
         self._calibration = calibration
         self._bme280: Bme280 | None = None
         self._plausible = PlausibilityCheck()
-        self._pir: MotionSensor | None = None
+        self._pir: DigitalInputDevice | None = None
         self._light: MCP3008 | None = None
         self._co2: MCP3008 | None = None
         with ExitStack() as opened:
             if "pir" in self._parts:
                 self._pir = opened.enter_context(
-                    MotionSensor(
-                        wiring.pir_pin, queue_len=1, pull_up=False, pin_factory=pin_factory
-                    )
+                    DigitalInputDevice(wiring.pir_pin, pull_up=False, pin_factory=pin_factory)
                 )
             if "light" in self._parts:
                 self._light = opened.enter_context(
@@ -285,11 +283,13 @@ class SensorSuite:
     def _motion(self) -> bool:
         """The PIR output level now.
 
-        MotionSensor's queue is filled by a background thread on wall-clock time, so its
-        ``motion_detected`` can lag a fresh pin level by a sample period. A PIR module already
-        holds its output high for its retrigger time, so the level itself is the detection.
+        A PIR module holds its output high for its retrigger time, so the level itself is the
+        detection: a plain input, read when the suite reads. gpiozero's ``MotionSensor`` would
+        add a thread per sensor polling the pin ten times a second into a queue (a quarter of
+        a simulated device process's CPU, with a hundred devices in it) and lag a fresh level
+        by a sample period.
         """
-        return self._pir is not None and bool(self._pir.pin.state)
+        return self._pir is not None and bool(self._pir.value)
 
     def _bme280_data(self) -> bytes:
         if self._bme280 is None:
