@@ -159,3 +159,31 @@ def test_operator_mistakes_are_one_clear_line(anvil: str, tmp_path: Path) -> Non
     assert "already exists" in error
     error = one_line_error(truscl("chain", "status", "--deployment", tmp_path / "none.json"))
     assert "does not exist" in error
+
+
+def test_a_fleet_is_registered_in_a_block_or_two_not_a_block_per_device() -> None:
+    # Prepare: a node that mines every second, as a public chain mines every few, and a
+    # device already registered
+    from truscl.chain import ChainClient
+    from truscl.chain.anvil import Anvil
+    from truscl.errors import ChainError
+
+    with Anvil() as anvil:
+        node = NodeChain(anvil.url)
+        contract = ChainClient.deploy(node.web3(), node.new_account(), node.lock)
+        devices = [Account.create().address for _ in range(6)]
+        contract.register_device(devices[2])
+        node.web3().provider.make_request("evm_setAutomine", [False])
+        node.web3().provider.make_request("evm_setIntervalMining", [1])
+
+        # Execute
+        outcomes = contract.register_devices(devices)
+
+        # Assert: the new ones registered, each with its own mined transaction, all of them in
+        # at most two blocks; the registered one refused with the contract's reason
+        refused = outcomes.pop(2)
+        assert isinstance(refused, ChainError) and "DeviceAlreadyRegistered" in str(refused)
+        assert all(isinstance(o, str) for o in outcomes) and len(set(outcomes)) == 5
+        blocks = {node.web3().eth.get_transaction_receipt(o)["blockNumber"] for o in outcomes}
+        assert len(blocks) <= 2
+        assert all(contract.is_device(d) for d in devices)

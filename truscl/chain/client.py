@@ -19,11 +19,12 @@ from typing import Any, TypeVar, cast
 
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress, HexStr
+from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError
-from web3.types import TxParams, TxReceipt
+from web3.types import Nonce, TxParams, TxReceipt
 
 from truscl.chain.reader import TaskRecord, b32, custom_errors, update_tuple
 from truscl.chain.rpc import rpc_errors
@@ -144,6 +145,38 @@ class ChainClient:
         return self._transact(
             "registerDevice", self._contract.functions.registerDevice(_addr(device))
         )
+
+    def register_devices(self, devices: Sequence[str]) -> list[str | ChainError]:
+        """Register many devices: each call simulated, then every transaction sent with
+        consecutive nonces, then their receipts awaited, so that a fleet waits for a block or
+        two on a public chain rather than one block per device. Per device, in order: its
+        transaction hash, or the ``ChainError`` that kept it out (a revert, with the
+        contract's reason, or a mined failure). A node that fails mid-way raises
+        ``ChainError``; the devices sent before are registered all the same."""
+        name = "registerDevice"
+        account = self._signer(name)
+        outcomes: list[ChainError | HexBytes] = []
+        with self._lock, rpc_errors(self.node):
+            fields = _tx_fields(self._w3, account, GAS_LIMITS[name])
+            nonce = int(fields["nonce"])
+            for device in devices:
+                fn = self._contract.functions.registerDevice(_addr(device))
+                try:
+                    fn.call({"from": account.address})
+                except REVERTS as exc:
+                    outcomes.append(ChainError(f"{name} reverted: {self._reason(exc)}"))
+                    continue
+                tx = fn.build_transaction({**fields, "nonce": Nonce(nonce)})
+                outcomes.append(_sign_and_send(self._w3, account, tx))
+                nonce += 1
+            results: list[str | ChainError] = []
+            for outcome in outcomes:
+                if isinstance(outcome, ChainError):
+                    results.append(outcome)
+                    continue
+                mined = _receipt(self._w3, outcome, GAS_LIMITS[name], name)
+                results.append(mined if isinstance(mined, ChainError) else _hex(outcome))
+            return results
 
     def is_device(self, device: str) -> bool:
         return bool(self._call(self._contract.functions.isDevice(_addr(device))))
@@ -325,9 +358,7 @@ class ChainClient:
         The call is simulated first: a revert then costs no gas and its reason is readable on
         every backend, whereas a mined failed transaction only says ``status 0``.
         """
-        account = self._account
-        if account is None:
-            raise ChainError(f"{name}: this client is read-only (no account)")
+        account = self._signer(name)
         with self._lock, rpc_errors(self.node):
             try:
                 fn.call({"from": account.address})
@@ -336,6 +367,11 @@ class ChainClient:
             tx = fn.build_transaction(_tx_fields(self._w3, account, GAS_LIMITS[name]))
             receipt = _send(self._w3, account, tx, name)
         return _hex(receipt["transactionHash"])
+
+    def _signer(self, name: str) -> LocalAccount:
+        if self._account is None:
+            raise ChainError(f"{name}: this client is read-only (no account)")
+        return self._account
 
     def _reason(self, exc: Exception) -> str:
         """The custom error's name and arguments when they can be decoded, else the message."""
@@ -385,14 +421,24 @@ def _tx_fields(w3: Web3, account: LocalAccount, gas: int) -> TxParams:
 
 
 def _send(w3: Web3, account: LocalAccount, tx: TxParams, name: str) -> TxReceipt:
+    receipt = _receipt(w3, _sign_and_send(w3, account, tx), tx["gas"], name)
+    if isinstance(receipt, ChainError):
+        raise receipt
+    return receipt
+
+
+def _sign_and_send(w3: Web3, account: LocalAccount, tx: TxParams) -> HexBytes:
     # TxParams and eth-account's TransactionDictType describe the same dict, typed apart.
     signed = account.sign_transaction(cast(dict[str, Any], tx))
-    tx_hash = w3.eth.send_raw_transaction(signed.raw_transaction)
+    return w3.eth.send_raw_transaction(signed.raw_transaction)
+
+
+def _receipt(w3: Web3, tx_hash: HexBytes, gas: Any, name: str) -> TxReceipt | ChainError:
+    """The mined transaction's receipt, or the ``ChainError`` of a mined failure."""
     receipt = w3.eth.wait_for_transaction_receipt(tx_hash)
     if receipt["status"] != 1:
-        raise ChainError(
-            f"{name} transaction {_hex(tx_hash)} failed "
-            f"(gas used {receipt['gasUsed']} of {tx['gas']})"
+        return ChainError(
+            f"{name} transaction {_hex(tx_hash)} failed (gas used {receipt['gasUsed']} of {gas})"
         )
     return receipt
 

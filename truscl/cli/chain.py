@@ -171,23 +171,24 @@ def run_register(args: argparse.Namespace) -> int:
             raise ChainError(f"{account.address} is not a registrar of {client.address}")
         if w3.eth.get_balance(account.address) == 0:
             raise ChainError(f"{account.address} has no funds to pay for gas on this chain")
+        todo = []
         for device in dict.fromkeys(w3.to_checksum_address(d) for d in args.devices):
             if client.is_device(device):
                 print(f"{device}  already registered, skipped")
                 skipped += 1
-                continue
-            try:
-                tx_hash = client.register_device(device)
-            except ChainError as exc:
-                if "DeviceAlreadyRegistered" in str(exc):  # registered meanwhile by another
-                    print(f"{device}  already registered, skipped")
-                    skipped += 1
-                    continue
-                print(f"{device}  FAILED: {exc}", file=sys.stderr)
+            else:
+                todo.append(device)
+        # sent together, then awaited: a block or two for the lot on a public chain
+        for device, outcome in zip(todo, client.register_devices(todo), strict=True):
+            if isinstance(outcome, str):
+                print(f"{device}  registered (tx {outcome})")
+                registered += 1
+            elif "DeviceAlreadyRegistered" in str(outcome):  # registered meanwhile by another
+                print(f"{device}  already registered, skipped")
+                skipped += 1
+            else:
+                print(f"{device}  FAILED: {outcome}", file=sys.stderr)
                 failed += 1
-                continue
-            print(f"{device}  registered (tx {tx_hash})")
-            registered += 1
     print(f"registered {registered}, already registered {skipped}, failed {failed}")
     return 1 if failed else 0
 

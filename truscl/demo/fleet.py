@@ -55,6 +55,7 @@ from truscl.demo.common import (
     write_demo_report,
 )
 from truscl.demo.data import DemoData
+from truscl.errors import ChainError
 from truscl.keyfile import load_account, load_or_create_account, write_secret
 from truscl.processes import stop_process
 from truscl.progress import Progress
@@ -174,8 +175,7 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
         deployment = deploy(node.web3(), admin, rpc_url=rpc, lock=node.lock)
         deployment.save(workdir / "deployment.json")
         contract = ChainClient.at(node.web3(), deployment.address, admin, node.lock)
-        for address in addresses:
-            contract.register_device(address)
+        _register(contract, addresses)
 
         spec = _create_task(config, data, workdir, node, contract.address, broker, rpc)
         archive = workdir / "aggregator" / "archive"
@@ -260,6 +260,13 @@ def _device_address(folder: Path) -> str:
     """A device's address, its key made on first use (the broker's ACL and the registry need
     it before the device's configuration is written)."""
     return load_or_create_account(folder / "device.key").address
+
+
+def _register(contract: ChainClient, addresses: list[str]) -> None:
+    """Register the fleet at once (sent together, then awaited); a refusal stops the demo."""
+    for outcome in contract.register_devices(addresses):
+        if isinstance(outcome, ChainError):
+            raise outcome
 
 
 def _funded_key(node: NodeChain, path: Path) -> Any:
