@@ -188,10 +188,11 @@ def run_fleet(config: DemoConfig, data: DemoData, out: TextIO) -> dict[str, Any]
             f"chain {rpc}, contract {contract.address}",
             file=out,
         )
-        if read_period(config.devices) > ROUND_SECONDS_REAL / READINGS_PER_ROUND:
+        period = read_period(config.devices)
+        if period > ROUND_SECONDS_REAL / READINGS_PER_ROUND:
             print(
                 f"truscl demo: devices sense a round's readings in "
-                f"{read_period(config.devices) * READINGS_PER_ROUND:.0f} s, not "
+                f"{period * READINGS_PER_ROUND:.0f} s, not "
                 f"{ROUND_SECONDS_REAL:g} s: the simulated sensors of {config.devices} devices "
                 f"may take {SENSING_CPU:g} of a core",
                 file=out,
