@@ -38,7 +38,7 @@ from truscl.chain import ChainClient
 from truscl.errors import ChainError, ConfigError, ProtocolError, TrusclError
 from truscl.hashing import keccak
 from truscl.mqtt import BrokerSettings, MqttLink, delivery
-from truscl.privacy.ckks import aggregator_context_bytes, load_context
+from truscl.privacy.ckks import VectorFormat, aggregator_context_bytes, load_context
 from truscl.server.archive import Archive, RoundManifest
 from truscl.server.journal import Journal, JournaledAcceptance, JournaledRound
 from truscl.server.registry import RegistryCache
@@ -293,6 +293,7 @@ class Aggregator:
     def _adopt(self, spec: TaskSpec, public_context: bytes) -> None:
         self.spec = spec
         self._context = load_context(aggregator_context_bytes(public_context))  # no key at all
+        self._vectors = VectorFormat.of(self._context, spec.n_params)
         self._reassembler = Reassembler(
             max_message=spec.max_message, max_blob=MAX_UPDATE_BYTES, max_total=REASSEMBLY_MAX_BYTES
         )
@@ -544,7 +545,7 @@ class Aggregator:
             check_blob(ident, blob)
         except ChunkRejected as exc:
             return exc
-        return Parsed.of(blob, self._domain, MAX_UPDATE_BYTES)
+        return Parsed.of(blob, self._domain, MAX_UPDATE_BYTES, self._vectors)
 
     def _settle(self, every: bool) -> None:
         """Decide on parsed updates in arrival order: those parsed already, or (``every``)

@@ -91,7 +91,8 @@ class Archive:
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
         (self.root / "rounds").mkdir(parents=True, exist_ok=True)
         self._writers: ThreadPoolExecutor | None = None
-        self._writing: dict[Path, Future[None]] = {}
+        self._blobs = str(self.root / "blobs")
+        self._writing: dict[str, tuple[Path, Future[None]]] = {}  # by path: temporary, write
 
     def put(self, blob: bytes, ident: bytes | None = None) -> str:
         """Store ``blob`` durably; ``ident``, when the caller has checked it already, is its
@@ -103,32 +104,34 @@ class Archive:
         return name
 
     def put_later(self, blob: bytes, ident: bytes) -> None:
-        """Start writing ``blob`` (whose checked keccak is ``ident``); durable after ``commit``."""
-        path = self.root / "blobs" / ident.hex()
-        if path in self._writing or path.exists():
+        """Start writing ``blob`` (whose checked keccak is ``ident``); durable after ``commit``.
+        (On the aggregator's hot path: plain string paths, not ``Path`` objects.)"""
+        path = os.path.join(self._blobs, ident.hex())
+        if path in self._writing or os.path.exists(path):
             return
         if self._writers is None:
             self._writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="archive")
-        self._writing[path] = self._writers.submit(write_synced, temporary_name(path), blob)
+        temporary = temporary_name(Path(path))
+        self._writing[path] = (temporary, self._writers.submit(write_synced, temporary, blob))
 
     def commit(self) -> None:
         """Wait for the blobs given to ``put_later`` and move them into place; ``OSError`` if
         any could not be written. (A blob in place that no journal names is harmless: the
         archive is content-addressed.)"""
         writing, self._writing = self._writing, {}
-        failures = [f.exception() for f in writing.values()]
+        failures = [future.exception() for _, future in writing.values()]
         try:
             failed = next((exc for exc in failures if exc is not None), None)
             if failed is not None:
                 raise failed
-            for path in writing:
-                os.replace(temporary_name(path), path)
+            for path, (temporary, _) in writing.items():
+                os.replace(temporary, path)
         finally:
-            for path in writing:
+            for temporary, _ in writing.values():
                 with contextlib.suppress(OSError):  # a leftover is overwritten the next time
-                    temporary_name(path).unlink(missing_ok=True)
+                    temporary.unlink(missing_ok=True)
         if writing:
-            sync_directory(self.root / "blobs")
+            sync_directory(Path(self._blobs))
 
     def get(self, ident: str) -> bytes:
         if not is_blob_id(ident):

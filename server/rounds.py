@@ -25,11 +25,12 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import tenseal as ts
 
 from truscl.errors import HeError, ProtocolError, SignatureError
 from truscl.hashing import keccak
-from truscl.privacy.ckks import EncryptedVector, load_ciphertext, sum_ciphertexts
+from truscl.privacy.ckks import VectorFormat, VectorSum, sum_ciphertexts
 from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_root
 from truscl.wire.merkle import merkle_proofs
 
@@ -67,16 +68,22 @@ class RoundTerms:
 @dataclass(frozen=True)
 class Parsed:
     """What an update blob says of itself, learnt without its round: its fields, or why they
-    cannot be read, and whether its signature is the claimed device's. Hashing the ciphertext
+    cannot be read, whether its signature is the claimed device's and, given the task's
+    ``vectors``, its ciphertext's checked residues or why it has none. Hashing the ciphertext
     and recovering the signer are most of an update's cost and release the GIL, so the
     aggregator learns this on a pool of threads while its own thread decides and adds."""
 
     update: Update | None
     malformed: str = ""  # why the blob is not an update, when ``update`` is None
     bad_signature: str = ""  # why the signature is not the claimed device's, when it is not
+    vectors: VectorFormat | None = None  # the format the ciphertext was checked against
+    residues: np.ndarray | None = field(default=None, repr=False, compare=False)
+    bad_ciphertext: str = ""  # why the ciphertext is not one of ``vectors``, when it is not
 
     @classmethod
-    def of(cls, blob: bytes, domain: Domain, max_bytes: int) -> Parsed:
+    def of(
+        cls, blob: bytes, domain: Domain, max_bytes: int, vectors: VectorFormat | None = None
+    ) -> Parsed:
         try:
             update = Update.decode(blob, max_bytes)
         except ProtocolError as exc:
@@ -85,7 +92,12 @@ class Parsed:
             update.verify(domain)
         except SignatureError as exc:
             return cls(update, bad_signature=str(exc))
-        return cls(update)
+        if vectors is None:
+            return cls(update)
+        try:
+            return cls(update, vectors=vectors, residues=vectors.residues(update.ciphertext))
+        except HeError as exc:
+            return cls(update, vectors=vectors, bad_ciphertext=str(exc))
 
 
 @dataclass(frozen=True)
@@ -188,7 +200,8 @@ class OpenRound:
         self._previous = dict(previous or {})
         self._accepted: dict[tuple[str, int], Accepted] = {}  # by (device, round made for)
         self._in: set[str] = set()  # devices whose update made for this round is counted
-        self._sum: EncryptedVector | None = None
+        self.vectors = VectorFormat.of(context, terms.n_params)
+        self._sum = VectorSum(self.vectors)
         self._closed = False
 
     @property
@@ -252,17 +265,15 @@ class OpenRound:
             return reject(RejectReason.DUPLICATE, "a different update was already accepted")
         if update.context != self.terms.context_hash:
             return reject(RejectReason.WRONG_CONTEXT, f"context {update.context.hex()}")
-        try:
-            vector = load_ciphertext(self._context, update.ciphertext, self.terms.n_params)
-        except HeError as exc:
-            return reject(RejectReason.BAD_CIPHERTEXT, str(exc))
-        if self._sum is None:
-            self._sum = vector
-        else:
+        residues, bad = parsed.residues, parsed.bad_ciphertext
+        if parsed.vectors != self.vectors:  # parsed without the task's format, or another's
             try:
-                self._sum.add_(vector)  # in place: memory stays that of one ciphertext
-            except (ValueError, RuntimeError) as exc:  # SEAL refuses what it cannot add
-                return reject(RejectReason.BAD_CIPHERTEXT, f"cannot be added: {exc}")
+                residues, bad = self.vectors.residues(update.ciphertext), ""
+            except HeError as exc:
+                residues, bad = None, str(exc)
+        if residues is None:
+            return reject(RejectReason.BAD_CIPHERTEXT, bad)
+        self._sum.add(residues)  # in place: memory stays that of one vector
         accepted = Accepted(update.record(), ident, update.leaf(), current)
         self._accepted[(device, update.round)] = accepted
         if update.round == current:
@@ -280,7 +291,7 @@ class OpenRound:
 
     def partial(self) -> PartialRound:
         """What this round has counted, to be merged with other workers' (see ``merge``)."""
-        if self._sum is None:
+        if not self._accepted:
             raise ProtocolError(f"round {self.terms.round} has no accepted update to close")
         return PartialRound(self.terms.round, tuple(self._accepted.values()), self._sum.serialize())
 

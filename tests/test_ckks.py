@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tenseal as ts
 import tenseal.sealapi as sealapi
+import zstandard
 from eth_utils import keccak
 
 from truscl.errors import ConfigError, HeError
@@ -356,3 +357,141 @@ def test_threads_load_and_save_without_crossing_and_leave_no_file(
     directory = Path(seal_layout._scratch_directory or "")
     assert directory.is_dir() and stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert list(directory.iterdir()) == []
+
+
+# --- adding without SEAL: held to SEAL's own parse, checks and sums ---
+
+
+def seal_sum(context: ts.Context, blobs: list[bytes], size: int) -> bytes:
+    """The sum as SEAL makes it: each ciphertext loaded by SEAL, added by its evaluator."""
+    vectors = [load_ciphertext(context, blob, size) for blob in blobs]
+    evaluator = sealapi.Evaluator(context.seal_context().data)
+    for vector in vectors[1:]:
+        for mine, theirs in zip(vectors[0].ciphertexts, vector.ciphertexts, strict=True):
+            evaluator.add_inplace(mine, theirs)
+    return vectors[0].serialize()
+
+
+@pytest.mark.parametrize("name", ["ckks-4096-60-49", "ckks-4096-40-40", "ckks-8192-60-49"])
+def test_sums_and_residues_are_seals_own(name: str) -> None:
+    # Prepare: vectors over several ciphertexts, one of them not full
+    owner = OwnerKeys.generate(PROFILES[name])
+    context = load_context(owner.public_context_bytes())
+    aggregator = load_context(ckks.aggregator_context_bytes(owner.public_context_bytes()))
+    size = PROFILES[name].values_per_ciphertext + 77
+    rng = np.random.default_rng(3)
+    blobs = [encrypt(context, rng.normal(0.0, 1.0, size)) for _ in range(6)]
+    vectors = ckks.VectorFormat.of(aggregator, size)
+
+    # Execute
+    total = sum_ciphertexts(aggregator, blobs, size)
+    residues = vectors.residues(blobs[0])
+
+    # Assert: the bytes SEAL's evaluator sum saves, and SEAL's accessor's residues
+    assert total == seal_sum(aggregator, blobs, size)
+    seal_ciphertexts = load_ciphertext(aggregator, blobs[0], size).ciphertexts
+    for mine, theirs in zip(residues, seal_ciphertexts, strict=True):
+        np.testing.assert_array_equal(mine, seal_layout.ciphertext_polys(theirs))
+        uncompressed = vectors.layout.saved(mine)
+        assert seal_layout.compression_mode(uncompressed) == 0
+        reloaded = seal_layout.load_seal_ciphertext(aggregator, uncompressed)
+        np.testing.assert_array_equal(seal_layout.ciphertext_polys(reloaded), mine)
+
+
+@pytest.fixture(scope="module")
+def one_ciphertext(aggregator_context: ts.Context, blobs: list[bytes]) -> bytes:
+    """A SEAL-saved (zstd) ciphertext of the task, as one travels inside a vector."""
+    return ckks.unpack_vector(blobs[0])[1][0]
+
+
+def _set_word(layout: seal_layout.CiphertextLayout, saved: bytes, index: int, word: int) -> bytes:
+    residues = layout.residues(saved).copy()
+    residues.reshape(-1)[index] = word
+    return _raw(layout, residues)
+
+
+def _raw(layout: seal_layout.CiphertextLayout, residues: np.ndarray) -> bytes:
+    """Uncompressed, without the layout's checks: the bytes a forger can send."""
+    meta = seal_layout._CIPHERTEXT_META.pack(
+        *layout.level.parms_id, 1, 2, layout.level.degree, 1, layout.scale, 1
+    )
+    return seal_layout._seal_object(
+        meta + seal_layout._dyn_array(residues, layout.version), layout.version
+    )
+
+
+def _field(raw: bytes, offset: int, value: bytes) -> bytes:
+    return raw[:offset] + value + raw[offset + len(value) :]
+
+
+HEADER = 16
+# Offsets in an uncompressed ciphertext (Assumption 4): parms_id, then is_ntt_form, size, N...
+NTT, SIZE_FIELD, DEGREE, SCALE = HEADER + 32, HEADER + 33, HEADER + 41, HEADER + 57
+MANGLES: dict[str, Callable[[seal_layout.CiphertextLayout, bytes], bytes]] = {
+    "truncated": lambda layout, raw: raw[:-8],
+    "magic": lambda layout, raw: _field(raw, 0, b"\x00\x00"),
+    "header-size": lambda layout, raw: _field(raw, 2, b"\x11"),
+    "major-version": lambda layout, raw: _field(raw, 3, b"\x09"),
+    "minor-version": lambda layout, raw: _field(raw, 4, b"\x09"),
+    "compression-mode": lambda layout, raw: _field(raw, 5, b"\x07"),
+    "zlib-claimed": lambda layout, raw: _field(raw, 5, b"\x01"),
+    "parms-id": lambda layout, raw: _field(raw, HEADER, b"\x01\x02\x03\x04"),
+    "three-polys": lambda layout, raw: _field(raw, SIZE_FIELD, b"\x03"),
+    "degree": lambda layout, raw: _field(raw, DEGREE, (2048).to_bytes(8, "little")),
+    "residue-equals-prime": lambda layout, raw: _set_word(layout, raw, 5, layout.level.moduli[0]),
+    "residue-above-prime": lambda layout, raw: _set_word(layout, raw, 4100, 2**63 + 5),
+}
+
+
+@pytest.mark.parametrize("mangle", MANGLES.values(), ids=MANGLES.keys())
+def test_what_seal_refuses_the_layout_refuses(
+    aggregator_context: ts.Context, one_ciphertext: bytes, mangle: Callable[..., bytes]
+) -> None:
+    # Prepare: SEAL accepts the uncompressed original, as the layout does
+    layout = seal_layout.CiphertextLayout.of(aggregator_context)
+    raw = _raw(layout, layout.residues(one_ciphertext))
+    seal_layout.load_seal_ciphertext(aggregator_context, raw)
+    mangled = mangle(layout, raw)
+
+    # Execute / Assert
+    with pytest.raises(HeError, match="SEAL refused"):
+        seal_layout.load_seal_ciphertext(aggregator_context, mangled)
+    with pytest.raises(HeError):
+        layout.residues(mangled)
+
+
+def test_the_layout_refuses_more_than_seal(
+    aggregator_context: ts.Context, one_ciphertext: bytes
+) -> None:
+    """What SEAL loads but no honest device sends: a transparent ciphertext (it decrypts
+    without the key), another scale, bytes after the object, coefficients not in NTT form;
+    and a zstd frame claiming 16 MiB is refused before it is decompressed."""
+    # Prepare
+    layout = seal_layout.CiphertextLayout.of(aggregator_context)
+    residues = layout.residues(one_ciphertext).copy()
+    transparent = residues.copy()
+    transparent[1] = 0
+    raw = _raw(layout, residues)
+    seal_takes = {
+        "transparent": _raw(layout, transparent),
+        "scale": _field(raw, SCALE, np.float64(2.0**30).tobytes()),
+        "not as long as its header says": raw + bytes(8),
+        "NTT form": _field(raw, NTT, b"\x00"),
+    }
+    body = zstandard.ZstdCompressor().compress(bytes(1 << 24))
+    header = seal_layout._HEADER.pack(0xA15E, 16, *layout.version, 2, 0, 16 + len(body))
+
+    # Execute / Assert
+    for match, data in seal_takes.items():
+        seal_layout.load_seal_ciphertext(aggregator_context, data)
+        with pytest.raises(HeError, match=match):
+            layout.residues(data)
+    with pytest.raises(HeError, match="says it is 16777216 bytes"):
+        layout.residues(header + body)
+    frame = one_ciphertext[16:-10]  # SEAL's own zstd frame, cut short
+    header = seal_layout._HEADER.pack(0xA15E, 16, *layout.version, 2, 0, 16 + len(frame))
+    with pytest.raises(HeError, match="SEAL refused"):
+        seal_layout.load_seal_ciphertext(aggregator_context, header + frame)
+    with pytest.raises(HeError, match="not one zstd frame"):
+        layout.residues(header + frame)
+    np.testing.assert_array_equal(layout.residues(one_ciphertext), residues)  # still reads

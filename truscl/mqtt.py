@@ -13,6 +13,7 @@ import logging
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,8 @@ class MqttLink:
         self._on_message = on_message
         self._on_connected = on_connected
         self._connected = threading.Event()
-        self._unacknowledged: list[paho.MQTTMessageInfo] = []
+        self._unacknowledged: deque[paho.MQTTMessageInfo] = deque()
+        self._swept = 64  # pending publishes after the last sweep (see publish), at least 64
         self._unacknowledged_lock = threading.Lock()
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -140,8 +142,16 @@ class MqttLink:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             log.warning("%s: publish to %s failed: %s", self.client_id, topic, info.rc)
         with self._unacknowledged_lock:
-            self._unacknowledged = [i for i in self._unacknowledged if not _settled(i)]
-            self._unacknowledged.append(info)
+            # The broker acknowledges mostly in order: drop the settled ones at the front on
+            # every publish, and sweep the whole list only when it has doubled since the last
+            # sweep (a sweep per publish made a burst of n receipts cost n^2).
+            pending = self._unacknowledged
+            while pending and _settled(pending[0]):
+                pending.popleft()
+            if len(pending) > 2 * self._swept:
+                self._unacknowledged = pending = deque(i for i in pending if not _settled(i))
+                self._swept = max(64, len(pending))
+            pending.append(info)
         return info
 
     def flush(self, timeout: float) -> bool:
@@ -149,7 +159,7 @@ class MqttLink:
         False if some are still in flight (a role that stops must not drop its last words)."""
         deadline = time.monotonic() + timeout
         with self._unacknowledged_lock:
-            waiting, self._unacknowledged = self._unacknowledged, []
+            waiting, self._unacknowledged = self._unacknowledged, deque()
         for info in waiting:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self._connected.is_set():
