@@ -82,8 +82,9 @@ BATCH_BYTES = 4 * 1024 * 1024
 # bounds 4-5 %, at the same rate: bench/aggregator.py.)
 INBOX_MAX_BYTES = 4 * 1024 * 1024
 # Whole updates are parsed (blob id, ciphertext hash, signature recovery: hashing and coincurve
-# release the GIL; the ciphertext's residues read and checked) on this many threads while the worker decides, adds and commits, at most
-# PARSE_AHEAD of them at a time (bounded memory: each is at most MAX_UPDATE_BYTES).
+# release the GIL; the ciphertext's residues read and checked) on this many threads while the
+# worker decides, adds and commits, at most PARSE_AHEAD of them at a time (bounded memory: each
+# is at most MAX_UPDATE_BYTES).
 PARSE_THREADS = 2
 PARSE_AHEAD = 8
 
