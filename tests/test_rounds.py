@@ -13,6 +13,7 @@ from eth_utils import keccak
 from test_guardian import uncompressed_ciphertext
 
 from truscl.errors import ChainError, HeError, ProtocolError
+from truscl.privacy import ckks
 from truscl.privacy.ckks import (
     CkksProfile,
     OwnerKeys,
@@ -24,6 +25,7 @@ from truscl.privacy.ckks import (
 from truscl.server.rounds import (
     Accepted,
     OpenRound,
+    Parsed,
     Rejected,
     RejectReason,
     RoundTerms,
@@ -254,6 +256,41 @@ def test_a_ciphertext_under_other_parameters_is_rejected(terms, public_context, 
     decision = round_.offer(update_blob(devices[0], terms, foreign.context, np.ones(N_PARAMS)))
 
     assert rejection(decision) == RejectReason.BAD_CIPHERTEXT
+
+
+def test_a_parse_made_beforehand_decides_and_sums_as_the_round_would(
+    terms, public_context, owner_keys, devices
+) -> None:
+    """The aggregator parses on other threads (``Parsed.of`` with the task's format), the round
+    decides on that parse; a parse against another format is not trusted but redone."""
+    # Prepare
+    blobs = [
+        update_blob(devices[0], terms, public_context, np.full(N_PARAMS, 1.0)),
+        update_blob(devices[1], terms, public_context, np.ones(3)),  # wrong size
+        update_blob(devices[1], terms, public_context, np.ones(N_PARAMS), ciphertext=b"xx"),
+        update_blob(devices[2], terms, public_context, np.full(N_PARAMS, 2.0)),
+    ]
+    inline, parsed_first = (
+        open_round(terms, public_context, devices),
+        open_round(terms, public_context, devices),
+    )
+    other_format = ckks.VectorFormat.of(public_context, N_PARAMS + 1)
+
+    # Execute
+    expected = [inline.offer(blob) for blob in blobs]
+    decided = [
+        parsed_first.offer(blob, parsed=Parsed.of(blob, DOMAIN, 1 << 22, format_))
+        for blob, format_ in zip(
+            blobs, [parsed_first.vectors, parsed_first.vectors, None, other_format], strict=True
+        )
+    ]
+
+    # Assert
+    assert [type(d) for d in decided] == [Accepted, Rejected, Rejected, Accepted]
+    assert decided == expected
+    closed = parsed_first.close()
+    assert closed.aggregate == inline.close().aggregate
+    np.testing.assert_allclose(decrypt(owner_keys, closed.aggregate, N_PARAMS), 3.0, atol=1e-6)
 
 
 def test_round_closes_when_all_are_in_or_at_the_deadline_with_quorum(
