@@ -1,8 +1,8 @@
 """Simulated hardware of one device, behind the interfaces the real drivers use.
 
 The agent's ``SensorSuite`` gets a gpiozero pin factory and an smbus2-like bus, exactly as on a
-Pi. Here the factory is a ``MockFactory`` whose PIR pin the simulator drives and whose SPI pins
-are answered bit by bit by an emulated MCP3008; the bus is a BME280 register map whose data
+Pi. Here the factory is a ``MockFactory`` whose PIR pin the simulator drives and whose SPI
+interface is answered bit by bit by an emulated MCP3008; the bus is a BME280 register map whose data
 registers hold the raw ADC values the real part would produce for the room's air.
 
 gpiozero 2.0.1 shares SPI interfaces and software SPI buses in a class-level registry keyed by
@@ -26,7 +26,7 @@ from threading import RLock
 
 import numpy as np
 from gpiozero.pins import SPI
-from gpiozero.pins.mock import MockFactory, MockPin, MockSPIDevice
+from gpiozero.pins.mock import MockFactory
 
 from truscl.datasheets import (
     BME280_CHIP_ID,
@@ -273,8 +273,9 @@ class FakeBme280Bus:
         self._closed = True
 
 
-class MockMcp3008(MockSPIDevice):
-    """An MCP3008 10-bit ADC answering the SPI protocol bit by bit (datasheet figure 6-1).
+class MockMcp3008:
+    """An MCP3008 10-bit ADC on a board's SPI bus, answering the protocol bit by bit (datasheet
+    figure 6-1).
 
     The master clocks a start bit, the single/differential bit and three channel bits; the
     chip answers with a null bit and the 10-bit code, MSB first. Input voltages are set by
@@ -283,18 +284,21 @@ class MockMcp3008(MockSPIDevice):
     Faults: ``stick`` holds a channel's code whatever its input does, ``spike`` makes the next
     conversion of a channel read another voltage, ``disappear`` leaves MISO undriven (held at
     a level by the board's pull-up or pull-down) and ``recover`` ends every fault.
+
+    The bits come from :class:`BoardSPI`'s transfers, not from edges on mock pins: gpiozero's
+    ``MockSPIDevice`` answered through a chain of pin callbacks per clock edge, two thirds of a
+    simulated reading's CPU, which a fleet of a thousand devices in a few processes could not
+    afford. The driver under test (gpiozero's ``MCP3008`` over the board's SPI interface) is
+    the same.
     """
 
-    rx_buf: list[int]  # bits received since the last reset, kept by MockSPIDevice
-
-    def __init__(self, board: MockFactory, vref: float = DEFAULT_CALIBRATION.adc_vref) -> None:
-        super().__init__(**SPI0_PINS, pin_factory=board)
+    def __init__(self, board: SimulatedBoard, vref: float = DEFAULT_CALIBRATION.adc_vref) -> None:
         self.vref = vref
         self.voltages = [0.0] * 8
-        self._phase = "idle"
         self._held: dict[int, int] = {}
         self._spikes: dict[int, float] = {}
         self._miso_level: int | None = None
+        board.attach(self, SPI0_PINS["select_pin"])
 
     def stick(self, channel: int) -> None:
         """The channel's code stays what the input reads now."""
@@ -314,14 +318,6 @@ class MockMcp3008(MockSPIDevice):
         self._spikes.clear()
         self._miso_level = None
 
-    def on_clock(self) -> None:
-        if self._miso_level is None:
-            super().on_clock()
-        elif self.miso_pin is not None and self._miso_level:
-            self.miso_pin.drive_high()
-        elif self.miso_pin is not None:
-            self.miso_pin.drive_low()
-
     def set_voltage(self, channel: int, volts: float) -> None:
         self.voltages[channel] = volts
 
@@ -329,39 +325,39 @@ class MockMcp3008(MockSPIDevice):
         """Datasheet transfer function: code = 1024 * Vin / Vref, saturating at 0 and 1023."""
         return min(max(int(1024 * volts / self.vref), 0), 1023)
 
-    def on_start(self) -> None:
-        super().on_start()
-        self._phase = "idle"
-        # MockPin records every edge for assertions; a long simulation would grow that list
-        # by ~100 entries per conversion, so the emulated chip keeps no history.
-        for pin in (self.clock_pin, self.mosi_pin, self.miso_pin, self.select_pin):
-            if pin is not None:
-                pin.clear_states()
-
-    def on_bit(self) -> None:
-        if self._phase == "idle":
-            if self.rx_buf[-1]:  # start bit
-                self._phase = "mode"
-                self.rx_buf.clear()
-        elif self._phase == "mode":
-            self._phase = "single" if self.rx_buf[-1] else "differential"
-            self.rx_buf.clear()
-        elif self._phase in ("single", "differential") and len(self.rx_buf) == 3:
-            channel = self.rx_word()
-            volts = self._spikes.pop(channel, self.voltages[channel])
-            if self._phase == "differential":  # IN+ is the channel, IN- its pair
-                volts -= self.voltages[channel ^ 1]
-            code = self._held.get(channel, self.code(volts))
-            self.tx_word(code, 12)  # a sample bit, the null bit, then 10 bits
-            self._phase = "converted"
+    def exchange(self, mosi: Sequence[int]) -> list[int]:
+        """One selection of the chip: the MISO level on each clock, given the MOSI bits (mode
+        0: the chip reads MOSI on the rising edge, having set MISO for that clock)."""
+        if self._miso_level is not None:
+            return [self._miso_level] * len(mosi)
+        miso: list[int] = []
+        phase, received, sending = "idle", [], []  # a select starts the protocol afresh
+        for bit in mosi:
+            miso.append(sending.pop(0) if sending else 0)
+            received.append(bit)
+            if phase == "idle":
+                if bit:  # start bit
+                    phase, received = "mode", []
+            elif phase == "mode":
+                phase, received = ("single" if bit else "differential"), []
+            elif phase in ("single", "differential") and len(received) == 3:
+                channel = received[0] << 2 | received[1] << 1 | received[2]
+                volts = self._spikes.pop(channel, self.voltages[channel])
+                if phase == "differential":  # IN+ is the channel, IN- its pair
+                    volts -= self.voltages[channel ^ 1]
+                code = self._held.get(channel, self.code(volts))
+                sending = [(code >> i) & 1 for i in range(11, -1, -1)]  # sample, null, 10 bits
+                phase = "converted"
+        return miso
 
 
 class BoardSPI(SPI):
-    """Mode-0 bit-banged SPI over the pins of one board only.
+    """Mode-0 SPI of one board only, to the chip attached at its select pin.
 
     Unlike gpiozero's software SPI it keeps no state outside its factory, so two boards with
     the same wiring stay apart. It does not reserve the pins: each ADC channel gets its own
-    interface over the same pins, serialised by the board's lock.
+    interface over the same pins, serialised by the board's lock. No chip at the select pin:
+    MISO reads low (undriven, pulled down).
     """
 
     def __init__(
@@ -376,35 +372,22 @@ class BoardSPI(SPI):
         super().__init__(pin_factory=pin_factory)
         self._board = pin_factory
         self._lock = pin_factory.spi_lock
-        self._clock = self._output(pin_factory.pin(clock_pin), False)
-        self._mosi = self._output(pin_factory.pin(mosi_pin), False)
-        self._select = self._output(pin_factory.pin(select_pin), True)  # active low
-        self._miso = pin_factory.pin(miso_pin)
+        self._select = pin_factory.pin(select_pin).info.name
         self._open = True
 
-    @staticmethod
-    def _output(pin: MockPin, level: bool) -> MockPin:
-        pin.function = "output"
-        pin.state = level
-        return pin
-
     def transfer(self, data: Sequence[int]) -> list[int]:
-        received = []
+        mosi = [(word >> bit) & 1 for word in data for bit in range(7, -1, -1)]
         with self._lock:
             self._board.check_transfer()
-            self._select.state = False
-            try:
-                for word in data:
-                    read = 0
-                    for bit in range(7, -1, -1):
-                        self._mosi.state = (word >> bit) & 1
-                        self._clock.state = True  # the chip samples MOSI and drives MISO
-                        read = (read << 1) | int(self._miso.state)
-                        self._clock.state = False
-                    received.append(read)
-            finally:
-                self._select.state = True
-        return received
+            chip = self._board.chip_at(self._select)
+            miso = chip.exchange(mosi) if chip is not None else [0] * len(mosi)
+        words = []
+        for start in range(0, len(miso), 8):
+            word = 0
+            for bit in miso[start : start + 8]:
+                word = word << 1 | bit
+            words.append(word)
+        return words
 
     def _get_clock_mode(self) -> int:
         return 0
@@ -425,6 +408,14 @@ class SimulatedBoard(MockFactory):
         super().__init__()
         self.spi_lock = RLock()
         self._spi_failures = 0
+        self._chips: dict[str, MockMcp3008] = {}
+
+    def attach(self, chip: MockMcp3008, select_pin: int | str) -> None:
+        """Put ``chip`` on the SPI bus, selected by ``select_pin``."""
+        self._chips[self.pin(select_pin).info.name] = chip
+
+    def chip_at(self, select: str) -> MockMcp3008 | None:
+        return self._chips.get(select)
 
     def fail_spi(self, transfers: int) -> None:
         """The next ``transfers`` SPI transfers fail with EIO, as spidev's ioctl can."""

@@ -7,7 +7,7 @@ import math
 
 import cbor2
 import pytest
-from gpiozero import Device
+from gpiozero import MCP3008, Device
 
 from truscl.agent.health import Fault, Status
 from truscl.agent.sensors import (
@@ -20,7 +20,12 @@ from truscl.agent.sensors import (
 from truscl.errors import ConfigError, SensorError
 from truscl.learning.features import DEFAULT_FEATURES, feature_matrix
 from truscl.sim import FakeBme280Bus, make_fleet
-from truscl.sim.hardware import TYPICAL_CALIBRATION, SimulatedDevice
+from truscl.sim.hardware import (
+    TYPICAL_CALIBRATION,
+    MockMcp3008,
+    SimulatedBoard,
+    SimulatedDevice,
+)
 
 ADC_HALF_STEP_V = DEFAULT_CALIBRATION.adc_vref / 1024 / 2
 
@@ -169,6 +174,37 @@ def test_adc_round_trip_within_quantisation(
     # Assert: the driver reconstructs at mid-step, so the error is at most half a step
     assert reading.light_lux == pytest.approx(lux, abs=cal.lux(ADC_HALF_STEP_V) + 1e-9)
     assert reading.co2_ppm - ppm == pytest.approx(0.0, abs=ADC_HALF_STEP_V / 1.6 * 5000 + 1e-9)
+
+
+@pytest.mark.parametrize("differential", [False, True])
+def test_gpiozero_reads_the_datasheet_code_on_every_channel(differential: bool) -> None:
+    """gpiozero's own MCP3008 driver, over the simulated board's SPI interface, gets the code
+    of the datasheet's transfer function on all eight channels (differential: IN+ the
+    channel, IN- its pair), and a chip that is not there reads as MISO's level."""
+    # Prepare
+    board = SimulatedBoard()
+    chip = MockMcp3008(board, vref=3.3)
+    volts = [0.0, 0.41, 1.0, 1.65, 2.2, 2.9, 3.29, 3.3]
+    for channel, value in enumerate(volts):
+        chip.set_voltage(channel, value)
+    adcs = [MCP3008(channel, differential=differential, pin_factory=board) for channel in range(8)]
+
+    # Execute
+    codes = [adc.raw_value for adc in adcs]
+    chip.disappear(1)
+    gone_high = adcs[3].raw_value
+    chip.disappear(0)
+    gone_low = adcs[3].raw_value
+
+    # Assert
+    def expected(channel: int) -> int:
+        value = volts[channel] - (volts[channel ^ 1] if differential else 0.0)
+        return min(max(int(1024 * value / 3.3), 0), 1023)
+
+    assert codes == [expected(channel) for channel in range(8)]
+    assert (gone_high, gone_low) == (1023, 0)
+    for adc in adcs:
+        adc.close()
 
 
 def test_two_devices_in_one_process_stay_apart() -> None:
