@@ -2,8 +2,8 @@
 
 The agent's ``SensorSuite`` gets a gpiozero pin factory and an smbus2-like bus, exactly as on a
 Pi. Here the factory is a ``MockFactory`` whose PIR pin the simulator drives and whose SPI
-interface is answered bit by bit by an emulated MCP3008; the bus is a BME280 register map whose data
-registers hold the raw ADC values the real part would produce for the room's air.
+interface is answered bit by bit by an emulated MCP3008; the bus is a BME280 register map whose
+data registers hold the raw ADC values the real part would produce for the room's air.
 
 gpiozero 2.0.1 shares SPI interfaces and software SPI buses in a class-level registry keyed by
 pin names only (``SharedMixin._instances``), and its ``SPISoftwareBus`` falls back to the
