@@ -331,7 +331,9 @@ class MockMcp3008:
         if self._miso_level is not None:
             return [self._miso_level] * len(mosi)
         miso: list[int] = []
-        phase, received, sending = "idle", [], []  # a select starts the protocol afresh
+        phase = "idle"  # a select starts the protocol afresh
+        received: list[int] = []
+        sending: list[int] = []
         for bit in mosi:
             miso.append(sending.pop(0) if sending else 0)
             received.append(bit)
