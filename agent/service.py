@@ -21,7 +21,7 @@ from truscl.agent.health import SensorHealth, Status
 from truscl.agent.litert import ModelRuntime
 from truscl.agent.output import OccupancyOutput
 from truscl.agent.provision import NO_TASK
-from truscl.agent.sampling import Sampler
+from truscl.agent.sampling import Sampler, SensingThread
 from truscl.chain.reader import RpcReader
 from truscl.errors import ConfigError
 from truscl.keyfile import load_or_create_signing_key
@@ -36,8 +36,8 @@ def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> None:
     """One agent per configuration, in this one process, until ``stop``.
 
     A Pi runs one; a simulator or a gateway may host many devices in one process (each keeps
-    its own key, state folder, sensors and broker session). The watchdog is fed only while
-    every agent's loop turns.
+    its own key, state folder, sensors and broker session; one thread reads all their sensors,
+    one after another). The watchdog is fed only while every agent's loop turns.
     """
     for config in configs:
         if config.task == NO_TASK or int(config.contract, 16) == 0:
@@ -48,13 +48,17 @@ def run_agents(configs: Sequence[AgentConfig], stop: threading.Event) -> None:
     with ExitStack() as running:
         for settings in {c.metrics for c in configs if c.metrics is not None}:
             running.enter_context(metrics.MetricsServer(settings))
-        heartbeats = [running.enter_context(_running_agent(config)) for config in configs]
+        sensing = None
+        if len(configs) > 1:  # one thread reads every device's sensors, in turn
+            sensing = SensingThread()
+            running.callback(sensing.stop)  # after every agent has stopped (last in, first out)
+        heartbeats = [running.enter_context(_running_agent(config, sensing)) for config in configs]
         names = ", ".join(heartbeat.name for heartbeat in heartbeats)
         supervise(stop, heartbeats, status=f"device {names}")
 
 
 @contextmanager
-def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
+def _running_agent(config: AgentConfig, sensing: SensingThread | None) -> Iterator[Heartbeat]:
     account = load_or_create_signing_key(config.key)  # signs messages only: no eth-account
     chain = RpcReader(config.rpc, config.contract)  # a device reads; web3 stays off it
     sensors = load_backend(config.hardware)(config)
@@ -78,6 +82,7 @@ def _running_agent(config: AgentConfig) -> Iterator[Heartbeat]:
             SAMPLER_CAPACITY,
             history=sensors.history,
             state_folder=config.state,
+            thread=sensing,
         ).start()
         agent = DeviceAgent(
             account=account,

@@ -27,7 +27,7 @@ from truscl.agent.health import (
     describe_health,
     read_health,
 )
-from truscl.agent.sampling import Sampler
+from truscl.agent.sampling import Sampler, SensingThread
 from truscl.agent.sensors import DEFAULT_CALIBRATION, DEFAULT_WIRING, Reading, SensorSuite
 from truscl.sim import make_fleet, make_rooms
 from truscl.sim.fleet import MONDAY_2024_01_08
@@ -331,6 +331,59 @@ def test_the_sampler_thread_survives_any_read(tmp_path: Path) -> None:
     health = read_health(tmp_path)["sensors"]
     assert health["bme280"]["episodes"]["io-error"] == 1
     assert health["bme280"]["invalid_reads"] == 5
+
+
+def test_one_sensing_thread_reads_several_devices_each_at_its_pace(tmp_path: Path) -> None:
+    """A process's devices share one thread: every read happens on it, each sampler keeps
+    being read, and one stopped is read no more while the others go on."""
+    # Prepare: three devices, each counting its reads and on which thread they ran
+    sensing = SensingThread()
+    fleet = make_fleet(3, seed=4)
+    suites = [SensorSuite(device.pin_factory, device.i2c_bus) for device in fleet]
+    threads: list[set[int]] = [set(), set(), set()]
+    counts = [0, 0, 0]
+    reached = [threading.Event() for _ in fleet]
+    target = [5, 5, 5]
+
+    def reader(index: int) -> Callable[[], Reading]:
+        def read() -> Reading:
+            threads[index].add(threading.get_ident())
+            counts[index] += 1
+            if counts[index] >= target[index]:
+                reached[index].set()
+            fleet[index].step(INTERVAL_S)
+            return suites[index].read(fleet[index].now)
+
+        return read
+
+    samplers = [
+        Sampler(reader(i), interval=0.001 * (i + 1), capacity=100, thread=sensing) for i in range(3)
+    ]
+
+    # Execute
+    for sampler in samplers:
+        sampler.start()
+    first = all(event.wait(30) for event in reached)
+    samplers[0].stop()
+    stopped_at = counts[0]
+    for index in (1, 2):
+        target[index] = counts[index] + 5
+        reached[index].clear()
+    after = all(reached[index].wait(30) for index in (1, 2))
+    running = [sampler.running for sampler in samplers]
+    for sampler in samplers[1:]:
+        sampler.stop()
+    sensing.stop()
+    for suite in suites:
+        suite.close()
+
+    # Assert
+    assert first and after
+    assert threads[0] == threads[1] == threads[2] and len(threads[0]) == 1
+    assert threading.get_ident() not in threads[0]
+    assert counts[0] == stopped_at
+    assert running == [False, True, True]
+    assert all(len(sampler.drain()) >= 5 for sampler in samplers)
 
 
 def test_the_health_file_and_its_description(rig: Rig) -> None:
