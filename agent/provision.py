@@ -97,13 +97,11 @@ def _localise(broker: BrokerSettings, folder: Path) -> BrokerSettings:
             else:
                 write_secret(target, data)  # 0600 from the first byte
         copied[field_name] = target
-    return BrokerSettings(
-        host=broker.host,
-        port=broker.port,
+    return replace(
+        broker,
         ca=copied["ca"],
         cert=copied["cert"],
         key=copied["key"],
-        username=broker.username,
         password_file=copied["password_file"],
     )
 

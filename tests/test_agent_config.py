@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from truscl.agent.config import AgentConfig
+from truscl.agent.provision import provision_agent
+from truscl.config import broker_table
 from truscl.errors import ConfigError
+from truscl.mqtt import BrokerSettings
 
 GOOD = """
 task = "0x{task}"
@@ -44,6 +48,13 @@ def test_a_good_file_loads_with_defaults_for_the_rest(tmp_path: Path) -> None:
 
     assert config.task == "0x" + "ab" * 32
     assert config.broker.port == 8883 and config.broker.ca is None
+    assert config.broker.keepalive == 30
+    longer = AgentConfig.load(
+        write(tmp_path, GOOD.replace("port = 8883", "port = 8883\nkeepalive = 120"))
+    )
+    assert longer.broker.keepalive == 120
+    assert broker_table(longer.broker)["keepalive"] == 120
+    assert broker_table(config.broker)["keepalive"] is None  # the default is not written
     assert config.interval == 60.0
     assert config.wiring.pir_pin == 17 and config.wiring.bme280_address == 0x77
     assert config.wiring.light_channel == 0 and config.i2c_bus == 1
@@ -56,6 +67,8 @@ def test_a_good_file_loads_with_defaults_for_the_rest(tmp_path: Path) -> None:
     [
         (lambda t: t.replace("port = 8883", 'port = "8883"'), "broker.port has the wrong type"),
         (lambda t: t.replace("port = 8883", "port = 70000"), "broker.port must be a TCP port"),
+        (lambda t: t.replace("port = 8883", "port = 1\nkeepalive = 2"), "keepalive must be 5"),
+        (lambda t: t.replace("port = 8883", 'port = 1\nkeepalive = "9"'), "keepalive has the"),
         (lambda t: t.replace("interval = 60", 'colour = "red"'), "unknown key sensors.colour"),
         (lambda t: t.replace('hardware = "pi"', 'hardware = "pc"'), "sensors.hardware"),
         (lambda t: t.replace("interval = 60", "interval = 0"), "must be > 0"),
@@ -97,3 +110,30 @@ def test_the_systemd_unit_runs_the_agent_with_this_config() -> None:
     # systemd-analyze verify and security for every unit: tests/test_units.py
     unit = (ROOT / "systemd" / "truscl-agent.service").read_text()
     assert "truscl --log-level INFO agent run --config /etc/truscl/agent.toml" in unit
+
+
+def test_a_provisioned_device_keeps_its_broker_identity_and_keepalive(tmp_path: Path) -> None:
+    # Prepare: a broker identity with files, as `truscl broker provision` hands them out
+    files = {name: tmp_path / "identity" / name for name in ("ca.crt", "password")}
+    for path in files.values():
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    identity = BrokerSettings(
+        "broker.lan",
+        8883,
+        ca=files["ca.crt"],
+        username="device",
+        password_file=files["password"],
+        keepalive=120,
+    )
+
+    # Execute
+    device = provision_agent(tmp_path / "device", broker=identity, rpc="http://127.0.0.1:8545")
+    config = AgentConfig.load(device.config)
+
+    # Assert: the files copied beside the config, every other setting as given
+    assert config.broker == replace(
+        identity,
+        ca=tmp_path / "device" / "broker" / "ca.crt",
+        password_file=tmp_path / "device" / "broker" / "password",
+    )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from truscl.errors import ConfigError
-from truscl.mqtt import BrokerSettings
+from truscl.mqtt import KEEPALIVE_S, BrokerSettings
 
 T = TypeVar("T")
 REQUIRED: Any = object()
@@ -107,6 +107,7 @@ class TomlReader:
                 key=self.optional_path(table, f"{name}.key"),
                 username=self.take(table, f"{name}.username", str, None),
                 password_file=self.optional_path(table, f"{name}.password_file"),
+                keepalive=self.take(table, f"{name}.keepalive", int, KEEPALIVE_S),
             )
         except ConfigError as exc:
             raise self.fail(f"[{name}]: {exc}") from None
@@ -157,4 +158,5 @@ def broker_table(settings: BrokerSettings) -> dict[str, Any]:
         "key": settings.key,
         "username": settings.username,
         "password_file": settings.password_file,
+        "keepalive": None if settings.keepalive == KEEPALIVE_S else settings.keepalive,
     }

@@ -40,6 +40,9 @@ class BrokerUnavailable(TrusclError, ConnectionError):
 MessageHandler = Callable[[str, bytes], None]
 
 
+KEEPALIVE_S = 30
+
+
 @dataclass(frozen=True)
 class BrokerSettings:
     """Where a role's broker is, and who the role is to it.
@@ -57,8 +60,13 @@ class BrokerSettings:
     key: Path | None = None
     username: str | None = None
     password_file: Path | None = None
+    # Seconds between keepalives; the broker drops a client silent for 1.5 times this. A
+    # process hosting many devices may be too busy at a round's close to answer within 45 s.
+    keepalive: int = KEEPALIVE_S
 
     def __post_init__(self) -> None:
+        if not 5 <= self.keepalive <= 65535:
+            raise ConfigError(f"keepalive must be 5 to 65535 seconds, not {self.keepalive}")
         if (self.cert is None) != (self.key is None):
             raise ConfigError("a client certificate needs its key, and a key its certificate")
         if self.cert is not None and self.ca is None:
@@ -125,7 +133,7 @@ class MqttLink:
         self._client.connect_async(
             self.broker.host,
             self.broker.port,
-            keepalive=30,
+            keepalive=self.broker.keepalive,
             clean_start=False,  # the session (subscriptions, queued QoS 1) outlives a restart
             properties=properties,
         )

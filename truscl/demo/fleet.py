@@ -30,7 +30,7 @@ import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -57,6 +57,7 @@ from truscl.demo.common import (
 from truscl.demo.data import DemoData
 from truscl.errors import ChainError
 from truscl.keyfile import load_account, load_or_create_account, write_secret
+from truscl.mqtt import KEEPALIVE_S
 from truscl.processes import stop_process
 from truscl.progress import Progress
 from truscl.server.archive import Archive
@@ -77,6 +78,7 @@ READ_CPU_S = 0.0004  # CPU seconds one simulated reading costs through the drive
 SENSING_CPU = 0.25  # the most of one core the devices' simulated sensors may take together
 POLL_S = 0.2
 DEVICE_PROCESSES = 8  # beyond this many devices, device processes host several each
+SHARED_KEEPALIVE_S = 120  # MQTT keepalive of devices sharing a process (see ``keepalive``)
 STOP_TIMEOUT_S = 30.0
 STARTUP_TIMEOUT_S = 600.0  # a process's imports take seconds each, many at once on 2 cores
 STARTUP_PER_DEVICE_S = 1.5  # and each device it hosts starts in turn: its simulated past, its
@@ -403,9 +405,10 @@ def _start_services(
     configs = []
     for index in range(config.devices):
         folder = workdir / "devices" / str(index)
+        identity = broker.settings(load_account(folder / "device.key").address.lower())
         device = provision_agent(
             folder,
-            broker=broker.settings(load_account(folder / "device.key").address.lower()),
+            broker=replace(identity, keepalive=keepalive(config.devices)),
             rpc=rpc,
             contract=contract,
             task=spec.task,
@@ -425,6 +428,14 @@ def _start_services(
     for role in devices:
         role.start(config.log_format)
     return roles + devices
+
+
+def keepalive(devices: int) -> int:
+    """A device's MQTT keepalive: the default while each has a process of its own; longer
+    where processes host many devices. At 1,000 devices (125 a process) the close of a round
+    kept processes too busy to send a keepalive for the broker's 45 s: it dropped 672 of them
+    within a minute, and their TLS reconnections stalled the next round for minutes."""
+    return KEEPALIVE_S if devices <= DEVICE_PROCESSES else SHARED_KEEPALIVE_S
 
 
 def read_period(devices: int) -> float:
