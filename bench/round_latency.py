@@ -15,6 +15,8 @@ still there to read:
   readings only where a device has invalid ones. The demo evaluates on the held-out week of
   at most 20 rooms (``truscl.demo.common.evaluation_rooms``), so its launch does not grow by
   a second a device.
+- ``round_participants``: the updates each round counted (``round_participants_min``: the
+  fewest of any round), so that a latency is never read without how many devices made it.
 - ``gas_per_round``: gas the chain charged per round, from the receipts of every transaction
   sent to the contract after the task was created (the aggregator's ``anchorRound``, the owner's
   ``publishModel``), divided by the rounds; by method in ``gas_per_round_by_method``. One anchor
@@ -61,6 +63,7 @@ def figures(
     gas: dict[str, float] = {}
     by_method: dict[str, dict[str, float]] = {}
     wall: dict[str, float] = {}
+    participants: dict[str, list[int]] = {}
     failed: dict[str, str] = {}
     for devices in counts:
         started = time.monotonic()
@@ -72,11 +75,14 @@ def figures(
             break
         latency[key], gas[key] = run["latency_s"], run["gas_per_round"]
         by_method[key] = run["gas_by_method"]
+        participants[key] = run["participants"]
     return {
         "round_latency_s": latency,
         "gas_per_round": gas,
         "gas_per_round_by_method": by_method,
         "round_latency_run_s": wall,
+        "round_participants": participants,  # updates counted in each round, by device count
+        "round_participants_min": {key: min(counted) for key, counted in participants.items()},
         "round_latency_not_run": failed,
         "round_latency_method": (
             f"truscl demo (fleet: every role its own process, devices {_sharing()}), "
@@ -147,6 +153,7 @@ def _run(devices: int, rounds: int) -> dict[str, Any]:
         "latency_s": statistics.median(per_round[1:] if rounds > 1 else per_round),
         "gas_per_round": sum(per_round_gas.values()),
         "gas_by_method": per_round_gas,
+        "participants": [row["participants"] for row in summary["rounds"]],
     }
 
 
