@@ -407,17 +407,7 @@ def one_ciphertext(aggregator_context: ts.Context, blobs: list[bytes]) -> bytes:
 def _set_word(layout: seal_layout.CiphertextLayout, saved: bytes, index: int, word: int) -> bytes:
     residues = layout.residues(saved).copy()
     residues.reshape(-1)[index] = word
-    return _raw(layout, residues)
-
-
-def _raw(layout: seal_layout.CiphertextLayout, residues: np.ndarray) -> bytes:
-    """Uncompressed, without the layout's checks: the bytes a forger can send."""
-    meta = seal_layout._CIPHERTEXT_META.pack(
-        *layout.level.parms_id, 1, 2, layout.level.degree, 1, layout.scale, 1
-    )
-    return seal_layout._seal_object(
-        meta + seal_layout._dyn_array(residues, layout.version), layout.version
-    )
+    return layout.saved(residues)  # written unchecked: the bytes a forger can send
 
 
 def _field(raw: bytes, offset: int, value: bytes) -> bytes:
@@ -449,7 +439,7 @@ def test_what_seal_refuses_the_layout_refuses(
 ) -> None:
     # Prepare: SEAL accepts the uncompressed original, as the layout does
     layout = seal_layout.CiphertextLayout.of(aggregator_context)
-    raw = _raw(layout, layout.residues(one_ciphertext))
+    raw = layout.saved(layout.residues(one_ciphertext))
     seal_layout.load_seal_ciphertext(aggregator_context, raw)
     mangled = mangle(layout, raw)
 
@@ -471,9 +461,9 @@ def test_the_layout_refuses_more_than_seal(
     residues = layout.residues(one_ciphertext).copy()
     transparent = residues.copy()
     transparent[1] = 0
-    raw = _raw(layout, residues)
+    raw = layout.saved(residues)
     seal_takes = {
-        "transparent": _raw(layout, transparent),
+        "transparent": layout.saved(transparent),
         "scale": _field(raw, SCALE, np.float64(2.0**30).tobytes()),
         "not as long as its header says": raw + bytes(8),
         "NTT form": _field(raw, NTT, b"\x00"),

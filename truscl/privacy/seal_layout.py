@@ -196,10 +196,17 @@ def _dyn_array(words: np.ndarray, version: tuple[int, int]) -> bytes:
 
 def public_key_bytes(level: RnsLevel, polys: np.ndarray, version: tuple[int, int]) -> bytes:
     """A SEAL-serialised public key ``(p0, p1)`` (Assumption 4), ready for a context."""
+    return _ciphertext_bytes(level, polys, 1.0, version)
+
+
+def _ciphertext_bytes(
+    level: RnsLevel, polys: np.ndarray, scale: float, version: tuple[int, int]
+) -> bytes:
+    """An uncompressed SEAL ciphertext, two NTT-form polynomials at ``level`` (Assumption 4)."""
     size, primes, degree = polys.shape
     if (size, primes, degree) != (2, len(level.moduli), level.degree):
-        raise HeError(f"public key shape {polys.shape} does not fit the key level")
-    meta = _CIPHERTEXT_META.pack(*level.parms_id, 1, size, degree, primes, 1.0, 1)
+        raise HeError(f"polynomials of shape {polys.shape} do not fit the level")
+    meta = _CIPHERTEXT_META.pack(*level.parms_id, 1, size, degree, primes, scale, 1)
     return _seal_object(meta + _dyn_array(polys, version), version)
 
 
@@ -287,11 +294,7 @@ class CiphertextLayout:
 
     def saved(self, residues: np.ndarray) -> bytes:
         """An uncompressed SEAL serialisation of a ciphertext of these residues."""
-        if residues.shape != self.shape:
-            raise HeError(f"ciphertext shape {residues.shape} does not fit {self.shape}")
-        primes, degree = self.shape[1:]
-        meta = _CIPHERTEXT_META.pack(*self.level.parms_id, 1, 2, degree, primes, self.scale, 1)
-        return _seal_object(meta + _dyn_array(residues, self.version), self.version)
+        return _ciphertext_bytes(self.level, residues, self.scale, self.version)
 
 
 _decompressors = threading.local()  # a zstd context costs more to make than 64 KB to unpack
