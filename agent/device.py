@@ -247,7 +247,7 @@ class DeviceAgent:
         pending = self.outbox.get(decision.update_id)
         if pending is None:
             return  # settled meanwhile
-        sent = self._link.publish_blob(pending.topic, pending.blob)
+        sent = self._link.publish_blob(pending.topic, pending.blob, pending.blob_id)
         state = self._book.get(decision.round)
         if state is not None and state.phase == Phase.BUILT:
             log.info("device %s: round %d update sent (%d bytes)", self.name, pending.round, sent)
@@ -462,7 +462,7 @@ class DeviceAgent:
             train=self._runtime.trainer(spec),
         )
         blob = update.encode()
-        step = self._book.built(round_no, keccak(blob), update.record(), self._clock())
+        step = self._book.built(round_no, update.ident, update.record(), self._clock())
         (state,) = step.changed
         self.outbox.build(state, self.topics.updates(self.account.address), blob)
         log.info("device %s: round %d update built (epsilon %.3f)", self.name, round_no, spent)

@@ -22,7 +22,6 @@ from typing import Any
 import cbor2
 
 from truscl.agent.rounds import Phase, RoundState
-from truscl.hashing import keccak
 from truscl.wire import UpdateRecord
 
 SCHEMA = (
@@ -137,9 +136,10 @@ class Outbox:
 
     def build(self, state: RoundState, topic: str, blob: bytes) -> None:
         """The round's update enters the outbox and the round becomes ``built``, in one
-        transaction: after a crash, either both happened or neither."""
-        if state.update_id != keccak(blob):
-            raise ValueError("the round's update id is not the id of these bytes")
+        transaction: after a crash, either both happened or neither. The update is stored
+        under the state's ``update_id``, its id (:attr:`truscl.wire.update.Update.ident`)."""
+        if state.update_id is None:
+            raise ValueError(f"round {state.round} has no update id")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:

@@ -61,7 +61,7 @@ class RoundState:
     model_hash: bytes
     ledger_index: int | None = None  # this round's charge is entry ``ledger_index`` of the ledger
     readings: int | None = None  # how many readings the charge was for (its sampling rate)
-    update_id: bytes | None = None  # keccak of the signed update's bytes (the outbox key)
+    update_id: bytes | None = None  # the signed update's id (Update.ident: the outbox key)
     record: UpdateRecord | None = None  # what the round's inclusion proof must prove
     reason: str = ""  # why it was skipped, abandoned or rejected
     counted_in: int = 0  # the round whose aggregate counts the update (from the receipt)

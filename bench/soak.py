@@ -410,7 +410,7 @@ class Soak:
                 mismatches.append((round_no, anchor.updates, len(manifest.updates)))
             accepted += anchor.updates
             for ident in manifest.updates:
-                update = Update.decode(archive.get(ident))
+                _, update = archive.update(ident)
                 made[(update.device_address.lower(), update.round)] += 1
                 counted[ident] = round_no
         sent, lost = 0, []

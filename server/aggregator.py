@@ -54,7 +54,7 @@ from truscl.server.rounds import (
 from truscl.systemd import Heartbeat, worker_items
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, envelope
-from truscl.wire.chunking import ChunkRejected, check_blob, split
+from truscl.wire.chunking import ChunkRejected, split
 from truscl.wire.receipt import Receipt
 from truscl.wire.update import MAX_UPDATE_BYTES
 
@@ -345,7 +345,7 @@ class Aggregator:
         round_ = self._new_round(journaled.round, journaled.deadline)
         stats = self.stats[journaled.round]
         for entry in self._journal.updates(journaled.round):
-            blob = self.archive.get(entry.blob)  # checked against its name
+            blob, _ = self.archive.update(entry.blob)  # checked against its name
             decision = round_.offer(blob, ident=bytes.fromhex(entry.blob), journaled=True)
             if not isinstance(decision, Accepted) or decision.repeat:
                 raise ProtocolError(
@@ -543,12 +543,13 @@ class Aggregator:
             self._settle(every=False)
 
     def _parse(self, ident: bytes, blob: bytes) -> Parsed | ChunkRejected:
-        """On a parser thread: the parse, or why the blob does not hash to its id."""
-        try:
-            check_blob(ident, blob)
-        except ChunkRejected as exc:
-            return exc
-        return Parsed.of(blob, self._domain, MAX_UPDATE_BYTES, self._vectors)
+        """On a parser thread: the parse, or why the update is not the one its chunks named
+        (an update's id is checked here, from its parse, rather than by reassembly: see
+        :attr:`Update.ident`)."""
+        parsed = Parsed.of(blob, self._domain, MAX_UPDATE_BYTES, self._vectors)
+        if parsed.update is not None and parsed.update.ident != ident:
+            return ChunkRejected("blob-mismatch", "reassembled update does not match its id")
+        return parsed
 
     def _settle(self, every: bool) -> None:
         """Decide on parsed updates in arrival order: those parsed already, or (``every``)
@@ -567,7 +568,7 @@ class Aggregator:
                 self._decide(sender, ident, blob, parsed)
 
     def _decide(self, sender: str, ident: bytes, blob: bytes, parsed: Parsed | None = None) -> bool:
-        """Decide on one whole update (``ident``: its checked blob id; ``parsed``: its parse,
+        """Decide on one whole update (``ident``: its checked id; ``parsed``: its parse,
         when made already); False if it has to wait (and now waits). An accepted update is
         staged: :meth:`_commit` makes it durable and sends its receipt."""
         if self._open is None:

@@ -1,7 +1,9 @@
 """The aggregator's content-addressed archive, which lets anyone audit a round.
 
-Blobs (signed updates, aggregates, the public HE context) are stored under their keccak hash,
-so a blob cannot be swapped without its name changing. Per task, a JSON record names the
+Blobs (signed updates, aggregates, the public HE context) are stored under their ids, so a blob
+cannot be swapped without its name changing: a signed update under its own id
+(:attr:`truscl.wire.update.Update.ident`, which commits to its fields, ciphertext and
+signature), every other blob under its keccak hash. Per task, a JSON record names the
 context; per round, a manifest names the update blobs, the root, the aggregate and the
 anchor transaction. Every write goes to a temporary file, is fsynced and renamed into place:
 a crash leaves the old file or the new one, never half of one. A blob is on disk before the
@@ -27,6 +29,7 @@ from typing import Any
 from truscl.errors import ProtocolError
 from truscl.files import sync_directory, temporary_name, write_atomically, write_synced
 from truscl.hashing import keccak
+from truscl.wire.update import Update
 
 # Per-task files naming a blob: the spec, the public context, and (when a key holder's
 # transcript is archived) the key-generation record.
@@ -39,7 +42,7 @@ WRITERS = 4
 
 
 def is_blob_id(ident: object) -> bool:
-    """A blob's name: the hex keccak of its bytes, 64 lower-case digits (no path, no ``..``)."""
+    """A blob's name: its id in hex, 64 lower-case digits (no path, no ``..``)."""
     return isinstance(ident, str) and _BLOB_ID.fullmatch(ident) is not None
 
 
@@ -95,8 +98,7 @@ class Archive:
         self._writing: dict[str, tuple[Path, Future[None]]] = {}  # by path: temporary, write
 
     def put(self, blob: bytes, ident: bytes | None = None) -> str:
-        """Store ``blob`` durably; ``ident``, when the caller has checked it already, is its
-        keccak (a large blob is not hashed twice)."""
+        """Store ``blob`` durably under ``ident``, its checked id (by default its keccak)."""
         name = (keccak(blob) if ident is None else ident).hex()
         path = self.root / "blobs" / name
         if not path.exists():
@@ -104,7 +106,7 @@ class Archive:
         return name
 
     def put_later(self, blob: bytes, ident: bytes) -> None:
-        """Start writing ``blob`` (whose checked keccak is ``ident``); durable after ``commit``.
+        """Start writing ``blob`` (whose checked id is ``ident``); durable after ``commit``.
         (On the aggregator's hot path: plain string paths, not ``Path`` objects.)"""
         path = os.path.join(self._blobs, ident.hex())
         if path in self._writing or os.path.exists(path):
@@ -134,13 +136,28 @@ class Archive:
             sync_directory(Path(self._blobs))
 
     def get(self, ident: str) -> bytes:
-        if not is_blob_id(ident):
-            raise ProtocolError(f"{ident[:24]!r} is not a blob id")
-        path = self.root / "blobs" / ident
-        blob = path.read_bytes()
+        """The blob named ``ident``, checked to be its keccak (for an update: :meth:`update`)."""
+        blob = self._read(ident)
         if keccak(blob).hex() != ident:
             raise ProtocolError(f"archived blob {ident} does not match its name")
         return blob
+
+    def update(self, ident: str) -> tuple[bytes, Update]:
+        """The signed update named ``ident``: its bytes and the update they decode to, checked
+        to be the update's id."""
+        blob = self._read(ident)
+        try:
+            update = Update.decode(blob)
+        except ProtocolError as exc:
+            raise ProtocolError(f"archived update {ident} does not match its name: {exc}") from None
+        if update.ident.hex() != ident:
+            raise ProtocolError(f"archived update {ident} does not match its name")
+        return blob, update
+
+    def _read(self, ident: str) -> bytes:
+        if not is_blob_id(ident):
+            raise ProtocolError(f"{ident[:24]!r} is not a blob id")
+        return (self.root / "blobs" / ident).read_bytes()
 
     def put_task(self, task: str, spec: bytes, context: bytes) -> None:
         """Keep the task spec and public HE context: an auditor checks both against the chain."""

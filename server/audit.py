@@ -215,14 +215,10 @@ class _RoundAuditor:
         leaves: list[bytes] = []
         ciphertexts: list[bytes] = []
         for ident in manifest.updates:
-            blob = _archived(partial(archive.get, ident), f"update {ident[:12]}…", problems)
-            if blob is None:
+            archived = _archived(partial(archive.update, ident), f"update {ident[:12]}…", problems)
+            if archived is None:
                 continue
-            try:
-                update = Update.decode(blob)
-            except ProtocolError as exc:
-                problems.append(f"update {ident[:12]}… is malformed: {exc}")
-                continue
+            _, update = archived
             who = _who(update, self.domain, ident, problems)
             late = spec.late_updates and update.round == round_no - 1
             if update.task != task_id or (update.round != round_no and not late):
@@ -345,7 +341,7 @@ def _unnamed_blob_problems(
             problems.append(f"the archive holds a file {ident[:24]!r} that is not a blob")
             continue
         try:
-            update = Update.decode(archive.get(ident))
+            _, update = archive.update(ident)
         except (OSError, ProtocolError):
             problems.append(f"blob {ident[:12]}… is named by no manifest, spec or context")
             continue

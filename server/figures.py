@@ -116,8 +116,8 @@ class TaskFigureReader:
 
     def _blob(self, ident: str) -> _Blob:
         if ident not in self._blobs:
-            data = self.archive.get(ident)
-            self._blobs[ident] = _Blob(len(data), Update.decode(data, len(data)).epsilon)
+            data, update = self.archive.update(ident)
+            self._blobs[ident] = _Blob(len(data), update.epsilon)
         return self._blobs[ident]
 
     def _release(self, spec: TaskSpec, round_no: int) -> tuple[str | None, int]:

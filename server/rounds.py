@@ -222,17 +222,18 @@ class OpenRound:
         journaled: bool = False,
         parsed: Parsed | None = None,
     ) -> Decision:
-        """Decide on one update. ``ident``: its blob id, when the caller checked it already
-        (reassembly does). ``journaled``: it was accepted before a restart, when the registry
-        was asked; it is not asked again (the node may be away while the aggregator rebuilds
-        its round). ``parsed``: :meth:`Parsed.of` the blob, when the caller made it already.
-        ``ChainError`` from the registry leaves the round unchanged."""
-        ident = blob_id(blob) if ident is None else ident
+        """Decide on one update. ``ident``: the id it arrived under, which the caller checked
+        against the update (:attr:`Update.ident`); a blob that is not an update is rejected
+        under it, or else under its keccak. ``journaled``: it was accepted before a restart,
+        when the registry was asked; it is not asked again (the node may be away while the
+        aggregator rebuilds its round). ``parsed``: :meth:`Parsed.of` the blob, when the
+        caller made it already. ``ChainError`` from the registry leaves the round unchanged."""
         if parsed is None:
             parsed = Parsed.of(blob, self.domain, self.terms.max_update_bytes)
         update = parsed.update
         if update is None:
-            return Rejected(RejectReason.MALFORMED, parsed.malformed, ident)
+            return Rejected(RejectReason.MALFORMED, parsed.malformed, ident or blob_id(blob))
+        ident = update.ident
         device = update.device_address
         current = self.terms.round
 

@@ -222,11 +222,10 @@ def test_round_states_survive_the_state_file(tmp_path: Path) -> None:
     book.announced(2, MODEL, deadline=60.0)
     book.charged(2, ledger_index=1, readings=128)
     states = book.states()
-    sent = states[0]
     outbox = Outbox(tmp_path / "outbox.sqlite")
     # Execute
-    with pytest.raises(ValueError, match="not the id"):
-        outbox.build(sent, "t/updates/a", b"other bytes")
+    with pytest.raises(ValueError, match="no update id"):
+        outbox.build(states[1], "t/updates/a", b"an update of a round not built")
     outbox.save(states)
     outbox.close()
     reopened = Outbox(tmp_path / "outbox.sqlite")

@@ -22,7 +22,6 @@ from truscl.agent.sensors import Reading
 from truscl.privacy.accounting import PrivacyLedger, SpentRound
 from truscl.privacy.ckks import OwnerKeys
 from truscl.server.archive import Archive
-from truscl.wire import Update
 from truscl.wire.model import model_hash
 
 MIN_READINGS = 80  # of a window of 128, at an expected batch of 16
@@ -54,8 +53,8 @@ def ledger_of(tmp_path: Path) -> PrivacyLedger:
 
 
 def samples_of(tmp_path: Path, update_id: str) -> int:
-    blob = Archive(tmp_path / "archive").get(update_id)
-    return Update.decode(blob, len(blob)).samples
+    _, update = Archive(tmp_path / "archive").update(update_id)
+    return update.samples
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.owner import TaskOwner
 from truscl.task import TaskSpec
-from truscl.wire import Domain, Reassembler, TaskTopics, Update, envelope, split
+from truscl.wire import Domain, Reassembler, TaskTopics, Update, envelope, split, split_update
 from truscl.wire.receipt import Receipt
 
 pytestmark = pytest.mark.slow
@@ -132,23 +132,22 @@ def test_hostile_updates_are_rejected_with_reasons_and_the_service_goes_on(
         honest, other, stranger = d.devices
         good = signed_update(d, honest)
         hostile = {
-            "forged": replace(signed_update(d, other), signature=good.signature).encode(),
-            "tampered": replace(good, samples=999).encode(),
-            "unregistered": signed_update(d, stranger).encode(),
-            "replayed-next-round": signed_update(d, other, round_no=2).encode(),
+            "forged": replace(signed_update(d, other), signature=good.signature),
+            "tampered": replace(good, samples=999),
+            "unregistered": signed_update(d, stranger),
+            "replayed-next-round": signed_update(d, other, round_no=2),
         }
-        # Execute: garbage, an oversized chunk, the hostile updates, then the honest one twice
+        # Execute: garbage, an oversized chunk, the honest update under another id (its bytes'
+        # keccak), the hostile updates, then the honest one twice
         link.publish(topics.updates(other.address), b"\x00not cbor")
         link.publish(topics.updates(other.address), os.urandom(MAX_MESSAGE + 1000))
-        mismatched = envelope.encode(
-            "chunk", blob=keccak(b"another blob"), index=0, count=1, data=b"not that blob"
-        )
-        link.publish(topics.updates(other.address), mismatched)
-        for name, blob in hostile.items():
-            for chunk in split(blob, MAX_MESSAGE):
+        for chunk in split(good.encode(), MAX_MESSAGE, keccak(good.encode())):
+            link.publish(topics.updates(other.address), chunk)
+        for name, update in hostile.items():
+            for chunk in split_update(update, MAX_MESSAGE):
                 link.publish(topics.updates(name), chunk)
         for _ in range(2):
-            for chunk in split(good.encode(), MAX_MESSAGE):
+            for chunk in split_update(good, MAX_MESSAGE):
                 link.publish(topics.updates(honest.address), chunk)
         got = [receipts.get(timeout=20) for _ in range(len(hostile) + 2)]
     finally:
@@ -239,21 +238,21 @@ def test_an_update_the_archive_cannot_store_gets_no_receipt_and_counts_when_sent
     try:
         assert receipts.get(timeout=10) is None  # round 1 is open
         honest, _, stranger = d.devices
-        good = signed_update(d, honest).encode()
+        good = signed_update(d, honest)
         blobs.rename(d.archive / "blobs.away")
         blobs.write_bytes(b"")
 
         # Execute: the honest update, which cannot be stored, then one the aggregator refuses
-        for chunk in split(good, MAX_MESSAGE):
+        for chunk in split_update(good, MAX_MESSAGE):
             link.publish(topics.updates(honest.address), chunk)
         wait_for_log(caplog, "could not be stored")
-        for chunk in split(signed_update(d, stranger).encode(), MAX_MESSAGE):
+        for chunk in split_update(signed_update(d, stranger), MAX_MESSAGE):
             link.publish(topics.updates(stranger.address), chunk)
         refused = receipts.get(timeout=20)
         # the storage is back; the device, without a receipt, sends its update again
         blobs.unlink()
         (d.archive / "blobs.away").rename(blobs)
-        for chunk in split(good, MAX_MESSAGE):
+        for chunk in split_update(good, MAX_MESSAGE):
             link.publish(topics.updates(honest.address), chunk)
         accepted = receipts.get(timeout=20)
     finally:
@@ -263,7 +262,7 @@ def test_an_update_the_archive_cannot_store_gets_no_receipt_and_counts_when_sent
     assert refused is not None and (refused.accepted, refused.reason) == (False, "unknown-device")
     assert accepted is not None and accepted.accepted and accepted.device_address == honest.address
     assert d.aggregator.stats[1].participants == 1
-    assert (blobs / accepted.update.hex()).read_bytes() == good
+    assert (blobs / accepted.update.hex()).read_bytes() == good.encode()
     assert d.aggregator.alive
 
 
@@ -289,7 +288,7 @@ def test_an_aggregate_whose_model_has_not_come_is_sent_again_for_a_late_key_hold
     ) as link:
         heard.get(timeout=30)  # round 1 is open
         for device in d.devices[:2]:
-            for chunk in split(signed_update(d, device).encode(), MAX_MESSAGE):
+            for chunk in split_update(signed_update(d, device), MAX_MESSAGE):
                 link.publish(topics.updates(device.address), chunk)
         while envelope.decode_any(heard.get(timeout=60), KINDS, 1 << 16)[0] != "inclusion":
             pass

@@ -57,7 +57,13 @@ def test_expired_partials_give_their_room_back() -> None:
 
 def bignum_chunk() -> bytes:
     """A chunk whose index is a CBOR bignum (tag 2): cbor2 decodes it to a Python int."""
-    message = {"v": 1, "type": "chunk", "blob": b"\x01" * 32, "count": 1, "data": b"x"}
+    message = {
+        "v": envelope.VERSION,
+        "type": "chunk",
+        "blob": b"\x01" * 32,
+        "count": 1,
+        "data": b"x",
+    }
     encoded = cbor2.dumps(message, canonical=True)
     # one more pair: "index" -> tag 2 over 9 bytes (2^64)
     body = encoded[1:]
@@ -74,7 +80,7 @@ def test_a_bignum_in_an_integer_field_is_refused_with_a_reason() -> None:
         fields = {f.cbor: b"\x00" * 32 for f in UPDATE_FIELDS} | {"signature": b"\x00" * 65}
         fields.update(round=1, samples=1, epsilon_micros=1, device=b"\x00" * 20)
         fields[field] = 2**70
-        message = cbor2.dumps({"v": 1, "type": "update", **fields})
+        message = cbor2.dumps({"v": envelope.VERSION, "type": "update", **fields})
         with pytest.raises(ProtocolError, match="bignum"):
             envelope.decode(message, "update", 10_000)
 

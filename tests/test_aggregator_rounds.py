@@ -30,7 +30,7 @@ from truscl.server.audit import audit_task
 from truscl.server.journal import Journal, JournaledRound
 from truscl.server.owner import TaskOwner
 from truscl.task import TaskSpec
-from truscl.wire import Domain, TaskTopics, Update, envelope, split
+from truscl.wire import Domain, TaskTopics, Update, envelope, split_update
 from truscl.wire.receipt import Receipt
 
 pytestmark = pytest.mark.slow
@@ -75,22 +75,18 @@ class Task:
             on_closed=lambda stats: self.closed.put(stats.round),
         ).start()
 
-    def update(self, device: LocalAccount, round_no: int, value: float = 1.0) -> bytes:
+    def update(self, device: LocalAccount, round_no: int, value: float = 1.0) -> Update:
         context = load_context(self.keys.public_context_bytes())
-        return (
-            Update(
-                task=self.spec.task_id,
-                round=round_no,
-                device=bytes.fromhex(device.address[2:]),
-                ciphertext=encrypt(context, np.full(self.spec.n_params, value)),
-                context=bytes.fromhex(self.spec.context_hash[2:]),
-                samples=10,
-                epsilon_micros=1,
-                data_root=b"\x01" * 32,
-            )
-            .signed(device, self.domain)
-            .encode()
-        )
+        return Update(
+            task=self.spec.task_id,
+            round=round_no,
+            device=bytes.fromhex(device.address[2:]),
+            ciphertext=encrypt(context, np.full(self.spec.n_params, value)),
+            context=bytes.fromhex(self.spec.context_hash[2:]),
+            samples=10,
+            epsilon_micros=1,
+            data_root=b"\x01" * 32,
+        ).signed(device, self.domain)
 
     def audit(self) -> tuple[int, int, dict[str, object]]:
         report = audit_task(
@@ -132,8 +128,8 @@ class Devices:
         elif envelope.decode_any(payload, ("receipt", "inclusion"), 1 << 16)[0] == "receipt":
             self.receipts.put(Receipt.decode(payload))
 
-    def send(self, device: LocalAccount, blob: bytes) -> Receipt:
-        for chunk in split(blob, self.task.spec.max_message):
+    def send(self, device: LocalAccount, update: Update) -> Receipt:
+        for chunk in split_update(update, self.task.spec.max_message):
             self.link.publish(self.topics.updates(device.address), chunk)
         while True:
             receipt = self.receipts.get(timeout=WAIT_S)
@@ -193,14 +189,14 @@ def test_a_restarted_aggregator_resumes_its_round_and_counts_each_update_once(ma
     devices = Devices(task)
     try:
         devices.wait_round(1)
-        blob = task.update(first, 1)
-        assert devices.send(first, blob).accepted
+        update = task.update(first, 1)
+        assert devices.send(first, update).accepted
         deadline = journaled(task, 1).deadline
         aggregator.stop()
         task.clock.now += 30  # time passes while it is away
         # Execute: a new process on the same archive; device 0 resends, device 1 sends
         again = task.aggregator()
-        resent = devices.send(first, blob)
+        resent = devices.send(first, update)
         counted = devices.send(second, task.update(second, 1, 2.0))
         assert task.closed.get(timeout=WAIT_S) == 1
     finally:

@@ -1,5 +1,6 @@
 """The archive's group commit on a real file system: nothing in place before ``commit``, every
-blob in place (and readable by its id) after it, and nothing half-written left by a failure."""
+blob in place (and readable by its id) after it, and nothing half-written left by a failure;
+and an update read back only under its own id."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
+from eth_account import Account
 from eth_utils import keccak
 
+from truscl.errors import ProtocolError
 from truscl.server.archive import Archive
+from truscl.wire import Domain, Update
 
 
 def test_blobs_written_later_are_in_place_only_after_commit(tmp_path: Path) -> None:
@@ -50,3 +54,32 @@ def test_a_failed_write_fails_the_commit_and_leaves_no_temporary_file(tmp_path: 
     archive.put_later(bad, keccak(bad))
     archive.commit()
     assert archive.get(keccak(bad).hex()) == bad and archive.get(keccak(good).hex()) == good
+
+
+def test_an_update_is_read_back_only_under_its_own_id(tmp_path: Path) -> None:
+    # Prepare: a signed update archived under its id, its bytes also under their keccak, and
+    # a blob that is no update under a name of the right form
+    account = Account.create()
+    update = Update(
+        task=b"\x01" * 32,
+        round=1,
+        device=bytes.fromhex(account.address[2:]),
+        ciphertext=os.urandom(3000),
+        context=b"\x02" * 32,
+        samples=10,
+        epsilon_micros=1,
+        data_root=b"\x03" * 32,
+    ).signed(account, Domain(chain_id=31337, contract="0x" + "ab" * 20))
+    archive = Archive(tmp_path)
+    blob, garbage = update.encode(), os.urandom(500)
+    archive.put_later(blob, update.ident)
+    archive.put_later(blob, keccak(blob))
+    archive.put_later(garbage, keccak(b"a name"))
+    archive.commit()
+
+    # Execute and assert: its id reads it; the other two names are refused, each saying so
+    assert archive.update(update.ident.hex()) == (blob, update)
+    with pytest.raises(ProtocolError, match=r"does not match its name$"):
+        archive.update(keccak(blob).hex())
+    with pytest.raises(ProtocolError, match="does not match its name: "):
+        archive.update(keccak(b"a name").hex())

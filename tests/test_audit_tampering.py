@@ -53,7 +53,7 @@ class World:
 
     def close_round(self, round_no: int, updates: list[Update]) -> RoundManifest:
         """What an honest aggregator does: archive, anchor, write the manifest."""
-        ids = [self.archive.put(u.encode()) for u in updates]
+        ids = [self.archive.put(u.encode(), u.ident) for u in updates]
         root = merkle_root([u.leaf() for u in updates])
         aggregate = sum_ciphertexts(self.context, [u.ciphertext for u in updates], 5)
         tx = self.aggregator.anchor_round(
@@ -170,7 +170,7 @@ def test_an_accepted_update_no_manifest_counts_is_flagged_in_its_round(world: Wo
     _honest_round(world, 1)
     world.admin.register_device(world.devices[2].address)
     dropped = world.update(world.devices[2], 1)
-    ident = world.archive.put(dropped.encode())
+    ident = world.archive.put(dropped.encode(), dropped.ident)
     stray = world.archive.put(b"not an update")
 
     report = world.audit()
@@ -185,7 +185,8 @@ def test_an_accepted_update_no_manifest_counts_is_flagged_in_its_round(world: Wo
 
 def test_an_update_for_a_round_not_anchored_yet_is_a_note_not_a_failure(world: World) -> None:
     _honest_round(world, 1)
-    world.archive.put(world.update(world.devices[0], 2).encode())  # round 2 is still open
+    early = world.update(world.devices[0], 2)
+    world.archive.put(early.encode(), early.ident)  # round 2 is still open
 
     report = world.audit()
 

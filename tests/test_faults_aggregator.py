@@ -26,7 +26,7 @@ from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
 from truscl.server.aggregator import Aggregator
 from truscl.server.archive import Archive
 from truscl.server.registry import RegistryCache
-from truscl.wire import Domain, TaskTopics, Update, split
+from truscl.wire import Domain, TaskTopics, Update, split_update
 from truscl.wire.receipt import Receipt
 
 pytestmark = pytest.mark.slow
@@ -183,7 +183,7 @@ def test_an_update_waits_while_the_registry_cannot_be_read(
                 epsilon_micros=1,
                 data_root=b"\x01" * 32,
             ).signed(device, domain)
-            for chunk in split(update.encode(), spec.max_message):
+            for chunk in split_update(update, spec.max_message):
                 link.publish(topics.updates(device.address), chunk)
 
         try:

@@ -91,7 +91,7 @@ def test_a_device_stopped_between_send_and_receipt_sends_one_update_per_round(
         archive, task = fleet.archive, fleet.task
         manifests = [archive.round(task, r) for r in (1, 2)]
         signers = [
-            [Update.decode(archive.get(ident)).device_address for ident in manifest.updates]
+            [archive.update(ident)[1].device_address for ident in manifest.updates]
             for manifest in manifests
         ]
         final_rounds, _ = fleet.device_state(DEVICE)
@@ -107,7 +107,7 @@ def test_a_device_stopped_between_send_and_receipt_sends_one_update_per_round(
     # the aggregator accepted exactly one update from the device per round; round 1's is the
     # very bytes it had sent before it was stopped
     assert [names.count(address) for names in signers] == [1, 1]
-    round_one = [i for i in manifests[0].updates if archive.get(i) == sent.blob]
+    round_one = [i for i in manifests[0].updates if archive.update(i)[0] == sent.blob]
     assert round_one == [sent.blob_id.hex()]
     assert final_rounds[0].update_id == sent.blob_id
     assert "duplicate" not in fleet.log("aggregator")

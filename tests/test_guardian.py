@@ -54,7 +54,7 @@ from truscl.server.keygen import (
 )
 from truscl.server.owner import HeKeys, TaskOwner
 from truscl.task import TaskSpec
-from truscl.wire import Domain, TaskTopics, Update, envelope, split
+from truscl.wire import Domain, TaskTopics, Update, envelope, split_update
 from truscl.wire.keyholders import PartialMessage
 
 MAX_MESSAGE = 64 * 1024
@@ -438,7 +438,7 @@ def test_a_crafted_round_is_refused_on_chain_and_the_task_goes_on(
             epsilon_micros=1,
             data_root=b"\x01" * 32,
         ).signed(device, holders.domain)
-        for chunk in split(update.encode(), MAX_MESSAGE):
+        for chunk in split_update(update, MAX_MESSAGE):
             link.publish(topics.updates(device.address), chunk)
 
     owner.create_task(spec, aggregator_account.address, np.zeros(spec.n_params))

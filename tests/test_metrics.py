@@ -28,7 +28,7 @@ from truscl.server.archive import Archive
 from truscl.server.config import AggregatorConfig, OwnerConfig
 from truscl.server.figures import TaskFigureReader
 from truscl.server.status_page import status_server
-from truscl.wire import TaskTopics, split
+from truscl.wire import TaskTopics, split_update
 from truscl.wire.receipt import Receipt
 
 __all__ = ["deployment"]  # the aggregator on a real broker and the in-process EVM
@@ -85,7 +85,7 @@ def a_round_with_a_forgery(d: Deployment) -> tuple[list[Receipt], int]:
     sent = 0
     try:
         for sender, update in ((other, forged), (honest, good[0]), (other, good[1])):
-            for chunk in split(update.encode(), d.spec.max_message):
+            for chunk in split_update(update, d.spec.max_message):
                 link.publish(topics.updates(sender.address), chunk)
                 sent += len(chunk)
         answers = [receipts.get(timeout=30) for _ in range(3)]

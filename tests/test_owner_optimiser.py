@@ -87,21 +87,17 @@ def test_a_restarted_owner_releases_what_an_uninterrupted_one_would(
     context = load_context(owner.public_context)
     domain = Domain(contract.chain_id, contract.address)
 
-    def update(device: LocalAccount, round_no: int, delta: np.ndarray) -> bytes:
-        return (
-            Update(
-                task=spec.task_id,
-                round=round_no,
-                device=bytes.fromhex(device.address[2:]),
-                ciphertext=encrypt(context, delta),
-                context=bytes.fromhex(spec.context_hash[2:]),
-                samples=10,
-                epsilon_micros=1,
-                data_root=b"\x01" * 32,
-            )
-            .signed(device, domain)
-            .encode()
-        )
+    def update(device: LocalAccount, round_no: int, delta: np.ndarray) -> Update:
+        return Update(
+            task=spec.task_id,
+            round=round_no,
+            device=bytes.fromhex(device.address[2:]),
+            ciphertext=encrypt(context, delta),
+            context=bytes.fromhex(spec.context_hash[2:]),
+            samples=10,
+            epsilon_micros=1,
+            data_root=b"\x01" * 32,
+        ).signed(device, domain)
 
     def decrypted(round_no: int) -> np.ndarray:
         archive = Archive(tmp_path / "archive")

@@ -357,7 +357,7 @@ def test_a_late_update_counts_once_in_the_next_round(
     late_terms = replace(terms, late_updates=True)
     made_for_1 = replace(terms, round=1)
     counted_in_1 = update_blob(devices[0], made_for_1, public_context, np.ones(N_PARAMS))
-    previous = {devices[0].address: keccak(counted_in_1)}
+    previous = {devices[0].address: Update.decode(counted_in_1).ident}
     round_ = OpenRound(
         late_terms, DOMAIN, public_context, {d.address for d in devices}.__contains__, previous
     )

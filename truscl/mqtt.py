@@ -178,9 +178,10 @@ class MqttLink:
                 return False
         return all(_acknowledged(i) for i in waiting)
 
-    def publish_blob(self, topic: str, blob: bytes) -> int:
-        """Publish ``blob`` as chunks on one topic; returns the bytes put on the wire."""
-        chunks = chunking.split(blob, self.max_message)
+    def publish_blob(self, topic: str, blob: bytes, ident: bytes | None = None) -> int:
+        """Publish ``blob`` as chunks on one topic (``ident``: its id when it is not its
+        keccak, see :func:`truscl.wire.chunking.split`); returns the bytes put on the wire."""
+        chunks = chunking.split(blob, self.max_message, ident)
         for chunk in chunks:
             self.publish(topic, chunk)
         return sum(len(c) for c in chunks)

@@ -66,7 +66,6 @@ from truscl.server.config import OwnerConfig
 from truscl.server.owner import ModelStore
 from truscl.server.owner_service import init_task
 from truscl.task import TaskSpec
-from truscl.wire import Update
 from truscl.wire.model import model_from_bytes
 
 log = logging.getLogger(__name__)
@@ -484,8 +483,8 @@ def _round_row(
 ) -> RoundRow:
     """A round as the aggregator archived it and the owner released it."""
     manifest = archive.round(spec.task, round_no)
-    blobs = [archive.get(ident) for ident in manifest.updates]
-    updates = [Update.decode(blob, len(blob)) for blob in blobs]
+    archived = [archive.update(ident) for ident in manifest.updates]
+    updates = [update for _, update in archived]
     model_file = workdir / "owner" / "state" / "models" / f"{round_no}.model"
     params = model_from_bytes(model_file.read_bytes(), spec.n_params)
     late = sum(1 for update in updates if update.round != round_no)
@@ -495,7 +494,7 @@ def _round_row(
         late=late,
         accuracy=accuracy(spec, params, test),
         epsilon=max(update.epsilon for update in updates),
-        bytes=sum(len(blob) for blob in blobs),
+        bytes=sum(len(blob) for blob, _ in archived),
         anchor_tx=manifest.anchor_tx,
         seconds=seconds,
     )

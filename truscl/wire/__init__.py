@@ -1,6 +1,6 @@
 """Wire protocol shared by devices, aggregator, owner and auditors."""
 
-from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, Reassembler, blob_id, split
+from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, Reassembler, blob_id, split, split_update
 from truscl.wire.merkle import merkle_proof, merkle_root, verify_proof
 from truscl.wire.topics import PREFIX, TaskTopics
 from truscl.wire.update import Domain, Update, UpdateRecord
@@ -17,5 +17,6 @@ __all__ = [
     "merkle_proof",
     "merkle_root",
     "split",
+    "split_update",
     "verify_proof",
 ]

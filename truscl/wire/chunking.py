@@ -1,7 +1,10 @@
 """Split blobs into MQTT-sized chunks and put them back together.
 
 A blob's id is its keccak-256, so reassembly proves integrity for free and a republished blob
-(after a reconnect) is recognised as the same one. The reassembler bounds everything a sender
+(after a reconnect) is recognised as the same one. A signed update travels under its own id
+instead (:attr:`truscl.wire.update.Update.ident`, which commits to it without hashing its
+ciphertext twice): its receiver reassembles it unchecked and checks the id once it has parsed
+the update. The reassembler bounds everything a sender
 can make it hold: bytes per blob, blobs in flight per sender, and how long a partial blob waits;
 and, because a client can publish under as many sender topics as it likes, the bytes and the
 partial blobs held for all senders together.
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from truscl.errors import ProtocolError
 from truscl.hashing import keccak
 from truscl.wire import envelope
-from truscl.wire.update import MAX_UPDATE_BYTES
+from truscl.wire.update import MAX_UPDATE_BYTES, Update
 
 DEFAULT_MAX_MESSAGE = 128 * 1024
 MIN_MESSAGE = 1024  # senders may chunk smaller than a receiver's limit, but not below this
@@ -41,23 +44,25 @@ def blob_id(blob: bytes) -> bytes:
     return keccak(blob)
 
 
-def check_blob(ident: bytes, blob: bytes) -> None:
-    """Raise :class:`ChunkRejected` unless ``blob`` hashes to ``ident``."""
-    if blob_id(blob) != ident:
-        raise ChunkRejected("blob-mismatch", "reassembled blob does not match its id")
-
-
-def split(blob: bytes, max_message: int = DEFAULT_MAX_MESSAGE) -> list[bytes]:
-    """Encoded chunk messages, each at most ``max_message`` bytes."""
+def split(
+    blob: bytes, max_message: int = DEFAULT_MAX_MESSAGE, ident: bytes | None = None
+) -> list[bytes]:
+    """Encoded chunk messages, each at most ``max_message`` bytes; ``ident``: the blob's id
+    when it is not its keccak (a signed update's)."""
     if max_message < MIN_MESSAGE:
         raise ValueError(f"max_message must be at least {MIN_MESSAGE} bytes")
     room = max_message - CHUNK_OVERHEAD
-    ident = blob_id(blob)
+    ident = blob_id(blob) if ident is None else ident
     pieces = [blob[i : i + room] for i in range(0, len(blob), room)] or [b""]
     return [
         envelope.encode("chunk", blob=ident, index=i, count=len(pieces), data=piece)
         for i, piece in enumerate(pieces)
     ]
+
+
+def split_update(update: Update, max_message: int = DEFAULT_MAX_MESSAGE) -> list[bytes]:
+    """A signed update's chunk messages, under its id."""
+    return split(update.encode(), max_message, update.ident)
 
 
 @dataclass
@@ -108,8 +113,8 @@ class Reassembler:
         self, sender: str, payload: bytes, check: bool = True
     ) -> tuple[bytes, bytes] | None:
         """As ``add``, with the blob's id (checked): a receiver that names or archives the blob
-        by it need not hash it again. With ``check`` false the caller checks the id itself
-        (:func:`check_blob`), on a thread of its choosing."""
+        by it need not hash it again. With ``check`` false the caller checks the id itself (a
+        signed update's, from its parse: see the module's docstring)."""
         try:
             chunk = envelope.decode(payload, "chunk", self.max_message)
         except ProtocolError as exc:
@@ -151,8 +156,8 @@ class Reassembler:
             return None
         self._drop(key)
         blob = b"".join(partial.pieces[i] for i in range(count))
-        if check:
-            check_blob(ident, blob)
+        if check and blob_id(blob) != ident:
+            raise ChunkRejected("blob-mismatch", "reassembled blob does not match its id")
         return ident, blob
 
     def expire(self) -> int:

@@ -13,7 +13,7 @@ import cbor2
 
 from truscl.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2  # 2: a signed update travels and is archived under its own id, not its keccak
 # The widest integer a field may hold (a uint64, like the contract's widest). CBOR carries larger
 # integers as bignums (tags 2 and 3) and cbor2 turns them into Python ints silently: without
 # this bound a bignum would travel on until some later cast failed far from the network edge.
