@@ -21,7 +21,6 @@ from truscl.report import DeviceFigures, RoundFigures, TaskFigures
 from truscl.server.archive import Archive
 from truscl.server.journal import Journal
 from truscl.task import TaskSpec
-from truscl.wire import Update
 
 NO_ACCURACY = "not available: no evaluation set was given (`truscl report --test-set FILE.npz`)"
 
