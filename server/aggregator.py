@@ -81,7 +81,7 @@ BATCH_BYTES = 4 * 1024 * 1024
 # here and 16 updates parsed ahead, peak RSS grew 10-11 % from 10 to 100 devices; with these
 # bounds 4-5 %, at the same rate: bench/aggregator.py.)
 INBOX_MAX_BYTES = 4 * 1024 * 1024
-# Whole updates are parsed (blob id, ciphertext hash, signature recovery: hashing and coincurve
+# Whole updates are parsed (the ciphertext's one hash, signature recovery: hashing and coincurve
 # release the GIL; the ciphertext's residues read and checked) on this many threads while the
 # worker decides, adds and commits, at most PARSE_AHEAD of them at a time (bounded memory: each
 # is at most MAX_UPDATE_BYTES).

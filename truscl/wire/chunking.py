@@ -4,10 +4,10 @@ A blob's id is its keccak-256, so reassembly proves integrity for free and a rep
 (after a reconnect) is recognised as the same one. A signed update travels under its own id
 instead (:attr:`truscl.wire.update.Update.ident`, which commits to it without hashing its
 ciphertext twice): its receiver reassembles it unchecked and checks the id once it has parsed
-the update. The reassembler bounds everything a sender
-can make it hold: bytes per blob, blobs in flight per sender, and how long a partial blob waits;
-and, because a client can publish under as many sender topics as it likes, the bytes and the
-partial blobs held for all senders together.
+the update. The reassembler bounds everything a sender can make it hold: bytes per blob, blobs
+in flight per sender, and how long a partial blob waits; and, because a client can publish
+under as many sender topics as it likes, the bytes and the partial blobs held for all senders
+together.
 """
 
 from __future__ import annotations
