@@ -345,8 +345,9 @@ class Aggregator:
         round_ = self._new_round(journaled.round, journaled.deadline)
         stats = self.stats[journaled.round]
         for entry in self._journal.updates(journaled.round):
-            blob, _ = self.archive.update(entry.blob)  # checked against its name
-            decision = round_.offer(blob, ident=bytes.fromhex(entry.blob), journaled=True)
+            blob, update = self.archive.update(entry.blob)  # checked against its name
+            parsed = Parsed.of_update(update, self._domain, self._vectors)
+            decision = round_.offer(blob, journaled=True, parsed=parsed)
             if not isinstance(decision, Accepted) or decision.repeat:
                 raise ProtocolError(
                     f"journaled update {entry.blob[:12]} of round {journaled.round} "

@@ -88,6 +88,13 @@ class Parsed:
             update = Update.decode(blob, max_bytes)
         except ProtocolError as exc:
             return cls(None, malformed=str(exc))
+        return cls.of_update(update, domain, vectors)
+
+    @classmethod
+    def of_update(
+        cls, update: Update, domain: Domain, vectors: VectorFormat | None = None
+    ) -> Parsed:
+        """As :meth:`of`, for an update decoded already (one read back from the archive)."""
         try:
             update.verify(domain)
         except SignatureError as exc:
