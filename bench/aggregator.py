@@ -23,6 +23,10 @@ Figures:
 - ``service``: end to end, ``truscl aggregator run`` as its own process, the updates published
   on the broker by the devices' client and timed to the last receipt (its first scan of the
   registry included); its peak RSS (VmHWM) per device count is ``aggregator_rss_mb``.
+- ``service_path_cpu_ms_per_update``: the CPU one more update costs through the broker (the
+  aggregator, mosquitto, the devices' client), from the two largest runs so that what a run pays
+  once cancels out; ``service_cores_allow_per_s`` is the rate this machine's cores would allow
+  at that cost with nothing else to do, whatever the number of aggregator processes.
 
 Encrypting thousands of values takes tens of milliseconds, so a few distinct ciphertexts are made
 and each device signs its own update around one of them: every update is a distinct signed
@@ -328,10 +332,20 @@ def service(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
         w.publish_model(spec)
         if not opened.wait(120):
             raise RuntimeError(f"the service opened no round: see {folder / 'aggregator.log'}")
+        broker, devices_cpu = w.broker.pid, time.process_time
+        assert broker is not None
+        broker_start, devices_start = _thread_cpu_seconds(broker), devices_cpu()
         timed = _timed(
             updates, link.publish, all_in, f"all receipts (see {folder})",
             lambda: _cpu_seconds(process.pid),
         )  # fmt: skip
+        # what the rest of the path cost the same cores: the broker, and the devices' client
+        # (this process: it publishes every chunk and reads every receipt)
+        per_update = 1e3 / len(updates)
+        timed["broker_cpu_ms_per_update"] = round(
+            (_thread_cpu_seconds(broker) - broker_start) * per_update, 3
+        )
+        timed["devices_cpu_ms_per_update"] = round((devices_cpu() - devices_start) * per_update, 3)
         rss = _status_mb(process.pid)
     finally:
         link.close()
@@ -365,10 +379,32 @@ def _timed(
     }
 
 
+def _marginal_path_ms(smaller: dict[str, float], larger: dict[str, float]) -> dict[str, float]:
+    """CPU ms one more update costs the aggregator, the broker and the devices' client, from
+    two runs of different sizes: what each run pays once (the registry's first scan of the
+    chain, the round's close) cancels out."""
+
+    def cpu_s(run: dict[str, float], part: str) -> float:
+        return run[f"{part}cpu_ms_per_update"] * run["updates"] / 1e3
+
+    more = larger["updates"] - smaller["updates"]
+    parts = {
+        name: round((cpu_s(larger, part) - cpu_s(smaller, part)) / more * 1e3, 3)
+        for name, part in (("aggregator", ""), ("broker", "broker_"), ("devices", "devices_"))
+    }
+    return {**parts, "total": round(sum(parts.values()), 3)}
+
+
 def _cpu_seconds(pid: int) -> float:
     """User and system CPU time of a process so far, all threads (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _thread_cpu_seconds(pid: int) -> float:
+    """CPU time of a single-threaded process (mosquitto) so far, to the nanosecond: the few
+    milliseconds a small run costs the broker are below ``/proc/PID/stat``'s clock ticks."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
 
 
 def _status_mb(pid: int) -> dict[str, float]:
@@ -401,13 +437,20 @@ def measure(quick: bool = False) -> dict[str, Any]:
             inside = in_process(w, in_process_updates, cts)
             services = {str(n): service(w, n, cts) for n in counts}
     rss = {n: s["rss_peak_mb"] for n, s in services.items()}
+    largest = services[str(counts[-1])]
+    path_ms = _marginal_path_ms(services[str(counts[-2])], largest)
     return {
         "params": N_PARAMS,
         **figures,
         "aggregator_updates_per_s": round(inside["updates_per_s"], 1),
         "in_process": inside,
         "service": services,
-        "service_updates_per_s": round(services[str(counts[-1])]["updates_per_s"], 1),
+        "service_updates_per_s": round(largest["updates_per_s"], 1),
+        # CPU the whole path through the broker costs this machine per update (aggregator,
+        # broker, devices' client), and the rate its cores would allow at that cost, busy
+        # with nothing else: the ceiling of any number of aggregator processes here
+        "service_path_cpu_ms_per_update": path_ms,
+        "service_cores_allow_per_s": round((os.cpu_count() or 1) * 1e3 / path_ms["total"], 1),
         "aggregator_rss_mb": rss,
         "rss_spread": round(max(rss.values()) / min(rss.values()) - 1, 3),
         "targets": {"updates_per_s": TARGET_UPDATES_PER_S, "rss_spread": RSS_TOLERANCE},
@@ -420,6 +463,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
 def report(figures: dict[str, Any]) -> str:
     floor, floor_cpu = figures["floor_updates_per_s"], figures["floor_cpu_ms_per_update"]
     inside, service = figures["in_process"], figures["service"][max(figures["service"], key=int)]
+    path = figures["service_path_cpu_ms_per_update"]
 
     def row(name: str, per_s: float, cpu_ms: float) -> str:
         return f"  {name:32s} {per_s:8.0f} /s wall  {cpu_ms:6.2f} ms CPU/update"
@@ -435,6 +479,9 @@ def report(figures: dict[str, Any]) -> str:
             service["updates_per_s"],
             service["cpu_ms_per_update"],
         ),
+        f"  through the broker, CPU ms one more update costs: aggregator {path['aggregator']:.2f},"
+        f" broker {path['broker']:.2f}, devices' client {path['devices']:.2f}: the"
+        f" {figures['cores']} cores allow at most {figures['service_cores_allow_per_s']:.0f} /s",
         f"  target {TARGET_UPDATES_PER_S:,.0f} /s: in process {inside['updates_per_s'] / floor:.0%}"
         f" of the floor's rate; one idle core would do {1e3 / inside['cpu_ms_per_update']:.0f}"
         " /s at this CPU cost",

@@ -31,3 +31,10 @@ def test_the_quick_benchmark_reports_throughput_and_memory_by_device_count(
     assert set(figures["aggregator_rss_mb"]) == {"10", "100"}
     assert figures["service"]["100"]["updates"] == 100
     assert "floor (deserialise + add)" in run.stdout
+    # the machine's ceiling through the broker: its cores over the CPU one more update costs
+    path = figures["service_path_cpu_ms_per_update"]
+    assert path["broker"] > 0 and path["devices"] > 0 and path["aggregator"] > 0
+    assert path["total"] == pytest.approx(path["aggregator"] + path["broker"] + path["devices"])
+    assert figures["service_cores_allow_per_s"] == pytest.approx(
+        figures["cores"] * 1e3 / path["total"], rel=1e-3
+    )

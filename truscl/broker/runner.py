@@ -98,6 +98,11 @@ class Mosquitto:
             )
         return BrokerSettings(self.host, self.port)
 
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (benchmarks read its CPU time)."""
+        return self._process.pid if self._process is not None else None
+
     def start(self, timeout: float = 10.0) -> Mosquitto:
         binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if not Path(binary).exists():
