@@ -20,6 +20,10 @@ Figures:
   reassembly, validation, signature, registry, sum, group-committed archive and journal,
   signed receipts on the broker); timed from the first chunk to the last update made durable.
   The registry's first scan of the chain (once per process) is made before the clock starts.
+- ``in_processes``: ``PROCESSES`` such aggregators at once, each in its own process (own
+  interpreter, own GIL) with a task of its own, started together: the updates per second the
+  machine gives them together. truscl does not run one task's aggregator as several processes
+  yet; this is the capacity such a sharded aggregator would have.
 - ``service``: end to end, ``truscl aggregator run`` as its own process, the updates published
   on the broker by the devices' client and timed to the last receipt (its first scan of the
   registry included); its peak RSS (VmHWM) per device count is ``aggregator_rss_mb``.
@@ -44,6 +48,7 @@ import argparse
 import contextlib
 import functools
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -70,7 +75,7 @@ from truscl.chain.anvil import Anvil  # noqa: E402
 from truscl.demo import occupancy_spec  # noqa: E402
 from truscl.hashing import keccak  # noqa: E402
 from truscl.keyfile import write_secret  # noqa: E402
-from truscl.mqtt import MqttLink  # noqa: E402
+from truscl.mqtt import BrokerSettings, MqttLink  # noqa: E402
 from truscl.privacy.ckks import (  # noqa: E402
     OwnerKeys,
     VectorFormat,
@@ -96,6 +101,7 @@ HIDDEN = (MAX_PARAMS - 1) // (4 + 2)  # (features + 2) * hidden + 1 parameters
 N_PARAMS = (4 + 2) * HIDDEN + 1
 TARGET_UPDATES_PER_S = 1_000.0
 RSS_TOLERANCE = 0.10  # aggregator RSS within +-10 % from 10 to 1,000 devices
+PROCESSES = 2  # aggregators at once in ``in_processes``: one per core here
 
 
 @dataclass
@@ -116,8 +122,9 @@ class World:
     def domain(self) -> Domain:
         return Domain(self.contract.chain_id, self.contract.address)  # chain_id asks the node
 
-    def new_task(self, devices: int) -> TaskSpec:
-        """A one-round task for ``devices`` devices, created on chain with its model 0."""
+    def new_task(self, devices: int, aggregator: LocalAccount | None = None) -> TaskSpec:
+        """A one-round task for ``devices`` devices, created on chain with its model 0, served
+        by ``aggregator`` (by default the world's)."""
         public = self.keys.public_context_bytes()
         spec = occupancy_spec(
             "0x" + keccak(public).hex(),
@@ -132,7 +139,7 @@ class World:
             spec.task_id,
             spec.hash(),
             keccak(public),
-            self.aggregator.address,
+            (aggregator or self.aggregator).address,
             spec.rounds,
             epsilon_micros=1,
             budget_micros=10**6,
@@ -142,11 +149,15 @@ class World:
         return spec
 
     def publish_model(self, spec: TaskSpec) -> None:
-        """Model 0 on the task's model topic (retained), as the owner releases it."""
-        data = model_bytes(np.zeros(N_PARAMS))
-        message = envelope.encode("model", round=0, params=data, model_hash=keccak(data))
-        with MqttLink("bench-owner", self.broker.settings, lambda t, p: None, []) as link:
-            link.publish(TaskTopics(spec.task).model, message, retain=True).wait_for_publish(30)
+        publish_model(self.broker.settings, spec)
+
+
+def publish_model(broker: BrokerSettings, spec: TaskSpec) -> None:
+    """Model 0 on the task's model topic (retained), as the owner releases it."""
+    data = model_bytes(np.zeros(N_PARAMS))
+    message = envelope.encode("model", round=0, params=data, model_hash=keccak(data))
+    with MqttLink("bench-owner", broker, lambda t, p: None, []) as link:
+        link.publish(TaskTopics(spec.task).model, message, retain=True).wait_for_publish(30)
 
 
 @contextlib.contextmanager
@@ -255,36 +266,113 @@ def floor_and_stages(w: World, spec: TaskSpec, cts: list[bytes], repeat: int) ->
     }
 
 
-def in_process(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
-    """Through ``Aggregator.receive``: the real path minus the MQTT receive."""
-    spec = w.new_task(devices)
-    updates = signed_updates(w, spec, w.devices[:devices], cts)
+@dataclass(frozen=True)
+class Feed:
+    """One in-process run: a task of its own, its signed updates, and how to reach the world
+    (plain data: it can be handed to another process)."""
+
+    rpc: str
+    contract: str
+    aggregator_key: bytes
+    broker: BrokerSettings
+    spec: bytes
+    public_context: bytes
+    archive: Path
+    updates: list[tuple[str, list[bytes]]]
+
+
+def feed(w: World, devices: int, cts: list[bytes]) -> Feed:
+    aggregator = w.node.new_account()  # its own nonces: aggregators at once anchor at once
+    spec = w.new_task(devices, aggregator)
+    return Feed(
+        rpc=w.rpc,
+        contract=w.contract.address,
+        aggregator_key=bytes(aggregator.key),
+        broker=w.broker.settings,
+        spec=spec.encode(),
+        public_context=w.keys.public_context_bytes(),
+        archive=w.root / f"archive-{spec.task[2:10]}",
+        updates=signed_updates(w, spec, w.devices[:devices], cts),
+    )
+
+
+def in_process(job: Feed, start: Callable[[], object] = lambda: None) -> dict[str, Any]:
+    """Through ``Aggregator.receive``: the real path minus the MQTT receive. ``start`` is
+    called once the round is open, before the clock starts (a barrier, for several at once)."""
+    spec = TaskSpec.decode(job.spec)
     done = threading.Event()
 
     def on_accepted(round_no: int, count: int) -> None:
-        if count == devices:
+        if count == len(job.updates):
             done.set()
 
-    chain = w.node.client(w.contract.address, w.aggregator)
+    chain = NodeChain(job.rpc).client(job.contract, Account.from_key(job.aggregator_key))
     registry = RegistryCache(chain)
     registry.refresh()  # once per process, not per update: before the clock starts
     aggregator = Aggregator(
         spec=spec,
-        public_context=w.keys.public_context_bytes(),
+        public_context=job.public_context,
         chain=chain,
         registry=registry,
-        archive=Archive(w.root / f"archive-{spec.task[2:10]}"),
-        broker=w.broker.settings,
-        expected=devices,
+        archive=Archive(job.archive),
+        broker=job.broker,
+        expected=len(job.updates),
         on_accepted=on_accepted,
     ).start()
     try:
-        w.publish_model(spec)
+        publish_model(job.broker, spec)
         _wait(lambda: 1 in aggregator.stats, "round 1 open", 60)
-        timed = _timed(updates, aggregator.receive, done, "all accepted", time.process_time)
+        start()
+        timed = _timed(job.updates, aggregator.receive, done, "all accepted", time.process_time)
     finally:
         aggregator.stop()
     return timed
+
+
+def in_processes(w: World, devices: int, cts: list[bytes], processes: int) -> dict[str, Any]:
+    """``processes`` aggregators at once, each in its own process with a task of its own and
+    ``devices`` updates, started together: what this machine's cores give aggregators that
+    each have their own interpreter (and GIL). Not a mode truscl runs in yet: the capacity a
+    sharded aggregator would have to work with."""
+    context = multiprocessing.get_context("spawn")  # this process has threads: no fork
+    barrier = context.Barrier(processes)
+    results: multiprocessing.Queue[tuple[str, Any]] = context.Queue()
+    children = [
+        context.Process(target=_in_process_child, args=(feed(w, devices, cts), barrier, results))
+        for _ in range(processes)
+    ]
+    for child in children:
+        child.start()
+    try:
+        runs = [results.get(timeout=900) for _ in children]
+    finally:
+        for child in children:
+            child.join(60)
+            if child.is_alive():
+                child.terminate()
+    failed = [detail for outcome, detail in runs if outcome != "ok"]
+    if failed:
+        raise RuntimeError(f"an aggregator process failed: {failed[0]}")
+    timed = [detail for _, detail in runs]
+    updates = sum(t["updates"] for t in timed)
+    seconds = max(t["seconds"] for t in timed)  # they started together: the last one ends it
+    return {
+        "processes": processes,
+        "updates": updates,
+        "seconds": seconds,
+        "updates_per_s": round(updates / seconds, 1),
+        "each_updates_per_s": [t["updates_per_s"] for t in timed],
+    }
+
+
+def _in_process_child(
+    job: Feed, barrier: Any, results: multiprocessing.Queue[tuple[str, Any]]
+) -> None:
+    try:
+        results.put(("ok", in_process(job, start=lambda: barrier.wait(120))))
+    except Exception as exc:  # told to the parent, which fails the figure with it
+        barrier.abort()
+        results.put(("failed", f"{type(exc).__name__}: {exc}"))
 
 
 def service(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
@@ -434,7 +522,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
         with world(Path(folder), max(*counts, in_process_updates)) as w:
             cts = ciphertexts(w.keys, 4 if quick else 16)
             figures = floor_and_stages(w, w.new_task(2), cts, 50 if quick else 200)
-            inside = in_process(w, in_process_updates, cts)
+            inside = in_process(feed(w, in_process_updates, cts))
+            parallel = in_processes(w, in_process_updates, cts, PROCESSES)
             services = {str(n): service(w, n, cts) for n in counts}
     rss = {n: s["rss_peak_mb"] for n, s in services.items()}
     largest = services[str(counts[-1])]
@@ -444,6 +533,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
         **figures,
         "aggregator_updates_per_s": round(inside["updates_per_s"], 1),
         "in_process": inside,
+        "in_processes": parallel,
         "service": services,
         "service_updates_per_s": round(largest["updates_per_s"], 1),
         # CPU the whole path through the broker costs this machine per update (aggregator,
@@ -463,7 +553,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
 def report(figures: dict[str, Any]) -> str:
     floor, floor_cpu = figures["floor_updates_per_s"], figures["floor_cpu_ms_per_update"]
     inside, service = figures["in_process"], figures["service"][max(figures["service"], key=int)]
-    path = figures["service_path_cpu_ms_per_update"]
+    path, parallel = figures["service_path_cpu_ms_per_update"], figures["in_processes"]
 
     def row(name: str, per_s: float, cpu_ms: float) -> str:
         return f"  {name:32s} {per_s:8.0f} /s wall  {cpu_ms:6.2f} ms CPU/update"
@@ -474,6 +564,10 @@ def report(figures: dict[str, Any]) -> str:
         f"load average {figures['load_average']:.1f}",
         row("floor (deserialise + add)", floor, floor_cpu),
         row("aggregator, in process", inside["updates_per_s"], inside["cpu_ms_per_update"]),
+        f"  {parallel['processes']} aggregators at once, each in its own process:"
+        f" {parallel['updates_per_s']:.0f} /s together"
+        f" ({', '.join(f'{r:.0f}' for r in parallel['each_updates_per_s'])}): the cores a"
+        " sharded aggregator would have",
         row(
             f"service, {service['updates']} via mosquitto",
             service["updates_per_s"],

@@ -30,6 +30,8 @@ def test_the_quick_benchmark_reports_throughput_and_memory_by_device_count(
     assert figures["aggregator_updates_per_s"] > 0
     assert set(figures["aggregator_rss_mb"]) == {"10", "100"}
     assert figures["service"]["100"]["updates"] == 100
+    parallel = figures["in_processes"]  # every process fed all its updates
+    assert parallel["updates"] == parallel["processes"] * figures["in_process"]["updates"]
     assert "floor (deserialise + add)" in run.stdout
     # the machine's ceiling through the broker: its cores over the CPU one more update costs
     path = figures["service_path_cpu_ms_per_update"]
