@@ -14,6 +14,7 @@ from eth_utils import keccak
 
 from truscl.errors import ProtocolError, SignatureError
 from truscl.wire import Domain, Reassembler, Update, envelope, split, split_update
+from truscl.wire.chunking import ChunkRejected
 from truscl.wire.merkle import EMPTY_ROOT, merkle_proof, merkle_proofs, merkle_root, verify_proof
 from truscl.wire.receipt import Receipt
 from truscl.wire.signing import SECP256K1_N
@@ -183,6 +184,46 @@ def test_partial_blobs_expire() -> None:
 
     assert reassembler.expire() == 1
     assert reassembler.pending == 0
+
+
+def test_only_stale_partial_blobs_expire_oldest_first() -> None:
+    now = [0.0]
+    reassembler = Reassembler(max_message=2000, ttl=10, clock=lambda: now[0])
+    blobs = {name: split(os.urandom(3000), max_message=2000) for name in ("a", "b", "c")}
+    for name, started in (("a", 0.0), ("b", 5.0), ("c", 8.0)):
+        now[0] = started
+        reassembler.add(name, blobs[name][0])
+    now[0] = 9.0
+    assert reassembler.add("c", blobs["c"][1]) is not None  # whole: leaves from the middle
+
+    now[0] = 12.0
+    assert reassembler.expire() == 1  # a, not b
+    assert reassembler.pending == 1
+    now[0] = 15.5
+    assert reassembler.expire() == 1
+    assert reassembler.pending == 0
+
+
+def test_a_sender_gets_its_room_back_when_its_blobs_complete_or_expire() -> None:
+    now = [0.0]
+    reassembler = Reassembler(
+        max_message=2000, max_partial_per_sender=2, ttl=10, clock=lambda: now[0]
+    )
+    blobs = [split(os.urandom(3000), max_message=2000) for _ in range(5)]
+    reassembler.add("dev", blobs[0][0])
+    reassembler.add("dev", blobs[1][0])
+    with pytest.raises(ChunkRejected, match="in flight"):
+        reassembler.add("dev", blobs[2][0])
+
+    assert reassembler.add("dev", blobs[0][1]) is not None  # one completes: room for one
+    reassembler.add("dev", blobs[2][0])
+    with pytest.raises(ChunkRejected, match="in flight"):
+        reassembler.add("dev", blobs[3][0])
+
+    now[0] = 11.0  # both in flight expire (as the next chunk comes): room for two
+    reassembler.add("dev", blobs[3][0])
+    reassembler.add("dev", blobs[4][0])
+    assert reassembler.pending == 2
 
 
 # -- signed updates ------------------------------------------------------------------------

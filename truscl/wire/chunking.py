@@ -13,6 +13,7 @@ together.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -102,7 +103,10 @@ class Reassembler:
         self.max_total = max_total
         self.max_partials = max_partials
         self._clock = clock
+        # In the order they started, which (the clock being monotonic) is the order they
+        # expire in: expiring looks at the stale ones and one more, not at every blob held.
         self._partial: dict[tuple[str, bytes], _Partial] = {}
+        self._per_sender: Counter[str] = Counter()  # partial blobs in flight, by sender
         self._held = 0  # bytes held for all senders, PIECE_OVERHEAD included
 
     def add(self, sender: str, payload: bytes) -> bytes | None:
@@ -130,12 +134,13 @@ class Reassembler:
         key = (sender, ident)
         partial = self._partial.get(key)
         if partial is None:
-            in_flight = sum(1 for s, _ in self._partial if s == sender)
+            in_flight = self._per_sender[sender]
             if in_flight >= self.max_partial_per_sender:
                 raise ChunkRejected("sender-limit", f"{sender} has {in_flight} blobs in flight")
             if len(self._partial) >= self.max_partials:
                 raise ChunkRejected("reassembly-full", f"{len(self._partial)} blobs in flight")
             partial = self._partial[key] = _Partial(count=count, started=self._clock())
+            self._per_sender[sender] += 1
         if partial.count != count:
             self._drop(key)
             raise ChunkRejected("chunk-malformed", "chunk count changed within one blob")
@@ -163,7 +168,11 @@ class Reassembler:
     def expire(self) -> int:
         """Drop partial blobs older than the TTL; returns how many were dropped."""
         now = self._clock()
-        stale = [k for k, p in self._partial.items() if now - p.started > self.ttl]
+        stale = []
+        for key, partial in self._partial.items():  # oldest first: stop at the first fresh one
+            if now - partial.started <= self.ttl:
+                break
+            stale.append(key)
         for key in stale:
             self._drop(key)
         return len(stale)
@@ -179,6 +188,10 @@ class Reassembler:
 
     def _drop(self, key: tuple[str, bytes]) -> None:
         self._held -= self._partial.pop(key).cost
+        sender = key[0]
+        self._per_sender[sender] -= 1
+        if not self._per_sender[sender]:
+            del self._per_sender[sender]  # a sender that comes once costs nothing after
 
     def _max_chunks(self) -> int:
         """Chunks a legitimate blob can need: the sender may use messages as small as
