@@ -470,7 +470,7 @@ def _timed(
 def _marginal_path_ms(smaller: dict[str, float], larger: dict[str, float]) -> dict[str, float]:
     """CPU ms one more update costs the aggregator, the broker and the devices' client, from
     two runs of different sizes: what each run pays once (the registry's first scan of the
-    chain, the round's close) cancels out."""
+    chain) cancels out."""
 
     def cpu_s(run: dict[str, float], part: str) -> float:
         return run[f"{part}cpu_ms_per_update"] * run["updates"] / 1e3
