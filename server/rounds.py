@@ -71,7 +71,7 @@ class Parsed:
     cannot be read, whether its signature is the claimed device's and, given the task's
     ``vectors``, its ciphertext's checked residues or why it has none. Hashing the ciphertext
     and recovering the signer are most of an update's cost and release the GIL, so the
-    aggregator learns this on a pool of threads while its own thread decides and adds."""
+    aggregator learns this on a thread of its own while its worker thread decides and adds."""
 
     update: Update | None
     malformed: str = ""  # why the blob is not an update, when ``update`` is None
