@@ -84,9 +84,9 @@ INBOX_MAX_BYTES = 4 * 1024 * 1024
 # Whole updates are parsed (the ciphertext's one hash, signature recovery: hashing and coincurve
 # release the GIL; the ciphertext's residues read and checked) on this many threads while the
 # worker decides, adds and commits, at most PARSE_AHEAD of them at a time (bounded memory: each
-# is at most MAX_UPDATE_BYTES). One thread overlaps enough: the process is bound by its GIL, and
-# a second parse thread only contends for it (1,000 updates in process, 5 interleaved pairs:
-# 884-932 /s with one against 807-893 with two: bench/aggregator.py).
+# is at most MAX_UPDATE_BYTES). One thread overlaps enough: a second one only contends with the
+# worker for the GIL (1,000 updates in process, 5 interleaved pairs: 884-932 /s with one against
+# 807-893 with two: bench/aggregator.py).
 PARSE_THREADS = 1
 PARSE_AHEAD = 8
 
