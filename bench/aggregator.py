@@ -148,9 +148,6 @@ class World:
         self.owner.publish_model(spec.task_id, 0, keccak(model_bytes(np.zeros(N_PARAMS))))
         return spec
 
-    def publish_model(self, spec: TaskSpec) -> None:
-        publish_model(self.broker.settings, spec)
-
 
 def publish_model(broker: BrokerSettings, spec: TaskSpec) -> None:
     """Model 0 on the task's model topic (retained), as the owner releases it."""
@@ -417,7 +414,7 @@ def service(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
         max_message=1 << 20,
     ).start()
     try:
-        w.publish_model(spec)
+        publish_model(w.broker.settings, spec)
         if not opened.wait(120):
             raise RuntimeError(f"the service opened no round: see {folder / 'aggregator.log'}")
         broker, devices_cpu = w.broker.pid, time.process_time
