@@ -1,9 +1,11 @@
-"""The archive's group commit on a real file system: nothing in place before ``commit``, every
-blob in place (and readable by its id) after it, and nothing half-written left by a failure;
-and an update read back only under its own id."""
+"""The archive's group commit on a real file system, flushed by one syncfs (where the platform
+has it) or by an fsync per blob: nothing in place before ``commit``, every blob in place (and
+readable by its id) after it, and nothing half-written left by a failure; and an update read
+back only under its own id."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -11,13 +13,26 @@ import pytest
 from eth_account import Account
 from eth_utils import keccak
 
+from truscl import files
 from truscl.errors import ProtocolError
 from truscl.server.archive import Archive
 from truscl.wire import Domain, Update
 
+FLUSHES = [
+    pytest.param(
+        True,
+        id="syncfs",
+        marks=pytest.mark.skipif(files.syncfs is None, reason="no syncfs here"),
+    ),
+    pytest.param(False, id="fsync-each"),
+]
 
-def test_blobs_written_later_are_in_place_only_after_commit(tmp_path: Path) -> None:
-    archive = Archive(tmp_path)
+
+@pytest.mark.parametrize("sync_file_system", FLUSHES)
+def test_blobs_written_later_are_in_place_only_after_commit(
+    tmp_path: Path, sync_file_system: bool
+) -> None:
+    archive = Archive(tmp_path, sync_file_system)
     blobs = [os.urandom(10_000 + n) for n in range(10)]
 
     for blob in blobs:
@@ -33,8 +48,11 @@ def test_blobs_written_later_are_in_place_only_after_commit(tmp_path: Path) -> N
     archive.commit()  # nothing pending: nothing to do
 
 
-def test_a_failed_write_fails_the_commit_and_leaves_no_temporary_file(tmp_path: Path) -> None:
-    archive = Archive(tmp_path)
+@pytest.mark.parametrize("sync_file_system", FLUSHES)
+def test_a_failed_write_fails_the_commit_and_leaves_no_temporary_file(
+    tmp_path: Path, sync_file_system: bool
+) -> None:
+    archive = Archive(tmp_path, sync_file_system)
     good = os.urandom(1000)
     archive.put_later(good, keccak(good))
     bad = os.urandom(1000)
@@ -54,6 +72,43 @@ def test_a_failed_write_fails_the_commit_and_leaves_no_temporary_file(tmp_path: 
     archive.put_later(bad, keccak(bad))
     archive.commit()
     assert archive.get(keccak(bad).hex()) == bad and archive.get(keccak(good).hex()) == good
+
+
+@pytest.mark.parametrize("sync_file_system", FLUSHES)
+def test_a_blob_folder_gone_fails_the_commit_not_the_hand_over(
+    tmp_path: Path, sync_file_system: bool
+) -> None:
+    # Prepare: the blob folder replaced by a file
+    archive = Archive(tmp_path, sync_file_system)
+    blobs = tmp_path / "blobs"
+    blobs.rmdir()
+    blobs.write_bytes(b"")
+    blob = os.urandom(1000)
+
+    # Execute: handing the blob over does not fail (the aggregator has added its update to the
+    # sum already: only the commit decides), the commit does
+    archive.put_later(blob, keccak(blob))
+    with pytest.raises(OSError):
+        archive.commit()
+
+    # Assert: with the folder back, the same blob is stored
+    blobs.unlink()
+    blobs.mkdir()
+    archive.put_later(blob, keccak(blob))
+    archive.commit()
+    assert archive.get(keccak(blob).hex()) == blob
+
+
+@pytest.mark.skipif(files.syncfs is None, reason="no syncfs here")
+def test_a_file_system_flush_raises_what_the_kernel_says(tmp_path: Path) -> None:
+    assert files.syncfs is not None
+    descriptor = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    files.syncfs(descriptor)  # a file system that takes its flush
+    os.close(descriptor)
+
+    with pytest.raises(OSError) as raised:
+        files.syncfs(descriptor)  # closed: the C library's errno, as an OSError
+    assert raised.value.errno == errno.EBADF
 
 
 def test_an_update_is_read_back_only_under_its_own_id(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -30,12 +32,19 @@ def temporary_name(path: Path) -> Path:
 def write_synced(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to a new file and fsync it (its name is not synced: see
     :func:`sync_directory`)."""
+    write_unsynced(path, data, mode, sync=True)
+
+
+def write_unsynced(path: Path | str, data: bytes, mode: int = 0o644, sync: bool = False) -> None:
+    """Write ``data`` to a new file, left for the kernel to flush (see
+    :data:`syncfs`), unless ``sync``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     os.fchmod(fd, mode)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
-        os.fsync(handle.fileno())
+        if sync:
+            os.fsync(handle.fileno())
 
 
 def sync_directory(path: Path) -> None:
@@ -45,3 +54,25 @@ def sync_directory(path: Path) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def _c_syncfs() -> Callable[[int], None] | None:
+    """syncfs(2) from the C library, where it has it (Linux): ``None`` elsewhere."""
+    try:
+        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    syncfs.argtypes, syncfs.restype = [ctypes.c_int], ctypes.c_int
+
+    def sync(fd: int) -> None:
+        if syncfs(fd) != 0:  # ctypes releases the GIL for the call
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"syncfs: {os.strerror(errno)}")
+
+    return sync
+
+
+# Flush every file of the file system that holds the open file ``fd`` (data and metadata) in
+# one go, and raise the writeback errors the file system has had since ``fd`` was opened;
+# ``None`` where the platform has no syncfs.
+syncfs: Callable[[int], None] | None = _c_syncfs()
