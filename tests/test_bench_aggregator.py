@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.aggregator import IN_PROCESS_RUNS
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +30,9 @@ def test_the_quick_benchmark_reports_throughput_and_memory_by_device_count(
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["aggregator_updates_per_s"] > 0
+    runs = figures["in_process"]["runs_updates_per_s"]  # the figure is their median
+    assert len(runs) == IN_PROCESS_RUNS
+    assert figures["aggregator_updates_per_s"] == sorted(runs)[len(runs) // 2]
     assert set(figures["aggregator_rss_mb"]) == {"10", "100"}
     assert figures["service"]["100"]["updates"] == 100
     parallel = figures["in_processes"]  # every process fed all its updates
