@@ -122,9 +122,13 @@ class Archive:
 
     def put_later(self, blob: bytes, ident: bytes) -> None:
         """Start writing ``blob`` (whose checked id is ``ident``); durable after ``commit``.
-        (On the aggregator's hot path: plain string paths, not ``Path`` objects.)"""
+        A blob in place already is written again, not looked up (the aggregator hands over
+        only what it has not archived, unless a crash came between archive and journal): the
+        same bytes, and one system call fewer per update, 1,085-1,109 updates/s against
+        1,008-1,086 in 4 interleaved pairs. (On the hot path: plain string paths, not
+        ``Path`` objects.)"""
         path = os.path.join(self._blobs, ident.hex())
-        if path in self._writing or os.path.exists(path):
+        if path in self._writing:
             return
         if self._writers is None:
             self._writers = ThreadPoolExecutor(WRITERS, thread_name_prefix="archive")

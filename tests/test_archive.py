@@ -99,6 +99,18 @@ def test_a_blob_folder_gone_fails_the_commit_not_the_hand_over(
     assert archive.get(keccak(blob).hex()) == blob
 
 
+def test_a_blob_handed_over_again_is_written_again(tmp_path: Path) -> None:
+    # Prepare: a blob's file in place but not its bytes (a disk that lost them)
+    archive = Archive(tmp_path)
+    blob = os.urandom(1000)
+    (tmp_path / "blobs" / keccak(blob).hex()).write_bytes(blob[:10])
+
+    archive.put_later(blob, keccak(blob))
+    archive.commit()
+
+    assert archive.get(keccak(blob).hex()) == blob
+
+
 @pytest.mark.skipif(files.syncfs is None, reason="no syncfs here")
 def test_a_file_system_flush_raises_what_the_kernel_says(tmp_path: Path) -> None:
     assert files.syncfs is not None
