@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from truscl.errors import ProtocolError
-from truscl.files import sync_directory, syncfs, temporary_name, write_atomically, write_unsynced
+from truscl.files import sync_directory, syncfs, temporary_name, write_atomically, write_file
 from truscl.hashing import keccak
 from truscl.wire.update import Update
 
@@ -138,9 +138,7 @@ class Archive:
             except OSError as exc:
                 self._group = exc
         temporary = temporary_name(Path(path))
-        write = self._writers.submit(
-            write_unsynced, temporary, blob, sync=not self._sync_file_system
-        )
+        write = self._writers.submit(write_file, temporary, blob, fsync=not self._sync_file_system)
         self._writing[path] = (temporary, write)
 
     def commit(self) -> None:

@@ -17,7 +17,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
     temporary = temporary_name(path)
     try:
-        write_synced(temporary, data, mode)
+        write_file(temporary, data, mode)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -29,21 +29,15 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_synced(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to a new file and fsync it (its name is not synced: see
-    :func:`sync_directory`)."""
-    write_unsynced(path, data, mode, sync=True)
-
-
-def write_unsynced(path: Path | str, data: bytes, mode: int = 0o644, sync: bool = False) -> None:
-    """Write ``data`` to a new file, left for the kernel to flush (see
-    :data:`syncfs`), unless ``sync``."""
+def write_file(path: Path | str, data: bytes, mode: int = 0o644, *, fsync: bool = True) -> None:
+    """Write ``data`` to a new file and fsync it, unless ``fsync`` is false: then the caller
+    flushes it (:data:`syncfs`). Its name is not synced: see :func:`sync_directory`."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     os.fchmod(fd, mode)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
-        if sync:
+        if fsync:
             os.fsync(handle.fileno())
 
 
@@ -73,6 +67,6 @@ def _c_syncfs() -> Callable[[int], None] | None:
 
 
 # Flush every file of the file system that holds the open file ``fd`` (data and metadata) in
-# one go, and raise the writeback errors the file system has had since ``fd`` was opened;
-# ``None`` where the platform has no syncfs.
+# one go, and raise the writeback errors the file system has had since ``fd`` was opened (Linux
+# 5.8 and later); ``None`` where the platform has no syncfs.
 syncfs: Callable[[int], None] | None = _c_syncfs()
