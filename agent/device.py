@@ -233,14 +233,14 @@ class DeviceAgent:
             self._output.show(spec, newest, params, window[-1])
 
     def _apply(self, step: Step) -> None:
-        """Write the step's states, then carry out its decisions (each may step further)."""
-        self.outbox.save(step.changed)
+        """Write the step's states and drop from the outbox what it says to, in one commit;
+        then carry out its other decisions (each may step further)."""
+        drops = [decision.update_id for decision in step.decisions if isinstance(decision, Drop)]
+        self.outbox.save(step.changed, drops)
         for decision in step.decisions:
             if isinstance(decision, Publish):
                 self._publish(decision)
-            elif isinstance(decision, Drop):
-                self.outbox.remove(decision.update_id)
-            else:
+            elif isinstance(decision, Train):
                 self._train(decision)
 
     def _publish(self, decision: Publish) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,6 @@ class Outbox:
         if "readings" not in columns:  # a state file from before windows could be partial
             self._db.execute("ALTER TABLE rounds ADD COLUMN readings INTEGER")
 
-    def remove(self, blob_id: bytes) -> bool:
-        with self._lock:
-            cursor = self._db.execute("DELETE FROM outbox WHERE blob_id = ?", (blob_id,))
-        return cursor.rowcount > 0
-
     def get(self, blob_id: bytes) -> Pending | None:
         with self._lock:
             row = self._db.execute(
@@ -121,14 +117,18 @@ class Outbox:
 
     # -- round states ------------------------------------------------------------------------
 
-    def save(self, states: list[RoundState]) -> None:
-        """Write round states, all or none."""
-        if not states:
+    def save(self, states: list[RoundState], drop: Sequence[bytes] = ()) -> None:
+        """Write round states and remove the updates ``drop`` names (their receipts came) from
+        the outbox, all or none: one commit, so a round's receipt costs one flush to disk."""
+        if not states and not drop:
             return
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._save(states)
+                self._db.executemany(
+                    "DELETE FROM outbox WHERE blob_id = ?", [(blob_id,) for blob_id in drop]
+                )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from truscl.agent.config import AgentConfig
 from truscl.agent.device import check_inclusion
 from truscl.agent.health import HEALTH_FILE, Fault, HealthBook, Status
 from truscl.agent.outbox import Outbox
-from truscl.agent.rounds import Phase, RoundBook
+from truscl.agent.rounds import Drop, Phase, RoundBook
 from truscl.agent.status import agent_status, describe
 from truscl.errors import ConfigError, ProtocolError
 from truscl.keyfile import load_or_create_account, read_secret
@@ -64,17 +66,40 @@ def test_the_outbox_keeps_updates_across_a_restart_until_acknowledged(tmp_path: 
         outbox.build(built, "t/updates/a", blob)
     outbox.build(built, "t/updates/a", b"update two")  # a retry stores nothing new
     outbox.close()
-    # Execute: the agent restarts, then the receipt for round 1 arrives
+    # Execute: the agent restarts, then the receipt for round 1 arrives (twice: the second
+    # finds nothing to drop)
     reopened = Outbox(db)
     before = reopened.pending()
-    removed = reopened.remove(keccak(b"update one"))
-    removed_again = reopened.remove(keccak(b"update one"))
-    # Assert
+    book = RoundBook(reopened.rounds(), [(p.blob_id, p.round) for p in before])
+    receipt = book.receipt(keccak(b"update one"), True, "", 1)
+    reopened.save(receipt.changed, [d.update_id for d in receipt.decisions if isinstance(d, Drop)])
+    reopened.save([], [keccak(b"update one")])
+    reopened.close()
+    # Assert: what the receipt changed is written, in one transaction with the drop
+    again = Outbox(db)
     assert [(p.round, p.blob) for p in before] == [(1, b"update one"), (2, b"update two")]
-    assert removed and not removed_again
-    assert [p.blob_id for p in reopened.pending()] == [keccak(b"update two")]
-    assert [s.phase for s in reopened.rounds()] == [Phase.BUILT, Phase.BUILT]
-    assert len(reopened) == 1
+    assert [p.blob_id for p in again.pending()] == [keccak(b"update two")]
+    assert [s.phase for s in again.rounds()] == [Phase.ACCEPTED, Phase.BUILT]
+    assert len(again) == 1
+
+
+def test_a_receipt_drops_its_update_only_with_the_state_it_changes(tmp_path: Path) -> None:
+    # Prepare: a round built, its update in the outbox
+    outbox = Outbox(tmp_path / "outbox.sqlite")
+    book = RoundBook()
+    book.announced(1, b"\x00" * 32, deadline=100.0)
+    book.charged(1, ledger_index=0, readings=128)
+    (built,) = book.built(1, keccak(b"update one"), _record(1), 0.0).changed
+    outbox.build(built, "t/updates/a", b"update one")
+    unwritable = replace(built, phase=Phase.ACCEPTED, model_hash=object())  # type: ignore[arg-type]
+
+    # Execute: the receipt's state cannot be written
+    with pytest.raises(sqlite3.Error):
+        outbox.save([unwritable], [keccak(b"update one")])
+
+    # Assert: nor is the update dropped: the next receipt will drop it
+    assert [p.blob for p in outbox.pending()] == [b"update one"]
+    assert [s.phase for s in outbox.rounds()] == [Phase.BUILT]
 
 
 # -- inclusion proofs: a device checks that the proof is for its own update ----------------
