@@ -7,8 +7,9 @@ bounded backoff, while a receipt is missing. Beside it, in the same file, each r
 (:class:`truscl.agent.rounds.RoundState`) is kept, so a restart resumes every round where it
 was: which rounds were charged, each update's id and the record its inclusion proof must prove.
 A round becomes ``built`` and its update enters the outbox in one transaction, so a restart
-never finds one without the other; likewise a receipt's round state and its update leaving. SQLite in WAL mode with ``synchronous=FULL`` makes each
-write durable when it returns, and lets ``truscl agent status`` read while the agent writes.
+never finds one without the other; likewise a receipt's round state and its update leaving.
+SQLite in WAL mode with ``synchronous=FULL`` makes each write durable when it returns, and lets
+``truscl agent status`` read while the agent writes.
 """
 
 from __future__ import annotations
