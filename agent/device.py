@@ -318,7 +318,8 @@ class DeviceAgent:
         self._context_digest = digest
 
     def _on_model(self, payload: bytes) -> None:
-        model = envelope.decode(payload, "model", SPEC_MAX_BYTES)
+        # bounded by the largest task's: the spec may not be known yet, and the hash is checked
+        model = envelope.decode(payload, "model", MAX_MESSAGE_LIMIT)
         round_no, model_hash = model["round"], model["model_hash"]
         if keccak(model["params"]) != model_hash:
             raise ProtocolError(f"model {round_no} does not match its hash")

@@ -68,3 +68,29 @@ def test_roles_as_services_complete_a_task_across_an_owner_restart(
         assert (partials / f"{round_no}.partial").stat().st_mode & 0o777 == 0o600  # once each
     for index in range(2):
         assert "round 3 update included on chain" in fleet.log(f"device-{index}")
+
+
+def test_a_task_whose_model_outgrows_a_spec_message_runs_end_to_end(
+    anvil: str, tmp_path: Path
+) -> None:
+    # Prepare: 10,003 parameters (over four features, (4 + 2) * 1667 + 1): the released model
+    # is 80 KB, over the 64 KiB of a spec message, and each update three ciphertexts, 197 KB,
+    # two chunks of the task's 128 KiB messages
+    terms = {"rounds": 2, "quorum": 2, "model": "mlp", "hidden": [1667]}
+    fleet = Fleet(tmp_path, anvil, devices=2, terms=terms)
+    try:
+        fleet.start()
+        fleet.wait_for_model(2)
+        report = fleet.audit()
+        manifest = fleet.archive.round(fleet.task, 2)
+        archived = [fleet.archive.update(ident)[0] for ident in manifest.updates]
+    finally:
+        codes = fleet.close()
+
+    # Assert: each device took the model of round 1 from the broker, trained on it and had its
+    # round 2 update counted; the rounds hold up to the audit
+    assert codes == dict.fromkeys(codes, 0), fleet.logs()
+    assert (report.verified, report.total) == (2, 2), report.as_dict()
+    assert len(archived) == 2 and all(len(blob) > 3 * 65_000 for blob in archived)
+    for index in range(2):
+        assert "round 2 update included on chain" in fleet.log(f"device-{index}")

@@ -10,8 +10,18 @@ import pytest
 from harness import synthetic_readings
 
 from truscl.errors import ConfigError
+from truscl.hashing import keccak
 from truscl.server.owner import task_privacy
-from truscl.task import MAX_PARAMS, DpTerms, TaskSpec, load_task_file
+from truscl.task import (
+    MAX_MESSAGE_LIMIT,
+    MAX_PARAMS,
+    DpTerms,
+    TaskSpec,
+    load_task_file,
+    max_params,
+)
+from truscl.wire import envelope
+from truscl.wire.model import model_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "0x" + "ab" * 32
@@ -78,17 +88,39 @@ def test_a_derived_feature_without_a_natural_range_needs_one(tmp_path: Path) -> 
         load(path)
 
 
-def test_a_model_too_large_for_a_model_message_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("max_message", [64 * 1024, 128 * 1024])
+def test_a_model_fits_one_message_of_the_task_or_is_refused(
+    tmp_path: Path, max_message: int
+) -> None:
     path = tmp_path / "task.toml"
     text = (ROOT / "deploy" / "tasks" / "mlp.toml").read_text()
-    path.write_text(text.replace("hidden = [8, 4]", "hidden = [2000]"))
-
-    with pytest.raises(ConfigError) as refused:
-        load(path)
-
-    assert f"the mlp model has 16001 parameters; a task allows at most {MAX_PARAMS}" in str(
-        refused.value
+    path.write_text(
+        f"max_message = {max_message}\n" + text.replace("hidden = [8, 4]", "hidden = [2000]")
     )
+    n_params = 6 * 2000 + 2000 + 2000 + 1
+
+    if max_params(max_message) < n_params:
+        with pytest.raises(ConfigError) as refused:
+            load(path)
+        assert (
+            f"the mlp model has {n_params} parameters; a task with max_message {max_message} "
+            f"allows at most {max_params(max_message)}"
+        ) in str(refused.value)
+    else:
+        spec = load(path)
+        assert spec.n_params == n_params and spec.max_message == max_message
+        params = model_bytes(spec.make_model().init_params())
+        message = envelope.encode("model", round=0, params=params, model_hash=keccak(params))
+        assert envelope.decode(message, "model", max_message)["params"] == params
+
+
+def test_no_task_has_a_model_beyond_the_largest_message(tmp_path: Path) -> None:
+    path = tmp_path / "task.toml"
+    text = (ROOT / "deploy" / "tasks" / "mlp.toml").read_text()
+    path.write_text(f"max_message = {MAX_MESSAGE_LIMIT}\n" + text.replace("[8, 4]", "[20000]"))
+
+    with pytest.raises(ConfigError, match=f"allows at most {MAX_PARAMS} "):
+        load(path)
 
 
 def test_the_spec_keeps_the_choices_through_its_encoding() -> None:

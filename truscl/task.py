@@ -37,10 +37,17 @@ from truscl.learning.features import (
 from truscl.wire.chunking import DEFAULT_MAX_MESSAGE, MIN_MESSAGE
 
 MAX_MESSAGE_LIMIT = 1024 * 1024  # the largest MQTT payload a task may ask for
-SPEC_MAX_BYTES = 64 * 1024  # the largest spec (and model) message a role reads
-# The most parameters a model may have: its float64 bytes and their envelope fit in one model
-# message a role reads (SPEC_MAX_BYTES), with a kilobyte to spare for the envelope.
-MAX_PARAMS = (SPEC_MAX_BYTES - 1024) // 8
+SPEC_MAX_BYTES = 64 * 1024  # the largest spec message a role reads
+MODEL_ENVELOPE_BYTES = 1024  # a model message's bytes beyond its float64 parameters, at most
+
+
+def max_params(max_message: int) -> int:
+    """The most parameters a task of ``max_message`` may have: its model is released as one
+    message, its float64 parameters and their envelope."""
+    return (max_message - MODEL_ENVELOPE_BYTES) // 8
+
+
+MAX_PARAMS = max_params(MAX_MESSAGE_LIMIT)  # with the largest max_message a task may ask for
 
 
 @dataclass(frozen=True)
@@ -127,10 +134,11 @@ class TaskSpec:
             )
         check_names(self.features, self.label)
         n_params = self.make_model().n_params
-        if n_params > MAX_PARAMS:
+        if n_params > max_params(self.max_message):
             raise ConfigError(
-                f"the {self.model} model has {n_params} parameters; a task allows at most "
-                f"{MAX_PARAMS} (one model message of {SPEC_MAX_BYTES} bytes)"
+                f"the {self.model} model has {n_params} parameters; a task with max_message "
+                f"{self.max_message} allows at most {max_params(self.max_message)} (its model "
+                f"is one message), and max_message may be up to {MAX_MESSAGE_LIMIT} bytes"
             )
 
     @property
