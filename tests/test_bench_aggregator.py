@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.aggregator import IN_PROCESS_RUNS
+from bench.aggregator import IN_PROCESS_RUNS, ISSUE_PARAMS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +30,8 @@ def test_the_quick_benchmark_reports_throughput_and_memory_by_device_count(
     assert run.returncode == 0, run.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["aggregator_updates_per_s"] > 0
+    # the issue's update size: 10,000 parameters at least, three ciphertexts at ckks-4096
+    assert figures["params"] >= ISSUE_PARAMS and figures["ciphertexts_per_update"] == 3
     runs = figures["in_process"]["runs_updates_per_s"]  # the figure is their median
     assert len(runs) == IN_PROCESS_RUNS
     assert figures["aggregator_updates_per_s"] == sorted(runs)[len(runs) // 2]
