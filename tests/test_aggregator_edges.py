@@ -10,6 +10,7 @@ from web3 import Web3
 
 from truscl.broker import free_port
 from truscl.chain import ChainClient, EmbeddedChain
+from truscl.contracts import load_artifact
 from truscl.errors import ChainError, ProtocolError
 from truscl.server.registry import RegistryCache
 from truscl.wire import envelope, split
@@ -109,6 +110,29 @@ def test_every_call_to_an_unreachable_node_is_a_chain_error_naming_it() -> None:
         with pytest.raises(ChainError, match=url):
             call()
             pytest.fail(f"{name} did not fail")
+
+
+def test_the_registrations_read_are_those_web3_decodes_from_the_contract_events() -> None:
+    # Prepare: devices registered one block each on two deployments of the contract (the same
+    # event, two addresses); web3's own ABI decoding of the first one's events as the reference
+    chain = EmbeddedChain()
+    contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
+    other = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
+    devices = [Account.create().address for _ in range(4)]
+    for index, device in enumerate(devices):
+        (contract if index != 2 else other).register_device(device)
+    events = chain.web3().eth.contract(address=contract.address, abi=load_artifact("Truscl")["abi"])
+    head = contract.block_number()
+    # Execute
+    read = contract.registered_devices(0, head)
+    decoded = [
+        log["args"]["device"] for log in events.events.DeviceRegistered.get_logs(from_block=0)
+    ]
+    # Assert: the same devices in the same order, none of the other deployment's; a range
+    # that ends before the last registration leaves it out
+    assert read == decoded == [devices[0], devices[1], devices[3]]
+    assert contract.registered_devices(0, head - 1) == decoded[:2]
+    assert other.registered_devices(0, head) == [devices[2]]
 
 
 def test_the_registry_cache_follows_registrations_and_waits_when_the_node_is_away() -> None:

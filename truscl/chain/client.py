@@ -11,6 +11,7 @@ a service tells "the chain said no" and "the chain is away, try later" from its 
 from __future__ import annotations
 
 import ast
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -24,13 +25,14 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError
-from web3.types import Nonce, TxParams, TxReceipt
+from web3.types import FilterParams, LogReceipt, Nonce, TxParams, TxReceipt
 
 from truscl.chain.reader import TaskRecord, b32, custom_errors, update_tuple
 from truscl.chain.rpc import rpc_errors
 from truscl.contracts import load_artifact
 from truscl.errors import ChainError
 from truscl.hashing import keccak
+from truscl.wire.signing import checksum_address
 from truscl.wire.update import UpdateRecord
 
 try:
@@ -93,6 +95,7 @@ class ChainClient:
             address=Web3.to_checksum_address(address), abi=artifact["abi"]
         )
         self._errors = custom_errors(artifact["abi"])
+        self._device_registered = HexStr(self._contract.events.DeviceRegistered.topic)
         self.node = node_name(w3)
 
     @classmethod
@@ -188,19 +191,29 @@ class ChainClient:
         """Devices whose ``DeviceRegistered`` event lies in ``from_block..to_block``, in order.
 
         The contract never unregisters a device, so these events alone rebuild the registry:
-        a cache of them answers "is this a device?" without a call per question.
+        a cache of them answers "is this a device?" without a call per question. The device
+        is the event's first indexed topic, read from the raw logs: web3's decoding of each
+        event's ABI cost about 0.25 ms more a device (0.35 s for a first scan of 1,000
+        devices against 0.1 s), on the path of the updates that wait for it.
         """
-        event = self._contract.events.DeviceRegistered
         devices: list[ChecksumAddress] = []
         for start in range(from_block, to_block + 1, LOG_SPAN):
             end = min(start + LOG_SPAN - 1, to_block)
-            logs = self._read(
-                lambda start=start, end=end: list(
-                    event.get_logs(from_block=start, to_block=end)  # type: ignore[misc]
-                )
+            logs = self._read(functools.partial(self._registrations, start, end))
+            devices.extend(
+                cast(ChecksumAddress, checksum_address(bytes(log["topics"][1])[-20:]))
+                for log in logs
             )
-            devices.extend(_addr(log["args"]["device"]) for log in logs)
         return devices
+
+    def _registrations(self, from_block: int, to_block: int) -> list[LogReceipt]:
+        filter_params: FilterParams = {
+            "address": self.address,
+            "topics": [self._device_registered],
+            "fromBlock": from_block,
+            "toBlock": to_block,
+        }
+        return self._w3.eth.get_logs(filter_params)
 
     def is_registrar(self, account: str) -> bool:
         """Whether ``account`` may register devices: asked before sending, so a wrong key
