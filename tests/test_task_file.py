@@ -14,7 +14,6 @@ from truscl.hashing import keccak
 from truscl.server.owner import task_privacy
 from truscl.task import (
     MAX_MESSAGE_LIMIT,
-    MAX_PARAMS,
     DpTerms,
     TaskSpec,
     load_task_file,
@@ -119,7 +118,7 @@ def test_no_task_has_a_model_beyond_the_largest_message(tmp_path: Path) -> None:
     text = (ROOT / "deploy" / "tasks" / "mlp.toml").read_text()
     path.write_text(f"max_message = {MAX_MESSAGE_LIMIT}\n" + text.replace("[8, 4]", "[20000]"))
 
-    with pytest.raises(ConfigError, match=f"allows at most {MAX_PARAMS} "):
+    with pytest.raises(ConfigError, match=f"allows at most {max_params(MAX_MESSAGE_LIMIT)} "):
         load(path)
 
 

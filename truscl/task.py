@@ -47,9 +47,6 @@ def max_params(max_message: int) -> int:
     return (max_message - MODEL_ENVELOPE_BYTES) // 8
 
 
-MAX_PARAMS = max_params(MAX_MESSAGE_LIMIT)  # with the largest max_message a task may ask for
-
-
 @dataclass(frozen=True)
 class DpTerms:
     """Record-level DP-SGD on each device, accounted with RDP."""
