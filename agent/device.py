@@ -173,6 +173,12 @@ class DeviceAgent:
         with self._lock:
             return self.ledger.epsilon(self._spec.dp.delta)
 
+    @property
+    def models(self) -> tuple[int, ...]:
+        """The rounds whose released model this device holds, checked against the chain."""
+        with self._lock:
+            return tuple(sorted(self._models))
+
     def rounds(self) -> list[RoundState]:
         """Every round's state, as the state file holds it (any thread may ask)."""
         return self.outbox.rounds()
@@ -325,7 +331,12 @@ class DeviceAgent:
             raise ProtocolError(f"model {round_no} does not match its hash")
         if self.chain.model_hash(self.task_id, round_no) != model_hash:
             raise ProtocolError(f"model {round_no} is not the one anchored on chain")
-        self._models[round_no] = model["params"]
+        # Only the newest two are kept: the next round trains from the newest, a late update of
+        # the round it closed from the one before, and no round from an older one.
+        with self._lock:
+            self._models[round_no] = model["params"]
+            for old in sorted(self._models)[:-2]:
+                del self._models[old]
 
     def _on_round(self, payload: bytes) -> None:
         announced = envelope.decode(payload, "round", 1024)

@@ -17,6 +17,7 @@ from truscl.agent.sensors import SensorSuite
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, EmbeddedChain
 from truscl.demo import occupancy_spec
+from truscl.hashing import keccak
 from truscl.mqtt import MqttLink
 from truscl.privacy.ckks import OwnerKeys
 from truscl.sim.fleet import make_fleet
@@ -97,3 +98,50 @@ def test_forged_spec_context_and_model_are_refused(
     state.close()
     assert not (tmp_path / "device" / "privacy-ledger.json").exists()
     assert agent.epsilon() == 0.0
+
+
+def test_a_device_keeps_only_the_models_it_may_still_train_from(
+    tmp_path: Path, owner_keys: OwnerKeys
+) -> None:
+    # Prepare: a task whose rounds 1 to 3 are anchored and their models published on chain
+    chain = EmbeddedChain()
+    contract = ChainClient.deploy(chain.web3(), chain.new_account(), chain.lock)
+    aggregator = chain.new_account()
+    with Mosquitto(tmp_path / "broker") as broker:
+        owner = task_owner(chain, contract.address, owner_keys, broker)
+        spec = occupancy_spec(owner.context_hash, rounds=4, quorum=1)
+        models = [np.full(spec.n_params, float(round_no)) for round_no in range(4)]
+        owner.create_task(spec, aggregator.address, models[0])
+        anchoring = chain.client(contract.address, aggregator)
+        for round_no in (1, 2, 3):
+            digest = keccak(f"round {round_no}".encode())
+            anchoring.anchor_round(spec.task_id, round_no, digest, digest, 2)
+            owner.chain.publish_model(spec.task_id, round_no, model_hash(models[round_no]))
+        (device,) = make_fleet(1, seed=3)
+        suite = SensorSuite(device.pin_factory, device.i2c_bus)
+        agent = DeviceAgent(
+            account=chain.new_account(),
+            task=spec.task,
+            chain=chain.client(contract.address),
+            broker=broker.settings,
+            workdir=tmp_path / "device",
+            collect=lambda: [suite.read(device.now)],
+        ).start()
+        # Execute: models 1 to 3 released one after the other, as a long task releases them
+        with MqttLink("owner", broker.settings, lambda t, p: None, []) as link:
+            for round_no in (1, 2, 3):
+                params = model_bytes(models[round_no])
+                message = envelope.encode(
+                    "model", round=round_no, params=params, model_hash=keccak(params)
+                )
+                link.publish(TaskTopics(spec.task).model, message, retain=True)
+            deadline = time.monotonic() + 120  # a bound for a failure only: the wait ends on
+            while 3 not in agent.models and time.monotonic() < deadline:  # the last model
+                time.sleep(0.05)
+        held = agent.models
+        agent.stop()
+        suite.close()
+        owner.stop()
+    # Assert: the newest model (for the next round) and the one before (for a late update of
+    # the round it closed); memory does not grow with the task's rounds
+    assert held == (2, 3)
