@@ -28,6 +28,23 @@ from truscl.wire.model import model_bytes, model_hash
 pytestmark = pytest.mark.slow
 
 
+def simulated_device(
+    chain: EmbeddedChain, contract: ChainClient, task: str, broker: Mosquitto, workdir: Path
+) -> tuple[DeviceAgent, SensorSuite]:
+    """An agent of ``task`` on a simulated board (its sensors: close them after the agent)."""
+    (device,) = make_fleet(1, seed=3)
+    suite = SensorSuite(device.pin_factory, device.i2c_bus)
+    agent = DeviceAgent(
+        account=chain.new_account(),
+        task=task,
+        chain=chain.client(contract.address),
+        broker=broker.settings,
+        workdir=workdir,
+        collect=lambda: [suite.read(device.now)],
+    )
+    return agent, suite
+
+
 def test_forged_spec_context_and_model_are_refused(
     tmp_path: Path, owner_keys: OwnerKeys, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -60,16 +77,7 @@ def test_forged_spec_context_and_model_are_refused(
                 ),
                 retain=True,
             )
-            (device,) = make_fleet(1, seed=3)
-            suite = SensorSuite(device.pin_factory, device.i2c_bus)
-            agent = DeviceAgent(
-                account=chain.new_account(),
-                task=spec.task,
-                chain=chain.client(contract.address),
-                broker=broker.settings,
-                workdir=tmp_path / "device",
-                collect=lambda: [suite.read(device.now)],
-            )
+            agent, suite = simulated_device(chain, contract, spec.task, broker, tmp_path / "device")
             # Execute
             agent.start()
             refusals = (
@@ -117,16 +125,8 @@ def test_a_device_keeps_only_the_models_it_may_still_train_from(
             digest = keccak(f"round {round_no}".encode())
             anchoring.anchor_round(spec.task_id, round_no, digest, digest, 2)
             owner.chain.publish_model(spec.task_id, round_no, model_hash(models[round_no]))
-        (device,) = make_fleet(1, seed=3)
-        suite = SensorSuite(device.pin_factory, device.i2c_bus)
-        agent = DeviceAgent(
-            account=chain.new_account(),
-            task=spec.task,
-            chain=chain.client(contract.address),
-            broker=broker.settings,
-            workdir=tmp_path / "device",
-            collect=lambda: [suite.read(device.now)],
-        ).start()
+        agent, suite = simulated_device(chain, contract, spec.task, broker, tmp_path / "device")
+        agent.start()
         # Execute: models 1 to 3 released one after the other, as a long task releases them
         with MqttLink("owner", broker.settings, lambda t, p: None, []) as link:
             for round_no in (1, 2, 3):
