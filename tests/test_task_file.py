@@ -87,30 +87,37 @@ def test_a_derived_feature_without_a_natural_range_needs_one(tmp_path: Path) -> 
         load(path)
 
 
-@pytest.mark.parametrize("max_message", [64 * 1024, 128 * 1024])
-def test_a_model_fits_one_message_of_the_task_or_is_refused(
-    tmp_path: Path, max_message: int
-) -> None:
+def big_mlp_task(tmp_path: Path, max_message: int) -> Path:
+    """The example MLP task with 16,001 parameters (hidden layer of 2,000) and ``max_message``."""
     path = tmp_path / "task.toml"
     text = (ROOT / "deploy" / "tasks" / "mlp.toml").read_text()
     path.write_text(
         f"max_message = {max_message}\n" + text.replace("hidden = [8, 4]", "hidden = [2000]")
     )
-    n_params = 6 * 2000 + 2000 + 2000 + 1
+    return path
 
-    if max_params(max_message) < n_params:
-        with pytest.raises(ConfigError) as refused:
-            load(path)
-        assert (
-            f"the mlp model has {n_params} parameters; a task with max_message {max_message} "
-            f"allows at most {max_params(max_message)}"
-        ) in str(refused.value)
-    else:
-        spec = load(path)
-        assert spec.n_params == n_params and spec.max_message == max_message
-        params = model_bytes(spec.make_model().init_params())
-        message = envelope.encode("model", round=0, params=params, model_hash=keccak(params))
-        assert envelope.decode(message, "model", max_message)["params"] == params
+
+def test_a_model_larger_than_one_message_of_the_task_is_refused_with_the_limit(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(big_mlp_task(tmp_path, 64 * 1024))
+
+    assert max_params(64 * 1024) == 8064
+    assert (
+        "the mlp model has 16001 parameters; a task with max_message 65536 allows at most 8064"
+        in str(refused.value)
+    )
+
+
+def test_the_same_model_is_one_message_of_a_task_with_larger_messages(tmp_path: Path) -> None:
+    spec = load(big_mlp_task(tmp_path, 128 * 1024))
+
+    # the model message as the owner releases it, read within the task's bound
+    params = model_bytes(spec.make_model().init_params())
+    message = envelope.encode("model", round=0, params=params, model_hash=keccak(params))
+    assert spec.n_params == 16001 and len(message) <= spec.max_message
+    assert envelope.decode(message, "model", spec.max_message)["params"] == params
 
 
 def test_no_task_has_a_model_beyond_the_largest_message(tmp_path: Path) -> None:
