@@ -10,6 +10,17 @@ is anchored, anchored before its aggregate goes to the owner, and anchoring chec
 first, so neither a retry nor a restart anchors a round twice, loses an accepted update or
 counts one twice (see :mod:`server.journal`).
 
+One task's aggregator may run as several shards, one process each (``Shard``): they take the
+task's updates from one MQTT 5 shared subscription, so the broker hands each whole update to one
+of them, and they share the archive and the journal. The journal is their one decision point
+(see :mod:`server.journal`): a shard asks it whether another shard counted a device's update
+already, and its constraints refuse the commit of a shard that raced another. Shard 0 alone
+opens, closes, anchors and delivers rounds; it closes one by marking it closing in the journal,
+the other shards hand in their partial sums there, and shard 0 merges them
+(:func:`server.rounds.merge`: the root and the aggregate's hash one aggregator would have made).
+A shard takes whole updates only: a task whose updates travel in several chunks cannot be
+sharded (mosquitto would hand the chunks of one update to different shards).
+
 An unreachable node is a reason to wait, never to refuse: updates that need the registry wait
 (bounded) until it answers, and closed rounds are anchored and delivered with exponential
 backoff and full jitter. Every refused message and chunk is logged and counted by reason in
@@ -47,14 +58,16 @@ from truscl.server.rounds import (
     ClosedRound,
     OpenRound,
     Parsed,
+    PartialRound,
     Rejected,
     RejectReason,
     RoundTerms,
+    merge,
 )
 from truscl.systemd import Heartbeat, worker_items
 from truscl.task import MAX_MESSAGE_LIMIT, SPEC_MAX_BYTES, TaskSpec
 from truscl.wire import Domain, Reassembler, TaskTopics, envelope
-from truscl.wire.chunking import ChunkRejected, split
+from truscl.wire.chunking import CHUNK_OVERHEAD, ChunkRejected, split
 from truscl.wire.receipt import Receipt
 from truscl.wire.update import MAX_UPDATE_BYTES
 
@@ -89,6 +102,11 @@ INBOX_MAX_BYTES = 4 * 1024 * 1024
 # 807-893 with two: bench/aggregator.py).
 PARSE_THREADS = 1
 PARSE_AHEAD = 8
+# How often shard 0 of a sharded aggregator reads the round's tally of every shard from the
+# journal (a query over its rows): it paces the early close, it decides nothing.
+TALLY_EVERY_S = 0.1
+# What an update's CBOR holds beyond its ciphertext (its other fields and their keys) at most.
+UPDATE_FIELDS_BYTES = 1024
 
 
 class DeliveryPending(TrusclError, RuntimeError):
@@ -101,6 +119,10 @@ class DeliveryFailed(TrusclError, ConnectionError):
 
 class StorageFailed(TrusclError, OSError):
     """Accepted updates could not be archived or journaled: they get no receipt."""
+
+
+class ShardsDisagree(TrusclError, RuntimeError):
+    """The shards' partial sums of a round do not hold the updates the journal counted."""
 
 
 class Inbox:
@@ -167,6 +189,31 @@ class RoundStats:
     rejections: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which of a task's ``count`` aggregator processes this is; shard 0 leads."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ConfigError(f"shard {self.index} of {self.count} does not exist")
+
+    @property
+    def leads(self) -> bool:
+        return self.index == 0
+
+    @property
+    def shared(self) -> bool:
+        return self.count > 1
+
+    def owns(self, counted_by: int) -> bool:
+        """Whether this shard rebuilds an update that ``counted_by`` counted: its own, and, for
+        shard 0, those of shards that no longer run (the task now has fewer)."""
+        return counted_by == self.index or (self.leads and counted_by >= self.count)
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter: after the n-th failure in a row, wait a uniformly
@@ -218,6 +265,7 @@ class Aggregator:
         heartbeat: Heartbeat | None = None,
         rng: random.Random | None = None,
         registry: RegistryCache | None = None,
+        shard: Shard | None = None,
     ) -> None:
         task = task or (spec.task if spec is not None else None)
         if task is None:
@@ -227,6 +275,7 @@ class Aggregator:
         self.chain = chain
         self.archive = archive
         self.expected = expected
+        self.shard = shard or Shard()
         self.stats: dict[int, RoundStats] = {}
         self.rejections: Counter[str] = Counter()  # refused messages and chunks, by reason
         self.spec: TaskSpec  # set by _adopt, before any update is looked at
@@ -241,6 +290,8 @@ class Aggregator:
         self._registry = registry if registry is not None else RegistryCache(chain)
         rng = rng or random.Random()
         self._open: OpenRound | None = None
+        self._merging: OpenRound | None = None  # shard 0: closing, waiting for partials
+        self._tallied_at = 0.0
         self._closing: deque[ClosedRound] = deque()  # closed, not yet delivered: oldest first
         self._closing_retry = Backoff(rng)
         self._deliveries: dict[int, list[paho.MQTTMessageInfo]] = {}
@@ -268,17 +319,15 @@ class Aggregator:
         self._stashed_model: bytes | None = None
         self._inbox = Inbox(INBOX_MAX_BYTES)
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
+        updates = self.topics.shared_updates if self.shard.shared else self.topics.all_updates
+        terms = [self.topics.model, self.topics.spec, f"{self.topics.context}/+"]
         self._link = MqttLink(
-            f"truscl-aggregator-{self.task[2:10]}",
+            f"truscl-aggregator-{self.task[2:10]}"
+            + (f"-{self.shard.index}" if self.shard.index else ""),
             broker,
             on_message=self.receive,
             on_connected=lambda: self._inbox.put((_CONNECTED, b"")),
-            subscriptions=[
-                self.topics.all_updates,
-                self.topics.model,
-                self.topics.spec,
-                f"{self.topics.context}/+",
-            ],
+            subscriptions=[updates, *(terms if self.shard.leads else [])],
         )
         if spec is not None and public_context is not None:
             if keccak(public_context).hex() != spec.context_hash.removeprefix("0x"):
@@ -286,6 +335,11 @@ class Aggregator:
             self._adopt(spec, public_context)
         else:
             self._adopt_archived()
+        if not self.shard.leads and not self.has_terms:
+            raise ConfigError(
+                f"shard {self.shard.index} takes the task's terms from the archive, which has "
+                "none the chain vouches for yet: start shard 0 first"
+            )
 
     @property
     def has_terms(self) -> bool:
@@ -303,6 +357,13 @@ class Aggregator:
             max_message=spec.max_message, max_blob=MAX_UPDATE_BYTES, max_total=REASSEMBLY_MAX_BYTES
         )
         self._link.max_message = spec.max_message
+        whole = self._vectors.max_bytes + UPDATE_FIELDS_BYTES + CHUNK_OVERHEAD
+        if self.shard.shared and spec.max_message < whole:
+            raise ConfigError(
+                f"a sharded aggregator takes whole updates, but task {spec.task} sends its "
+                f"updates of up to {whole} bytes in messages of {spec.max_message}: run one "
+                "shard, or give the task a max_message of at least that"
+            )
         self.archive.put_task(spec.task, spec.encode(), public_context)
         self._journal = Journal(self._journal_path, spec.task)
         self._recover()
@@ -322,7 +383,11 @@ class Aggregator:
     def _recover(self) -> None:
         """Rebuild what the journal says was under way: the rounds closed but not delivered
         (queued to be anchored and delivered) and the open round, each from its journaled
-        updates as archived, in the order they were accepted."""
+        updates as archived, in the order they were accepted (of the open round, those this
+        shard counted). A shard other than shard 0 takes up only the open round."""
+        if not self.shard.leads:
+            self._follow()
+            return
         for journaled in self._journal.rounds("closed", "anchored"):
             closed = self._rebuild(journaled).close()
             self._closing.append(closed)
@@ -332,21 +397,31 @@ class Aggregator:
         if delivered:
             self._last_closed = max(self._last_closed, delivered[-1].round)
         for journaled in self._journal.rounds("open"):
-            self._open = self._rebuild(journaled)
-            self._announcement = _announcement(
-                journaled.round, journaled.model_hash, journaled.deadline
-            )
+            round_ = self._rebuild(journaled, self.shard.owns)
             log.info(
                 "aggregator: round %d resumed with %d updates, open until %.0f",
                 journaled.round,
-                self._open.participants,
+                round_.participants,
                 journaled.deadline,
             )
+            if self._journal.is_closing(journaled.round):
+                self._start_merge(round_)  # merged on a tick, once every shard handed in
+                continue
+            self._open = round_
+            self._announcement = _announcement(
+                journaled.round, journaled.model_hash, journaled.deadline
+            )
 
-    def _rebuild(self, journaled: JournaledRound) -> OpenRound:
+    def _rebuild(
+        self, journaled: JournaledRound, counted_by: Callable[[int], bool] = lambda _: True
+    ) -> OpenRound:
+        """``journaled`` from its updates as archived: those of the shards ``counted_by``
+        names (every shard's, of a round that closed)."""
         round_ = self._new_round(journaled.round, journaled.deadline)
         stats = self.stats[journaled.round]
         for entry in self._journal.updates(journaled.round):
+            if not counted_by(entry.shard):
+                continue
             blob, update = self.archive.update(entry.blob)  # checked against its name
             parsed = Parsed.of_update(update, self._domain, self._vectors)
             decision = round_.offer(blob, journaled=True, parsed=parsed)
@@ -377,7 +452,19 @@ class Aggregator:
         previous = {u.device: bytes.fromhex(u.blob) for u in before if u.made_for == round_no - 1}
         self.stats[round_no] = RoundStats(round_no)
         self._deadline_logged = False
-        return OpenRound(terms, self._domain, self._context, self._registry.known, previous)
+
+        def counted_elsewhere(device: str, made_for: int) -> bytes | None:
+            blob = self._journal.counted(round_no, device, made_for)
+            return None if blob is None else bytes.fromhex(blob)
+
+        return OpenRound(
+            terms,
+            self._domain,
+            self._context,
+            self._registry.known,
+            previous,
+            counted_elsewhere if self.shard.shared else None,
+        )
 
     def _on_terms(self, topic: str, payload: bytes) -> None:
         """A retained spec or context chunk, before the terms are known: checked like a device
@@ -574,6 +661,8 @@ class Aggregator:
         """Decide on one whole update (``ident``: its checked id; ``parsed``: its parse,
         when made already); False if it has to wait (and now waits). An accepted update is
         staged: :meth:`_commit` makes it durable and sends its receipt."""
+        if self._open is None and not self.shard.leads:
+            self._take_open_round()  # shard 0 may have opened one since the last look
         if self._open is None:
             if self.spec.late_updates and self._last_closed < self.spec.rounds:
                 self._hold(sender, ident, blob)  # the next round decides: it may count it
@@ -615,7 +704,11 @@ class Aggregator:
                 self._journal.accept_many(
                     [
                         JournaledAcceptance(
-                            a.counted_in, a.blob_id.hex(), a.update.device, a.update.round
+                            a.counted_in,
+                            a.blob_id.hex(),
+                            a.update.device,
+                            a.update.round,
+                            self.shard.index,
                         )
                         for a in staged
                     ]
@@ -623,7 +716,7 @@ class Aggregator:
             except (OSError, sqlite3.Error) as exc:
                 journaled = self._journal.round(self._open.terms.round)
                 assert journaled is not None
-                self._open = self._rebuild(journaled)
+                self._open = self._rebuild(journaled, self.shard.owns)
                 raise StorageFailed(
                     f"{len(staged)} accepted updates could not be stored, so they get no receipt "
                     f"(their devices send them again): {exc}"
@@ -738,25 +831,28 @@ class Aggregator:
         return self._link.publish(topic, payload, retain)
 
     def _tick(self) -> None:
+        if not self.shard.leads:
+            self._follow()
+            self._release_held()
+            return
         self._take_model()
         self._repeat_aggregate()
         self._release_held()
+        self._try_merge()
         self._finish_closed()
         if self._open is None:
             return
         now = self._clock()
-        if self._open.ready(now):
+        if self._ready(now):
             self._settle(every=True)  # what came before the close is decided before it
             self._commit()  # the round's updates are durable before it closes
-            closed = self._open.close()
-            self.archive.put(closed.aggregate)
-            self._journal.set_state(closed.round, "closed")
-            self._open = None
-            self._last_closed = closed.round
-            self._closing.append(closed)
-            self._closing_retry.succeeded()
-            self._finish_closed()
-            self._release_held()  # late updates wait for the next round now
+            if self.shard.shared:
+                self._journal.mark_closing(self._open.terms.round)
+                self._start_merge(self._open)
+                self._open = None
+                self._try_merge()
+            else:
+                self._closed(self._open.close())
         elif now >= self._open.terms.deadline and not self._deadline_logged:
             self._deadline_logged = True
             log.warning(
@@ -765,6 +861,95 @@ class Aggregator:
                 self._open.participants,
                 self.spec.quorum,
             )
+
+    def _ready(self, now: float) -> bool:
+        """Whether the open round may close; of a sharded aggregator, by every shard's tally
+        (read from the journal at most every ``TALLY_EVERY_S``)."""
+        assert self._open is not None
+        if not self.shard.shared:
+            return self._open.ready(now)
+        if time.monotonic() - self._tallied_at < TALLY_EVERY_S:
+            return False
+        self._tallied_at = time.monotonic()
+        return self._open.ready(now, self._journal.tally(self._open.terms.round))
+
+    def _closed(self, closed: ClosedRound) -> None:
+        """A round closed: its aggregate archived and journaled, then anchored and delivered."""
+        self.archive.put(closed.aggregate)
+        self._journal.set_state(closed.round, "closed")
+        self._open = None
+        self._last_closed = closed.round
+        self._closing.append(closed)
+        self._closing_retry.succeeded()
+        self._finish_closed()
+        self._release_held()  # late updates wait for the next round now
+
+    def _start_merge(self, round_: OpenRound) -> None:
+        """Shard 0 closes ``round_`` (marked closing in the journal): it counts no more in it
+        and hands in its own partial sum; :meth:`_try_merge` merges them all once every shard
+        has."""
+        self._journal.put_partial(round_.terms.round, 0, round_.partial().encode())
+        self._merging = round_
+        self._last_closed = round_.terms.round
+        log.info("aggregator: round %d closing; waiting for the shards' partial sums",
+                 round_.terms.round)  # fmt: skip
+
+    def _try_merge(self) -> None:
+        """The closing round, merged, once every shard has handed in its partial sum."""
+        if self._merging is None:
+            return
+        round_no = self._merging.terms.round
+        handed = {
+            shard: partial
+            for shard, partial in self._journal.partials(round_no).items()
+            if shard < self.shard.count  # a shard no longer run: shard 0 counted its updates
+        }
+        if len(handed) < self.shard.count:
+            return
+        closed = merge(
+            [PartialRound.decode(partial) for partial in handed.values()],
+            self._context,
+            self.spec.n_params,
+        )
+        counted = {u.blob for u in self._journal.updates(round_no)}
+        if {a.blob_id.hex() for a in closed.accepted} != counted:
+            raise ShardsDisagree(
+                f"round {round_no}: the shards' partial sums hold {len(closed.accepted)} "
+                f"updates, the journal counted {len(counted)}"
+            )
+        self._merging = None
+        self.stats[round_no].participants = len(closed.accepted)
+        self._closed(closed)
+
+    def _follow(self) -> None:
+        """A shard other than 0 follows the rounds shard 0 keeps in the journal: once shard 0
+        closes the open round, it hands in its partial sum of it, then counts in the next."""
+        if self._open is not None and self._journal.is_closing(self._open.terms.round):
+            self._settle(every=True)
+            self._commit()
+            round_ = self._open
+            partial = round_.partial()
+            self._journal.put_partial(round_.terms.round, self.shard.index, partial.encode())
+            self._open = None
+            self._last_closed = round_.terms.round
+            log.info("aggregator: shard %d handed in round %d with %d updates",
+                     self.shard.index, round_.terms.round, len(partial.accepted))  # fmt: skip
+        if self._open is None:
+            self._take_open_round()
+
+    def _take_open_round(self) -> None:
+        """The round shard 0 opened, if this shard has not handed in its partial sum of it
+        yet: rebuilt from what this shard counted in it before a restart, if anything."""
+        for journaled in self._journal.rounds("open"):
+            if journaled.round <= self._last_closed:
+                continue
+            if self.shard.index in self._journal.handed_in(journaled.round):
+                self._last_closed = journaled.round
+                continue
+            self._open = self._rebuild(journaled, self.shard.owns)
+            log.info("aggregator: shard %d counts in round %d", self.shard.index, journaled.round)
+            return
+        self._last_closed = max(self._last_closed, self._journal.last_round())
 
     def _finish_closed(self) -> None:
         """Anchor and deliver the closed rounds, oldest first, retrying with backoff."""

@@ -3,19 +3,30 @@
 It serves one task: it checks that the chain names this service's key as the task's aggregator,
 takes the task's terms from its archive or the broker (checked against the chain), then opens a
 round for every model the owner releases, until the task's last round or SIGTERM.
+
+With ``workers = N`` (N > 1) the task's updates are shared by N processes (shards: see
+:mod:`server.aggregator`): this one is shard 0, and once it has the terms it starts shards 1 to
+N-1 as its children. They die with it (``PR_SET_PDEATHSIG``); if one of them ends, the service
+stops with an error, so that systemd restarts it whole.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
+import multiprocessing.connection
+import signal
 import threading
 from contextlib import ExitStack
+from multiprocessing.process import BaseProcess
 
+from truscl import logs
 from truscl.chain import ChainClient
 from truscl.chain.rpc import connect
-from truscl.errors import ConfigError
+from truscl.errors import ConfigError, TrusclError
 from truscl.keyfile import load_account
-from truscl.server.aggregator import Aggregator
+from truscl.server.aggregator import Aggregator, Shard
 from truscl.server.archive import Archive
 from truscl.server.config import AggregatorConfig
 from truscl.server.figures import TaskFigureReader
@@ -25,7 +36,15 @@ from truscl.systemd import Heartbeat, supervise
 log = logging.getLogger(__name__)
 
 
-def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
+PR_SET_PDEATHSIG = 1  # prctl(2)
+SHARD_STOP_S = 15.0  # a shard that has not stopped this long after SIGTERM is killed
+
+
+class ShardFailed(TrusclError, RuntimeError):
+    """A shard of the aggregator ended while the service ran."""
+
+
+def _aggregator(config: AggregatorConfig, shard: Shard, heartbeat: Heartbeat) -> Aggregator:
     account = load_account(config.key)
     chain = ChainClient.at(connect(config.chain.rpc), config.chain.contract, account)
     record = chain.task(bytes.fromhex(config.task[2:]))
@@ -34,15 +53,22 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
             f"task {config.task} names {record.aggregator} as its aggregator, "
             f"but {config.key} holds the key of {account.address}"
         )
-    heartbeat = Heartbeat("aggregator")
-    aggregator = Aggregator(
+    return Aggregator(
         task=config.task,
         chain=chain,
         archive=Archive(config.archive),
         broker=config.broker,
         expected=config.expected_devices,
         heartbeat=heartbeat,
+        shard=shard,
     )
+
+
+def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
+    heartbeat = Heartbeat("aggregator")
+    aggregator = _aggregator(config, Shard(0, config.workers), heartbeat)
+    shards: list[BaseProcess] = []
+    failed: list[str] = []
     with ExitStack() as running:
         if config.metrics is not None:
             reader = TaskFigureReader(  # a connection of its own; read-only: no key
@@ -52,8 +78,75 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
             )
             running.enter_context(status_server(reader, config.metrics))
         aggregator.start()  # connected to the broker when it returns
+        running.callback(_stop_shards, shards)
+        if config.workers > 1:
+            while not aggregator.wait_for_terms(1.0):  # the shards read them from the archive
+                if stop.is_set():
+                    break
+            else:
+                shards.extend(_start_shards(config))
+                threading.Thread(
+                    target=_watch_shards, args=(shards, stop, failed), daemon=True
+                ).start()
         try:
             supervise(stop, [heartbeat], status=f"serving task {config.task}")
         finally:
             aggregator.stop()
             log.info("aggregator: stopped")
+    if failed:
+        raise ShardFailed(failed[0])
+
+
+def _start_shards(config: AggregatorConfig) -> list[BaseProcess]:
+    context = multiprocessing.get_context("spawn")  # this process has threads: no fork
+    level, fmt = logs.current()
+    shards: list[BaseProcess] = []
+    for index in range(1, config.workers):
+        shard = context.Process(
+            target=_run_shard,
+            args=(config, index, level, fmt),
+            name=f"truscl-aggregator-shard-{index}",
+        )
+        shard.start()
+        shards.append(shard)
+    log.info("aggregator: started shards 1 to %d", config.workers - 1)
+    return shards
+
+
+def _watch_shards(shards: list[BaseProcess], stop: threading.Event, failed: list[str]) -> None:
+    """Stop the service if a shard ends while it runs."""
+    multiprocessing.connection.wait([shard.sentinel for shard in shards])
+    if stop.is_set():
+        return
+    ended = next(shard for shard in shards if not shard.is_alive())
+    failed.append(f"{ended.name} ended with code {ended.exitcode}; the service stops to restart")
+    log.error("aggregator: %s", failed[0])
+    stop.set()
+
+
+def _stop_shards(shards: list[BaseProcess]) -> None:
+    for shard in shards:
+        if shard.is_alive():
+            shard.terminate()  # SIGTERM: it stops as the service would
+    for shard in shards:
+        shard.join(SHARD_STOP_S)
+        if shard.is_alive():
+            shard.kill()
+            shard.join()
+
+
+def _run_shard(config: AggregatorConfig, index: int, level: str, fmt: str) -> None:
+    """A shard's process: it serves the task's updates until SIGTERM or its parent's end."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    logs.configure(level, fmt)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    shard = _aggregator(config, Shard(index, config.workers), Heartbeat(f"shard-{index}"))
+    shard.start()
+    try:
+        while not stop.wait(1.0) and shard.alive:
+            pass
+    finally:
+        shard.stop()
+        log.info("aggregator: shard %d stopped", index)

@@ -17,6 +17,7 @@ from truscl.wire.keyholders import check_holder_name
 
 HE_MODES = ("threshold", "single-key")
 OWNER_HOLDER = "owner"  # the owner's name as a key holder: its broker identity
+MAX_WORKERS = 64  # aggregator processes of one task: more would only contend for the journal
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,8 @@ class AggregatorConfig:
     chain: ChainSettings
     # [metrics]: where to serve /metrics and the status page at / (absent: off)
     metrics: MetricsSettings | None = None
+    # [aggregator] workers: processes sharing the task's updates (server.aggregator.Shard)
+    workers: int = 1
 
     @classmethod
     def load(cls, path: Path) -> AggregatorConfig:
@@ -162,8 +165,11 @@ class AggregatorConfig:
             broker=reader.broker(),
             chain=ChainSettings.read(reader),
             metrics=MetricsSettings.read(reader, explorer=True),
+            workers=reader.take(aggregator, "aggregator.workers", int, 1),
         )
         reader.no_leftovers()
         if config.expected_devices < 0:
             raise reader.fail("expected_devices must not be negative")
+        if not 1 <= config.workers <= MAX_WORKERS:
+            raise reader.fail(f"aggregator.workers must be from 1 to {MAX_WORKERS}")
         return config

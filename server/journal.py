@@ -18,6 +18,13 @@ flush each, and a count lost to a power cut promises nothing to anyone.
 Round states, in order: ``open`` (taking updates), ``closed`` (its updates are final; queued to
 be anchored), ``anchored`` (on chain; the manifest, the aggregate and the inclusion proofs are
 still to be published), ``delivered``.
+
+A task's aggregator may run as several shards, one process each, that share this file (see
+:mod:`server.aggregator`). It is their one decision point: each accepted update is journaled
+with the shard that counted it, and the ``UNIQUE`` constraints refuse the commit of a shard that
+counted an update (or a device's update for a round) that another shard committed first. To
+close an open round, shard 0 marks it ``closing``; every other shard then stops counting in it
+and hands in its partial sum here (``partials``), which shard 0 merges.
 """
 
 from __future__ import annotations
@@ -46,9 +53,19 @@ CREATE TABLE IF NOT EXISTS accepted (
     blob     TEXT NOT NULL,                   -- archive id (keccak hex) of the signed update
     device   TEXT NOT NULL,                   -- checksum address of its signer
     made_for INTEGER NOT NULL,                -- the round it was made for (round - 1 if late)
+    shard    INTEGER NOT NULL DEFAULT 0,      -- the aggregator shard that counted it
     PRIMARY KEY (round, seq),
     UNIQUE (round, blob),
     UNIQUE (round, device, made_for)
+);
+CREATE TABLE IF NOT EXISTS closing (
+    round    INTEGER PRIMARY KEY REFERENCES rounds(round)  -- shard 0 is closing it
+);
+CREATE TABLE IF NOT EXISTS partials (
+    round    INTEGER NOT NULL REFERENCES rounds(round),
+    shard    INTEGER NOT NULL,
+    partial  BLOB NOT NULL,                   -- rounds.PartialRound.encode(): no more counted
+    PRIMARY KEY (round, shard)
 );
 CREATE TABLE IF NOT EXISTS rejected (
     round   INTEGER NOT NULL,                 -- the open round, else the last one closed (or 0)
@@ -59,6 +76,9 @@ CREATE TABLE IF NOT EXISTS rejected (
 """
 
 STATES = ("open", "closed", "anchored", "delivered")
+# How long a write waits for another shard's transaction before it fails (sqlite3.Error: the
+# updates of that commit get no receipt and are sent again).
+BUSY_TIMEOUT_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,7 @@ class JournaledAcceptance:
     blob: str
     device: str
     made_for: int
+    shard: int = 0
 
 
 @dataclass(frozen=True)
@@ -83,18 +104,23 @@ class JournaledUpdate:
     blob: str
     device: str
     made_for: int
+    shard: int = 0
 
 
 class Journal:
-    """The journal of one task's rounds (one file, one writer: the aggregator's worker)."""
+    """The journal of one task's rounds (one file; one writer per aggregator shard)."""
 
     def __init__(self, path: Path, task: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")  # shards take turns
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(accepted)")}
+        if "shard" not in columns:  # a journal of a release before shards: all shard 0's
+            self._db.execute("ALTER TABLE accepted ADD COLUMN shard INTEGER NOT NULL DEFAULT 0")
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             row = self._db.execute("SELECT id FROM task").fetchone()
@@ -103,6 +129,7 @@ class Journal:
             elif row[0] != task.lower():
                 raise ProtocolError(f"journal {path} belongs to task {row[0]}, not {task}")
         self._tally = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._tally.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._tally.execute("PRAGMA synchronous=NORMAL")
 
     @classmethod
@@ -134,10 +161,58 @@ class Journal:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
-                "INSERT INTO accepted (round, seq, blob, device, made_for) VALUES "
-                "(?, (SELECT COUNT(*) FROM accepted WHERE round = ?), ?, ?, ?)",
-                [(a.round, a.round, a.blob, a.device, a.made_for) for a in accepted],
+                "INSERT INTO accepted (round, seq, blob, device, made_for, shard) VALUES "
+                "(?, (SELECT COUNT(*) FROM accepted WHERE round = ?), ?, ?, ?, ?)",
+                [(a.round, a.round, a.blob, a.device, a.made_for, a.shard) for a in accepted],
             )
+
+    def counted(self, round_no: int, device: str, made_for: int) -> str | None:
+        """The blob id of the update of ``device`` made for ``made_for`` that ``round_no``
+        counted, if any (whichever shard counted it)."""
+        row = self._db.execute(
+            "SELECT blob FROM accepted WHERE round = ? AND device = ? AND made_for = ?",
+            (round_no, device, made_for),
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def tally(self, round_no: int) -> tuple[int, frozenset[str]]:
+        """How many updates ``round_no`` counted, and the devices whose update made for it is
+        among them, over every shard."""
+        rows = self._db.execute(
+            "SELECT device, made_for FROM accepted WHERE round = ?", (round_no,)
+        ).fetchall()
+        return len(rows), frozenset(device for device, made_for in rows if made_for == round_no)
+
+    def mark_closing(self, round_no: int) -> None:
+        """Shard 0 closes ``round_no``: the other shards count no more in it."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR IGNORE INTO closing (round) VALUES (?)", (round_no,))
+
+    def is_closing(self, round_no: int) -> bool:
+        row = self._db.execute("SELECT 1 FROM closing WHERE round = ?", (round_no,)).fetchone()
+        return row is not None
+
+    def put_partial(self, round_no: int, shard: int, partial: bytes) -> None:
+        """A shard's partial sum of a closing round; a shard hands in one (the first stays)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT OR IGNORE INTO partials (round, shard, partial) VALUES (?, ?, ?)",
+                (round_no, shard, partial),
+            )
+
+    def handed_in(self, round_no: int) -> set[int]:
+        """The shards that handed in their partial sum of ``round_no``."""
+        rows = self._db.execute("SELECT shard FROM partials WHERE round = ?", (round_no,))
+        return {int(shard) for (shard,) in rows}
+
+    def partials(self, round_no: int) -> dict[int, bytes]:
+        """The partial sums handed in for ``round_no``, by shard."""
+        rows = self._db.execute(
+            "SELECT shard, partial FROM partials WHERE round = ?", (round_no,)
+        ).fetchall()
+        return {int(shard): bytes(partial) for shard, partial in rows}
 
     def count_rejection(self, round_no: int, reason: str) -> None:
         self._tally.execute(
@@ -185,11 +260,13 @@ class Journal:
         row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return int(row[0] or 0)
 
-    def updates(self, round_no: int) -> list[JournaledUpdate]:
-        """The updates ``round_no`` counted, in the order it accepted them."""
+    def updates(self, round_no: int, shard: int | None = None) -> list[JournaledUpdate]:
+        """The updates ``round_no`` counted (those ``shard`` counted, if given), in the order
+        they were accepted."""
         rows = self._db.execute(
-            "SELECT blob, device, made_for FROM accepted WHERE round = ? ORDER BY seq",
-            (round_no,),
+            "SELECT blob, device, made_for, shard FROM accepted WHERE round = ? "
+            "AND (? IS NULL OR shard = ?) ORDER BY seq",
+            (round_no, shard, shard),
         ).fetchall()
         return [JournaledUpdate(*row) for row in rows]
 

@@ -6,10 +6,11 @@ are adapters around it (see :mod:`server.aggregator`), so tests, the simulator a
 deployment run exactly this code. Memory stays flat in the number of devices: accepted
 ciphertexts are folded into one running sum and only their leaves are kept.
 
-Several workers may share a round's updates (an MQTT 5 shared subscription splits them): each
-keeps an ``OpenRound`` of its own, and ``merge`` makes one closed round of their
-``PartialRound``s. CKKS addition is exact modular arithmetic and the leaves are sorted, so the
-root and the aggregate's hash are those one worker would have made of the same updates.
+Several shards may share a round's updates (an MQTT 5 shared subscription splits them): each
+keeps an ``OpenRound`` of its own, asking the others' decisions through ``counted_elsewhere``,
+and ``merge`` makes one closed round of their ``PartialRound``s. CKKS addition is exact modular
+arithmetic and the leaves are sorted, so the root and the aggregate's hash are those one
+aggregator would have made of the same updates.
 
 Late updates: under the task term ``late_updates``, an update made for round r that arrives
 while r+1 is open is counted in r+1 (its signed fields still say r, and the leaf commits to
@@ -23,15 +24,17 @@ import enum
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
+import cbor2
 import numpy as np
 import tenseal as ts
 
 from truscl.errors import HeError, ProtocolError, SignatureError
 from truscl.hashing import keccak
 from truscl.privacy.ckks import VectorFormat, VectorSum, sum_ciphertexts
-from truscl.wire import Domain, Update, UpdateRecord, blob_id, merkle_root
+from truscl.wire import Domain, Update, UpdateRecord, blob_id, envelope, merkle_root
 from truscl.wire.merkle import merkle_proofs
 
 log = logging.getLogger(__name__)
@@ -151,26 +154,61 @@ class ClosedRound:
 
 @dataclass(frozen=True)
 class PartialRound:
-    """What one worker counted of a round: its accepted updates and their sum (serialised)."""
+    """What one shard counted of a round: its accepted updates and their sum (serialised;
+    empty if it counted none)."""
 
     round: int
     accepted: tuple[Accepted, ...]
     aggregate: bytes
 
+    def encode(self) -> bytes:
+        """For the journal, where a shard hands it to shard 0: the records, not the updates."""
+        return cbor2.dumps(
+            {
+                "v": envelope.VERSION,
+                "round": self.round,
+                "aggregate": self.aggregate,
+                "accepted": [[a.blob_id, a.leaf, a.counted_in, *a.update] for a in self.accepted],
+            },
+            canonical=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> PartialRound:
+        """``ProtocolError`` if it is not a partial, or a leaf is not its record's."""
+        try:
+            fields = cbor2.loads(data)
+            if fields["v"] != envelope.VERSION:
+                raise ProtocolError(f"partial of envelope version {fields['v']}")
+            accepted = tuple(
+                Accepted(UpdateRecord(*row[3:]), row[0], row[1], row[2])
+                for row in fields["accepted"]
+            )
+            partial = cls(fields["round"], accepted, fields["aggregate"])
+        except (cbor2.CBORDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"unreadable partial round: {exc}") from exc
+        if any(a.update.leaf() != a.leaf for a in accepted):
+            raise ProtocolError(f"partial of round {partial.round}: a leaf is not its record's")
+        return partial
+
 
 def merge(partials: Sequence[PartialRound], context: ts.Context, n_params: int) -> ClosedRound:
-    """One closed round from the partials of workers that shared its updates; ``ProtocolError``
-    if they are of different rounds or an update (or a device's update for one round) is
-    counted twice, ``HeError`` if a partial sum is not a ciphertext of the task."""
+    """One closed round from the partials of shards that shared its updates; ``ProtocolError``
+    if they are of different rounds, none counted anything or an update (or a device's update
+    for one round) is counted twice, ``HeError`` if a partial sum is not a ciphertext of the
+    task."""
     if len({p.round for p in partials}) != 1:
         raise ProtocolError(
             f"cannot merge partials of rounds {sorted({p.round for p in partials})}"
         )
     accepted = tuple(sorted((a for p in partials for a in p.accepted), key=lambda a: a.leaf))
+    if not accepted:
+        raise ProtocolError(f"round {partials[0].round} has no accepted update to close")
     counted = {(a.update.device, a.update.round) for a in accepted}
     if len(counted) != len(accepted) or len({a.blob_id for a in accepted}) != len(accepted):
         raise ProtocolError("an update is counted in two partials")
-    aggregate = sum_ciphertexts(context, [p.aggregate for p in partials], n_params)
+    sums = [p.aggregate for p in partials if p.accepted]
+    aggregate = sum_ciphertexts(context, sums, n_params)
     leaves = tuple(a.leaf for a in accepted)
     return ClosedRound(
         round=partials[0].round,
@@ -188,6 +226,8 @@ class OpenRound:
 
     ``previous`` maps each device to the update made for the round before this one that the
     previous round counted (by blob id): a late update is counted only if there is none.
+    ``counted_elsewhere(device, made_for)``: the blob id of such an update that another shard
+    counted in this round, if any.
     """
 
     def __init__(
@@ -197,6 +237,7 @@ class OpenRound:
         context: ts.Context,
         is_registered: Callable[[str], bool],
         previous: Mapping[str, bytes] | None = None,
+        counted_elsewhere: Callable[[str, int], bytes | None] | None = None,
     ) -> None:
         if context.is_private():
             raise HeError("the aggregator must not hold the HE secret key")
@@ -205,6 +246,7 @@ class OpenRound:
         self._context = context
         self._is_registered = is_registered
         self._previous = dict(previous or {})
+        self._counted_elsewhere = counted_elsewhere
         self._accepted: dict[tuple[str, int], Accepted] = {}  # by (device, round made for)
         self._in: set[str] = set()  # devices whose update made for this round is counted
         self.vectors = VectorFormat.of(context, terms.n_params)
@@ -271,6 +313,13 @@ class OpenRound:
             if previous.blob_id == ident:
                 return replace(previous, repeat=True)
             return reject(RejectReason.DUPLICATE, "a different update was already accepted")
+        elsewhere = None
+        if self._counted_elsewhere is not None and not journaled:
+            elsewhere = self._counted_elsewhere(device, update.round)
+        if elsewhere == ident:  # a retry of an update another shard counted
+            return Accepted(update.record(), ident, update.leaf(), current, repeat=True)
+        if elsewhere is not None:
+            return reject(RejectReason.DUPLICATE, "a different update was already accepted")
         if update.context != self.terms.context_hash:
             return reject(RejectReason.WRONG_CONTEXT, f"context {update.context.hex()}")
         residues, bad = parsed.residues, parsed.bad_ciphertext
@@ -288,23 +337,24 @@ class OpenRound:
             self._in.add(device)
         return accepted
 
-    def ready(self, now: float) -> bool:
+    def ready(self, now: float, tally: tuple[int, AbstractSet[str]] | None = None) -> bool:
         """Every active device is in (the enrolled count, or else every device of the previous
-        round), or the deadline passed with a quorum."""
-        if self.terms.expected and len(self._in) >= self.terms.expected:
+        round), or the deadline passed with a quorum. ``tally``: the updates counted and the
+        devices in, over every shard, when this round is one shard's."""
+        participants, devices_in = tally if tally is not None else (self.participants, self._in)
+        if self.terms.expected and len(devices_in) >= self.terms.expected:
             return True
-        if not self.terms.expected and self.terms.active and self.terms.active <= self._in:
+        if not self.terms.expected and self.terms.active and self.terms.active <= devices_in:
             return True
-        return now >= self.terms.deadline and self.participants >= self.terms.quorum
+        return now >= self.terms.deadline and participants >= self.terms.quorum
 
     def partial(self) -> PartialRound:
-        """What this round has counted, to be merged with other workers' (see ``merge``)."""
-        if not self._accepted:
-            raise ProtocolError(f"round {self.terms.round} has no accepted update to close")
-        return PartialRound(self.terms.round, tuple(self._accepted.values()), self._sum.serialize())
+        """What this round has counted, to be merged with other shards' (see ``merge``)."""
+        aggregate = self._sum.serialize() if self._accepted else b""
+        return PartialRound(self.terms.round, tuple(self._accepted.values()), aggregate)
 
     def close(self) -> ClosedRound:
-        """The round as one worker saw it: the merge of its one partial."""
+        """The round as one aggregator saw it: the merge of its one partial."""
         partial = self.partial()
         self._closed = True
         return merge([partial], self._context, self.terms.n_params)

@@ -70,6 +70,7 @@ expected_devices = {devices}
 [aggregator]
 key = "aggregator.key"
 archive = "archive"
+workers = {workers}
 """
 AGENT = """
 task = "{task}"
@@ -127,6 +128,7 @@ class Fleet:
     terms: dict[str, object] = field(default_factory=dict)
     time_scale: float = 60000.0
     broker_port: int | None = None
+    aggregator_workers: int = 1
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     paused: set[str] = field(default_factory=set)
     task: str = ""
@@ -194,7 +196,8 @@ class Fleet:
         self.task = init.stdout.strip()
         assert self.task == task
         self.config("aggregator").write_text(
-            AGGREGATOR.format(task=self.task, devices=self.devices) + chain
+            AGGREGATOR.format(task=self.task, devices=self.devices, workers=self.aggregator_workers)
+            + chain
         )
         for index in range(self.devices):
             self.config(f"device-{index}").write_text(

@@ -22,9 +22,10 @@ from eth_account.signers.local import LocalAccount
 from truscl.broker import Mosquitto
 from truscl.chain import ChainClient, EmbeddedChain
 from truscl.demo import occupancy_spec
+from truscl.errors import ConfigError
 from truscl.mqtt import MqttLink
-from truscl.privacy.ckks import OwnerKeys, encrypt, load_context
-from truscl.server.aggregator import Aggregator
+from truscl.privacy.ckks import OwnerKeys, decrypt, encrypt, load_context
+from truscl.server.aggregator import Aggregator, Shard
 from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
 from truscl.server.journal import Journal, JournaledRound
@@ -63,7 +64,9 @@ class Task:
     closed: queue.Queue[int] = field(default_factory=queue.Queue)
     models: queue.Queue[int] = field(default_factory=queue.Queue)
 
-    def aggregator(self, account: LocalAccount | None = None) -> Aggregator:
+    def aggregator(
+        self, account: LocalAccount | None = None, shard: Shard | None = None
+    ) -> Aggregator:
         return Aggregator(
             spec=self.spec,
             public_context=self.owner.public_context,
@@ -73,6 +76,7 @@ class Task:
             expected=len(self.devices),
             clock=self.clock,
             on_closed=lambda stats: self.closed.put(stats.round),
+            shard=shard,
         ).start()
 
     def update(self, device: LocalAccount, round_no: int, value: float = 1.0) -> Update:
@@ -131,6 +135,15 @@ class Devices:
     def send(self, device: LocalAccount, update: Update) -> Receipt:
         for chunk in split_update(update, self.task.spec.max_message):
             self.link.publish(self.topics.updates(device.address), chunk)
+        while True:
+            receipt = self.receipts.get(timeout=WAIT_S)
+            if receipt.device_address == device.address:
+                return receipt
+
+    def send_to(self, shard: Aggregator, device: LocalAccount, update: Update) -> Receipt:
+        """As the broker's shared subscription would: the whole update to this one shard."""
+        for chunk in split_update(update, self.task.spec.max_message):
+            shard.receive(self.topics.updates(device.address), chunk)
         while True:
             receipt = self.receipts.get(timeout=WAIT_S)
             if receipt.device_address == device.address:
@@ -308,3 +321,77 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"{what} did not happen within {WAIT_S}s"
         time.sleep(0.05)
+
+
+def test_two_shards_count_each_update_once_and_close_the_round_as_one_aggregator(
+    make_task,
+) -> None:
+    # Prepare: a task of three devices, served by two shards on one archive and journal
+    task: Task = make_task(devices=3)
+    first, second, third = task.devices
+    leader = task.aggregator(shard=Shard(0, 2))
+    devices = Devices(task)
+    other = task.aggregator(shard=Shard(1, 2))
+    try:
+        devices.wait_round(1)
+        update = task.update(first, 1, 1.0)
+        # Execute: the broker hands each update to one shard; a retry may reach the other
+        counted = devices.send_to(other, first, update)
+        retried = devices.send_to(leader, first, update)
+        forked = devices.send_to(leader, first, task.update(first, 1, 5.0))
+        at_leader = devices.send_to(leader, second, task.update(second, 1, 2.0))
+        at_other = devices.send_to(other, third, task.update(third, 1, 4.0))
+        assert task.closed.get(timeout=WAIT_S) == 1
+    finally:
+        devices.close()
+        other.stop()
+        leader.stop()
+    # Assert: the retry is acknowledged, the second update of one device refused; the round
+    # holds each device once, in one sum, and the audit re-sums it to the anchored hash
+    assert counted.accepted and counted.counted_in == 1
+    assert retried.accepted and retried.update == counted.update
+    assert not forked.accepted and forked.reason == "duplicate"
+    assert at_leader.accepted and at_other.accepted
+    anchor = task.contract.round_anchor(task.spec.task_id, 1)
+    assert anchor is not None and anchor.updates == 3
+    archive = Archive(task.tmp / "archive")
+    aggregate = archive.get(archive.round(task.spec.task, 1).aggregate)
+    assert np.allclose(decrypt(task.keys, aggregate, task.spec.n_params), 7.0, atol=1e-3)
+    assert task.audit()[:2] == (1, 1)
+
+
+def test_a_restarted_shard_takes_up_what_it_counted(make_task) -> None:
+    # Prepare: the second shard counts device 0's update, then goes away mid-round
+    task: Task = make_task(devices=3)
+    first, second, third = task.devices
+    leader = task.aggregator(shard=Shard(0, 2))
+    devices = Devices(task)
+    other = task.aggregator(shard=Shard(1, 2))
+    try:
+        devices.wait_round(1)
+        assert devices.send_to(other, first, task.update(first, 1, 1.0)).accepted
+        other.stop()
+        # Execute: a new second shard on the same archive and journal; the round goes on
+        other = task.aggregator(shard=Shard(1, 2))
+        assert devices.send_to(leader, second, task.update(second, 1, 2.0)).accepted
+        assert devices.send_to(other, third, task.update(third, 1, 4.0)).accepted
+        assert task.closed.get(timeout=WAIT_S) == 1
+    finally:
+        devices.close()
+        other.stop()
+        leader.stop()
+    # Assert: the round counted all three, the first from before the restart
+    anchor = task.contract.round_anchor(task.spec.task_id, 1)
+    assert anchor is not None and anchor.updates == 3
+    archive = Archive(task.tmp / "archive")
+    aggregate = archive.get(archive.round(task.spec.task, 1).aggregate)
+    assert np.allclose(decrypt(task.keys, aggregate, task.spec.n_params), 7.0, atol=1e-3)
+    assert task.audit()[:2] == (1, 1)
+
+
+def test_a_task_whose_updates_travel_in_chunks_cannot_be_sharded(make_task) -> None:
+    task: Task = make_task(devices=1)
+    task.spec = replace(task.spec, max_message=16 * 1024)  # the owner's task had 128 KiB
+    with pytest.raises(ConfigError, match="whole updates"):
+        task.aggregator(shard=Shard(0, 2))
+    task.aggregator(shard=Shard(0, 1)).stop()  # one aggregator reassembles chunks

@@ -71,3 +71,39 @@ def test_an_update_goes_out_in_chunks_and_only_its_own_receipt_comes_back(
     assert {topic for topic, _ in arrived} == {task.updates(device)}
     assert len(arrived) == 3 and sent > len(update)
     assert first_receipt == (task.receipts(device), b"receipt of this device")
+
+
+def test_the_aggregator_may_take_the_updates_through_a_shared_subscription_under_the_acl(
+    provisioned_broker: BrokerLogins,
+) -> None:
+    # Prepare: the aggregator on the task's shared subscription, as its shards subscribe
+    task = TaskTopics("0x" + secrets.token_hex(32))
+    device = provisioned_broker.devices[0]
+    arrived: queue.Queue[tuple[str, bytes]] = queue.Queue()
+    aggregator = MqttLink(
+        "aggregator",
+        provisioned_broker.settings("aggregator"),
+        lambda t, p: arrived.put((t, p)),
+        [task.shared_updates],
+    )
+    link = MqttLink(f"truscl-device-{device}", provisioned_broker.settings(device), print, [])
+    try:
+        aggregator.start(WAIT)
+        link.start(WAIT)
+        # Execute: the device publishes its update, once the subscription is in place
+        payload = secrets.token_bytes(64)
+        for _ in range(int(WAIT)):  # publishing again until one arrives, for WAIT at most
+            link.publish(task.updates(device), payload)
+            try:
+                topic, got = arrived.get(timeout=1.0)
+                break
+            except queue.Empty:
+                continue
+        else:
+            pytest.fail("the shared subscription had none of the device's messages")
+    finally:
+        link.close()
+        aggregator.close()
+
+    # Assert: the ACL grants the shared subscription the topic's reads
+    assert (topic, got) == (task.updates(device), payload)

@@ -62,6 +62,7 @@ def test_the_example_service_files_load_and_resolve_paths(tmp_path: Path) -> Non
     assert owner.broker.username == "owner" and owner.broker.ca is not None
     assert owner.he_mode == "threshold" and [n for n, _ in owner.guardians] == ["guardian-1"]
     assert aggregator.expected_devices == 0 and aggregator.broker.port == 8883
+    assert aggregator.workers == 1
     assert OwnerConfig.load(moved).key == tmp_path / "owner.key"
 
 
@@ -126,6 +127,8 @@ def test_a_bad_guardian_file_is_refused_naming_the_key(
         (lambda t: t.replace("port = 8883", "port = 0"), "broker.port must be a TCP port"),
         (lambda t: t.replace("contract = ", "contract = '0x12' #"), "chain.contract must be"),
         (lambda t: t.replace("archive = ", "archives = "), "aggregator.archive is required"),
+        (lambda t: t.replace("workers = 1", "workers = 0"), "aggregator.workers must be from 1"),
+        (lambda t: t.replace("workers = 1", "workers = '2'"), "aggregator.workers"),
     ],
 )
 def test_a_bad_aggregator_file_is_refused_naming_the_key(

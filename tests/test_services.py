@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from harness import TRUSCL, Fleet
 
+from truscl.server.journal import Journal
+
 pytestmark = pytest.mark.slow
 
 
@@ -94,3 +96,30 @@ def test_a_task_whose_model_outgrows_a_spec_message_runs_end_to_end(
     assert len(archived) == 2 and all(len(blob) > 3 * 65_000 for blob in archived)
     for index in range(2):
         assert "round 2 update included on chain" in fleet.log(f"device-{index}")
+
+
+def test_an_aggregator_of_two_workers_shares_the_updates_and_completes_the_task(
+    anvil: str, tmp_path: Path
+) -> None:
+    # Prepare: the aggregator service with workers = 2: a second process, one shared
+    # subscription through which the broker hands each update to one of them
+    fleet = Fleet(tmp_path, anvil, devices=3, terms={"rounds": 2, "quorum": 3})
+    fleet.aggregator_workers = 2
+    try:
+        fleet.start()
+        fleet.wait_for_model(2)
+        report = fleet.audit()
+        journal = Journal.read_only(fleet.folders["aggregator"] / "archive" / "journal"
+                                    / f"{fleet.task}.sqlite")  # fmt: skip
+        counted = [journal.updates(round_no) for round_no in (1, 2)]
+        journal.close()
+    finally:
+        codes = fleet.close()
+
+    # Assert: both processes counted updates, each round every device once, and the rounds
+    # (merged from the two partial sums) hold up to the audit
+    assert codes == dict.fromkeys(codes, 0), fleet.logs()
+    assert (report.verified, report.total) == (2, 2), report.as_dict()
+    assert [len({u.device for u in updates}) for updates in counted] == [3, 3]
+    assert {u.shard for updates in counted for u in updates} == {0, 1}
+    assert "shard 1 handed in round 2" in fleet.log("aggregator")

@@ -40,3 +40,10 @@ def configure(level: str, fmt: str = "text", stream: TextIO = sys.stderr) -> Non
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def current() -> tuple[str, str]:
+    """The level and format :func:`configure` set, for a child process to log alike."""
+    root = logging.getLogger()
+    json_out = any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers)
+    return logging.getLevelName(root.level), "json" if json_out else "text"

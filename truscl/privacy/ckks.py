@@ -358,6 +358,12 @@ class VectorFormat:
         count = math.ceil(size / _values_per_ciphertext(context))
         return cls(context, size, seal_layout.CiphertextLayout.of(context), count)
 
+    @property
+    def max_bytes(self) -> int:
+        """The most a vector of this task takes in :func:`pack_vector`'s bytes."""
+        header = len(_VECTOR_MAGIC) + _VECTOR_HEADER.size
+        return header + self.ciphertexts * (_LENGTH.size + self.layout.max_saved_bytes)
+
     def residues(self, data: bytes) -> np.ndarray:
         """The ``(ciphertexts, 2, L, N)`` residues of a vector of this task, after the checks
         of :func:`load_ciphertext` (``HeError`` saying which failed)."""

@@ -237,6 +237,13 @@ class CiphertextLayout:
         words = 2 * len(self.level.moduli) * self.level.degree
         return _CIPHERTEXT_META.size + _HEADER.size + _COUNT.size + 8 * words
 
+    @property
+    def max_saved_bytes(self) -> int:
+        """The most a ciphertext of this layout takes as SEAL saves it: its header, and its
+        body after zstd, which may grow incompressible data by zstd's ``compressBound``
+        (1/256th, and a frame's few bytes: 512 is room to spare)."""
+        return _HEADER.size + self._body_size + self._body_size // 256 + 512
+
     def residues(self, data: bytes) -> np.ndarray:
         """A SEAL-saved ciphertext's ``(2, L, N)`` residues, after every check SEAL's load
         makes and more: the exact level, size, NTT form and scale, SEAL's own version, no

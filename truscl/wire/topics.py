@@ -51,6 +51,12 @@ class TaskTopics:
     def all_updates(self) -> str:
         return f"{self.base}/updates/+"
 
+    @property
+    def shared_updates(self) -> str:
+        """Every device's updates as an MQTT 5 shared subscription of the task's aggregator
+        processes: the broker hands each message to one of them (the ACL is the topic's)."""
+        return f"$share/truscl-aggregator-{self.task_hex.removeprefix('0x')[:8]}/{self.all_updates}"
+
     def receipts(self, device: str) -> str:
         return f"{self.base}/receipts/{device.lower()}"
 
