@@ -323,6 +323,17 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.05)
 
 
+def assert_round_one_summed(task: Task, updates: int, total: float) -> None:
+    """Round 1 anchored with ``updates`` updates, whose aggregate decrypts to ``total`` in
+    every value, and the audit re-sums it to the anchored hash."""
+    anchor = task.contract.round_anchor(task.spec.task_id, 1)
+    assert anchor is not None and anchor.updates == updates
+    archive = Archive(task.tmp / "archive")
+    aggregate = archive.get(archive.round(task.spec.task, 1).aggregate)
+    assert np.allclose(decrypt(task.keys, aggregate, task.spec.n_params), total, atol=1e-3)
+    assert task.audit()[:2] == (1, 1)
+
+
 def test_two_shards_count_each_update_once_and_close_the_round_as_one_aggregator(
     make_task,
 ) -> None:
@@ -352,12 +363,7 @@ def test_two_shards_count_each_update_once_and_close_the_round_as_one_aggregator
     assert retried.accepted and retried.update == counted.update
     assert not forked.accepted and forked.reason == "duplicate"
     assert at_leader.accepted and at_other.accepted
-    anchor = task.contract.round_anchor(task.spec.task_id, 1)
-    assert anchor is not None and anchor.updates == 3
-    archive = Archive(task.tmp / "archive")
-    aggregate = archive.get(archive.round(task.spec.task, 1).aggregate)
-    assert np.allclose(decrypt(task.keys, aggregate, task.spec.n_params), 7.0, atol=1e-3)
-    assert task.audit()[:2] == (1, 1)
+    assert_round_one_summed(task, updates=3, total=7.0)
 
 
 def test_a_restarted_shard_takes_up_what_it_counted(make_task) -> None:
@@ -381,12 +387,7 @@ def test_a_restarted_shard_takes_up_what_it_counted(make_task) -> None:
         other.stop()
         leader.stop()
     # Assert: the round counted all three, the first from before the restart
-    anchor = task.contract.round_anchor(task.spec.task_id, 1)
-    assert anchor is not None and anchor.updates == 3
-    archive = Archive(task.tmp / "archive")
-    aggregate = archive.get(archive.round(task.spec.task, 1).aggregate)
-    assert np.allclose(decrypt(task.keys, aggregate, task.spec.n_params), 7.0, atol=1e-3)
-    assert task.audit()[:2] == (1, 1)
+    assert_round_one_summed(task, updates=3, total=7.0)
 
 
 def test_a_task_whose_updates_travel_in_chunks_cannot_be_sharded(make_task) -> None:
