@@ -319,7 +319,9 @@ class Aggregator:
         self._stashed_model: bytes | None = None
         self._inbox = Inbox(INBOX_MAX_BYTES)
         self._worker = threading.Thread(target=self._run, name="aggregator", daemon=True)
-        updates = self.topics.shared_updates if self.shard.shared else self.topics.all_updates
+        updates, other = self.topics.all_updates, self.topics.shared_updates
+        if self.shard.shared:
+            updates, other = other, updates
         terms = [self.topics.model, self.topics.spec, f"{self.topics.context}/+"]
         self._link = MqttLink(
             f"truscl-aggregator-{self.task[2:10]}"
@@ -328,6 +330,7 @@ class Aggregator:
             on_message=self.receive,
             on_connected=lambda: self._inbox.put((_CONNECTED, b"")),
             subscriptions=[updates, *(terms if self.shard.leads else [])],
+            unsubscriptions=[other],  # a session of a run with another number of workers
         )
         if spec is not None and public_context is not None:
             if keccak(public_context).hex() != spec.context_hash.removeprefix("0x"):

@@ -390,6 +390,34 @@ def test_a_restarted_shard_takes_up_what_it_counted(make_task) -> None:
     assert_round_one_summed(task, updates=3, total=7.0)
 
 
+def test_an_aggregator_that_becomes_two_shards_takes_each_update_once(make_task) -> None:
+    # Prepare: one aggregator opens round 1 and stops; its broker session outlives it
+    task: Task = make_task(devices=4)
+    single = task.aggregator()
+    devices = Devices(task)
+    try:
+        devices.wait_round(1)
+        single.stop()
+        # Execute: the same task as two shards; the devices send through the broker
+        leader = task.aggregator(shard=Shard(0, 2))
+        other = task.aggregator(shard=Shard(1, 2))
+        sent = 0
+        for value, device in enumerate(task.devices, 1):
+            update = task.update(device, 1, float(value))
+            sent += sum(map(len, split_update(update, task.spec.max_message)))
+            assert devices.send(device, update).accepted
+        assert task.closed.get(timeout=WAIT_S) == 1
+    finally:
+        devices.close()
+        other.stop()
+        leader.stop()
+    # Assert: the shards between them took each message once (shard 0 dropped the session's
+    # own subscription of every update); the round holds all four
+    assert leader.stats[1].bytes_in + other.stats[1].bytes_in == sent
+    assert leader.stats[1].bytes_in and other.stats[1].bytes_in
+    assert_round_one_summed(task, updates=4, total=10.0)
+
+
 def test_a_task_whose_updates_travel_in_chunks_cannot_be_sharded(make_task) -> None:
     task: Task = make_task(devices=1)
     task.spec = replace(task.spec, max_message=16 * 1024)  # the owner's task had 128 KiB

@@ -90,11 +90,15 @@ class MqttLink:
         subscriptions: Iterable[str],
         max_message: int = chunking.DEFAULT_MAX_MESSAGE,
         on_connected: Callable[[], None] | None = None,
+        unsubscriptions: Iterable[str] = (),
     ) -> None:
+        """``unsubscriptions``: topics the session may hold from an earlier run (it outlives a
+        restart) that this one must not receive, dropped on every connection."""
         self.client_id = client_id
         self.broker = broker
         self.max_message = max_message
         self._subscriptions = list(subscriptions)
+        self._unsubscriptions = list(unsubscriptions)
         self._on_message = on_message
         self._on_connected = on_connected
         self._connected = threading.Event()
@@ -216,6 +220,8 @@ class MqttLink:
         if getattr(reason_code, "is_failure", False):
             log.warning("%s: broker refused the connection: %s", self.client_id, reason_code)
             return
+        if self._unsubscriptions:
+            client.unsubscribe(self._unsubscriptions)
         for topic in self._subscriptions:
             client.subscribe(topic, qos=QOS)
         log.debug("%s: connected to %s", self.client_id, self.broker.address)
