@@ -57,7 +57,7 @@ def _aggregator(config: AggregatorConfig, shard: Shard, heartbeat: Heartbeat) ->
         task=config.task,
         chain=chain,
         archive=Archive(config.archive),
-        broker=config.broker,
+        broker=config.broker.worker(shard.index) if shard.index else config.broker,
         expected=config.expected_devices,
         heartbeat=heartbeat,
         shard=shard,
@@ -65,6 +65,14 @@ def _aggregator(config: AggregatorConfig, shard: Shard, heartbeat: Heartbeat) ->
 
 
 def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
+    for index in range(1, config.workers):
+        login = config.broker.worker(index)
+        if login.password_file is not None and not login.password_file.is_file():
+            raise ConfigError(
+                f"workers = {config.workers}: worker {index} logs in as {login.username} with "
+                f"{login.password_file}, which is missing (truscl broker provision "
+                f"--aggregator-workers {config.workers} writes it beside the aggregator's)"
+            )
     heartbeat = Heartbeat("aggregator")
     aggregator = _aggregator(config, Shard(0, config.workers), heartbeat)
     shards: list[BaseProcess] = []

@@ -62,7 +62,8 @@ class BrokerLogins:
 
 @pytest.fixture()
 def provisioned_broker(tmp_path: Path) -> Iterator[BrokerLogins]:
-    """A broker with TLS, a login per identity and the ACL, for two devices: the one named in
+    """A broker with TLS, a login per identity (two for the aggregator: it may run as two
+    worker processes) and the ACL, for two devices: the one named in
     $TRUSCL_TEST_BROKER when set (it may be shared: use a task of the test's own), else one
     provisioned and started here."""
     shared = os.environ.get(SHARED_BROKER)
@@ -73,7 +74,9 @@ def provisioned_broker(tmp_path: Path) -> Iterator[BrokerLogins]:
     from truscl.broker.provision import provision_broker  # the server extra's cryptography
 
     devices = ["0x" + "aa" * 20, "0x" + "bb" * 20]
-    done = provision_broker(tmp_path / "broker", devices, port=free_port(), bind="127.0.0.1")
+    done = provision_broker(
+        tmp_path / "broker", devices, port=free_port(), bind="127.0.0.1", aggregator_workers=2
+    )
     with Mosquitto.provisioned(done.conf):
         yield BrokerLogins(done.out)
 

@@ -165,6 +165,28 @@ def test_new_host_names_reissue_only_the_broker_certificate(provisioned: Provisi
     assert 'host = "broker.lan"' in (out / "clients" / "owner" / "broker.toml").read_text()
 
 
+def test_an_aggregator_of_three_workers_gets_three_logins_under_its_acl(
+    provisioned: Provisioned,
+) -> None:
+    out = provisioned.out
+    folder = out / "clients" / "aggregator"
+
+    three = provision_broker(out, [], port=18883, aggregator_workers=3)
+    passwords = {n: (folder / f"password-{n}").read_bytes() for n in (1, 2)}
+    again = provision_broker(out, [], port=18883)  # a run that does not say: they stay
+
+    assert three.aggregator_workers == again.aggregator_workers == 3
+    assert {n: (folder / f"password-{n}").read_bytes() for n in (1, 2)} == passwords
+    assert all(mode(folder / f"password-{n}") == 0o600 for n in (1, 2))
+    hashed = [line.split(":", 1)[0] for line in again.password_file.read_text().splitlines()]
+    assert sorted(hashed) == sorted([*again.identities, "aggregator-1", "aggregator-2"])
+    blocks = grants(again.acl.read_text())
+    assert blocks["aggregator-1"] == blocks["aggregator-2"] == blocks["aggregator"]
+    worker = provisioned.settings("aggregator").worker(2)
+    assert (worker.username, worker.password_file) == ("aggregator-2", folder / "password-2")
+    assert worker.cert == folder / "client.crt"  # the aggregator's certificate
+
+
 def test_the_acl_gives_each_role_only_its_topics() -> None:
     a = DEVICE_A.lower()
     text = acl_text(("aggregator", "owner", a), task=TASK)

@@ -73,37 +73,44 @@ def test_an_update_goes_out_in_chunks_and_only_its_own_receipt_comes_back(
     assert first_receipt == (task.receipts(device), b"receipt of this device")
 
 
-def test_the_aggregator_may_take_the_updates_through_a_shared_subscription_under_the_acl(
+def test_the_aggregators_two_worker_processes_share_the_updates_under_the_acl(
     provisioned_broker: BrokerLogins,
 ) -> None:
-    # Prepare: the aggregator on the task's shared subscription, as its shards subscribe
+    # Prepare: the aggregator's two processes, each with its own login (the broker makes the
+    # login the client id), on the task's shared subscription
     task = TaskTopics("0x" + secrets.token_hex(32))
     device = provisioned_broker.devices[0]
-    arrived: queue.Queue[tuple[str, bytes]] = queue.Queue()
-    aggregator = MqttLink(
-        "aggregator",
-        provisioned_broker.settings("aggregator"),
-        lambda t, p: arrived.put((t, p)),
-        [task.shared_updates],
-    )
+    arrived: queue.Queue[tuple[int, bytes]] = queue.Queue()
+    aggregator = provisioned_broker.settings("aggregator")
+    links = [
+        MqttLink(
+            f"truscl-aggregator-{index}",
+            aggregator.worker(index) if index else aggregator,
+            lambda t, p, index=index: arrived.put((index, p)),
+            [task.shared_updates],
+        )
+        for index in range(2)
+    ]
     link = MqttLink(f"truscl-device-{device}", provisioned_broker.settings(device), print, [])
+    received: dict[int, list[bytes]] = {0: [], 1: []}
+    sent: list[bytes] = []
     try:
-        aggregator.start(WAIT)
+        for worker in links:
+            worker.start(WAIT)
         link.start(WAIT)
-        # Execute: the device publishes its update, once the subscription is in place
-        payload = secrets.token_bytes(64)
-        for _ in range(int(WAIT)):  # publishing again until one arrives, for WAIT at most
-            link.publish(task.updates(device), payload)
-            try:
-                topic, got = arrived.get(timeout=1.0)
-                break
-            except queue.Empty:
-                continue
-        else:
-            pytest.fail("the shared subscription had none of the device's messages")
+        # Execute: the device publishes, one message at a time, until both have had one (a
+        # link subscribes once connected: the first may come before the second's subscription)
+        while not (received[0] and received[1]) and len(sent) < 50:
+            sent.append(secrets.token_bytes(64))
+            link.publish(task.updates(device), sent[-1])
+            index, payload = arrived.get(timeout=WAIT)
+            received[index].append(payload)
+        assert link.flush(WAIT)
     finally:
         link.close()
-        aggregator.close()
+        for worker in links:
+            worker.close()
 
-    # Assert: the ACL grants the shared subscription the topic's reads
-    assert (topic, got) == (task.updates(device), payload)
+    # Assert: both stayed connected and had some; each message reached one of them, once
+    assert received[0] and received[1], len(sent)
+    assert arrived.empty() and sorted(received[0] + received[1]) == sorted(sent)

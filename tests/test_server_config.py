@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from truscl.errors import ConfigError
+from truscl.server.aggregator_service import run_aggregator
 from truscl.server.config import AggregatorConfig, GuardianConfig, OwnerConfig
 from truscl.server.owner import task_privacy
 from truscl.task import load_task_file
@@ -141,6 +143,16 @@ def test_a_bad_aggregator_file_is_refused_naming_the_key(
         AggregatorConfig.load(path)
 
     assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
+
+
+def test_an_aggregator_of_two_workers_without_the_second_login_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "aggregator.toml"
+    path.write_text(
+        (ROOT / "deploy" / "aggregator.toml").read_text().replace("workers = 1", "workers = 2")
+    )
+
+    with pytest.raises(ConfigError, match="aggregator-1 with /etc/truscl/broker/password-1"):
+        run_aggregator(AggregatorConfig.load(path), threading.Event())
 
 
 def test_a_task_whose_rounds_exceed_the_budget_is_refused_with_the_figures(

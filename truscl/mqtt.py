@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paho.mqtt.client as paho
@@ -73,6 +73,15 @@ class BrokerSettings:
             raise ConfigError("a client certificate needs the broker's CA (TLS)")
         if (self.username is None) != (self.password_file is None):
             raise ConfigError("a broker username needs its password file, and the other way")
+
+    def worker(self, index: int) -> BrokerSettings:
+        """How worker process ``index`` (1, 2, ...) of the aggregator logs in: as
+        ``<username>-<index>`` with the password file ``<password_file>-<index>``, the logins
+        ``truscl broker provision --aggregator-workers`` makes; without a login, as this."""
+        if self.username is None or self.password_file is None:
+            return self
+        password = self.password_file.with_name(f"{self.password_file.name}-{index}")
+        return replace(self, username=f"{self.username}-{index}", password_file=password)
 
     @property
     def address(self) -> str:

@@ -7,6 +7,11 @@ client certificate signed by the deployment's own CA (TLS with ``require_certifi
 random password registered with ``mosquitto_passwd``. Each identity is a folder under
 ``clients/`` that is copied whole to its machine, with a ready ``[broker]`` table.
 
+An aggregator of several worker processes (``workers`` in its configuration) needs a login
+per process, because the broker makes each login its client id: ``aggregator-1`` ... log in
+with the aggregator's certificate and the passwords ``password-1`` ... in the aggregator's
+folder, under the aggregator's ACL.
+
 Re-running on the same folder keeps the CA, the broker's key and every identity already issued
 (so provisioned devices keep working) and adds the new devices; the ACL, the password file and
 the configuration are rewritten from the identities found.
@@ -44,6 +49,7 @@ AGGREGATOR = "aggregator"
 OWNER = "owner"
 ROLES = (AGGREGATOR, OWNER)
 GUARDIAN = re.compile(r"guardian-[1-9][0-9]*")  # key guardians: guardian-1, guardian-2, ...
+WORKER_PASSWORD = re.compile(r"password-([1-9][0-9]*)")  # the aggregator's further logins
 
 CA_DAYS = 3650
 LEAF_DAYS = 1825
@@ -68,6 +74,7 @@ class Provisioned:
     hosts: tuple[str, ...]
     identities: tuple[str, ...]  # every identity the broker now knows, roles first
     added: tuple[str, ...]  # the identities this run issued
+    aggregator_workers: int = 1  # the aggregator's logins: its own and aggregator-1 ...
 
     @property
     def conf(self) -> Path:
@@ -118,11 +125,14 @@ def provision_broker(
     bind: str = "0.0.0.0",
     task: str | None = None,
     guardians: int = 0,
+    aggregator_workers: int = 1,
 ) -> Provisioned:
-    """Write (or extend) a provisioned broker in ``out`` for ``devices``, the aggregator, the
-    owner and ``guardians`` key guardians (``guardian-1`` ...: threshold mode needs at least
-    one); ``hosts`` are the names clients use for the broker (its certificate holds them all,
-    the first goes into the clients' ``broker.toml``); ``task`` limits the ACL to one task."""
+    """Write (or extend) a provisioned broker in ``out`` for ``devices``, the aggregator (with
+    a login for each of its ``aggregator_workers`` processes; those of an earlier run are
+    kept), the owner and ``guardians`` key guardians (``guardian-1`` ...: threshold mode needs
+    at least one); ``hosts`` are the names clients use for the broker (its certificate holds
+    them all, the first goes into the clients' ``broker.toml``); ``task`` limits the ACL to one
+    task."""
     # Everything is checked before anything is written, so a refusal leaves ``out`` as it was.
     names = [_device_name(d) for d in devices]
     hosts = tuple(hosts)
@@ -136,6 +146,8 @@ def provision_broker(
         raise ConfigError(f"{task!r} is not a task id (0x and 64 hex digits)")
     if guardians < 0:
         raise ConfigError("the number of guardians must not be negative")
+    if aggregator_workers < 1:
+        raise ConfigError("the aggregator has at least one worker process")
     passwd_tool = shutil.which("mosquitto_passwd")
     if passwd_tool is None:
         raise ConfigError(
@@ -165,12 +177,28 @@ def provision_broker(
     for name in identities:
         _check_identity(clients / name, name, ca_cert)
         _write_client_toml(clients / name, hosts[0], port)
+    workers = _worker_passwords(clients / AGGREGATOR, aggregator_workers)
+    logins = {name: clients / name / CLIENT_PASSWORD for name in identities}
+    logins.update({f"{AGGREGATOR}-{n}": password for n, password in workers.items()})
 
-    _register_passwords(out, clients, identities, passwd_tool)
-    write_atomically(out / ACL, acl_text(identities, task).encode(), 0o644)
+    _register_passwords(out, logins, passwd_tool)
+    write_atomically(out / ACL, acl_text(tuple(logins), task).encode(), 0o644)
     write_atomically(out / CONF, conf_text(out, port, bind).encode(), 0o644)
     (out / PERSISTENCE).mkdir(mode=0o700, exist_ok=True)
-    return Provisioned(out, port, hosts, identities, tuple(added))
+    return Provisioned(out, port, hosts, identities, tuple(added), len(workers) + 1)
+
+
+def _worker_passwords(folder: Path, workers: int) -> dict[int, Path]:
+    """The password files of the aggregator's logins beyond its own, by worker: those an
+    earlier run issued, and new ones up to ``workers`` processes in all."""
+    for n in range(1, workers):
+        if not (folder / f"{CLIENT_PASSWORD}-{n}").is_file():
+            write_secret(folder / f"{CLIENT_PASSWORD}-{n}", secrets.token_urlsafe(32).encode())
+    found = {}
+    for entry in folder.iterdir():
+        if matched := WORKER_PASSWORD.fullmatch(entry.name):
+            found[int(matched[1])] = entry
+    return dict(sorted(found.items()))
 
 
 def _device_name(address: str) -> str:
@@ -427,17 +455,15 @@ def _write_client_toml(folder: Path, host: str, port: int) -> None:
 # -- mosquitto's files --------------------------------------------------------------------------
 
 
-def _register_passwords(
-    out: Path, clients: Path, identities: Sequence[str], passwd_tool: str
-) -> None:
+def _register_passwords(out: Path, logins: dict[str, Path], passwd_tool: str) -> None:
     """mosquitto_passwd hashes the passwords (``-U`` over a 0600 file of ``name:password``
     lines, so no password is ever on a command line that ``ps`` shows); the result replaces
-    the password file whole."""
+    the password file whole. ``logins``: each login's password file."""
     staging = out / f".{PASSWD}.new"
     staging.unlink(missing_ok=True)
     lines = b"".join(
-        name.encode() + b":" + read_secret(clients / name / CLIENT_PASSWORD).strip() + b"\n"
-        for name in identities
+        name.encode() + b":" + read_secret(password).strip() + b"\n"
+        for name, password in logins.items()
     )
     write_secret(staging, lines)
     try:
@@ -449,7 +475,7 @@ def _register_passwords(
                 f"mosquitto_passwd failed ({done.returncode}): {done.stderr.decode().strip()}"
             )
         hashed = read_secret(staging)
-        if hashed.count(b":$") != len(identities):
+        if hashed.count(b":$") != len(logins):
             raise ConfigError("mosquitto_passwd did not hash every password")
         write_atomically(out / PASSWD, hashed, 0o600)
     finally:
@@ -471,7 +497,7 @@ def acl_text(identities: Sequence[str], task: str | None = None) -> str:
     ]
     reads_task = ("spec", "context/+", "round", "model")
     for name in identities:
-        if name == AGGREGATOR:
+        if name.split("-")[0] == AGGREGATOR:  # the aggregator, or one of its worker processes
             lines += [
                 "# The aggregator collects every device's update, and answers with receipts,",
                 "# the round announcement and the encrypted aggregate for the owner.",

@@ -38,6 +38,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="key guardians guardian-1 .. guardian-N (default 1; threshold mode needs one or "
         "more, 0 for a single-key owner)",
     )  # fmt: skip
+    provision.add_argument(
+        "--aggregator-workers", type=int, default=1, metavar="N",
+        help="logins for an aggregator of N processes (its `workers`): aggregator-1 .. "
+        "aggregator-(N-1), their passwords beside the aggregator's (default 1)",
+    )  # fmt: skip
     provision.set_defaults(handler=run_provision)
 
 
@@ -52,6 +57,7 @@ def run_provision(args: argparse.Namespace) -> int:
         bind=args.bind,
         task=args.task,
         guardians=args.guardians,
+        aggregator_workers=args.aggregator_workers,
     )
     print(f"configuration: {done.conf}")
     print(f"ACL: {done.acl}")
@@ -59,6 +65,8 @@ def run_provision(args: argparse.Namespace) -> int:
     for name in done.identities:
         state = "new" if name in done.added else "kept"
         print(f"identity {name} ({state}): {done.client_dir(name)}/broker.toml")
+    if done.aggregator_workers > 1:
+        print(f"aggregator logins: {done.aggregator_workers} (aggregator, aggregator-1 ...)")
     print(f"start the broker with: mosquitto -c {done.conf}")
     print(
         "copy each clients/NAME folder to its machine (it holds that identity's key and password)"
