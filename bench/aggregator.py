@@ -16,16 +16,22 @@ Figures:
   add, as the aggregator does) of the same ciphertexts, back to back: the most any aggregator
   could do per core with this packing. ``stages_us`` also gives SEAL's own load (``seal_load``).
 - ``stages_us``: what each step of one update costs (median), to see where the time goes.
-- ``aggregator_updates_per_s``: in process, through the real path (``Aggregator.receive``:
-  reassembly, validation, signature, registry, sum, group-committed archive and journal,
-  signed receipts on the broker); timed from the first chunk to the last update made durable.
-  The registry's first scan of the chain (once per process) is made before the clock starts.
-  The median of ``IN_PROCESS_RUNS`` runs, each with a task and an aggregator of its own (all in
-  ``in_process["runs_updates_per_s"]``): one run of a second or so swings by 10 % here.
-- ``in_processes``: ``PROCESSES`` such aggregators at once, each in its own process (own
-  interpreter, own GIL) with a task of its own, started together: the updates per second the
-  machine gives them together. truscl does not run one task's aggregator as several processes
-  yet; this is the capacity such a sharded aggregator would have.
+- ``in_process``: one aggregator process, in process, through the real path
+  (``Aggregator.receive``: reassembly, validation, signature, registry, sum, group-committed
+  archive and journal, signed receipts on the broker); timed from the first chunk to the last
+  update made durable. The registry's first scan of the chain (once per process) is made
+  before the clock starts. The median of ``IN_PROCESS_RUNS`` runs, each with a task and an
+  aggregator of its own (all in ``runs_updates_per_s``): one run of a second or so swings by
+  10 % here.
+- ``aggregator_updates_per_s``: the task's aggregator as ``PROCESSES`` worker processes
+  (``workers`` in its configuration: shards of one task, started together), each handed every
+  ``PROCESSES``-th update in process, as the broker's shared subscription hands them out, and
+  timed the same way to the last one made durable; the median of ``IN_PROCESS_RUNS`` runs (all
+  in ``sharded``). Its task sends each update in one message (``SHARD_MESSAGE``), as shards
+  need.
+- ``in_processes``: ``PROCESSES`` independent aggregators at once, each in its own process with
+  a task of its own: what the machine gives processes that share nothing (no journal), the
+  ceiling of the sharded figure.
 - ``service``: end to end, ``truscl aggregator run`` as its own process, the updates published
   on the broker by the devices' client and timed to the last receipt (its first scan of the
   registry included); its peak RSS (VmHWM) per device count is ``aggregator_rss_mb``.
@@ -88,7 +94,7 @@ from truscl.privacy.ckks import (  # noqa: E402
     load_context,
 )
 from truscl.processes import stop_process  # noqa: E402
-from truscl.server.aggregator import Aggregator  # noqa: E402
+from truscl.server.aggregator import Aggregator, Shard  # noqa: E402
 from truscl.server.archive import Archive  # noqa: E402
 from truscl.server.registry import RegistryCache  # noqa: E402
 from truscl.task import TaskSpec  # noqa: E402
@@ -103,6 +109,7 @@ TARGET_UPDATES_PER_S = 1_000.0
 RSS_TOLERANCE = 0.10  # aggregator RSS within +-10 % from 10 to 1,000 devices
 PROCESSES = 2  # aggregators at once in ``in_processes``: one per core here
 IN_PROCESS_RUNS = 3  # in-process runs; the median is the figure
+SHARD_MESSAGE = 256 * 1024  # the sharded task's max_message: one 10,003-parameter update
 
 
 @dataclass
@@ -123,9 +130,11 @@ class World:
     def domain(self) -> Domain:
         return Domain(self.contract.chain_id, self.contract.address)  # chain_id asks the node
 
-    def new_task(self, devices: int, aggregator: LocalAccount | None = None) -> TaskSpec:
+    def new_task(
+        self, devices: int, aggregator: LocalAccount | None = None, **terms: Any
+    ) -> TaskSpec:
         """A one-round task for ``devices`` devices, created on chain with its model 0, served
-        by ``aggregator`` (by default the world's)."""
+        by ``aggregator`` (by default the world's); ``terms`` override the spec's."""
         public = self.keys.public_context_bytes()
         spec = occupancy_spec(
             "0x" + keccak(public).hex(),
@@ -134,6 +143,7 @@ class World:
             round_seconds=3600.0,
             model="mlp",
             hidden=(HIDDEN,),
+            **terms,
         )
         assert spec.n_params == N_PARAMS, spec.n_params
         self.owner.create_task(
@@ -279,9 +289,9 @@ class Feed:
     updates: list[tuple[str, list[bytes]]]
 
 
-def feed(w: World, devices: int, cts: list[bytes]) -> Feed:
+def feed(w: World, devices: int, cts: list[bytes], **terms: Any) -> Feed:
     aggregator = w.node.new_account()  # its own nonces: aggregators at once anchor at once
-    spec = w.new_task(devices, aggregator)
+    spec = w.new_task(devices, aggregator, **terms)
     return Feed(
         rpc=w.rpc,
         contract=w.contract.address,
@@ -294,14 +304,20 @@ def feed(w: World, devices: int, cts: list[bytes]) -> Feed:
     )
 
 
-def in_process(job: Feed, start: Callable[[], object] = lambda: None) -> dict[str, Any]:
+def in_process(
+    job: Feed, start: Callable[[], object] = lambda: None, shard: Shard | None = None
+) -> dict[str, Any]:
     """Through ``Aggregator.receive``: the real path minus the MQTT receive. ``start`` is
-    called once the round is open, before the clock starts (a barrier, for several at once)."""
+    called once the round is open, before the clock starts (a barrier, for several at once).
+    ``shard``: this process is that shard of the task's aggregator, handed every ``count``-th
+    update (shard 0 opens the round; the others take it from the journal)."""
+    shard = shard or Shard()
     spec = TaskSpec.decode(job.spec)
+    mine = job.updates[shard.index :: shard.count]
     done = threading.Event()
 
     def on_accepted(round_no: int, count: int) -> None:
-        if count == len(job.updates):
+        if count == len(mine):
             done.set()
 
     chain = NodeChain(job.rpc).client(job.contract, Account.from_key(job.aggregator_key))
@@ -316,12 +332,14 @@ def in_process(job: Feed, start: Callable[[], object] = lambda: None) -> dict[st
         broker=job.broker,
         expected=len(job.updates),
         on_accepted=on_accepted,
+        shard=shard,
     ).start()
     try:
-        publish_model(job.broker, spec)
+        if shard.leads:
+            publish_model(job.broker, spec)
         _wait(lambda: 1 in aggregator.stats, "round 1 open", 60)
         start()
-        timed = _timed(job.updates, aggregator.receive, done, "all accepted", time.process_time)
+        timed = _timed(mine, aggregator.receive, done, "all accepted", time.process_time)
     finally:
         aggregator.stop()
     return timed
@@ -330,14 +348,28 @@ def in_process(job: Feed, start: Callable[[], object] = lambda: None) -> dict[st
 def in_processes(w: World, devices: int, cts: list[bytes], processes: int) -> dict[str, Any]:
     """``processes`` aggregators at once, each in its own process with a task of its own and
     ``devices`` updates, started together: what this machine's cores give aggregators that
-    each have their own interpreter (and GIL). Not a mode truscl runs in yet: the capacity a
-    sharded aggregator would have to work with."""
+    each have their own interpreter (and GIL) and share nothing."""
+    return _at_once([(feed(w, devices, cts), Shard()) for _ in range(processes)])
+
+
+def in_shards(w: World, devices: int, cts: list[bytes], shards: int) -> dict[str, Any]:
+    """One task's aggregator as ``shards`` worker processes, started together, sharing its
+    ``devices`` updates (a task of whole-update messages, as shards need)."""
+    job = feed(w, devices, cts, max_message=SHARD_MESSAGE)
+    if any(len(chunks) != 1 for _, chunks in job.updates):
+        raise RuntimeError(f"an update does not fit one message of {SHARD_MESSAGE} bytes")
+    return _at_once([(job, Shard(index, shards)) for index in range(shards)])
+
+
+def _at_once(jobs: list[tuple[Feed, Shard]]) -> dict[str, Any]:
+    """Each job in a process of its own, timed from a common start."""
+    processes = len(jobs)
     context = multiprocessing.get_context("spawn")  # this process has threads: no fork
     barrier = context.Barrier(processes)
     results: multiprocessing.Queue[tuple[str, Any]] = context.Queue()
     children = [
-        context.Process(target=_in_process_child, args=(feed(w, devices, cts), barrier, results))
-        for _ in range(processes)
+        context.Process(target=_in_process_child, args=(job, shard, barrier, results))
+        for job, shard in jobs
     ]
     for child in children:
         child.start()
@@ -360,14 +392,15 @@ def in_processes(w: World, devices: int, cts: list[bytes], processes: int) -> di
         "seconds": seconds,
         "updates_per_s": round(updates / seconds, 1),
         "each_updates_per_s": [t["updates_per_s"] for t in timed],
+        "each_cpu_ms_per_update": [t["cpu_ms_per_update"] for t in timed],
     }
 
 
 def _in_process_child(
-    job: Feed, barrier: Any, results: multiprocessing.Queue[tuple[str, Any]]
+    job: Feed, shard: Shard, barrier: Any, results: multiprocessing.Queue[tuple[str, Any]]
 ) -> None:
     try:
-        results.put(("ok", in_process(job, start=lambda: barrier.wait(120))))
+        results.put(("ok", in_process(job, start=lambda: barrier.wait(120), shard=shard)))
     except Exception as exc:  # told to the parent, which fails the figure with it
         barrier.abort()
         results.put(("failed", f"{type(exc).__name__}: {exc}"))
@@ -382,7 +415,7 @@ def service(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
     write_secret(folder / "aggregator.key", w.aggregator.key)
     config = folder / "aggregator.toml"
     config.write_text(
-        AGGREGATOR.format(task=spec.task, devices=devices)
+        AGGREGATOR.format(task=spec.task, devices=devices, workers=1)
         + CHAIN.format(port=w.broker.port, rpc=w.rpc, contract=w.contract.address)
     )
     updates = signed_updates(w, spec, w.devices[:devices], cts)
@@ -521,10 +554,10 @@ def measure(quick: bool = False) -> dict[str, Any]:
             cts = ciphertexts(w.keys, 4 if quick else 16)
             figures = floor_and_stages(w, w.new_task(2), cts, 50 if quick else 200)
             runs = [in_process(feed(w, in_process_updates, cts)) for _ in range(IN_PROCESS_RUNS)]
-            inside = {
-                **sorted(runs, key=lambda run: run["updates_per_s"])[len(runs) // 2],
-                "runs_updates_per_s": [run["updates_per_s"] for run in runs],
-            }
+            inside = _median(runs)
+            sharded = _median(
+                [in_shards(w, in_process_updates, cts, PROCESSES) for _ in range(IN_PROCESS_RUNS)]
+            )
             parallel = in_processes(w, in_process_updates, cts, PROCESSES)
             services = {str(n): service(w, n, cts) for n in counts}
     rss = {n: s["rss_peak_mb"] for n, s in services.items()}
@@ -533,7 +566,8 @@ def measure(quick: bool = False) -> dict[str, Any]:
     return {
         "params": N_PARAMS,
         **figures,
-        "aggregator_updates_per_s": round(inside["updates_per_s"], 1),
+        "aggregator_updates_per_s": round(sharded["updates_per_s"], 1),
+        "sharded": sharded,
         "in_process": inside,
         "in_processes": parallel,
         "service": services,
@@ -552,10 +586,19 @@ def measure(quick: bool = False) -> dict[str, Any]:
     }
 
 
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median rate, with every run's rate."""
+    return {
+        **sorted(runs, key=lambda run: run["updates_per_s"])[len(runs) // 2],
+        "runs_updates_per_s": [run["updates_per_s"] for run in runs],
+    }
+
+
 def report(figures: dict[str, Any]) -> str:
     floor, floor_cpu = figures["floor_updates_per_s"], figures["floor_cpu_ms_per_update"]
     inside, service = figures["in_process"], figures["service"][max(figures["service"], key=int)]
     path, parallel = figures["service_path_cpu_ms_per_update"], figures["in_processes"]
+    sharded = figures["sharded"]
 
     def row(name: str, per_s: float, cpu_ms: float) -> str:
         return f"  {name:32s} {per_s:8.0f} /s wall  {cpu_ms:6.2f} ms CPU/update"
@@ -567,10 +610,14 @@ def report(figures: dict[str, Any]) -> str:
         row("floor (deserialise + add)", floor, floor_cpu),
         row("aggregator, in process", inside["updates_per_s"], inside["cpu_ms_per_update"])
         + f"  (median of {', '.join(f'{r:.0f}' for r in inside['runs_updates_per_s'])})",
-        f"  {parallel['processes']} aggregators at once, each in its own process:"
+        f"  one task's aggregator as {sharded['processes']} worker processes (shards), in process:"
+        f" {sharded['updates_per_s']:.0f} /s (median of"
+        f" {', '.join(f'{r:.0f}' for r in sharded['runs_updates_per_s'])}; CPU ms/update by"
+        f" shard {', '.join(f'{c:.2f}' for c in sharded['each_cpu_ms_per_update'])})",
+        f"  {parallel['processes']} independent aggregators at once, each in its own process:"
         f" {parallel['updates_per_s']:.0f} /s together"
-        f" ({', '.join(f'{r:.0f}' for r in parallel['each_updates_per_s'])}): the cores a"
-        " sharded aggregator would have",
+        f" ({', '.join(f'{r:.0f}' for r in parallel['each_updates_per_s'])}): the shards'"
+        " ceiling",
         row(
             f"service, {service['updates']} via mosquitto",
             service["updates_per_s"],
@@ -579,9 +626,9 @@ def report(figures: dict[str, Any]) -> str:
         f"  through the broker, CPU ms one more update costs: aggregator {path['aggregator']:.2f},"
         f" broker {path['broker']:.2f}, devices' client {path['devices']:.2f}: the"
         f" {figures['cores']} cores allow at most {figures['service_cores_allow_per_s']:.0f} /s",
-        f"  target {TARGET_UPDATES_PER_S:,.0f} /s: in process {inside['updates_per_s'] / floor:.0%}"
-        f" of the floor's rate; one idle core would do {1e3 / inside['cpu_ms_per_update']:.0f}"
-        " /s at this CPU cost",
+        f"  target {TARGET_UPDATES_PER_S:,.0f} /s: one process"
+        f" {inside['updates_per_s'] / floor:.0%} of the floor's rate; one idle core would do"
+        f" {1e3 / inside['cpu_ms_per_update']:.0f} /s at this CPU cost",
         "  per update (median us): "
         + ", ".join(f"{k} {v:.0f}" for k, v in figures["stages_us"].items()),
         "  service peak RSS (MB) by devices: "

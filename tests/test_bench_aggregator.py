@@ -32,9 +32,11 @@ def test_the_quick_benchmark_reports_throughput_and_memory_by_device_count(
     assert figures["aggregator_updates_per_s"] > 0
     # the issue's update size: 10,000 parameters at least, three ciphertexts at ckks-4096
     assert figures["params"] >= ISSUE_PARAMS and figures["ciphertexts_per_update"] == 3
-    runs = figures["in_process"]["runs_updates_per_s"]  # the figure is their median
-    assert len(runs) == IN_PROCESS_RUNS
+    runs = figures["sharded"]["runs_updates_per_s"]  # the figure is their median
+    assert len(runs) == IN_PROCESS_RUNS == len(figures["in_process"]["runs_updates_per_s"])
     assert figures["aggregator_updates_per_s"] == sorted(runs)[len(runs) // 2]
+    sharded = figures["sharded"]  # one task's updates, shared by the shards between them
+    assert sharded["updates"] == figures["in_process"]["updates"] and sharded["processes"] == 2
     assert set(figures["aggregator_rss_mb"]) == {"10", "100"}
     assert figures["service"]["100"]["updates"] == 100
     parallel = figures["in_processes"]  # every process fed all its updates
