@@ -35,6 +35,8 @@ Figures:
 - ``service``: end to end, ``truscl aggregator run`` as its own process, the updates published
   on the broker by the devices' client and timed to the last receipt (its first scan of the
   registry included); its peak RSS (VmHWM) per device count is ``aggregator_rss_mb``.
+- ``service_sharded``: the same at the largest device count with ``workers = PROCESSES``
+  (a task of whole-update messages), its CPU that of all the service's processes.
 - ``service_path_cpu_ms_per_update``: the CPU one more update costs through the broker (the
   aggregator, mosquitto, the devices' client), from the two largest runs so that what a run pays
   once cancels out; ``service_cores_allow_per_s`` is the rate this machine's cores would allow
@@ -406,16 +408,18 @@ def _in_process_child(
         results.put(("failed", f"{type(exc).__name__}: {exc}"))
 
 
-def service(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
-    """``truscl aggregator run`` in its own process, fed through the broker."""
-    spec = w.new_task(devices)
-    folder = w.root / f"service-{devices}"
+def service(w: World, devices: int, cts: list[bytes], workers: int = 1) -> dict[str, Any]:
+    """``truscl aggregator run`` in its own process (and, with ``workers``, its shards in
+    theirs, on a task of whole-update messages), fed through the broker."""
+    terms = {"max_message": SHARD_MESSAGE} if workers > 1 else {}
+    spec = w.new_task(devices, None, **terms)
+    folder = w.root / f"service-{devices}-{workers}"
     folder.mkdir()
     Archive(folder / "archive").put_task(spec.task, spec.encode(), w.keys.public_context_bytes())
     write_secret(folder / "aggregator.key", w.aggregator.key)
     config = folder / "aggregator.toml"
     config.write_text(
-        AGGREGATOR.format(task=spec.task, devices=devices, workers=1)
+        AGGREGATOR.format(task=spec.task, devices=devices, workers=workers)
         + CHAIN.format(port=w.broker.port, rpc=w.rpc, contract=w.contract.address)
     )
     updates = signed_updates(w, spec, w.devices[:devices], cts)
@@ -454,9 +458,12 @@ def service(w: World, devices: int, cts: list[bytes]) -> dict[str, Any]:
         broker, devices_cpu = w.broker.pid, time.process_time
         assert broker is not None
         broker_start, devices_start = _thread_cpu_seconds(broker), devices_cpu()
+        logged = folder / "aggregator.log"  # the shards' too: they inherit the service's stderr
+        _wait(lambda: logged.read_text().count("takes updates") == workers - 1, "shards", 120)
+        shards = _children(process.pid)
         timed = _timed(
             updates, link.publish, all_in, f"all receipts (see {folder})",
-            lambda: _cpu_seconds(process.pid),
+            lambda: sum(_cpu_seconds(pid) for pid in (process.pid, *shards)),
         )  # fmt: skip
         # what the rest of the path cost the same cores: the broker, and the devices' client
         # (this process: it publishes every chunk and reads every receipt)
@@ -520,6 +527,16 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
 def _thread_cpu_seconds(pid: int) -> float:
     """CPU time of a single-threaded process (mosquitto) so far, to the nanosecond: the few
     milliseconds a small run costs the broker are below ``/proc/PID/stat``'s clock ticks."""
@@ -560,6 +577,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
             )
             parallel = in_processes(w, in_process_updates, cts, PROCESSES)
             services = {str(n): service(w, n, cts) for n in counts}
+            sharded_service = service(w, counts[-1], cts, workers=PROCESSES)
     rss = {n: s["rss_peak_mb"] for n, s in services.items()}
     largest = services[str(counts[-1])]
     path_ms = _marginal_path_ms(services[str(counts[-2])], largest)
@@ -572,6 +590,7 @@ def measure(quick: bool = False) -> dict[str, Any]:
         "in_processes": parallel,
         "service": services,
         "service_updates_per_s": round(largest["updates_per_s"], 1),
+        "service_sharded": {**sharded_service, "workers": PROCESSES},
         # CPU the whole path through the broker costs this machine per update (aggregator,
         # broker, devices' client), and the rate its cores would allow at that cost, busy
         # with nothing else: the ceiling of any number of aggregator processes here
@@ -622,6 +641,11 @@ def report(figures: dict[str, Any]) -> str:
             f"service, {service['updates']} via mosquitto",
             service["updates_per_s"],
             service["cpu_ms_per_update"],
+        ),
+        row(
+            f"  the same, workers = {figures['service_sharded']['workers']}",
+            figures["service_sharded"]["updates_per_s"],
+            figures["service_sharded"]["cpu_ms_per_update"],
         ),
         f"  through the broker, CPU ms one more update costs: aggregator {path['aggregator']:.2f},"
         f" broker {path['broker']:.2f}, devices' client {path['devices']:.2f}: the"

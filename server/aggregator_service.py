@@ -151,7 +151,8 @@ def _run_shard(config: AggregatorConfig, index: int, level: str, fmt: str) -> No
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     shard = _aggregator(config, Shard(index, config.workers), Heartbeat(f"shard-{index}"))
-    shard.start()
+    shard.start()  # connected and subscribed when it returns
+    log.info("aggregator: shard %d of %d takes updates", index, config.workers)
     try:
         while not stop.wait(1.0) and shard.alive:
             pass
