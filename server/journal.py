@@ -194,11 +194,12 @@ class Journal:
         return row is not None
 
     def put_partial(self, round_no: int, shard: int, partial: bytes) -> None:
-        """A shard's partial sum of a closing round; a shard hands in one (the first stays)."""
+        """A shard's partial sum of a closing round, in place of one it handed in before (shard
+        0, restarted with fewer shards, now counts those no longer run too)."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
-                "INSERT OR IGNORE INTO partials (round, shard, partial) VALUES (?, ?, ?)",
+                "INSERT OR REPLACE INTO partials (round, shard, partial) VALUES (?, ?, ?)",
                 (round_no, shard, partial),
             )
 

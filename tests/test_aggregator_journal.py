@@ -66,3 +66,48 @@ def test_a_group_of_acceptances_is_journaled_in_order_or_not_at_all(tmp_path: Pa
         journal.accept_many([JournaledAcceptance(1, "bb" * 32, "0xB", 1), group[0]])
 
     assert [u.blob for u in journal.updates(1)] == ["aa" * 32] + [a.blob for a in group]
+
+
+def test_shards_share_one_journal_two_connections_one_file(tmp_path: Path) -> None:
+    # Prepare: shard 0 and shard 1 of one task, each with its own connection to the file
+    path = tmp_path / "journal.sqlite"
+    leader, other = Journal(path, TASK), Journal(path, TASK)
+    leader.open_round(1, b"\x01" * 32, 10.0)
+    leader.accept_many([JournaledAcceptance(1, "aa" * 32, "0xA", 1, shard=0)])
+    other.accept_many([JournaledAcceptance(1, "bb" * 32, "0xB", 1, shard=1)])
+    other.accept_many([JournaledAcceptance(1, "cc" * 32, "0xC", 0, shard=1)])  # late
+
+    # Execute: a race lost (the device counted by the other shard), then the close
+    with pytest.raises(sqlite3.IntegrityError):
+        leader.accept_many([JournaledAcceptance(1, "dd" * 32, "0xB", 1, shard=0)])
+    leader.mark_closing(1)
+    other.put_partial(1, 1, b"first")
+    other.put_partial(1, 1, b"again")
+
+    # Assert: each shard's rows, every shard's tally, who counted what, the latest partial
+    assert [u.blob for u in leader.updates(1, shard=1)] == ["bb" * 32, "cc" * 32]
+    assert [u.shard for u in leader.updates(1)] == [0, 1, 1]
+    assert leader.tally(1) == (3, frozenset({"0xA", "0xB"}))
+    assert leader.counted(1, "0xB", 1) == "bb" * 32 and leader.counted(1, "0xB", 0) is None
+    assert other.is_closing(1) and not other.is_closing(2)
+    assert leader.handed_in(1) == {1} and leader.partials(1) == {1: b"again"}
+
+
+def test_a_journal_of_a_release_before_shards_is_all_shard_0s(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sqlite"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE task (id TEXT PRIMARY KEY);"
+        "CREATE TABLE rounds (round INTEGER PRIMARY KEY, model_hash BLOB NOT NULL, deadline REAL"
+        " NOT NULL, state TEXT NOT NULL, anchor_tx TEXT);"
+        "CREATE TABLE accepted (round INTEGER NOT NULL, seq INTEGER NOT NULL, blob TEXT NOT NULL,"
+        " device TEXT NOT NULL, made_for INTEGER NOT NULL, PRIMARY KEY (round, seq));"
+        f"INSERT INTO task VALUES ('{TASK}');"
+        "INSERT INTO rounds VALUES (1, x'01', 10.0, 'open', NULL);"
+        "INSERT INTO accepted VALUES (1, 0, 'aa', '0xA', 1);"
+    )
+    old.close()
+
+    journal = Journal(path, TASK)
+
+    assert [(u.blob, u.shard) for u in journal.updates(1)] == [("aa", 0)]
