@@ -261,13 +261,11 @@ class Journal:
         row = self._db.execute("SELECT MAX(round) FROM rounds").fetchone()
         return int(row[0] or 0)
 
-    def updates(self, round_no: int, shard: int | None = None) -> list[JournaledUpdate]:
-        """The updates ``round_no`` counted (those ``shard`` counted, if given), in the order
-        they were accepted."""
+    def updates(self, round_no: int) -> list[JournaledUpdate]:
+        """The updates ``round_no`` counted, by every shard, in the order they were accepted."""
         rows = self._db.execute(
-            "SELECT blob, device, made_for, shard FROM accepted WHERE round = ? "
-            "AND (? IS NULL OR shard = ?) ORDER BY seq",
-            (round_no, shard, shard),
+            "SELECT blob, device, made_for, shard FROM accepted WHERE round = ? ORDER BY seq",
+            (round_no,),
         ).fetchall()
         return [JournaledUpdate(*row) for row in rows]
 
