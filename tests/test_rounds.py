@@ -26,6 +26,7 @@ from truscl.server.rounds import (
     Accepted,
     OpenRound,
     Parsed,
+    PartialRound,
     Rejected,
     RejectReason,
     RoundTerms,
@@ -135,8 +136,11 @@ def test_workers_sharing_a_round_close_it_with_one_workers_root_and_aggregate(
     for index, blob in enumerate(reversed(blobs)):
         assert isinstance(shared[index % workers].offer(blob), Accepted)
 
-    # Execute
-    merged = merge([w.partial() for w in shared], public_context, N_PARAMS)
+    idle = open_round(terms, public_context, accounts)  # a shard the broker gave nothing
+
+    # Execute: the partials as shards hand them over (encoded, through the journal)
+    handed = [PartialRound.decode(w.partial().encode()) for w in [*shared, idle]]
+    merged = merge(handed, public_context, N_PARAMS)
     closed = alone.close()
 
     # Assert: the same root, aggregate bytes and hash, leaves and proofs
@@ -167,6 +171,22 @@ def test_partials_that_count_an_update_twice_or_are_of_other_rounds_do_not_merge
         merge([first.partial(), second.partial()], public_context, N_PARAMS)
     with pytest.raises(ProtocolError, match="rounds"):
         merge([first.partial(), later.partial()], public_context, N_PARAMS)
+
+
+def test_a_partial_whose_leaf_is_not_its_records_or_that_is_not_one_is_refused(
+    terms, public_context, devices
+) -> None:
+    round_ = open_round(terms, public_context, devices)
+    round_.offer(update_blob(devices[0], terms, public_context, np.ones(N_PARAMS)))
+    partial = round_.partial()
+    (accepted,) = partial.accepted
+    forged = replace(partial, accepted=(replace(accepted, leaf=b"\x00" * 32),))
+
+    with pytest.raises(ProtocolError, match="a leaf is not its record's"):
+        PartialRound.decode(forged.encode())
+    with pytest.raises(ProtocolError, match="unreadable partial"):
+        PartialRound.decode(b"\xa1\x01")
+    assert PartialRound.decode(partial.encode()) == partial
 
 
 def rejection(decision: object) -> RejectReason:
