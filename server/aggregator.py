@@ -121,10 +121,6 @@ class StorageFailed(TrusclError, OSError):
     """Accepted updates could not be archived or journaled: they get no receipt."""
 
 
-class ShardsDisagree(TrusclError, RuntimeError):
-    """The shards' partial sums of a round do not hold the updates the journal counted."""
-
-
 class Inbox:
     """The worker's queue of (topic, payload), holding at most ``max_bytes`` of payloads: a
     ``put`` beyond that waits until the worker has taken enough (one message larger than the
@@ -915,11 +911,21 @@ class Aggregator:
             self.spec.n_params,
         )
         counted = {u.blob for u in self._journal.updates(round_no)}
-        if {a.blob_id.hex() for a in closed.accepted} != counted:
-            raise ShardsDisagree(
-                f"round {round_no}: the shards' partial sums hold {len(closed.accepted)} "
-                f"updates, the journal counted {len(counted)}"
+        merged = {a.blob_id.hex() for a in closed.accepted}
+        if merged != counted:  # the journal is what receipts were sent for: it decides
+            log.error(
+                "aggregator: round %d: the shards' partial sums hold %d updates, the journal "
+                "counted %d (%d missing from the sums, %d not journaled); closing it from the "
+                "journal's updates as archived instead",
+                round_no,
+                len(merged),
+                len(counted),
+                len(counted - merged),
+                len(merged - counted),
             )
+            journaled = self._journal.round(round_no)
+            assert journaled is not None  # it was marked closing
+            closed = self._rebuild(journaled).close()
         self._merging = None
         self.stats[round_no].participants = len(closed.accepted)
         self._closed(closed)

@@ -30,6 +30,7 @@ from truscl.server.archive import Archive
 from truscl.server.audit import audit_task
 from truscl.server.journal import Journal, JournaledRound
 from truscl.server.owner import TaskOwner
+from truscl.server.rounds import PartialRound
 from truscl.task import TaskSpec
 from truscl.wire import Domain, TaskTopics, Update, envelope, split_update
 from truscl.wire.receipt import Receipt
@@ -388,6 +389,42 @@ def test_a_restarted_shard_takes_up_what_it_counted(make_task) -> None:
         leader.stop()
     # Assert: the round counted all three, the first from before the restart
     assert_round_one_summed(task, updates=3, total=7.0)
+
+
+def test_a_partial_sum_that_misses_a_journaled_update_gives_way_to_the_journal(
+    make_task, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: shard 1 counts device 0's update and goes away; what stands as its partial sum
+    # of round 1 holds nothing (a shard's bug, or a journal edited by hand)
+    task: Task = make_task(devices=3)
+    first, second, third = task.devices
+    leader = task.aggregator(shard=Shard(0, 2))
+    devices = Devices(task)
+    other = task.aggregator(shard=Shard(1, 2))
+    try:
+        devices.wait_round(1)
+        assert devices.send_to(other, first, task.update(first, 1, 1.0)).accepted
+        other.stop()
+        journal = Journal(task.tmp / "archive" / "journal" / f"{task.spec.task}.sqlite",
+                          task.spec.task)  # fmt: skip
+        journal.put_partial(1, 1, PartialRound(1, (), b"").encode())
+        journal.close()
+        # Execute: the other two updates reach shard 0, which closes the round
+        assert devices.send_to(leader, second, task.update(second, 1, 2.0)).accepted
+        assert devices.send_to(leader, third, task.update(third, 1, 4.0)).accepted
+        assert task.closed.get(timeout=WAIT_S) == 1
+    finally:
+        devices.close()
+        leader.stop()
+    # Assert: the round counts what the journal counted (the devices hold receipts for all
+    # three), and says why it did not take the partial sums
+    assert_round_one_summed(task, updates=3, total=7.0)
+    said = [r.getMessage() for r in caplog.records if "partial sums hold" in r.getMessage()]
+    assert said == [
+        "aggregator: round 1: the shards' partial sums hold 2 updates, the journal counted 3 "
+        "(1 missing from the sums, 0 not journaled); closing it from the journal's updates as "
+        "archived instead"
+    ]
 
 
 def test_an_aggregator_that_becomes_two_shards_takes_each_update_once(make_task) -> None:
