@@ -7,7 +7,11 @@ round for every model the owner releases, until the task's last round or SIGTERM
 With ``workers = N`` (N > 1) the task's updates are shared by N processes (shards: see
 :mod:`server.aggregator`): this one is shard 0, and once it has the terms it starts shards 1 to
 N-1 as its children. They die with it (``PR_SET_PDEATHSIG``); if one of them ends, the service
-stops with an error, so that systemd restarts it whole.
+stops with an error, so that systemd restarts it whole. Each shard's loop beats a heartbeat in
+shared memory that this process's watchdog watches with its own loop's: a shard that hangs
+(alive, connected, yet taking nothing) stops the pings, and systemd restarts the service as it
+would for a hung thread. A hung shard would otherwise hold the round's close forever: shard 0
+waits for every shard's partial sum.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
             )
     heartbeat = Heartbeat("aggregator")
     aggregator = _aggregator(config, Shard(0, config.workers), heartbeat)
+    beats = [heartbeat]
     shards: list[BaseProcess] = []
     failed: list[str] = []
     with ExitStack() as running:
@@ -92,12 +97,12 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
                 if stop.is_set():
                     break
             else:
-                shards.extend(_start_shards(config))
+                shards.extend(_start_shards(config, beats))
                 threading.Thread(
                     target=_watch_shards, args=(shards, stop, failed), daemon=True
                 ).start()
         try:
-            supervise(stop, [heartbeat], status=f"serving task {config.task}")
+            supervise(stop, beats, status=f"serving task {config.task}")
         finally:
             aggregator.stop()
             log.info("aggregator: stopped")
@@ -105,14 +110,17 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
         raise ShardFailed(failed[0])
 
 
-def _start_shards(config: AggregatorConfig) -> list[BaseProcess]:
+def _start_shards(config: AggregatorConfig, beats: list[Heartbeat]) -> list[BaseProcess]:
+    """Shards 1 to N-1, each in a process; their heartbeats join ``beats``."""
     context = multiprocessing.get_context("spawn")  # this process has threads: no fork
     level, fmt = logs.current()
     shards: list[BaseProcess] = []
     for index in range(1, config.workers):
+        beat = Heartbeat.shared(f"shard-{index}")
+        beats.append(beat)
         shard = context.Process(
             target=_run_shard,
-            args=(config, index, level, fmt),
+            args=(config, index, level, fmt, beat.cell),
             name=f"truscl-aggregator-shard-{index}",
         )
         shard.start()
@@ -143,14 +151,18 @@ def _stop_shards(shards: list[BaseProcess]) -> None:
             shard.join()
 
 
-def _run_shard(config: AggregatorConfig, index: int, level: str, fmt: str) -> None:
-    """A shard's process: it serves the task's updates until SIGTERM or its parent's end."""
+def _run_shard(
+    config: AggregatorConfig, index: int, level: str, fmt: str, beat: ctypes.c_double
+) -> None:
+    """A shard's process: it serves the task's updates until SIGTERM or its parent's end; its
+    loop beats ``beat``, which its parent's watchdog reads."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     logs.configure(level, fmt)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    shard = _aggregator(config, Shard(index, config.workers), Heartbeat(f"shard-{index}"))
+    heartbeat = Heartbeat(f"shard-{index}", cell=beat)
+    shard = _aggregator(config, Shard(index, config.workers), heartbeat)
     shard.start()  # connected and subscribed when it returns
     log.info("aggregator: shard %d of %d takes updates", index, config.workers)
     try:

@@ -8,6 +8,8 @@ restarted in the middle of the task and takes it up from its state folder and th
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -70,6 +72,61 @@ def test_roles_as_services_complete_a_task_across_an_owner_restart(
         assert (partials / f"{round_no}.partial").stat().st_mode & 0o777 == 0o600  # once each
     for index in range(2):
         assert "round 3 update included on chain" in fleet.log(f"device-{index}")
+
+
+def worker_processes(parent: int) -> list[int]:
+    """The ``multiprocessing`` workers (not its resource tracker) that ``parent`` started."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if ppid == parent and b"spawn_main" in command and b"resource_tracker" not in command:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_hung_worker_of_the_aggregator_withholds_its_watchdog_pings(
+    anvil: str, tmp_path: Path
+) -> None:
+    # Prepare: the aggregator service with workers = 2, under a watchdog of 2 s; its second
+    # process up and taking updates
+    fleet = Fleet(tmp_path, anvil, devices=2, terms={"rounds": 2, "quorum": 2})
+    fleet.aggregator_workers = 2
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "aggregator.notify"))
+    systemd.settimeout(60)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "aggregator.notify"), "WATCHDOG_USEC": "2000000"}
+    stopped: list[int] = []
+
+    def said(text: str) -> int:
+        return fleet.log("aggregator").count(text)
+
+    try:
+        fleet.start({"aggregator": env})
+        fleet.wait_for(lambda: said("shard 1 of 2 takes updates"), "shard 1 up")
+        assert notifications(systemd, b"WATCHDOG=1")[0].startswith(b"READY=1")
+        workers = worker_processes(fleet.processes["aggregator"].pid)
+        assert len(workers) == 1, workers
+        withheld, resumed = said("no beat for 'shard-1'"), said("watchdog pings resume")
+        # Execute: the worker hangs (alive, connected, doing nothing), then comes back
+        os.kill(workers[0], signal.SIGSTOP)
+        stopped.append(workers[0])
+        fleet.wait_for(lambda: said("no beat for 'shard-1'") > withheld, "pings withheld")
+        os.kill(stopped.pop(), signal.SIGCONT)
+        fleet.wait_for(lambda: said("watchdog pings resume") > resumed, "pings resumed")
+        fleet.wait_for_model(2)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        codes = fleet.close()
+        systemd.close()
+
+    # Assert: the hang was seen (under systemd, the service would have been restarted), and
+    # once the worker went on, so did the task, to a clean stop
+    assert codes == dict.fromkeys(codes, 0), fleet.logs()
 
 
 def test_a_task_whose_model_outgrows_a_spec_message_runs_end_to_end(

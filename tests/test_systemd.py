@@ -6,7 +6,9 @@ depends on how fast this machine is; waits are on received datagrams and on even
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -187,6 +189,33 @@ def test_a_loop_is_stale_once_its_beat_is_an_interval_old(
     assert watchdog.tick() is True
 
     assert systemd.drain() == ["WATCHDOG=1"] * 3
+
+
+def _beat_in_another_process(cell: ctypes.c_double, now: float) -> None:
+    Heartbeat("shard-1", clock=lambda: now, cell=cell).beat()
+
+
+def test_a_loop_in_another_process_beats_a_shared_heartbeat(systemd: FakeSystemd) -> None:
+    # Prepare: a heartbeat in shared memory, made here at 0 s, watched with a 30 s interval
+    clock = Clock()
+    shared = Heartbeat.shared("shard-1", clock)
+    watchdog = Watchdog(Notifier(systemd.address), shared, interval=30.0)
+    clock.advance(100.0)
+    assert watchdog.tick() is False  # nothing has beaten it for 100 s
+
+    # Execute: a process of its own beats it at 99 s on the clock (one clock for every process)
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_beat_in_another_process, args=(shared.cell, 99.0)
+    )
+    worker.start()
+    worker.join(60)
+
+    # Assert: this process sees that beat; 30 s later, the heartbeat is stale again
+    assert worker.exitcode == 0
+    assert shared.age() == 1.0 and watchdog.tick() is True
+    clock.advance(29.0)
+    assert watchdog.tick() is False
+    assert systemd.drain() == ["WATCHDOG=1"]
 
 
 def test_watchdog_pid_of_another_process_means_no_pings(systemd: FakeSystemd) -> None:

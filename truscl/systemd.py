@@ -21,6 +21,7 @@ A service's ``run`` command, on its main thread::
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import logging
 import os
@@ -134,23 +135,48 @@ class Heartbeat:
 
     Idle iterations beat too (a loop waiting for MQTT messages or the next sample beats on each
     wake-up), so loops must wake at least every ``WatchdogSec / 2`` to stay fresh.
+
+    A loop in another process (a worker the service started) beats a heartbeat made by
+    :meth:`shared`, whose last beat lives in shared memory: the service's watchdog then sees a
+    hung worker as it sees a hung thread. ``CLOCK_MONOTONIC`` is one clock for every process.
     """
 
-    def __init__(self, name: str, clock: Callable[[], float] = time.monotonic) -> None:
-        """``clock``: seconds on a monotonic scale, injectable for tests."""
+    def __init__(
+        self,
+        name: str,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        cell: ctypes.c_double | None = None,
+    ) -> None:
+        """``clock``: seconds on a monotonic scale, injectable for tests. ``cell``: the shared
+        double that holds the last beat (:attr:`cell` of a :meth:`shared` heartbeat, handed to
+        the process whose loop beats it); a beat is one aligned 8-byte store, so it needs no
+        lock."""
         self.name = name
         self._clock = clock
-        self._lock = threading.Lock()
+        self.cell = cell
         self._last = clock()
+        if cell is not None:
+            cell.value = self._last
+
+    @classmethod
+    def shared(cls, name: str, clock: Callable[[], float] = time.monotonic) -> Heartbeat:
+        """A heartbeat another process can beat: hand it :attr:`cell` (to a ``spawn``
+        ``Process`` as an argument) and build ``Heartbeat(name, cell=cell)`` there."""
+        from multiprocessing import sharedctypes  # here: the device never needs it
+
+        cell: ctypes.c_double = sharedctypes.RawValue(ctypes.c_double)
+        return cls(name, clock, cell=cell)
 
     def beat(self) -> None:
-        with self._lock:
-            self._last = self._clock()
+        if self.cell is not None:
+            self.cell.value = self._clock()
+        else:
+            self._last = self._clock()  # one attribute store: atomic under the GIL
 
     def age(self) -> float:
         """Seconds since the last beat (since creation before the first one)."""
-        with self._lock:
-            last = self._last
+        last = self.cell.value if self.cell is not None else self._last
         return max(0.0, self._clock() - last)
 
     def __repr__(self) -> str:
