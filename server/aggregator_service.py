@@ -23,13 +23,15 @@ import multiprocessing.connection
 import signal
 import threading
 from contextlib import ExitStack
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
-from truscl import logs
+from truscl import logs, metrics
 from truscl.chain import ChainClient
 from truscl.chain.rpc import connect
 from truscl.errors import ConfigError, TrusclError
 from truscl.keyfile import load_account
+from truscl.metrics import WorkerCounts
 from truscl.server.aggregator import Aggregator, Shard
 from truscl.server.archive import Archive
 from truscl.server.config import AggregatorConfig
@@ -82,6 +84,7 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
     beats = [heartbeat]
     shards: list[BaseProcess] = []
     failed: list[str] = []
+    counts = WorkerCounts() if config.workers > 1 and config.metrics is not None else None
     with ExitStack() as running:
         if config.metrics is not None:
             reader = TaskFigureReader(  # a connection of its own; read-only: no key
@@ -89,7 +92,8 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
                 Archive(config.archive),
                 config.task,
             )
-            running.enter_context(status_server(reader, config.metrics))
+            page = counts.page if counts is not None else metrics.metrics_page
+            running.enter_context(status_server(reader, config.metrics, page))
         aggregator.start()  # connected to the broker when it returns
         running.callback(_stop_shards, shards)
         if config.workers > 1:
@@ -97,7 +101,7 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
                 if stop.is_set():
                     break
             else:
-                shards.extend(_start_shards(config, beats))
+                shards.extend(_start_shards(config, beats, counts))
                 threading.Thread(
                     target=_watch_shards, args=(shards, stop, failed), daemon=True
                 ).start()
@@ -110,20 +114,26 @@ def run_aggregator(config: AggregatorConfig, stop: threading.Event) -> None:
         raise ShardFailed(failed[0])
 
 
-def _start_shards(config: AggregatorConfig, beats: list[Heartbeat]) -> list[BaseProcess]:
-    """Shards 1 to N-1, each in a process; their heartbeats join ``beats``."""
+def _start_shards(
+    config: AggregatorConfig, beats: list[Heartbeat], counts: WorkerCounts | None
+) -> list[BaseProcess]:
+    """Shards 1 to N-1, each in a process; their heartbeats join ``beats``, their counters
+    ``counts`` (served at ``/metrics``) if there is one."""
     context = multiprocessing.get_context("spawn")  # this process has threads: no fork
     level, fmt = logs.current()
     shards: list[BaseProcess] = []
     for index in range(1, config.workers):
         beat = Heartbeat.shared(f"shard-{index}")
         beats.append(beat)
+        pipe = None if counts is None else counts.pipe(index)
         shard = context.Process(
             target=_run_shard,
-            args=(config, index, level, fmt, beat.cell),
+            args=(config, index, level, fmt, beat.cell, pipe),
             name=f"truscl-aggregator-shard-{index}",
         )
         shard.start()
+        if pipe is not None:
+            pipe.close()  # the shard's alone now: its reader here sees the end once it ends
         shards.append(shard)
     log.info("aggregator: started shards 1 to %d", config.workers - 1)
     return shards
@@ -152,10 +162,16 @@ def _stop_shards(shards: list[BaseProcess]) -> None:
 
 
 def _run_shard(
-    config: AggregatorConfig, index: int, level: str, fmt: str, beat: ctypes.c_double
+    config: AggregatorConfig,
+    index: int,
+    level: str,
+    fmt: str,
+    beat: ctypes.c_double,
+    counts: Connection | None,
 ) -> None:
     """A shard's process: it serves the task's updates until SIGTERM or its parent's end; its
-    loop beats ``beat``, which its parent's watchdog reads."""
+    loop beats ``beat``, which its parent's watchdog reads, and its counters go to ``counts``,
+    which its parent serves."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     logs.configure(level, fmt)
     stop = threading.Event()
@@ -165,9 +181,18 @@ def _run_shard(
     shard = _aggregator(config, Shard(index, config.workers), heartbeat)
     shard.start()  # connected and subscribed when it returns
     log.info("aggregator: shard %d of %d takes updates", index, config.workers)
+    reporting = threading.Event()
+    reporter = threading.Thread(
+        target=metrics.report_counts, args=(counts, reporting), name="counts", daemon=True
+    )
+    if counts is not None:
+        reporter.start()
     try:
         while not stop.wait(1.0) and shard.alive:
             pass
     finally:
         shard.stop()
+        reporting.set()  # its last counts go too
+        if reporter.is_alive():
+            reporter.join(SHARD_STOP_S)
         log.info("aggregator: shard %d stopped", index)

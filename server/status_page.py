@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from html import escape
 
-from truscl.metrics import MetricsServer, MetricsSettings
+from truscl.metrics import MetricsServer, MetricsSettings, Page, metrics_page
 from truscl.report import TaskFigures
 from truscl.server.figures import TaskFigureReader
 
@@ -20,13 +20,16 @@ STYLE = (
 )
 
 
-def status_server(reader: TaskFigureReader, settings: MetricsSettings) -> MetricsServer:
-    """``/metrics``, and this page at ``/``, read afresh on each request."""
+def status_server(
+    reader: TaskFigureReader, settings: MetricsSettings, metrics: Page = metrics_page
+) -> MetricsServer:
+    """``/metrics`` (made by ``metrics``), and this page at ``/``, read afresh on each
+    request."""
 
     def page() -> tuple[bytes, str]:
         return status_html(reader.read(), settings.explorer), "text/html; charset=utf-8"
 
-    return MetricsServer(settings, {"/": page})
+    return MetricsServer(settings, {"/": page, "/metrics": metrics})
 
 
 def status_html(figures: TaskFigures, explorer: str | None = None) -> bytes:

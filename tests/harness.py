@@ -129,6 +129,7 @@ class Fleet:
     time_scale: float = 60000.0
     broker_port: int | None = None
     aggregator_workers: int = 1
+    aggregator_tables: str = ""  # more of aggregator.toml, such as a [metrics] table
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     paused: set[str] = field(default_factory=set)
     task: str = ""
@@ -198,6 +199,7 @@ class Fleet:
         self.config("aggregator").write_text(
             AGGREGATOR.format(task=self.task, devices=self.devices, workers=self.aggregator_workers)
             + chain
+            + self.aggregator_tables
         )
         for index in range(self.devices):
             self.config(f"device-{index}").write_text(

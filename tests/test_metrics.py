@@ -6,12 +6,15 @@ import base64
 import io
 import json
 import logging
+import multiprocessing
 import queue
 import re
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,10 @@ from conftest import FleetRun
 from prometheus_client.parser import text_string_to_metric_families
 from test_aggregator import Deployment, deployment, signed_update
 
-from truscl import logs
+from truscl import logs, metrics
 from truscl.agent.config import AgentConfig
 from truscl.errors import ConfigError, ProtocolError
-from truscl.metrics import MetricsSettings
+from truscl.metrics import MetricsSettings, WorkerCounts
 from truscl.mqtt import MqttLink
 from truscl.server.archive import Archive
 from truscl.server.config import AggregatorConfig, OwnerConfig
@@ -126,6 +129,42 @@ def test_the_aggregator_counts_what_it_accepts_and_refuses_by_reason(
     # the journal counted the refusal for the report and the status page too
     (first, *_) = reader.read().rounds
     assert (first.round, first.participants, first.rejections) == (1, 2, {"bad-signature": 1})
+
+
+def _a_worker_counts(pipe: Connection) -> None:
+    """A worker process's counting: three updates accepted, one refused for a reason of its
+    own, 1,000 bytes in; reported once, on the way out."""
+    metrics.UPDATES_ACCEPTED.inc(3)
+    metrics.UPDATES_REJECTED.labels("held-full").inc()
+    metrics.BYTES_IN.inc(1_000)
+    stop = threading.Event()
+    stop.set()
+    metrics.report_counts(pipe, stop)
+
+
+def test_metrics_served_for_worker_processes_count_theirs_with_the_services_own() -> None:
+    # Prepare: this process has counted updates of its own
+    counts = WorkerCounts()
+    metrics.UPDATES_ACCEPTED.inc(2)
+    own = parse(metrics.metrics_page()[0].decode())
+    # Execute: a worker process counts and reports
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_a_worker_counts, args=(counts.pipe(1),)
+    )
+    worker.start()
+    worker.join(60)
+    wait_for(lambda: parse(counts.page()[0].decode()) != own, "the worker's counts")
+    served = parse(counts.page()[0].decode())
+    # Assert: each counter the worker moved is the sum, a reason only the worker saw
+    # included; nothing else moved, nothing went missing
+    assert worker.exitcode == 0
+    moved = {key: served[key] - own.get(key, 0.0) for key in served if served[key] != own.get(key)}
+    assert moved == {
+        ("truscl_updates_accepted_total", frozenset()): 3,
+        ("truscl_updates_rejected_total", frozenset({("reason", "held-full")})): 1,
+        ("truscl_bytes_in_total", frozenset()): 1_000,
+    }
+    assert set(own) <= set(served)
 
 
 @pytest.mark.slow

@@ -9,13 +9,16 @@ restarted in the middle of the task and takes it up from its state folder and th
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
 from harness import TRUSCL, Fleet
+from prometheus_client.parser import text_string_to_metric_families
 
 from truscl.server.journal import Journal
 
@@ -155,6 +158,18 @@ def test_a_task_whose_model_outgrows_a_spec_message_runs_end_to_end(
         assert "round 2 update included on chain" in fleet.log(f"device-{index}")
 
 
+def accepted(port: int) -> float:
+    """``truscl_updates_accepted_total`` as a service's ``/metrics`` serves it."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    return next(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "truscl_updates_accepted_total"
+    )
+
+
 def test_an_aggregator_of_two_workers_shares_the_updates_and_completes_the_task(
     anvil: str, tmp_path: Path
 ) -> None:
@@ -162,6 +177,7 @@ def test_an_aggregator_of_two_workers_shares_the_updates_and_completes_the_task(
     # subscription through which the broker hands each update to one of them
     fleet = Fleet(tmp_path, anvil, devices=3, terms={"rounds": 2, "quorum": 3})
     fleet.aggregator_workers = 2
+    fleet.aggregator_tables = "[metrics]\nport = 0\n"
     try:
         fleet.start()
         fleet.wait_for_model(2)
@@ -170,6 +186,11 @@ def test_an_aggregator_of_two_workers_shares_the_updates_and_completes_the_task(
                                     / f"{fleet.task}.sqlite")  # fmt: skip
         counted = [journal.updates(round_no) for round_no in (1, 2)]
         journal.close()
+        # what the service's /metrics says it accepted: both processes' counts, once the
+        # second process's report is in
+        serving = re.search(r"serving on http://127\.0\.0\.1:(\d+)/", fleet.log("aggregator"))
+        assert serving is not None
+        fleet.wait_for(lambda: accepted(int(serving[1])) == 6, "6 updates accepted at /metrics")
     finally:
         codes = fleet.close()
 

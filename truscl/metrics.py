@@ -11,11 +11,13 @@ metrics carry counts and figures only, never a key, a ciphertext or a device's d
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -25,8 +27,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from truscl.config import TomlReader
+
+if TYPE_CHECKING:  # multiprocessing only where there are workers: not on a device
+    from multiprocessing.connection import Connection
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,95 @@ class MetricsSettings:
 
 def metrics_page() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+Counts = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (sample, labels) -> value
+
+
+def counts() -> Counts:
+    """This process's counters, as their ``_total`` samples: what a worker process reports to
+    the process that serves ``/metrics`` (:class:`WorkerCounts`)."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in REGISTRY.collect()
+        if family.type == "counter"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def report_counts(pipe: Connection, stop: threading.Event, every: float = 1.0) -> None:
+    """A worker's side of :class:`WorkerCounts`, on a thread of its own until ``stop``: its
+    :func:`counts` through ``pipe`` whenever they changed, at most every ``every`` seconds,
+    and once more on the way out."""
+    sent: Counts | None = None
+    while True:
+        stopping = stop.wait(every)
+        now = counts()
+        if now != sent:
+            try:
+                pipe.send(now)
+            except OSError:  # the service is gone: so is whoever would read it
+                return
+            sent = now
+        if stopping:
+            return
+
+
+class WorkerCounts:
+    """``/metrics`` of a service whose work is shared by worker processes (the aggregator's
+    ``workers = N``): each counter is this process's plus every worker's, as the workers last
+    reported them (:func:`report_counts`). A worker's figures stay until the service ends: a
+    counter never goes down."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._latest: dict[int, Counts] = {}
+
+    def pipe(self, worker: int) -> Connection:
+        """The end to hand worker ``worker`` (a ``spawn`` process's argument): what it sends
+        there is read on a thread of this process."""
+        import multiprocessing
+
+        ours, theirs = multiprocessing.Pipe(duplex=False)
+        threading.Thread(
+            target=self._read, args=(worker, ours), name=f"counts-{worker}", daemon=True
+        ).start()
+        return theirs
+
+    def _read(self, worker: int, pipe: Connection) -> None:
+        while True:
+            try:
+                reported = pipe.recv()
+            except (EOFError, OSError):  # the worker ended: its last figures stay
+                return
+            with self._lock:
+                self._latest[worker] = reported
+
+    def collect(self) -> Iterator[Metric]:
+        """This process's metrics with the workers' counts added (a collector's interface,
+        for ``generate_latest``)."""
+        workers: collections.Counter[tuple[str, tuple[tuple[str, str], ...]]] = (
+            collections.Counter()
+        )
+        with self._lock:
+            for reported in self._latest.values():
+                workers.update(reported)
+        for family in REGISTRY.collect():
+            if family.type == "counter":
+                own = {(s.name, tuple(sorted(s.labels.items()))) for s in family.samples}
+                family.samples = [
+                    s._replace(value=s.value + workers[(s.name, tuple(sorted(s.labels.items())))])
+                    for s in family.samples
+                ] + [
+                    Sample(name, dict(labels), value)
+                    for (name, labels), value in workers.items()
+                    if name == f"{family.name}_total" and (name, labels) not in own
+                ]
+            yield family
+
+    def page(self) -> tuple[bytes, str]:
+        return generate_latest(self), CONTENT_TYPE_LATEST
 
 
 class MetricsServer:
