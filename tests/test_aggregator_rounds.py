@@ -111,6 +111,15 @@ def journaled(task: Task, round_no: int) -> JournaledRound:
     return entry
 
 
+def journal_says(task: Task, question: Callable[[Journal], bool]) -> bool:
+    """``question`` asked of the aggregator's journal (read as an operator would)."""
+    journal = Journal(task.tmp / "archive" / "journal" / f"{task.spec.task}.sqlite", task.spec.task)
+    try:
+        return question(journal)
+    finally:
+        journal.close()
+
+
 class Devices:
     """The devices' side of the broker: publish updates, collect the signed receipts."""
 
@@ -425,6 +434,40 @@ def test_a_partial_sum_that_misses_a_journaled_update_gives_way_to_the_journal(
         "(1 missing from the sums, 0 not journaled); closing it from the journal's updates as "
         "archived instead"
     ]
+
+
+def test_a_round_closing_while_a_shard_is_away_closes_once_the_task_has_one_shard(
+    make_task, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: shard 1 counts device 0's update and goes away; shard 0 counts the other two,
+    # marks the round closing and waits for shard 1's partial sum, which never comes
+    task: Task = make_task(devices=3)
+    first, second, third = task.devices
+    leader = task.aggregator(shard=Shard(0, 2))
+    devices = Devices(task)
+    other = task.aggregator(shard=Shard(1, 2))
+    single: Aggregator | None = None
+    try:
+        devices.wait_round(1)
+        assert devices.send_to(other, first, task.update(first, 1, 1.0)).accepted
+        other.stop()
+        assert devices.send_to(leader, second, task.update(second, 1, 2.0)).accepted
+        assert devices.send_to(leader, third, task.update(third, 1, 4.0)).accepted
+        wait_for(lambda: journal_says(task, lambda j: j.is_closing(1)), "round 1 closing")
+        leader.stop()
+        assert task.closed.empty()
+        # Execute: the operator sets workers = 1; the one aggregator takes the round up
+        single = task.aggregator(shard=Shard(0, 1))
+        assert task.closed.get(timeout=WAIT_S) == 1
+    finally:
+        devices.close()
+        leader.stop()
+        if single is not None:
+            single.stop()
+    # Assert: the round counts all three, shard 1's update rebuilt from the archive into the
+    # one partial sum (not by falling back on the journal)
+    assert_round_one_summed(task, updates=3, total=7.0)
+    assert "partial sums hold" not in caplog.text
 
 
 def test_an_aggregator_that_becomes_two_shards_takes_each_update_once(make_task) -> None:
