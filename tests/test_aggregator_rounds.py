@@ -10,8 +10,10 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -36,6 +38,7 @@ from truscl.wire import Domain, TaskTopics, Update, envelope, split_update
 from truscl.wire.receipt import Receipt
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 WAIT_S = 60.0  # generous: a loaded 2-core machine
 
 
@@ -100,24 +103,20 @@ class Task:
         return report.verified, report.total, report.as_dict()
 
 
-def journaled(task: Task, round_no: int) -> JournaledRound:
-    """What the aggregator's journal holds of ``round_no`` (read as an operator would)."""
+def in_journal(task: Task, read: Callable[[Journal], T]) -> T:
+    """``read`` done on the aggregator's journal, opened as an operator would."""
     journal = Journal(task.tmp / "archive" / "journal" / f"{task.spec.task}.sqlite", task.spec.task)
     try:
-        entry = journal.round(round_no)
+        return read(journal)
     finally:
         journal.close()
+
+
+def journaled(task: Task, round_no: int) -> JournaledRound:
+    """What the aggregator's journal holds of ``round_no``."""
+    entry = in_journal(task, lambda journal: journal.round(round_no))
     assert entry is not None
     return entry
-
-
-def journal_says(task: Task, question: Callable[[Journal], bool]) -> bool:
-    """``question`` asked of the aggregator's journal (read as an operator would)."""
-    journal = Journal(task.tmp / "archive" / "journal" / f"{task.spec.task}.sqlite", task.spec.task)
-    try:
-        return question(journal)
-    finally:
-        journal.close()
 
 
 class Devices:
@@ -344,17 +343,30 @@ def assert_round_one_summed(task: Task, updates: int, total: float) -> None:
     assert task.audit()[:2] == (1, 1)
 
 
+@contextmanager
+def two_shards(task: Task) -> Iterator[tuple[Aggregator, Aggregator, Devices]]:
+    """Shards 0 and 1 of the task's aggregator on one archive and journal, and the devices'
+    side of the broker, once round 1 is open; all stopped at the end (a shard the test
+    stopped already stops again harmlessly)."""
+    leader = task.aggregator(shard=Shard(0, 2))
+    devices = Devices(task)
+    other = task.aggregator(shard=Shard(1, 2))
+    try:
+        devices.wait_round(1)
+        yield leader, other, devices
+    finally:
+        devices.close()
+        other.stop()
+        leader.stop()
+
+
 def test_two_shards_count_each_update_once_and_close_the_round_as_one_aggregator(
     make_task,
 ) -> None:
     # Prepare: a task of three devices, served by two shards on one archive and journal
     task: Task = make_task(devices=3)
     first, second, third = task.devices
-    leader = task.aggregator(shard=Shard(0, 2))
-    devices = Devices(task)
-    other = task.aggregator(shard=Shard(1, 2))
-    try:
-        devices.wait_round(1)
+    with two_shards(task) as (leader, other, devices):
         update = task.update(first, 1, 1.0)
         # Execute: the broker hands each update to one shard; a retry may reach the other
         counted = devices.send_to(other, first, update)
@@ -363,10 +375,6 @@ def test_two_shards_count_each_update_once_and_close_the_round_as_one_aggregator
         at_leader = devices.send_to(leader, second, task.update(second, 1, 2.0))
         at_other = devices.send_to(other, third, task.update(third, 1, 4.0))
         assert task.closed.get(timeout=WAIT_S) == 1
-    finally:
-        devices.close()
-        other.stop()
-        leader.stop()
     # Assert: the retry is acknowledged, the second update of one device refused; the round
     # holds each device once, in one sum, and the audit re-sums it to the anchored hash
     assert counted.accepted and counted.counted_in == 1
@@ -400,31 +408,30 @@ def test_a_restarted_shard_takes_up_what_it_counted(make_task) -> None:
     assert_round_one_summed(task, updates=3, total=7.0)
 
 
+def round_one_closing_without_shard_one(
+    task: Task, leader: Aggregator, other: Aggregator, devices: Devices
+) -> None:
+    """Shard 1 counts device 0's update and goes away; shard 0 counts the other two devices',
+    marks round 1 closing and waits for shard 1's partial sum of it."""
+    first, second, third = task.devices
+    assert devices.send_to(other, first, task.update(first, 1, 1.0)).accepted
+    other.stop()
+    assert devices.send_to(leader, second, task.update(second, 1, 2.0)).accepted
+    assert devices.send_to(leader, third, task.update(third, 1, 4.0)).accepted
+    wait_for(lambda: in_journal(task, lambda journal: journal.is_closing(1)), "round 1 closing")
+
+
 def test_a_partial_sum_that_misses_a_journaled_update_gives_way_to_the_journal(
     make_task, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Prepare: shard 1 counts device 0's update and goes away; what stands as its partial sum
-    # of round 1 holds nothing (a shard's bug, or a journal edited by hand)
     task: Task = make_task(devices=3)
-    first, second, third = task.devices
-    leader = task.aggregator(shard=Shard(0, 2))
-    devices = Devices(task)
-    other = task.aggregator(shard=Shard(1, 2))
-    try:
-        devices.wait_round(1)
-        assert devices.send_to(other, first, task.update(first, 1, 1.0)).accepted
-        other.stop()
-        journal = Journal(task.tmp / "archive" / "journal" / f"{task.spec.task}.sqlite",
-                          task.spec.task)  # fmt: skip
-        journal.put_partial(1, 1, PartialRound(1, (), b"").encode())
-        journal.close()
-        # Execute: the other two updates reach shard 0, which closes the round
-        assert devices.send_to(leader, second, task.update(second, 1, 2.0)).accepted
-        assert devices.send_to(leader, third, task.update(third, 1, 4.0)).accepted
+    with two_shards(task) as (leader, other, devices):
+        round_one_closing_without_shard_one(task, leader, other, devices)
+        # Execute: what stands as shard 1's partial sum holds nothing (a shard's bug, or a
+        # journal edited by hand)
+        empty = PartialRound(1, (), b"").encode()
+        in_journal(task, lambda journal: journal.put_partial(1, 1, empty))
         assert task.closed.get(timeout=WAIT_S) == 1
-    finally:
-        devices.close()
-        leader.stop()
     # Assert: the round counts what the journal counted (the devices hold receipts for all
     # three), and says why it did not take the partial sums
     assert_round_one_summed(task, updates=3, total=7.0)
@@ -439,30 +446,16 @@ def test_a_partial_sum_that_misses_a_journaled_update_gives_way_to_the_journal(
 def test_a_round_closing_while_a_shard_is_away_closes_once_the_task_has_one_shard(
     make_task, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Prepare: shard 1 counts device 0's update and goes away; shard 0 counts the other two,
-    # marks the round closing and waits for shard 1's partial sum, which never comes
     task: Task = make_task(devices=3)
-    first, second, third = task.devices
-    leader = task.aggregator(shard=Shard(0, 2))
-    devices = Devices(task)
-    other = task.aggregator(shard=Shard(1, 2))
-    single: Aggregator | None = None
-    try:
-        devices.wait_round(1)
-        assert devices.send_to(other, first, task.update(first, 1, 1.0)).accepted
-        other.stop()
-        assert devices.send_to(leader, second, task.update(second, 1, 2.0)).accepted
-        assert devices.send_to(leader, third, task.update(third, 1, 4.0)).accepted
-        wait_for(lambda: journal_says(task, lambda j: j.is_closing(1)), "round 1 closing")
+    with two_shards(task) as (leader, other, devices):
+        round_one_closing_without_shard_one(task, leader, other, devices)
         leader.stop()
         assert task.closed.empty()
         # Execute: the operator sets workers = 1; the one aggregator takes the round up
         single = task.aggregator(shard=Shard(0, 1))
-        assert task.closed.get(timeout=WAIT_S) == 1
-    finally:
-        devices.close()
-        leader.stop()
-        if single is not None:
+        try:
+            assert task.closed.get(timeout=WAIT_S) == 1
+        finally:
             single.stop()
     # Assert: the round counts all three, shard 1's update rebuilt from the archive into the
     # one partial sum (not by falling back on the journal)
