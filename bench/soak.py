@@ -16,7 +16,8 @@ Faults, each at a round drawn up front (``--seed`` shuffles which kind goes wher
 - ``broker-restart``: mosquitto stopped and started with the round part-counted;
 - ``chain-gate``: the node unreachable for the aggregator while the round fills and closes, until
   its anchoring has failed at least once;
-- ``owner-restart``: the owner stopped while the round is open and anchored, then started;
+- ``owner-restart``: the owner stopped while the round is open, the round anchored, then the
+  owner started;
 - ``device-kill``: a device process ``kill -9``-ed while its devices have sent and hold no
   receipt (the aggregator frozen meanwhile), then restarted;
 - ``forged-receipts``: "accepted" receipts for the pending updates of a device process, signed
@@ -94,7 +95,13 @@ NOT_INJECTED = {
     )
 }
 # Faults that must land while their round is open: a device process is held from the round before.
-HOLD = {"aggregator-kill": 0, "broker-restart": 0, "chain-gate": 0, "forged-receipts": 1}
+HOLD = {
+    "aggregator-kill": 0,
+    "broker-restart": 0,
+    "chain-gate": 0,
+    "forged-receipts": 1,
+    "owner-restart": 0,
+}
 HOLD_PAUSED = {"device-kill": 2}  # held likewise, released while the aggregator is frozen
 SETTLED = (*HAS_UPDATE[1:], Phase.SKIPPED, Phase.ABANDONED)  # sent (or given up), not just built
 # answered by the aggregator (or given up): "sent" is the device's word that it handed the update
@@ -310,6 +317,7 @@ class Soak:
         r, fleet = fault.round, self.fleet
         self.wait(lambda: self.aggregator_says(f"round {r} open") >= 1, f"round {r} open")
         fault.evidence["stop_exit_code"] = fleet.stop("owner")
+        fleet.resume(fault.evidence["held"])  # only now may the round close
         self.wait(lambda: self.aggregator_says(f"round {r} anchored") >= 1, f"round {r} anchored")
         fault.evidence["released_while_down"] = fleet.model_released(r)
         fleet.run("owner")
