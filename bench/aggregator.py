@@ -95,7 +95,7 @@ from truscl.privacy.ckks import (  # noqa: E402
     load_ciphertext,
     load_context,
 )
-from truscl.processes import stop_process  # noqa: E402
+from truscl.processes import children, stop_process  # noqa: E402
 from truscl.server.aggregator import Aggregator, Shard  # noqa: E402
 from truscl.server.archive import Archive  # noqa: E402
 from truscl.server.registry import RegistryCache  # noqa: E402
@@ -460,7 +460,7 @@ def service(w: World, devices: int, cts: list[bytes], workers: int = 1) -> dict[
         broker_start, devices_start = _thread_cpu_seconds(broker), devices_cpu()
         logged = folder / "aggregator.log"  # the shards' too: they inherit the service's stderr
         _wait(lambda: logged.read_text().count("takes updates") == workers - 1, "shards", 120)
-        shards = _children(process.pid)
+        shards = children(process.pid)
         timed = _timed(
             updates, link.publish, all_in, f"all receipts (see {folder})",
             lambda: sum(_cpu_seconds(pid) for pid in (process.pid, *shards)),
@@ -525,16 +525,6 @@ def _cpu_seconds(pid: int) -> float:
     """User and system CPU time of a process so far, all threads (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
 
 
 def _thread_cpu_seconds(pid: int) -> float:

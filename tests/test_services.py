@@ -8,6 +8,7 @@ restarted in the middle of the task and takes it up from its state folder and th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ import pytest
 from harness import TRUSCL, Fleet
 from prometheus_client.parser import text_string_to_metric_families
 
+from truscl.processes import children
 from truscl.server.journal import Journal
 
 pytestmark = pytest.mark.slow
@@ -80,14 +82,11 @@ def test_roles_as_services_complete_a_task_across_an_owner_restart(
 def worker_processes(parent: int) -> list[int]:
     """The ``multiprocessing`` workers (not its resource tracker) that ``parent`` started."""
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
-            command = (stat.parent / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue  # gone meanwhile
-        if ppid == parent and b"spawn_main" in command and b"resource_tracker" not in command:
-            found.append(int(stat.parent.name))
+    for pid in children(parent):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in command and b"resource_tracker" not in command:
+                found.append(pid)
     return found
 
 
