@@ -898,15 +898,12 @@ class Aggregator:
         if self._merging is None:
             return
         round_no = self._merging.terms.round
-        handed = {
-            shard: partial
-            for shard, partial in self._journal.partials(round_no).items()
-            if shard < self.shard.count  # a shard no longer run: shard 0 counted its updates
-        }
-        if len(handed) < self.shard.count:
-            return
+        running = range(self.shard.count)  # a shard no longer run: shard 0 counted its updates
+        if not set(running) <= self._journal.handed_in(round_no):
+            return  # asked again on the next tick; the sums themselves are read once all are in
+        partials = self._journal.partials(round_no)
         closed = merge(
-            [PartialRound.decode(partial) for partial in handed.values()],
+            [PartialRound.decode(partials[shard]) for shard in running],
             self._context,
             self.spec.n_params,
         )
